@@ -1,0 +1,178 @@
+"""Exit heads: small classifiers attached at a cut.
+
+Every head takes the payload tensor at its cut (``(N, C, H, W)``, ``(N, C, L)`` or ``(N, F)``)
+and returns logits. A head that also uses the previous exit's logits (a cascade) sets
+``uses_previous = True`` and is called as ``head(features, previous_logits)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import InputError
+
+__all__ = ["ExitHead", "LinearHead", "SDNHead", "ConvHead", "make_head", "list_heads",
+           "register_head"]
+
+_HEADS: dict[str, Callable[..., ExitHead]] = {}
+
+
+def register_head(name: str):
+    """Class decorator adding a head type to the registry used by :func:`make_head`."""
+
+    def deco(cls):
+        if name in _HEADS:
+            raise InputError(f"head type {name!r} is registered twice")
+        _HEADS[name] = cls
+        cls.kind = name
+        return cls
+
+    return deco
+
+
+def list_heads() -> list[str]:
+    return sorted(_HEADS)
+
+
+def make_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> ExitHead:
+    """Build a registered head for per-sample input shape ``in_shape``.
+
+    Raises:
+        InputError: unknown head type (the message lists the known ones).
+    """
+    if kind not in _HEADS:
+        raise InputError(f"unknown head type {kind!r}; known: {', '.join(list_heads())}")
+    return _HEADS[kind](tuple(in_shape), num_classes, **kwargs)
+
+
+class ExitHead(nn.Module):
+    """Base class: remembers its input shape and class count so it can be saved and rebuilt."""
+
+    kind = "base"
+    uses_previous = False
+
+    def __init__(self, in_shape: Sequence[int], num_classes: int):
+        super().__init__()
+        self.in_shape = tuple(int(d) for d in in_shape)
+        self.num_classes = int(num_classes)
+
+    def config(self) -> dict:
+        """JSON-able description that :func:`make_head` rebuilds the head from."""
+        return {"kind": self.kind, "in_shape": list(self.in_shape),
+                "num_classes": self.num_classes, **self.extra_config()}
+
+    def extra_config(self) -> dict:
+        return {}
+
+
+def _pool_flat(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() > 2:
+        return x.flatten(2).mean(-1)
+    return x
+
+
+@register_head("linear")
+class LinearHead(ExitHead):
+    """Global average pooling then one linear layer (the cheapest useful head)."""
+
+    def __init__(self, in_shape, num_classes):
+        super().__init__(in_shape, num_classes)
+        self.fc = nn.Linear(self.in_shape[0], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_pool_flat(x))
+
+
+@register_head("sdn")
+class SDNHead(ExitHead):
+    """Shallow-Deep Networks' internal classifier: a learned mix of max and average pooling.
+
+    Feature maps larger than ``pool_size`` are pooled down to it; the mix weight ``alpha``
+    is learned (``alpha * max + (1 - alpha) * avg``), then one linear layer.
+    """
+
+    def __init__(self, in_shape, num_classes, pool_size: int = 4):
+        super().__init__(in_shape, num_classes)
+        self.pool_size = pool_size
+        spatial = self.in_shape[1:]
+        self.out_spatial = tuple(min(pool_size, s) for s in spatial)
+        self.alpha = nn.Parameter(torch.tensor(0.5))
+        features = self.in_shape[0]
+        for s in self.out_spatial:
+            features *= s
+        self.fc = nn.Linear(features, num_classes)
+
+    def extra_config(self) -> dict:
+        return {"pool_size": self.pool_size}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            mx = F.adaptive_max_pool2d(x, self.out_spatial)
+            av = F.adaptive_avg_pool2d(x, self.out_spatial)
+        elif x.dim() == 3:
+            mx = F.adaptive_max_pool1d(x, self.out_spatial)
+            av = F.adaptive_avg_pool1d(x, self.out_spatial)
+        else:
+            mx = av = x
+        a = self.alpha.clamp(0, 1)
+        return self.fc((a * mx + (1 - a) * av).flatten(1))
+
+
+@register_head("conv")
+class ConvHead(ExitHead):
+    """A small convolutional head: (depthwise-separable) conv, BN, ReLU, pooling, linear.
+
+    ``depthwise=True`` gives T-RECX's depthwise + pointwise head.
+    """
+
+    def __init__(self, in_shape, num_classes, channels: int | None = None,
+                 depthwise: bool = False, stride: int = 1):
+        super().__init__(in_shape, num_classes)
+        c_in = self.in_shape[0]
+        channels = channels or c_in
+        self.channels, self.depthwise, self.stride = channels, depthwise, stride
+        dims = len(self.in_shape) - 1
+        if dims not in (1, 2):
+            raise InputError(f"a conv head needs (C, L) or (C, H, W) features, got {in_shape}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        bn = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        if depthwise:
+            layers = [conv(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+                      bn(c_in), nn.ReLU(), conv(c_in, channels, 1, bias=False)]
+        else:
+            layers = [conv(c_in, channels, 3, stride=stride, padding=1, bias=False)]
+        self.body = nn.Sequential(*layers, bn(channels), nn.ReLU())
+        self.fc = nn.Linear(channels, num_classes)
+
+    def extra_config(self) -> dict:
+        return {"channels": self.channels, "depthwise": self.depthwise, "stride": self.stride}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_pool_flat(self.body(x)))
+
+
+@register_head("depthwise")
+class DepthwiseHead(ConvHead):
+    """T-RECX-style head: depthwise 3x3 + pointwise conv, then pooling and linear."""
+
+    def __init__(self, in_shape, num_classes, channels: int | None = None, stride: int = 1,
+                 depthwise: bool = True):
+        super().__init__(in_shape, num_classes, channels=channels, depthwise=True, stride=stride)
+
+
+@register_head("module")
+class ModuleHead(ExitHead):
+    """Wraps any ``nn.Module`` as a head (e.g. B-LeNet's published branch)."""
+
+    def __init__(self, in_shape, num_classes, module: nn.Module | None = None):
+        super().__init__(in_shape, num_classes)
+        if module is None:
+            raise InputError("ModuleHead needs module=")
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)

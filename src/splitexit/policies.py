@@ -1,0 +1,233 @@
+"""Exit policies: per-sample decision rules, with per-sample state, shared by real and offline runs.
+
+A policy sees one exit's logits for the samples still in the batch and returns which of them
+leave now and the logits their prediction comes from. Its state is a dict of tensors whose
+first dimension is the batch; the runtime filters that state with the same index it uses to
+shrink the batch, so :meth:`MultiExitModel.infer` and :meth:`MultiExitModel.simulate` agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+__all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
+           "make_policy", "register_policy", "fit_temperature"]
+
+State = dict[str, torch.Tensor]
+
+
+def _per_exit(value: float | Sequence[float], exit_index: int) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if exit_index >= len(value):
+        return float(value[-1])
+    return float(value[exit_index])
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    """Base policy. Subclasses implement :meth:`decide`.
+
+    Attributes:
+        temperature: logits are divided by it before scoring, one value or one per exit
+            (fit it with :func:`fit_temperature` on the calibration split).
+    """
+
+    temperature: float | tuple[float, ...] = 1.0
+
+    name = "policy"
+
+    def init_state(self, n: int, num_classes: int) -> State:
+        """Per-sample state for a batch of ``n``; every tensor's first dimension is ``n``."""
+        return {}
+
+    def decide(self, exit_index: int, logits: torch.Tensor, state: State
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(exit_now, decision_logits)`` and update ``state`` in place."""
+        raise NotImplementedError
+
+    def scaled(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+        t = _per_exit(self.temperature, exit_index)
+        return logits if t == 1.0 else logits / t
+
+    def config(self) -> dict:
+        cfg = asdict(self)
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in cfg.items()}}
+
+
+@dataclass(frozen=True)
+class ThresholdPolicy(ExitPolicy):
+    """A policy that compares a per-sample statistic with a threshold (one, or one per exit)."""
+
+    threshold: float | tuple[float, ...] = 0.9
+    higher_is_confident = True
+    valid_range = (-math.inf, math.inf)
+
+    def __post_init__(self):
+        values = (self.threshold,) if isinstance(self.threshold, (int, float)) else self.threshold
+        if isinstance(self.threshold, list):
+            object.__setattr__(self, "threshold", tuple(self.threshold))
+        if isinstance(self.temperature, list):
+            object.__setattr__(self, "temperature", tuple(self.temperature))
+        lo, hi = self.valid_range
+        for v in values:
+            if not (lo <= float(v) <= hi) or math.isnan(float(v)):
+                raise InputError(f"{self.name} threshold {v} is out of range [{lo}, {hi}]")
+        temps = ((self.temperature,) if isinstance(self.temperature, (int, float))
+                 else self.temperature)
+        if any(not t > 0 for t in temps):
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+
+    def statistic(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decide(self, exit_index, logits, state):
+        stat = self.statistic(self.scaled(exit_index, logits))
+        t = _per_exit(self.threshold, exit_index)
+        fire = stat >= t if self.higher_is_confident else stat <= t
+        return fire, logits
+
+    def with_threshold(self, threshold) -> ThresholdPolicy:
+        return replace(self, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class MaxProb(ThresholdPolicy):
+    """Exit when the top softmax probability is at least ``threshold`` (SDN, ZTW)."""
+
+    threshold: float | tuple[float, ...] = 0.9
+    name = "maxprob"
+    valid_range = (0.0, 1.0)
+
+    def statistic(self, logits):
+        return F.softmax(logits.float(), dim=1).amax(dim=1)
+
+
+@dataclass(frozen=True)
+class Entropy(ThresholdPolicy):
+    """Exit when the softmax entropy (nats) is at most ``threshold`` (BranchyNet)."""
+
+    threshold: float | tuple[float, ...] = 0.1
+    name = "entropy"
+    higher_is_confident = False
+    valid_range = (0.0, math.inf)
+
+    def statistic(self, logits):
+        logp = F.log_softmax(logits.float(), dim=1)
+        return -(logp.exp() * logp).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Margin(ThresholdPolicy):
+    """Exit when the gap between the two top probabilities is at least ``threshold``."""
+
+    threshold: float | tuple[float, ...] = 0.5
+    name = "margin"
+    valid_range = (0.0, 1.0)
+
+    def statistic(self, logits):
+        top2 = F.softmax(logits.float(), dim=1).topk(2, dim=1).values
+        return top2[:, 0] - top2[:, 1]
+
+
+@dataclass(frozen=True)
+class Patience(ExitPolicy):
+    """PABEE: exit once ``patience`` consecutive earlier exits agreed with this one."""
+
+    patience: int = 2
+    name = "patience"
+
+    def __post_init__(self):
+        if int(self.patience) != self.patience or self.patience < 1:
+            raise InputError(f"patience must be an integer >= 1, got {self.patience}")
+
+    def init_state(self, n, num_classes):
+        return {"last": torch.full((n,), -1, dtype=torch.long),
+                "count": torch.zeros(n, dtype=torch.long)}
+
+    def decide(self, exit_index, logits, state):
+        pred = logits.argmax(dim=1)
+        same = pred == state["last"]
+        state["count"] = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
+        state["last"] = pred
+        return state["count"] >= self.patience, logits
+
+
+@dataclass(frozen=True)
+class NeverExit(ExitPolicy):
+    """Every sample runs to the final exit (the no-exit overhead reference)."""
+
+    name = "never"
+
+    def decide(self, exit_index, logits, state):
+        return torch.zeros(logits.shape[0], dtype=torch.bool), logits
+
+
+@dataclass(frozen=True)
+class FixedExit(ExitPolicy):
+    """Every sample leaves at exit ``exit_index`` (anytime evaluation: stop at exit k)."""
+
+    exit_index: int = 0
+    name = "fixed"
+
+    def decide(self, exit_index, logits, state):
+        fire = torch.full((logits.shape[0],), exit_index >= self.exit_index, dtype=torch.bool)
+        return fire, logits
+
+
+_POLICIES: dict[str, type[ExitPolicy]] = {
+    p.name: p for p in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit)}
+_POLICY_FIELDS = {"maxprob": "threshold", "entropy": "threshold", "margin": "threshold",
+                  "patience": "patience", "fixed": "exit_index"}
+
+
+def register_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:
+    """Add a policy class to the registry :func:`make_policy` and checkpoints use."""
+    if cls.name in _POLICIES:
+        raise InputError(f"policy {cls.name!r} is registered twice")
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(config: dict | str, **kwargs) -> ExitPolicy:
+    """Build a policy from ``{"name": ..., **fields}`` or ``"maxprob"`` plus keyword fields."""
+    cfg = {"name": config} if isinstance(config, str) else dict(config)
+    cfg.update(kwargs)
+    name = cfg.pop("name")
+    if name not in _POLICIES:
+        raise InputError(f"unknown policy {name!r}; known: {', '.join(sorted(_POLICIES))}")
+    for k, v in list(cfg.items()):
+        if isinstance(v, list):
+            cfg[k] = tuple(v)
+    try:
+        return _POLICIES[name](**cfg)
+    except TypeError as exc:
+        raise InputError(f"bad fields for policy {name!r}: {exc}") from exc
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising NLL of ``logits / T``.
+
+    Fit on the calibration split, one exit at a time.
+    """
+    log_t = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
+    logits = logits.detach().float()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(log_t.exp().clamp(0.05, 20.0))
+
