@@ -172,10 +172,10 @@ def _split_graph(gm: fx.GraphModule, positions: list[int]) -> list[tuple[fx.Grap
                 continue
             for arg in node.all_input_nodes:
                 if arg not in env and arg.op == "get_attr":
-                    env[arg] = graph.node_copy(arg, lambda a: env[a])
-            env[node] = graph.node_copy(node, lambda a: env[a])
+                    env[arg] = graph.node_copy(arg, env.__getitem__)
+            env[node] = graph.node_copy(node, env.__getitem__)
         if end == order[output_node] - 1:
-            graph.output(fx.map_arg(output_node.args[0], lambda a: env[a]))
+            graph.output(fx.map_arg(output_node.args[0], env.__getitem__))
         else:
             outs = tuple(env[n] for n in live_after(end))
             graph.output(outs[0] if len(outs) == 1 else outs)
