@@ -126,14 +126,17 @@ class SDNHead(ExitHead):
 class ConvHead(ExitHead):
     """A small convolutional head: (depthwise-separable) conv, BN, ReLU, pooling, linear.
 
-    ``depthwise=True`` gives T-RECX's depthwise + pointwise head.
+    ``depthwise=True`` gives T-RECX's depthwise + pointwise head. ``channels`` defaults to
+    twice the input channels; ``stride`` to 2 on feature maps of 16 or more, else 1.
     """
 
     def __init__(self, in_shape, num_classes, channels: int | None = None,
-                 depthwise: bool = False, stride: int = 1):
+                 depthwise: bool = False, stride: int | None = None):
         super().__init__(in_shape, num_classes)
         c_in = self.in_shape[0]
-        channels = channels or c_in
+        channels = channels or 2 * c_in
+        if stride is None:  # keep the head cheap on large feature maps
+            stride = 2 if min(self.in_shape[1:], default=0) >= 16 else 1
         self.channels, self.depthwise, self.stride = channels, depthwise, stride
         dims = len(self.in_shape) - 1
         if dims not in (1, 2):
@@ -159,8 +162,8 @@ class ConvHead(ExitHead):
 class DepthwiseHead(ConvHead):
     """T-RECX-style head: depthwise 3x3 + pointwise conv, then pooling and linear."""
 
-    def __init__(self, in_shape, num_classes, channels: int | None = None, stride: int = 1,
-                 depthwise: bool = True):
+    def __init__(self, in_shape, num_classes, channels: int | None = None,
+                 stride: int | None = None, depthwise: bool = True):
         super().__init__(in_shape, num_classes, channels=channels, depthwise=True, stride=stride)
 
 

@@ -200,7 +200,7 @@ def resnet8(num_classes: int = 10, input_shape=(1, 28, 28), widths=(16, 32, 64))
     """ResNet-8 of MLPerf Tiny (16/32/64 channels, three residual blocks)."""
     net = ResNet(num_classes, input_shape[0], tuple(widths))
     backbone = StagedModel.from_module(net, ["stem", "block1", "block2"])
-    return ZooEntry(backbone, ["stem", "block1", "block2"], "conv")
+    return ZooEntry(backbone, ["stem", "block1", "block2"], "depthwise")
 
 
 # MobileNet-style ----------------------------------------------------------------------------

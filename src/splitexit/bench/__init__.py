@@ -1,0 +1,1 @@
+"""Benchmark suites; each writes report.json, report.md and plots (run via ``splitexit bench``)."""

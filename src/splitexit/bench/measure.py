@@ -1,0 +1,63 @@
+"""Timing helpers shared by the benchmarks: batch-1 latency and batched throughput.
+
+Compare methods only by figures measured in the same run; quote medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["latency_batch1", "throughput", "torch_threads"]
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run a block with ``n`` intra-op threads (unchanged when ``None``)."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def latency_batch1(fn: Callable[[torch.Tensor], object], x: torch.Tensor, limit: int | None = None,
+                   warmup: int = 10) -> dict:
+    """Per-sample latency of ``fn`` called on one sample at a time over ``x[:limit]``.
+
+    Returns:
+        ``{"median_ms", "mean_ms", "p95_ms", "total_s", "samples"}``.
+    """
+    xs = x[:limit] if limit else x
+    times = []
+    with torch.inference_mode():
+        for i in range(min(warmup, len(xs))):
+            fn(xs[i: i + 1])
+        for i in range(len(xs)):
+            t0 = time.perf_counter()
+            fn(xs[i: i + 1])
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
+            "p95_ms": 1e3 * times[int(0.95 * (len(times) - 1))], "total_s": sum(times),
+            "samples": len(times)}
+
+
+def throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch_size: int = 256,
+               repeats: int = 3) -> float:
+    """Samples per second of ``fn`` over ``x`` in batches (median of ``repeats`` passes)."""
+    rates = []
+    with torch.inference_mode():
+        fn(x[:batch_size])
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(0, len(x), batch_size):
+                fn(x[i: i + batch_size])
+            rates.append(len(x) / (time.perf_counter() - t0))
+    return statistics.median(rates)

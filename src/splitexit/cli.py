@@ -1,0 +1,247 @@
+"""The ``splitexit`` command line; every command is a thin wrapper over a public function.
+
+Feature packages add their commands through :data:`COMMAND_MODULES` (each module has
+``register(subparsers)``) and benchmark suites through :data:`BENCH_MODULES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import SplitexitError
+
+# Modules adding top-level commands / benchmark suites; each has register(subparsers).
+COMMAND_MODULES: list[str] = []
+BENCH_MODULES: list[str] = []
+
+
+def _command_line() -> str:
+    return "splitexit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _print_rows(report: dict) -> None:
+    from .report import markdown_table
+
+    print(markdown_table(report["rows"]))
+
+
+# demo / bench early-exit ---------------------------------------------------------------------
+def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out: str,
+                     epochs: int) -> None:
+    p.add_argument("--dataset", default=dataset, help=f"data set (default {dataset})")
+    p.add_argument("--models", default=models, help=f"comma-separated zoo models ({models})")
+    p.add_argument("--out", default=out, help=f"output directory (default {out})")
+    p.add_argument("--epochs", type=int, default=epochs, help="training epochs per model")
+    p.add_argument("--strategy", default="joint", choices=["joint", "heads-only"])
+    p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin"])
+    p.add_argument("--head", default=None, help="exit head type (model default if omitted)")
+    p.add_argument("--latency-samples", type=int, default=None,
+                   help="test samples timed at batch 1 (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_early_exit(args, suite: str) -> int:
+    from .bench.early_exit import EarlyExitSettings, run_early_exit
+
+    settings = EarlyExitSettings(epochs=args.epochs, strategy=args.strategy, policy=args.policy,
+                                 head=args.head, latency_samples=args.latency_samples,
+                                 threads=args.threads, seed=args.seed)
+    report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
+                            suite=suite, command=_command_line())
+    _print_rows(report)
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json and pareto.png")
+    return 0
+
+
+# train / calibrate / evaluate ------------------------------------------------------------------
+def _cmd_train(args) -> int:
+    from . import checkpoint
+    from .data import load_dataset
+    from .training import Baseline, HeadsOnly, JointWeighted, evaluate_exits, train
+    from .zoo import create_model, create_multiexit
+
+    ds = load_dataset(args.dataset, seed=args.seed)
+    if args.strategy == "baseline":
+        model = create_model(args.model, ds.num_classes, ds.input_shape)
+    else:
+        exits = args.exits.split(",") if args.exits else None
+        model = create_multiexit(args.model, ds.num_classes, ds.input_shape, exits=exits,
+                                 head=args.head)
+    if args.init:
+        init = checkpoint.load(args.init)
+        target = model.backbone if hasattr(model, "backbone") else model
+        target.load_state_dict((init.backbone if hasattr(init, "backbone") else init)
+                               .state_dict())
+    strategy = {"baseline": Baseline, "joint": JointWeighted, "heads-only": HeadsOnly}[
+        args.strategy]()
+    history = train(model, ds.train, strategy, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, seed=args.seed)
+    if hasattr(model, "heads"):
+        accs = evaluate_exits(model, ds.test.x, ds.test.y)
+    else:
+        accs = [float((model(ds.test.x).argmax(1) == ds.test.y).double().mean())]
+    checkpoint.save(model, args.out, dataset=args.dataset, strategy=args.strategy,
+                    train_seconds=history.seconds, test_accuracy_per_exit=accs)
+    print(f"trained {args.model} ({args.strategy}) in {history.seconds:.1f} s; test accuracy "
+          f"per exit: {', '.join(f'{a:.4f}' for a in accs)}; saved to {args.out}")
+    return 0
+
+
+def _cmd_calibrate(args) -> int:
+    from . import checkpoint
+    from .calibration import choose_operating_point, pareto_front, sweep
+    from .cost import cost_table
+    from .data import load_dataset
+    from .policies import make_policy
+
+    model = checkpoint.load(args.checkpoint)
+    meta = checkpoint.read_meta(args.checkpoint)
+    ds = load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
+    costs = cost_table(model, ds.calib.x[:64], measure=False)
+    logits = model.collect_logits(ds.calib.x)
+    points = sweep(logits, ds.calib.y, costs.exit_macs, make_policy(args.policy))
+    ref = float((logits[-1].argmax(1) == ds.calib.y).double().mean())
+    if args.macs_budget is not None:
+        op = choose_operating_point(points, macs_budget=args.macs_budget * costs.exit_macs[-1])
+    else:
+        op = choose_operating_point(points, reference_accuracy=ref, max_drop=args.max_drop)
+    result = {"policy": op.policy.config(), "calib_accuracy": op.accuracy,
+              "calib_final_exit_accuracy": ref, "mean_macs": op.mean_macs,
+              "exit_fractions": op.exit_fractions,
+              "pareto": [p.to_dict() for p in pareto_front(points)]}
+    Path(args.checkpoint, "calibration.json").write_text(json.dumps(result, indent=2))
+    print(f"policy {op.policy.config()}: calibration accuracy {op.accuracy:.4f} (final exit "
+          f"{ref:.4f}), mean MACs {op.mean_macs:.0f} ({op.mean_macs / costs.exit_macs[-1]:.1%} "
+          f"of running every exit), exit fractions "
+          f"{', '.join(f'{f:.3f}' for f in op.exit_fractions)}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from . import checkpoint
+    from .bench.measure import latency_batch1, torch_threads
+    from .cost import cost_table, mean_macs
+    from .data import load_dataset
+    from .errors import InputError
+    from .policies import make_policy
+    from .report import write_report
+
+    model = checkpoint.load(args.checkpoint)
+    meta = checkpoint.read_meta(args.checkpoint)
+    ds = load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
+    calib = Path(args.checkpoint, "calibration.json")
+    if args.policy:
+        policy = make_policy(json.loads(args.policy) if args.policy.startswith("{")
+                             else args.policy)
+    elif calib.is_file():
+        policy = make_policy(json.loads(calib.read_text())["policy"])
+    else:
+        raise InputError(f"no policy: run `splitexit calibrate {args.checkpoint}` first or pass "
+                         "--policy '{\"name\": \"maxprob\", \"threshold\": 0.9}'")
+    costs = cost_table(model, ds.calib.x[:64], measure=False)
+    result = model.infer(ds.test.x, policy)
+    with torch_threads(1):
+        lat = latency_batch1(lambda x: model.infer(x, policy), ds.test.x, args.latency_samples)
+    row = {"method": policy.name, "accuracy": result.accuracy(ds.test.y),
+           "mean_macs": mean_macs(result.exit_index, costs.exit_macs),
+           "macs_ratio": mean_macs(result.exit_index, costs.exit_macs) / costs.backbone_macs,
+           "latency_ms": lat["mean_ms"], "exit_fractions": result.exit_fractions(model.num_exits),
+           "policy": policy.config()}
+    out = args.out or Path(args.checkpoint) / "evaluation"
+    report = write_report(out, "evaluate", [row], dataset=ds.name, model=str(args.checkpoint),
+                          command=_command_line())
+    _print_rows(report)
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .stages import list_cuts
+    from .zoo import create_model, list_models
+
+    if args.what == "models":
+        print("\n".join(list_models()))
+    else:
+        shape = tuple(int(v) for v in args.input_shape.split(","))
+        print("\n".join(list_cuts(create_model(args.model, input_shape=shape))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitexit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train, calibrate and measure a multi-exit model on the "
+                       "embedded digits data set (a few minutes on 2 cores)")
+    _early_exit_args(p, "digits", "resnet8,b-lenet", "runs/demo", 30)
+    p.set_defaults(func=lambda a: _run_early_exit(a, "demo"))
+
+    p = sub.add_parser("train", help="train a zoo model and save a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--strategy", default="joint", choices=["baseline", "joint", "heads-only"])
+    p.add_argument("--exits", default=None, help="comma-separated cut names for exit heads")
+    p.add_argument("--head", default=None)
+    p.add_argument("--init", default=None, help="checkpoint whose backbone initialises this one")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("calibrate", help="choose exit thresholds on the calibration split")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin",
+                                                           "patience"])
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="maximum accuracy drop vs the final exit, as a fraction (0.01 = 1 pt)")
+    p.add_argument("--macs-budget", type=float, default=None,
+                   help="instead: mean MACs as a fraction of running every exit")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("evaluate", help="real early-exit inference on the test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--policy", default=None, help="policy name or JSON (default: calibrated)")
+    p.add_argument("--latency-samples", type=int, default=500)
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("list", help="list zoo models or a model's cuts")
+    p.add_argument("what", choices=["models", "cuts"])
+    p.add_argument("--model", default="resnet8")
+    p.add_argument("--input-shape", default="1,28,28")
+    p.set_defaults(func=_cmd_list)
+
+    bench = sub.add_parser("bench", help="benchmark suites (write report.json/.md and plots)")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    p = suites.add_parser("early-exit", help="baseline vs multi-exit at chosen accuracy drops")
+    _early_exit_args(p, "fashion-mnist", "resnet8,b-lenet", "runs/bench-early-exit", 12)
+    p.set_defaults(func=lambda a: _run_early_exit(a, "early-exit"))
+    for name in BENCH_MODULES:
+        importlib.import_module(name).register(suites)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SplitexitError as exc:
+        print(f"splitexit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The training loop and the strategy contract every multi-exit training method follows.
+
+A strategy is a small object: it prepares the model (freezing what it must not train), names
+the parameters to optimise, and computes the loss of one batch from every exit's logits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+
+__all__ = ["Strategy", "TrainConfig", "TrainHistory", "train", "seed_everything", "evaluate_exits"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so a run repeats."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Strategy:
+    """Base class of training strategies.
+
+    Subclasses override :meth:`loss`, and :meth:`prepare` when they freeze parts or need the
+    training data first (class means, QuickNets' sample selection).
+    """
+
+    name = "strategy"
+
+    def prepare(self, model: nn.Module, data=None) -> None:
+        """Check the model fits the strategy and freeze what it does not train."""
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise InputError(f"strategy {self.name!r} has no trainable parameters in this model "
+                             "(everything is frozen); unfreeze with p.requires_grad_(True)")
+        return params
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, num_epochs: int) -> None:
+        """Hook for schedules (SDN's weight ramp, ...)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name, **{k: v for k, v in vars(self).items()
+                                      if not k.startswith("_")}}
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser settings: Adam with cosine decay, like most of the papers' small-model runs."""
+
+    epochs: int = 10
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+    progress: bool | None = None  # None: show bars when stderr is a terminal
+
+
+@dataclass
+class TrainHistory:
+    loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None = None,
+          **overrides) -> TrainHistory:
+    """Train ``model`` on ``data`` (a :class:`splitexit.data.Split`) with ``strategy``.
+
+    Args:
+        model: a :class:`MultiExitModel` (or a :class:`StagedModel` for the baseline).
+        data: the training split (``.x``, ``.y``, ``.loader(batch_size, shuffle, seed)``).
+        strategy: how the exits are trained (see :mod:`splitexit.training`).
+        config: optimiser settings; keyword ``overrides`` replace single fields.
+
+    Returns:
+        The per-epoch mean loss and the wall time.
+    """
+    import time
+
+    config = config or TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(config, k):
+            raise InputError(f"unknown training option {k!r}")
+        setattr(config, k, v)
+    if config.epochs < 0 or config.lr <= 0 or config.batch_size < 1:
+        raise InputError("epochs must be >= 0, lr > 0 and batch_size >= 1")
+    seed_everything(config.seed)
+    strategy.prepare(model, data)
+    params = strategy.parameters(model)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    loader = data.loader(config.batch_size, shuffle=True, seed=config.seed)
+    steps = max(1, config.epochs * len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    show = sys.stderr.isatty() if config.progress is None else config.progress
+    history = TrainHistory()
+    t0 = time.perf_counter()
+    model.train()
+    _keep_frozen_bn_eval(model)
+    for epoch in range(config.epochs):
+        strategy.on_epoch_start(model, epoch, config.epochs)
+        total, count = 0.0, 0
+        bar = tqdm(loader, desc=f"{strategy.name} {epoch + 1}/{config.epochs}", disable=not show,
+                   leave=False)
+        for x, y in bar:
+            loss = strategy.loss(model, x, y)
+            if not torch.isfinite(loss):
+                raise InputError(f"training diverged (loss {float(loss)}); lower the learning "
+                                 f"rate (now {config.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(y)
+            count += len(y)
+            bar.set_postfix(loss=f"{total / count:.4f}")
+        history.loss.append(total / max(1, count))
+    model.eval()
+    history.seconds = time.perf_counter() - t0
+    return history
+
+
+def _keep_frozen_bn_eval(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen keep their running statistics."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+
+
+@torch.no_grad()
+def evaluate_exits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   batch_size: int = 512) -> list[float]:
+    """Accuracy of every exit when forced to stop there (the anytime view)."""
+    logits = model.collect_logits(x, batch_size)
+    return [float((lg.argmax(1) == y).double().mean()) for lg in logits]
+
+
+def freeze(modules: Iterable[nn.Module]) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
