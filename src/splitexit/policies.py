@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,8 @@ class ExitPolicy:
             (fit it with :func:`fit_temperature` on the calibration split).
     """
 
-    temperature: float | tuple[float, ...] = 1.0
+    # keyword-only, so a subclass's own field (threshold, patience) is the first positional
+    temperature: float | tuple[float, ...] = field(default=1.0, kw_only=True)
 
     name = "policy"
 

@@ -7,6 +7,7 @@ in eval mode; every constructor here is tested against that invariant.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -236,7 +237,8 @@ class StagedModel(nn.Module):
         if positions != sorted(set(positions)):
             raise InputError(f"cuts must be distinct and in execution order, got {cuts}")
         bounds = [-1, *positions, len(children) - 1]
-        stages = [nn.Sequential(dict(children[a + 1: b + 1])) for a, b in zip(bounds, bounds[1:])]
+        stages = [nn.Sequential(OrderedDict(children[a + 1: b + 1]))
+                  for a, b in zip(bounds, bounds[1:])]
         return cls([Stage(s, f"stage{i}") for i, s in enumerate(stages)], cuts)
 
     @classmethod
