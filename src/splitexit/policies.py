@@ -230,5 +230,5 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 

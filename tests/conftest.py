@@ -1,0 +1,22 @@
+"""Shared fixtures: small real data and a quickly trained multi-exit model."""
+
+import pytest
+import torch
+
+from splitexit.data import load_dataset
+from splitexit.training import JointWeighted, train
+from splitexit.zoo import create_multiexit
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def trained_resnet8(digits):
+    """ResNet-8 with three exits trained jointly on digits for a few epochs (~3 s)."""
+    torch.manual_seed(0)
+    model = create_multiexit("resnet8", digits.num_classes, digits.input_shape)
+    train(model, digits.train, JointWeighted(), epochs=6, progress=False)
+    return model.eval()

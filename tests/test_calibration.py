@@ -1,0 +1,83 @@
+"""Threshold sweeps, Pareto front, oracle and operating points on the calibration split."""
+
+import pytest
+import torch
+
+from splitexit import (
+    Entropy,
+    InputError,
+    MaxProb,
+    Patience,
+    choose_operating_point,
+    cost_table,
+    oracle,
+    pareto_front,
+    sweep,
+)
+from splitexit.policies import fit_temperature
+
+
+@pytest.fixture(scope="module")
+def calib(trained_resnet8, digits):
+    model = trained_resnet8
+    costs = cost_table(model, digits.calib.x[:16], measure=False)
+    return model, model.collect_logits(digits.calib.x), digits.calib.y, costs.exit_macs
+
+
+def test_sweep_covers_the_range(calib):
+    model, logits, y, macs = calib
+    points = sweep(logits, y, macs, MaxProb())
+    assert len(points) > 10
+    cheapest = min(points, key=lambda p: p.mean_macs)
+    priciest = max(points, key=lambda p: p.mean_macs)
+    assert cheapest.mean_macs < 0.5 * macs[-1]
+    assert priciest.exit_fractions[-1] > 0.0
+    for p in points:
+        assert abs(sum(p.exit_fractions) - 1) < 1e-9
+
+
+def test_pareto_front_is_monotone(calib):
+    _, logits, y, macs = calib
+    front = pareto_front(sweep(logits, y, macs, Entropy()))
+    assert all(a.mean_macs <= b.mean_macs and a.accuracy < b.accuracy
+               for a, b in zip(front, front[1:]))
+
+
+def test_operating_point_meets_target_on_calibration(calib):
+    _, logits, y, macs = calib
+    ref = float((logits[-1].argmax(1) == y).double().mean())
+    points = sweep(logits, y, macs, MaxProb())
+    op = choose_operating_point(points, reference_accuracy=ref, max_drop=0.01)
+    assert op.accuracy >= ref - 0.01
+    assert op.mean_macs <= macs[-1]
+    budget = choose_operating_point(points, macs_budget=0.5 * macs[-1])
+    assert budget.mean_macs <= 0.5 * macs[-1]
+
+
+def test_oracle_bounds_every_policy(calib):
+    _, logits, y, macs = calib
+    orc = oracle(logits, y, macs)
+    for policy in (MaxProb(), Entropy(), Patience()):
+        for p in sweep(logits, y, macs, policy):
+            assert p.accuracy <= orc["accuracy"] + 1e-12
+    assert orc["mean_macs"] <= macs[-1]
+
+
+def test_impossible_targets_raise(calib):
+    _, logits, y, macs = calib
+    points = sweep(logits, y, macs, MaxProb())
+    with pytest.raises(InputError, match="no threshold"):
+        choose_operating_point(points, reference_accuracy=1.01, max_drop=0.0)
+    with pytest.raises(InputError, match="budget"):
+        choose_operating_point(points, macs_budget=1.0)
+    with pytest.raises(InputError, match="exactly one"):
+        choose_operating_point(points)
+    with pytest.raises(InputError, match="fraction"):
+        choose_operating_point(points, reference_accuracy=0.9, max_drop=5)
+
+
+def test_temperature_scaling_lowers_nll(calib):
+    _, logits, y, _ = calib
+    t = fit_temperature(logits[0], y)
+    nll = torch.nn.functional.cross_entropy
+    assert nll(logits[0] / t, y) <= nll(logits[0], y) + 1e-6

