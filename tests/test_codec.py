@@ -23,6 +23,9 @@ from splitexit.split.codec import (
     decode,
 )
 
+# numpy must not leak overflow / invalid-cast warnings to users, whatever the input
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 ALL_SPECS = [
     f"{kind}{ch}{z}"
     for kind in ("fp32", "fp16", "int8", "int4")
@@ -527,6 +530,12 @@ def test_forged_zstd_sizes_and_bombs_are_refused_before_decompressing():
         (_forge(kind=2, tensors=((0, (8,), (1.0, 1.0), (0.0, 0.0), 8),)), "expected 1"),
         (_forge(kind=2, tensors=((0, (8,), (float("nan"),), (0.0,), 8),)), "non-finite"),
         (_forge(kind=2, tensors=((0, (8,), (1.0,), (float("inf"),), 8),)), "non-finite"),
+        (  # a signalling NaN scale
+            _forge(kind=2, tensors=((0, (8,), (1.0,), (0.0,), 8),)).replace(
+                struct.pack("<f", 1.0), struct.pack("<I", 0x7F800001)
+            ),
+            "non-finite",
+        ),
         (_forge(kind=2, tensors=((0, (8,), (-1.0,), (0.0,), 8),)), "negative"),
         (_forge(kind=2, tensors=((0, (8,), (3e38,), (0.0,), 8),)), "range"),
         (_forge(kind=2, tensors=((1, (8,), (300.0,), (0.0,), 8),)), "range"),

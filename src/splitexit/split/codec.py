@@ -877,10 +877,10 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
 
 
 def _check_quant(q: _Quant, levels: int, fmax: float, index: int) -> None:
-    s = q.scale.astype(np.float64)
-    m = q.minimum.astype(np.float64)
-    if not (np.isfinite(s).all() and np.isfinite(m).all()):
+    if not (np.isfinite(q.scale).all() and np.isfinite(q.minimum).all()):
         raise PayloadError(f"tensor {index}: non-finite quantization scale or minimum")
+    s = q.scale.astype(np.float64)  # finite now: the cast cannot meet a signalling NaN
+    m = q.minimum.astype(np.float64)
     if (s < 0).any():
         raise PayloadError(f"tensor {index}: negative quantization scale")
     if (m < -fmax).any() or (m + levels * s > fmax).any():
