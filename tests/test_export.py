@@ -1,0 +1,139 @@
+"""ONNX export of every piece and ONNX Runtime parity: stages, heads, halves, tuple payloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from splitexit.errors import CorruptFileError, InputError
+from splitexit.export import OrtPiece, export_piece
+from splitexit.stages import StagedModel, payload_tensors
+from splitexit.zoo import ResNet, create_multiexit, list_models
+
+ATOL = 1e-4
+
+
+def _shape(name: str) -> tuple[int, ...]:
+    return (3, 128) if name == "cnn1d" else (1, 28, 28)
+
+
+def _close(a, b) -> None:
+    for u, v in zip(payload_tensors(a), payload_tensors(b), strict=True):
+        assert u.shape == v.shape
+        torch.testing.assert_close(u, v, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_stage_and_head_matches_pytorch(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_multiexit(name, 10, _shape(name)).eval()
+    x = torch.randn(3, *_shape(name))
+    payload = x
+    e = 0
+    previous = None
+    with torch.no_grad():
+        for k, stage in enumerate(model.backbone.stages):
+            piece = OrtPiece(export_piece(stage, payload, tmp_path / f"s{k}.onnx"))
+            expected = stage(payload)
+            _close(piece(payload), expected)
+            payload = expected
+            while e < len(model.heads) and model.exit_stages[e] == k:
+                head = model.heads[e]
+                args = (payload, previous) if head.uses_previous else payload
+                got = OrtPiece(export_piece(head, args, tmp_path / f"h{e}.onnx"))(args)
+                previous = model.run_head(e, payload, previous)
+                _close(got, previous)
+                e += 1
+
+
+def test_dynamic_batch_runs_other_batch_sizes(tmp_path):
+    model = create_multiexit("resnet8", 10, (1, 28, 28)).eval()
+    stage = model.backbone.stages[0]
+    piece = OrtPiece(export_piece(stage, torch.randn(1, 1, 28, 28), tmp_path / "s.onnx"))
+    for n in (1, 5):
+        x = torch.randn(n, 1, 28, 28)
+        with torch.no_grad():
+            _close(piece(x), stage(x))
+
+
+def test_numpy_in_numpy_out(tmp_path):
+    head = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
+    piece = OrtPiece(export_piece(head, torch.randn(2, 3, 4), tmp_path / "h.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, 4))  # float64 is cast
+    out = piece(x)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    with torch.no_grad():
+        np.testing.assert_allclose(out, head(torch.from_numpy(x).float()).numpy(), atol=ATOL)
+
+
+def test_tuple_payload_halves_of_a_cut_inside_a_residual_block(tmp_path):
+    torch.manual_seed(0)
+    staged = StagedModel.from_module(ResNet(10, 1), ["block1_conv1"]).eval()
+    device, server = staged.split("block1_conv1")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        payload = device(x)
+    assert isinstance(payload, tuple) and len(payload) == 2
+    dev = OrtPiece(export_piece(device, x, tmp_path / "device.onnx"))
+    srv = OrtPiece(export_piece(server, payload, tmp_path / "server.onnx"))
+    assert len(dev.output_names) == 2 and len(srv.input_names) == 2
+    with torch.no_grad():
+        _close(dev(x), payload)
+        _close(srv(payload), server(payload))
+        _close(srv(dev(x)), staged(x))
+    # export did not change any module's mode or running statistics
+    assert not any(m.training for m in staged.stages.modules())
+
+
+def test_device_and_server_halves_of_every_zoo_cut(tmp_path):
+    model = create_multiexit("mobilenet", 10, (1, 28, 28)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    for cut in model.backbone.cut_names:
+        device, server = model.backbone.split(cut)
+        with torch.no_grad():
+            mid = device(x)
+            _close(OrtPiece(export_piece(device, x, tmp_path / "d.onnx"))(x), mid)
+            _close(OrtPiece(export_piece(server, mid, tmp_path / "s.onnx"))(mid), server(mid))
+
+
+def test_names_and_training_mode_are_kept(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU()).train()
+    path = export_piece(net, torch.randn(3, 4), tmp_path / "n.onnx", input_names=["features"],
+                        output_names=["hidden"])
+    assert net.training and net[1].training
+    piece = OrtPiece(path)
+    assert piece.input_names == ["features"] and piece.output_names == ["hidden"]
+
+
+class _Svd(nn.Module):
+    def forward(self, x):
+        return torch.linalg.svd(x)[0]
+
+
+def test_unsupported_operation_is_named(tmp_path):
+    with pytest.raises(InputError, match="linalg_svd"):
+        export_piece(_Svd(), torch.randn(2, 3, 3), tmp_path / "u.onnx")
+
+
+def test_bad_inputs(tmp_path):
+    lin = nn.Linear(4, 2)
+    with pytest.raises(InputError, match="torch.Tensor"):
+        export_piece(lin, np.zeros((2, 4)), tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="batch"):
+        export_piece(lin, torch.zeros(0, 4), tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="fails on example_input"):
+        export_piece(lin, torch.zeros(2, 5), tmp_path / "a.onnx")
+    with pytest.raises(InputError, match="input names"):
+        export_piece(lin, torch.zeros(2, 4), tmp_path / "a.onnx", input_names=["a", "b"])
+    piece = OrtPiece(export_piece(lin, torch.zeros(2, 4), tmp_path / "a.onnx"))
+    with pytest.raises(InputError, match="takes 1 input"):
+        piece((torch.zeros(2, 4), torch.zeros(2, 4)))
+    with pytest.raises(InputError, match="dimensions"):
+        piece(torch.zeros(4))
+    with pytest.raises(InputError, match="export the piece first"):
+        OrtPiece(tmp_path / "missing.onnx")
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CorruptFileError):
+        OrtPiece(tmp_path / "bad.onnx")
