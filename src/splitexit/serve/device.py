@@ -1,0 +1,162 @@
+"""The device side of a split multi-exit model: stages up to the cut plus the local exits.
+
+:class:`DevicePart` runs the device half of a :class:`~splitexit.multiexit.MultiExitModel`
+with the exit heads that sit before (or at) the cut, lets the policy decide per sample, and
+hands back the undecided samples' payload (optionally through a bottleneck encoder) together
+with the policy state, so the server's logits can be judged by the same policy as the local
+exits. The deepest local exit's decision logits are kept for every undecided sample: they are
+the fallback answer when the server or the link fails.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from splitexit.errors import InputError
+from splitexit.multiexit import MultiExitModel, check_input
+from splitexit.policies import ExitPolicy
+from splitexit.stages import Payload, payload_select, payload_tensors
+
+__all__ = ["DevicePart", "DeviceOutput"]
+
+
+@dataclass
+class DeviceOutput:
+    """Result of the device pass over a batch of ``n`` samples.
+
+    Attributes:
+        decided: bool ``(n,)``: the sample left at a local exit.
+        predictions: ``(n,)`` class of decided samples (-1 for undecided ones).
+        exit_index: ``(n,)`` exit of decided samples (-1 for undecided ones).
+        logits: ``(n, C)`` decision logits of decided samples (zeros elsewhere; ``None`` when
+            the device part has no exit).
+        undecided: indices of the samples to offload, in batch order.
+        payload: what to send for them (the cut payload, encoded by the bottleneck encoder
+            when there is one); ``None`` when every sample decided.
+        state: the policy state rows of the undecided samples.
+        fallback_logits: ``(len(undecided), C)`` decision logits of the deepest local exit for
+            the undecided samples (``None`` without local exits).
+        fallback_exit: index of that exit (-1 without local exits).
+    """
+
+    decided: torch.Tensor
+    predictions: torch.Tensor
+    exit_index: torch.Tensor
+    logits: torch.Tensor | None
+    undecided: torch.Tensor
+    payload: Payload | None
+    state: dict
+    fallback_logits: torch.Tensor | None
+    fallback_exit: int
+
+
+class DevicePart(nn.Module):
+    """Device half of a multi-exit model, with its local exits.
+
+    Args:
+        model: the multi-exit model (its weights are shared, not copied).
+        cut: cut name (or index) where the model is split; ``None`` sends the raw input (full
+            offload, no local stage, no fallback).
+        encoder: optional module applied to the cut payload before it is sent (a bottleneck
+            encoder; the server half must then start with the matching decoder).
+
+    Example:
+        >>> device = DevicePart(model, "block1")
+        >>> out = device.run(x, MaxProb(0.9))
+        >>> out.undecided  # rows to offload; out.payload is what to send
+    """
+
+    def __init__(self, model: MultiExitModel, cut: str | int | None,
+                 encoder: nn.Module | None = None):
+        super().__init__()
+        if not isinstance(model, MultiExitModel):
+            raise InputError(f"DevicePart needs a MultiExitModel, got {type(model).__name__}; "
+                             "wrap a plain backbone with MultiExitModel(backbone, {})")
+        backbone = model.backbone
+        if cut is None:
+            last_stage = -1
+        else:
+            last_stage = backbone.cut_index(cut)
+            if last_stage >= backbone.num_stages - 1:
+                raise InputError(f"cut {cut!r} leaves no stage for the server; valid cuts: "
+                                 f"{backbone.cut_names}")
+        self.cut = None if cut is None else backbone.cut_names[last_stage]
+        self.stages = nn.ModuleList(list(backbone.stages[: last_stage + 1]))
+        local = [e for e in range(model.num_exits - 1) if model.exit_stages[e] <= last_stage]
+        self.heads = nn.ModuleList([model.heads[e] for e in local])
+        self.exit_stages = [model.exit_stages[e] for e in local]
+        self.exit_ids = local
+        self.exit_names = [model.head_cuts[e] for e in local]
+        self.num_exits = model.num_exits
+        self.input_shape = model.input_shape
+        self.encoder = encoder
+
+    @property
+    def has_exits(self) -> bool:
+        """Whether any exit head runs on the device (and can serve as fallback)."""
+        return len(self.heads) > 0
+
+    def _head(self, i: int, payload: Payload, previous: torch.Tensor | None) -> torch.Tensor:
+        features = payload_tensors(payload)
+        if len(features) != 1:
+            raise InputError(f"the cut {self.exit_names[i]!r} carries {len(features)} tensors; "
+                             "attach exit heads at single-tensor cuts")
+        head = self.heads[i]
+        if getattr(head, "uses_previous", False):
+            return head(features[0], previous)
+        return head(features[0])
+
+    @torch.inference_mode()
+    def run(self, x: torch.Tensor, policy: ExitPolicy) -> DeviceOutput:
+        """Run the device stages and local exits on a batch.
+
+        Raises:
+            InputError: wrong type, dtype, shape, or non-finite input.
+        """
+        check_input(x, self.input_shape)
+        n = x.shape[0]
+        decided = torch.zeros(n, dtype=torch.bool)
+        predictions = torch.full((n,), -1, dtype=torch.long)
+        exit_index = torch.full((n,), -1, dtype=torch.long)
+        out_logits: torch.Tensor | None = None
+        active = torch.arange(n)
+        state: dict = {}
+        previous: torch.Tensor | None = None
+        fallback: torch.Tensor | None = None
+        fallback_exit = -1
+        payload: Payload = x
+        i = 0
+        for k, stage in enumerate(self.stages):
+            payload = stage(payload)
+            while i < len(self.heads) and self.exit_stages[i] == k:
+                e = self.exit_ids[i]
+                logits = self._head(i, payload, previous)
+                if out_logits is None:
+                    state = policy.init_state(n, logits.shape[1])
+                    out_logits = torch.zeros(n, logits.shape[1], dtype=torch.float32)
+                fire, decision = policy.decide(e, logits, state)
+                fallback, fallback_exit = decision.float(), e
+                if bool(fire.any()):
+                    rows = active[fire]
+                    decided[rows] = True
+                    predictions[rows] = decision[fire].argmax(dim=1)
+                    exit_index[rows] = e
+                    out_logits[rows] = decision[fire].float()
+                    keep = ~fire
+                    active = active[keep]
+                    if len(active) == 0:
+                        return DeviceOutput(decided, predictions, exit_index, out_logits,
+                                            active, None, {}, None, fallback_exit)
+                    payload = payload_select(payload, keep)
+                    state = {name: v[keep] for name, v in state.items()}
+                    logits = logits[keep]
+                    fallback = fallback[keep]
+                previous = logits
+                i += 1
+        if self.encoder is not None:
+            payload = self.encoder(payload)
+        return DeviceOutput(decided, predictions, exit_index, out_logits, active, payload, state,
+                            fallback, fallback_exit)

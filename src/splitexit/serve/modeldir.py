@@ -1,0 +1,173 @@
+"""A deployable model directory: the server half, the device part and how they talk.
+
+Layout (written by :func:`export_model_dir`, read by :func:`load_server` / :func:`load_device`)::
+
+    MODEL_DIR/
+      serve.json                {"format": "splitexit-serve", "version": 1, "cut", "codec",
+                                 "policy", "payload": PayloadSpec, "model": zoo spec, ...}
+      server/                   splitexit.checkpoint of the server half (safetensors + JSON)
+      device/                   splitexit.checkpoint of the device part (stages + local exits)
+
+Both halves are rebuilt from the zoo spec and get their own weights only; the server never
+needs the device's weights and vice versa. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from splitexit import checkpoint
+from splitexit.errors import CorruptFileError, InputError
+from splitexit.multiexit import MultiExitModel
+from splitexit.policies import ExitPolicy, NeverExit, make_policy
+from splitexit.split.codec import Codec
+from splitexit.stages import StagedModel
+
+from .app import PayloadSpec
+from .device import DevicePart
+
+__all__ = ["ServeConfig", "export_model_dir", "load_server", "load_device", "server_half",
+           "read_config"]
+
+FORMAT = "splitexit-serve"
+VERSION = 1
+CONFIG = "serve.json"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What ``serve.json`` says.
+
+    Attributes:
+        cut: cut name of the split (``None``: the device sends the raw input).
+        codec: codec spelling the device uses (the server accepts any codec).
+        policy: exit policy configuration of the device's local exits.
+        payload: per-sample payload the server expects.
+        model: zoo spec of the multi-exit model both halves come from.
+        num_classes: number of classes.
+    """
+
+    cut: str | None
+    codec: str
+    policy: dict
+    payload: PayloadSpec
+    model: dict
+    num_classes: int
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "cut": self.cut, "codec": self.codec,
+                "policy": self.policy, "payload": self.payload.to_json(), "model": self.model,
+                "num_classes": self.num_classes}
+
+
+def server_half(model: MultiExitModel | StagedModel, cut: str | int | None) -> StagedModel:
+    """The stages after ``cut`` (the whole backbone when ``cut`` is ``None``); shares weights."""
+    backbone = model.backbone if isinstance(model, MultiExitModel) else model
+    if cut is None:
+        return backbone
+    return backbone.split(cut)[1]
+
+
+def export_model_dir(model: MultiExitModel, cut: str | int | None, directory: str | os.PathLike,
+                     codec: Codec | str = "fp32", policy: ExitPolicy | None = None) -> Path:
+    """Write a model directory that ``splitexit serve`` and ``splitexit edge`` load.
+
+    Args:
+        model: a zoo multi-exit model (``splitexit.zoo.create_multiexit``), trained.
+        cut: where to split (a cut name of its backbone) or ``None`` for full offload.
+        directory: output directory (created; existing files are overwritten).
+        codec: codec the device uses on the wire.
+        policy: exit policy of the local exits (``NeverExit()`` when ``None``).
+
+    Returns:
+        The directory.
+
+    Raises:
+        InputError: the model is not a zoo multi-exit model, or the cut is unknown.
+    """
+    if not isinstance(model, MultiExitModel) or not getattr(model, "spec", None):
+        raise InputError("export_model_dir needs a zoo multi-exit model (built with "
+                         "splitexit.zoo.create_multiexit or loaded with checkpoint.load) so that "
+                         "both halves can be rebuilt; for other models call "
+                         "splitexit.serve.create_app(server_module, spec) directly")
+    codec = Codec.parse(codec) if isinstance(codec, str) else codec
+    policy = policy or NeverExit()
+    cut_name = None if cut is None else model.backbone.cut_names[model.backbone.cut_index(cut)]
+    device = DevicePart(model, cut_name)
+    server = server_half(model, cut_name)
+    example = torch.zeros(2, *model.input_shape)
+    with torch.inference_mode():
+        model.eval()
+        payload = example
+        for stage in device.stages:
+            payload = stage(payload)
+    cfg = ServeConfig(cut_name, codec.spec(), policy.config(), PayloadSpec.of(payload),
+                      dict(model.spec), int(model.spec["num_classes"]))
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(server, out / "server", part="server", cut=cut_name)
+    checkpoint.save(device, out / "device", part="device", cut=cut_name)
+    (out / CONFIG).write_text(json.dumps(cfg.to_json(), indent=2))
+    return out
+
+
+def read_config(directory: str | os.PathLike) -> ServeConfig:
+    """Read and validate ``serve.json``.
+
+    Raises:
+        CorruptFileError: missing or invalid file.
+    """
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CorruptFileError(f"{directory} is not a splitexit model directory (no {CONFIG}); "
+                               "write one with `splitexit prepare` or "
+                               "splitexit.serve.export_model_dir")
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise CorruptFileError(f"{path}: format {doc.get('format')!r} version "
+                                   f"{doc.get('version')!r}, expected {FORMAT!r} {VERSION}")
+        return ServeConfig(doc["cut"], str(doc["codec"]), dict(doc["policy"]),
+                           PayloadSpec.from_json(doc["payload"]), dict(doc["model"]),
+                           int(doc["num_classes"]))
+    except CorruptFileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptFileError(f"{path} is invalid ({type(exc).__name__}: {exc}); export the "
+                               "model directory again") from exc
+
+
+def _rebuild(cfg: ServeConfig) -> MultiExitModel:
+    from splitexit.zoo import create_multiexit
+
+    spec = cfg.model
+    try:
+        return create_multiexit(spec["model"], num_classes=spec["num_classes"],
+                                input_shape=tuple(spec["input_shape"]), exits=spec["exits"],
+                                head=spec["head"], head_kwargs=spec.get("head_kwargs") or None,
+                                **spec.get("model_kwargs", {}))
+    except KeyError as exc:
+        raise CorruptFileError(f"serve.json model spec lacks {exc}; export the model directory "
+                               "again") from exc
+
+
+def load_server(directory: str | os.PathLike) -> tuple[nn.Module, ServeConfig]:
+    """The server half (eval mode, its own weights) and the directory's configuration."""
+    cfg = read_config(directory)
+    server = server_half(_rebuild(cfg), cfg.cut)
+    checkpoint.load_weights(server, Path(directory) / "server")
+    return server.eval(), cfg
+
+
+def load_device(directory: str | os.PathLike) -> tuple[DevicePart, ExitPolicy, ServeConfig]:
+    """The device part (eval mode, its own weights), its exit policy and the configuration."""
+    cfg = read_config(directory)
+    device = DevicePart(_rebuild(cfg), cfg.cut)
+    checkpoint.load_weights(device, Path(directory) / "device")
+    return device.eval(), make_policy(cfg.policy), cfg
