@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import SplitexitError
 
 # Modules adding top-level commands / benchmark suites; each has register(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["splitexit.serve.cli"]
 BENCH_MODULES: list[str] = []
 
 
