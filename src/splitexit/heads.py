@@ -15,8 +15,8 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["ExitHead", "LinearHead", "SDNHead", "ConvHead", "make_head", "list_heads",
-           "register_head"]
+__all__ = ["ExitHead", "LinearHead", "SDNHead", "ConvHead", "CascadingHead", "ClassMeansHead",
+           "BinaryHead", "make_head", "list_heads", "register_head"]
 
 _HEADS: dict[str, Callable[..., ExitHead]] = {}
 
@@ -179,3 +179,133 @@ class ModuleHead(ExitHead):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+@register_head("cascading")
+class CascadingHead(ExitHead):
+    """ZTW's cascading head: a base head plus a linear map of the previous exit's logits.
+
+    Zero Time Waste feeds each head the (detached) logits of the head before it, so later
+    heads reuse earlier heads' work. ``base(features) + W @ previous`` is a linear classifier
+    over ``[base features, previous logits]``. The first head of a model gets no previous
+    logits (``previous=None``) and is its base head alone. :class:`MultiExitModel` carries the
+    previous logits per sample and shrinks them with the batch.
+
+    Args:
+        base: head type of the feature path (``"sdn"`` as in ZTW, or any registered head).
+        base_kwargs: keyword arguments of the base head.
+    """
+
+    uses_previous = True
+
+    def __init__(self, in_shape, num_classes, base: str = "sdn", base_kwargs: dict | None = None):
+        super().__init__(in_shape, num_classes)
+        if base == "cascading":
+            raise InputError("a cascading head cannot wrap another cascading head; "
+                             "use base='sdn', 'linear', 'conv' or 'depthwise'")
+        self.base_kind, self.base_kwargs = base, dict(base_kwargs or {})
+        self.base = make_head(base, in_shape, num_classes, **self.base_kwargs)
+        self.previous = nn.Linear(num_classes, num_classes, bias=False)
+        nn.init.zeros_(self.previous.weight)
+
+    def extra_config(self) -> dict:
+        return {"base": self.base_kind, "base_kwargs": self.base_kwargs}
+
+    def forward(self, x: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.base(x)
+        if previous is None:
+            return out
+        if previous.shape != out.shape:
+            raise InputError(f"previous logits have shape {tuple(previous.shape)}, expected "
+                             f"{tuple(out.shape)}: the previous exit must predict the same classes")
+        return out + self.previous(previous.detach())
+
+
+@register_head("class-means")
+class ClassMeansHead(ExitHead):
+    """E2CM: no trained weights, only the class means of globally pooled features.
+
+    Fit it in one pass over training features with :meth:`accumulate` then :meth:`finish`
+    (or :func:`splitexit.training.fit_class_means` for a whole model). Its logits are the
+    negative Euclidean distances to the class means, so the softmax over them is E2CM's score.
+    The means are buffers, not parameters: nothing here takes a gradient step.
+    """
+
+    def __init__(self, in_shape, num_classes):
+        super().__init__(in_shape, num_classes)
+        features = self.in_shape[0]
+        self.register_buffer("means", torch.zeros(num_classes, features))
+        self.register_buffer("sums", torch.zeros(num_classes, features, dtype=torch.float64))
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def reset(self) -> None:
+        """Forget the accumulated sums (start a new pass)."""
+        self.sums.zero_()
+        self.counts.zero_()
+        self.fitted.fill_(False)
+
+    @torch.no_grad()
+    def accumulate(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch of features ``x`` with class ``labels`` to the running class sums."""
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise InputError(f"labels must lie in [0, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        pooled = _pool_flat(x).double()
+        self.sums.index_add_(0, labels, pooled)
+        self.counts += torch.bincount(labels, minlength=self.num_classes).double()
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Turn the running sums into means.
+
+        Raises:
+            InputError: a class never appeared in the data the head was fitted on.
+        """
+        missing = (self.counts == 0).nonzero().flatten().tolist()
+        if missing:
+            raise InputError(f"classes {missing} have no training samples; fit the class means "
+                             "on data that covers every class")
+        self.means.copy_((self.sums / self.counts[:, None]).float())
+        self.fitted.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(self.fitted):
+            raise InputError("this class-means head is not fitted yet; run "
+                             "splitexit.training.fit_class_means(model, train_split) first")
+        return -torch.cdist(_pool_flat(x).float(), self.means)
+
+
+@register_head("binary")
+class BinaryHead(ExitHead):
+    """A binarised exit head: sign weights and activations, straight-through gradients.
+
+    A binary 3x3 convolution (batch-normalised sign inputs, per-channel scaled sign weights),
+    BatchNorm, pooling and a binary linear layer with a real-valued per-class scale. See
+    :mod:`splitexit.compress.binary` for the layers.
+    """
+
+    def __init__(self, in_shape, num_classes, channels: int | None = None):
+        super().__init__(in_shape, num_classes)
+        from .compress.binary import BinaryConv1d, BinaryConv2d, BinaryLinear
+
+        c_in = self.in_shape[0]
+        dims = len(self.in_shape) - 1
+        self.channels = channels or 2 * c_in
+        if dims == 2:
+            body = [BinaryConv2d(c_in, self.channels, 3, padding=1),
+                    nn.BatchNorm2d(self.channels)]
+        elif dims == 1:
+            body = [BinaryConv1d(c_in, self.channels, 3, padding=1),
+                    nn.BatchNorm1d(self.channels)]
+        else:
+            body = [BinaryLinear(c_in, self.channels), nn.BatchNorm1d(self.channels)]
+        self.body = nn.Sequential(*body)
+        self.fc = BinaryLinear(self.channels, num_classes)
+        self.scale = nn.Parameter(torch.ones(num_classes))
+
+    def extra_config(self) -> dict:
+        return {"channels": self.channels}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_pool_flat(self.body(x))) * self.scale

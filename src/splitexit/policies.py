@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from .errors import InputError
 
 __all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
-           "make_policy", "register_policy", "fit_temperature"]
+           "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
+           "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits"]
 
 State = dict[str, torch.Tensor]
 
@@ -184,8 +185,132 @@ class FixedExit(ExitPolicy):
         return fire, logits
 
 
+@dataclass(frozen=True)
+class GeometricEnsemble(MaxProb):
+    """ZTW's geometric ensemble: exit on the running weighted product of every head's softmax.
+
+    At exit ``k`` the decision logits are ``sum_{j<=k} w_j * log_softmax(z_j) + b_j`` (a
+    weighted geometric mean of the heads' distributions, up to normalisation); the sum is
+    carried per sample in the policy state and shrinks with the batch. The sample exits when
+    the ensemble's top probability reaches ``threshold``. Fit ``weights`` and ``biases`` on
+    training logits with :func:`fit_ensemble_weights`.
+
+    Attributes:
+        weights: one weight per exit (final included); missing entries count as 1.
+        biases: one per-class bias vector per exit; empty means zeros.
+    """
+
+    weights: tuple[float, ...] = ()
+    biases: tuple[tuple[float, ...], ...] = ()
+    name = "geometric-ensemble"
+    combine = "log_softmax"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for field_name in ("weights", "biases"):
+            value = getattr(self, field_name)
+            if isinstance(value, list) or (value and isinstance(value[0], list)):
+                object.__setattr__(self, field_name, tuple(
+                    tuple(v) if isinstance(v, list) else v for v in value))
+
+    def init_state(self, n, num_classes):
+        return {"sum": torch.zeros(n, num_classes)}
+
+    def combined(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """This exit's weighted contribution to the ensemble."""
+        z = self.scaled(exit_index, logits).float()
+        term = F.log_softmax(z, dim=1) if self.combine == "log_softmax" else z
+        if exit_index < len(self.weights):
+            term = term * float(self.weights[exit_index])
+        if exit_index < len(self.biases):
+            term = term + torch.tensor(self.biases[exit_index], dtype=term.dtype)
+        return term
+
+    def decide(self, exit_index, logits, state):
+        state["sum"] = state["sum"] + self.combined(exit_index, logits)
+        decision = state["sum"].clone()
+        return self.statistic(decision) >= _per_exit(self.threshold, exit_index), decision
+
+
+@dataclass(frozen=True)
+class AdditiveEnsemble(GeometricEnsemble):
+    """BoostNet's additive model: the decision logits at exit ``k`` are the sum of raw logits
+    of every exit so far (each head was trained as a correction of the ones before it)."""
+
+    name = "additive-ensemble"
+    combine = "logits"
+
+
+def ensemble_logits(policy: GeometricEnsemble, logits: Sequence[torch.Tensor]
+                    ) -> list[torch.Tensor]:
+    """The decision logits ``policy`` forms at every exit for whole (offline) logit lists."""
+    out, total = [], None
+    for e, lg in enumerate(logits):
+        term = policy.combined(e, lg)
+        total = term if total is None else total + term
+        out.append(total)
+    return out
+
+
+def fit_ensemble_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                         steps: int = 300, lr: float = 0.05,
+                         policy: GeometricEnsemble | None = None) -> GeometricEnsemble:
+    """Fit ZTW's ensemble weights and biases: minimise the NLL of every prefix ensemble.
+
+    Args:
+        logits: per-exit logits of the *training* split (backbone and heads frozen).
+        labels: their classes.
+        policy: the policy to fill in (a :class:`GeometricEnsemble` by default).
+
+    Returns:
+        ``policy`` with fitted ``weights`` and ``biases``.
+    """
+    if len(logits) < 2:
+        raise InputError("an ensemble needs at least two exits' logits")
+    if any(lg.shape != logits[0].shape for lg in logits) or len(labels) != len(logits[0]):
+        raise InputError("every exit's logits must be (N, C) for the same N labels")
+    policy = policy or GeometricEnsemble()
+    probe = replace(policy, weights=(), biases=())
+    terms = [probe.combined(e, lg.detach()) for e, lg in enumerate(logits)]
+    k, c = len(terms), terms[0].shape[1]
+    log_w = torch.zeros(k, requires_grad=True)
+    bias = torch.zeros(k, c, requires_grad=True)
+    opt = torch.optim.Adam([log_w, bias], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        total, loss = 0.0, 0.0
+        for e, term in enumerate(terms):
+            total = total + log_w[e].exp() * term + bias[e]
+            loss = loss + F.cross_entropy(total, labels)
+        (loss / k).backward()
+        opt.step()
+    weights = tuple(float(w) for w in log_w.detach().exp())
+    biases = tuple(tuple(float(b) for b in row) for row in bias.detach())
+    return replace(policy, weights=weights, biases=biases)
+
+
+@dataclass(frozen=True)
+class GatedMaxProb(MaxProb):
+    """MaxProb where only the ``enabled`` exits may fire (online caching switches exits on)."""
+
+    enabled: tuple[bool, ...] = ()
+    name = "gated-maxprob"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.enabled, list):
+            object.__setattr__(self, "enabled", tuple(bool(v) for v in self.enabled))
+
+    def decide(self, exit_index, logits, state):
+        fire, decision = super().decide(exit_index, logits, state)
+        if exit_index >= len(self.enabled) or not self.enabled[exit_index]:
+            fire = torch.zeros_like(fire)
+        return fire, decision
+
+
 _POLICIES: dict[str, type[ExitPolicy]] = {
-    p.name: p for p in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit)}
+    p.name: p for p in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit,
+                        GeometricEnsemble, AdditiveEnsemble, GatedMaxProb)}
 _POLICY_FIELDS = {"maxprob": "threshold", "entropy": "threshold", "margin": "threshold",
                   "patience": "patience", "fixed": "exit_index"}
 
