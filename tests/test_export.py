@@ -15,8 +15,17 @@ from splitexit.zoo import ResNet, create_multiexit, list_models
 ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two intra-op threads on a shared two-core machine make small convolutions 30x slower.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _shape(name: str) -> tuple[int, ...]:
-    return (3, 128) if name == "cnn1d" else (1, 28, 28)
+    return (3, 32) if name == "cnn1d" else (1, 12, 12)
 
 
 def _close(a, b) -> None:
@@ -88,8 +97,8 @@ def test_tuple_payload_halves_of_a_cut_inside_a_residual_block(tmp_path):
 
 
 def test_device_and_server_halves_of_every_zoo_cut(tmp_path):
-    model = create_multiexit("mobilenet", 10, (1, 28, 28)).eval()
-    x = torch.randn(2, 1, 28, 28)
+    model = create_multiexit("mobilenet", 10, (1, 12, 12)).eval()
+    x = torch.randn(2, 1, 12, 12)
     for cut in model.backbone.cut_names:
         device, server = model.backbone.split(cut)
         with torch.no_grad():
@@ -137,3 +146,85 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not a graph")
     with pytest.raises(CorruptFileError):
         OrtPiece(tmp_path / "bad.onnx")
+
+
+# ONNX Runtime early-exit pipeline ---------------------------------------------------------
+from splitexit.export import OrtExitPipeline, export_multiexit, parity  # noqa: E402
+from splitexit.policies import MaxProb, NeverExit, Patience  # noqa: E402
+
+
+def _median_policy(model, x) -> MaxProb:
+    """A max-prob threshold at which about half the samples leave at each early exit."""
+    with torch.no_grad():
+        logits = model(x)
+    stats = [MaxProb().statistic(lg).median().item() for lg in logits[:-1]]
+    return MaxProb(threshold=tuple(stats))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_pipeline_matches_pytorch_infer(name, tmp_path):
+    torch.manual_seed(1)
+    model = create_multiexit(name, 10, _shape(name)).eval()
+    x = torch.rand(24, *_shape(name))
+    export_multiexit(model, tmp_path)
+    pipe = OrtExitPipeline(tmp_path)
+    for policy in (_median_policy(model, x), Patience(patience=1), NeverExit()):
+        report = parity(model, pipe, x, policy)
+        assert report["same_predictions"] == 1.0 and report["same_exits"] == 1.0, policy
+        assert report["max_abs_logit_diff"] < ATOL
+        ref = model.infer(x, policy)
+        got = pipe.infer(x, policy)
+        torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
+    counts = torch.bincount(pipe.infer(x, _median_policy(model, x)).exit_index)
+    assert (counts > 0).sum() >= 2  # the batch really shrank at an early exit
+    torch.testing.assert_close(pipe.run_full(x), model.backbone(x), atol=ATOL, rtol=1e-4)
+
+
+def test_pipeline_split_at_every_cut_equals_unsplit(tmp_path):
+    torch.manual_seed(2)
+    model = create_multiexit("resnet8", 10, (1, 12, 12)).eval()
+    x = torch.rand(16, 1, 12, 12)
+    export_multiexit(model, tmp_path)
+    pipe = OrtExitPipeline(tmp_path, threads=1)
+    policy = _median_policy(model, x)
+    ref = model.infer(x, policy)
+    for cut in pipe.cut_names:
+        outcome = pipe.run_device(x, policy, cut)
+        device_exits = [e for e, k in enumerate(pipe.exit_stages)
+                        if k <= pipe.cut_names.index(cut)]
+        # exactly the samples PyTorch exits on the device side have left
+        assert len(outcome.active) == int((~torch.isin(ref.exit_index,
+                                                       torch.tensor(device_exits))).sum())
+        result = pipe.run_server(outcome, policy)
+        assert torch.equal(result.predictions, ref.predictions)
+        assert torch.equal(result.exit_index, ref.exit_index)
+        assert torch.equal(pipe.infer(x, policy, cut=cut).exit_index, ref.exit_index)
+
+
+def test_pipeline_batch_of_one_and_numpy(tmp_path):
+    model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
+    export_multiexit(model, tmp_path)
+    pipe = OrtExitPipeline(tmp_path)
+    x = torch.rand(5, 1, 8, 8)
+    ref = model.infer(x, MaxProb(0.12))
+    for i in range(5):
+        got = pipe.infer(x[i: i + 1].numpy(), MaxProb(0.12))
+        assert got.exit_index.item() == ref.exit_index[i].item()
+        assert got.predictions.item() == ref.predictions[i].item()
+
+
+def test_pipeline_bad_input(tmp_path):
+    model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
+    export_multiexit(model, tmp_path)
+    pipe = OrtExitPipeline(tmp_path)
+    with pytest.raises(InputError, match="shape"):
+        pipe.infer(torch.rand(2, 1, 9, 9), MaxProb(0.5))
+    with pytest.raises(InputError, match="NaN"):
+        pipe.infer(torch.full((2, 1, 8, 8), float("nan")), MaxProb(0.5))
+    with pytest.raises(InputError, match="unknown cut"):
+        pipe.run_device(torch.rand(2, 1, 8, 8), MaxProb(0.5), "nope")
+    with pytest.raises(InputError, match="export_multiexit"):
+        OrtExitPipeline(tmp_path / "empty")
+    (tmp_path / "pipeline.json").write_text("{\"format\": 1}")
+    with pytest.raises(CorruptFileError):
+        OrtExitPipeline(tmp_path)
