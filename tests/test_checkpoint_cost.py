@@ -61,3 +61,18 @@ def test_cost_table_counts_macs_per_part(trained_resnet8, digits):
     assert table.cut_payload_bytes[0] == 16 * 8 * 8 * 4
     assert all(s.latency_b1_s > 0 for s in table.stages + table.heads)
     assert table.total_params == sum(p.numel() for p in trained_resnet8.parameters())
+
+
+def test_fused_model_matches_and_keeps_parity(trained_resnet8, digits):
+    from splitexit import MaxProb
+    from splitexit.optimize import fuse_for_inference
+
+    fused = fuse_for_inference(trained_resnet8)
+    x = digits.test.x[:64]
+    for a, b in zip(trained_resnet8(x), fused(x)):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    r = fused.infer(x, MaxProb(0.8))
+    s = fused.simulate(fused(x), MaxProb(0.8))
+    assert torch.equal(r.exit_index, s.exit_index) and torch.equal(r.predictions, s.predictions)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trained_resnet8.modules())
