@@ -36,7 +36,11 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
     p.add_argument("--dataset", default=dataset, help=f"data set (default {dataset})")
     p.add_argument("--models", default=models, help=f"comma-separated zoo models ({models})")
     p.add_argument("--out", default=out, help=f"output directory (default {out})")
-    p.add_argument("--epochs", type=int, default=epochs, help="training epochs per model")
+    p.add_argument("--epochs", type=int, default=epochs, help="baseline training epochs")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="multi-exit training epochs (default: --epochs)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="retrain even if OUT/models holds trained checkpoints")
     p.add_argument("--strategy", default="joint", choices=["joint", "heads-only"])
     p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin"])
     p.add_argument("--head", default=None, help="exit head type (model default if omitted)")
@@ -49,7 +53,9 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
 def _run_early_exit(args, suite: str) -> int:
     from .bench.early_exit import EarlyExitSettings, run_early_exit
 
-    settings = EarlyExitSettings(epochs=args.epochs, strategy=args.strategy, policy=args.policy,
+    settings = EarlyExitSettings(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                 reuse_models=not args.no_reuse,
+                                 strategy=args.strategy, policy=args.policy,
                                  head=args.head, latency_samples=args.latency_samples,
                                  threads=args.threads, seed=args.seed)
     report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
@@ -225,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark suites (write report.json/.md and plots)")
     suites = bench.add_subparsers(dest="suite", required=True)
     p = suites.add_parser("early-exit", help="baseline vs multi-exit at chosen accuracy drops")
-    _early_exit_args(p, "fashion-mnist", "resnet8,b-lenet", "runs/bench-early-exit", 12)
+    _early_exit_args(p, "fashion-mnist", "resnet8,b-lenet", "reports/early-exit", 6)
     p.set_defaults(func=lambda a: _run_early_exit(a, "early-exit"))
     for name in BENCH_MODULES:
         importlib.import_module(name).register(suites)

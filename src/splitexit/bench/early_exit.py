@@ -18,6 +18,7 @@ from ..cost import cost_table
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..multiexit import MultiExitModel
+from ..optimize import fuse_for_inference
 from ..policies import NeverExit, make_policy
 from ..report import plot_pareto, write_report
 from ..training import Baseline, HeadsOnly, JointWeighted, train
@@ -37,6 +38,9 @@ class EarlyExitSettings:
         drops: maximum accuracy drops vs the baseline (fractions) to pick operating points for.
         latency_samples: test samples timed one at a time (``None``: the whole test set).
         threads: torch threads while timing (1 mimics a single edge core and is steadier).
+        reuse_models: load ``out/models/<model>-{baseline,multiexit}`` when present instead of
+            training again (delete them to retrain).
+        fuse: fold BatchNorm into convolutions before timing, in both models alike.
     """
 
     epochs: int = 12
@@ -53,6 +57,8 @@ class EarlyExitSettings:
     seed: int = 0
     progress: bool | None = None
     save_models: bool = True
+    reuse_models: bool = True
+    fuse: bool = True
     extra_notes: list[str] = field(default_factory=list)
 
 
@@ -62,7 +68,8 @@ def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings
     baseline = create_model(model_name, ds.num_classes, ds.input_shape)
     h_base = train(baseline, ds.train, Baseline(), epochs=s.epochs, lr=s.lr,
                    batch_size=s.batch_size, seed=s.seed, progress=s.progress)
-    multi = create_multiexit(model_name, ds.num_classes, ds.input_shape, head=s.head)
+    multi = create_multiexit(model_name, ds.num_classes, ds.input_shape,
+                             head=_head_for(model_name, s.head))
     multi.backbone.load_state_dict(baseline.state_dict())
     if s.strategy == "joint":
         strategy, lr = JointWeighted(), s.lr / 2
@@ -74,6 +81,14 @@ def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings
                     batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
     return baseline, multi, {"baseline_train_s": h_base.seconds,
                              "multiexit_train_s": h_multi.seconds}
+
+
+def _head_for(model_name: str, spec: str | None) -> str | None:
+    """``"sdn"`` for every model, or ``"resnet8=sdn,b-lenet=published"`` per model."""
+    if not spec or "=" not in spec:
+        return spec
+    pairs = dict(part.split("=", 1) for part in spec.split(","))
+    return pairs.get(model_name)
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -168,11 +183,17 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     ds = load_dataset(dataset, seed=s.seed)
     rows, anytime, curves, points, timings = [], [], {}, {}, {}
     for name in models:
-        baseline, multi, t = train_pair(ds, name, s)
-        timings[name] = t
-        if s.save_models:
-            checkpoint.save(baseline, out / "models" / f"{name}-baseline", dataset=dataset)
-            checkpoint.save(multi, out / "models" / f"{name}-multiexit", dataset=dataset)
+        saved = [out / "models" / f"{name}-{kind}" for kind in ("baseline", "multiexit")]
+        if s.reuse_models and all((p / "model.json").is_file() for p in saved):
+            baseline, multi = (checkpoint.load(p) for p in saved)
+            timings[name] = {"reused": [str(p) for p in saved]}
+        else:
+            baseline, multi, timings[name] = train_pair(ds, name, s)
+            if s.save_models:
+                for model, path in zip((baseline, multi), saved):
+                    checkpoint.save(model, path, dataset=dataset, settings=vars(s))
+        if s.fuse:
+            baseline, multi = fuse_for_inference(baseline), fuse_for_inference(multi)
         r, extra = evaluate_pair(ds, name, baseline, multi, s)
         rows += r
         anytime += extra["anytime"]
