@@ -517,6 +517,10 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
             try:
                 payload = wire.decode(body, max_bytes=max(decoded_limit, len(body)))
             except PayloadError as exc:
+                if "max_bytes" in str(exc):  # well-formed but larger than this server takes
+                    raise HTTPError(413, f"payload too large: {exc}; send fewer samples per "
+                                    f"request (max_request_samples="
+                                    f"{settings.max_request_samples})") from exc
                 raise HTTPError(400, f"malformed payload: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - nothing a client sends may crash us
                 raise HTTPError(400, f"malformed payload: {type(exc).__name__}: {exc}") from exc
