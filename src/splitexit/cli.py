@@ -16,8 +16,8 @@ from pathlib import Path
 from .errors import SplitexitError
 
 # Modules adding top-level commands / benchmark suites; each has register(subparsers).
-COMMAND_MODULES: list[str] = ["splitexit.serve.cli"]
-BENCH_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli"]
+BENCH_MODULES: list[str] = ["splitexit.bench.split"]
 
 
 def _command_line() -> str:

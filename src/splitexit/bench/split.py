@@ -1,0 +1,466 @@
+"""Benchmark suite ``split``: bytes on the wire vs accuracy for every cut, bottleneck and codec.
+
+On Fashion-MNIST with ResNet-8: plain splits at each cut and BottleFit bottlenecks of 1, 2, 4
+and 8 channels (plus the autoencoder baseline), each through every codec, against sending the
+raw uint8 image and a PNG of it; then the planner's choice per link profile next to the best
+option found by measuring every option under emulated link conditions.
+
+Emulation: each option's device side (device half + encode) and server side (decode + server
+half) are timed at batch 1 on this host; the link adds RTT + bytes / bandwidth (with the loss
+rate's retransmissions) from the link profile, for the request and the 40-byte answer. The
+planner predicts the same figures from MACs (this host's measured GMAC/s) and payload sizes.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import checkpoint
+from ..cost import count_macs
+from ..data import load_dataset
+from ..devices import get_link, load_links, measure_host_profile
+from ..report import write_report
+from ..split.bottleneck import BottleneckSpec, inject_bottleneck
+from ..split.codec import Codec
+from ..split.halves import SplitModel, num_params, split_model
+from ..split.planner import LOCAL, CutCost, plan
+from ..stages import StagedModel
+from ..training import Baseline, train
+from ..training.bottlefit import autoencoder_baseline, bottlefit
+from ..zoo import create_model
+from .measure import torch_threads
+
+__all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "register"]
+
+DEFAULT_CODECS = ("fp32", "fp16", "int8", "int4", "fp32+zstd", "fp16+zstd", "int8+zstd",
+                  "int4+zstd")
+RESPONSE_BYTES = 40
+
+
+@dataclass
+class SplitBenchSettings:
+    """Settings of the split benchmark (defaults: the reduced grid that fits a shared 2-core box).
+
+    Attributes:
+        baseline_epochs: Epochs of the unsplit ResNet-8 (trained once, cached in ``cache``).
+        cuts: Cuts of the plain (no bottleneck) splits.
+        bottleneck_cut: Cut where bottlenecks are injected.
+        widths: Bottleneck channels.
+        stride: Bottleneck spatial reduction.
+        encoder_hidden: Encoder inner width (device side).
+        stage1_epochs: BottleFit head-distillation epochs.
+        stage2_epochs: BottleFit fine-tuning epochs.
+        stage2_codec: Codec the server side is fine-tuned on in stage 2 (None: fp32 tensors).
+        autoencoder_widths: Widths of the autoencoder baseline.
+        autoencoder_epochs: Its training epochs.
+        train_samples: Training samples used for bottleneck training (None: all).
+        codecs: Codecs evaluated on every split.
+        latency_samples: Test samples timed at batch 1 per option for the link emulation.
+        max_drop_pt: Accuracy drop (points) an option may have to be a planner candidate.
+        test_samples: Evaluate on this many test samples (None: all 10k).
+        cache: Directory for the baseline checkpoint and trained bottlenecks (not committed).
+        seed: Seed.
+    """
+
+    baseline_epochs: int = 6
+    cuts: tuple[str, ...] = ("stem", "block1", "block2")
+    bottleneck_cut: str = "block1"
+    widths: tuple[int, ...] = (1, 2, 4, 8)
+    stride: int = 4
+    encoder_hidden: int = 8
+    stage1_epochs: int = 2
+    stage2_epochs: int = 2
+    stage2_codec: str | None = "int8"
+    autoencoder_widths: tuple[int, ...] = (2,)
+    autoencoder_epochs: int = 2
+    train_samples: int | None = 20000
+    codecs: tuple[str, ...] = DEFAULT_CODECS
+    latency_samples: int = 100
+    max_drop_pt: float = 0.5
+    test_samples: int | None = None
+    cache: str = "/tmp/splitexit-bench"
+    seed: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A grayscale 8-bit PNG of ``image`` (H, W uint8), encoded by Pillow with optimize=True."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _png_roundtrip(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def _baseline(ds, settings: SplitBenchSettings) -> tuple[StagedModel, float]:
+    path = Path(settings.cache) / "resnet8-fashion-mnist"
+    if (path / checkpoint.WEIGHTS).is_file():
+        model = checkpoint.load(path)
+        seconds = float(checkpoint.read_meta(path).get("train_seconds", 0.0))
+    else:
+        model = create_model("resnet8", ds.num_classes, ds.input_shape)
+        history = train(model, ds.train, Baseline(), epochs=settings.baseline_epochs,
+                        seed=settings.seed)
+        seconds = history.seconds
+        checkpoint.save(model, path, dataset=ds.name, strategy="baseline",
+                        train_seconds=seconds)
+    return model.eval(), seconds
+
+
+@torch.no_grad()
+def _evaluate(split: SplitModel, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> dict:
+    """Accuracy through one-sample messages, mean message size and amortised body size."""
+    codec = split.codec or Codec("fp32")
+    correct, sizes, batched = 0, [], []
+    for i in range(0, len(x), chunk):
+        payload = split.device_half(x[i: i + chunk])
+        tensors = payload if isinstance(payload, tuple) else (payload,)
+        decoded = []
+        for j in range(tensors[0].shape[0]):
+            msg = codec.encode(tuple(t[j: j + 1] for t in tensors) if len(tensors) > 1
+                               else tensors[0][j: j + 1])
+            sizes.append(len(msg))
+            decoded.append(split.decode(msg))
+        batched.append(codec.bytes_per_sample(payload))
+        if isinstance(decoded[0], tuple):
+            payload_back = tuple(torch.cat(parts) for parts in zip(*decoded, strict=True))
+        else:
+            payload_back = torch.cat(decoded)
+        correct += int((split.server_half(payload_back).argmax(1) == y[i: i + chunk]).sum())
+    return {"accuracy": correct / len(x), "bytes_per_sample": statistics.fmean(sizes),
+            "batched_bytes_per_sample": statistics.fmean(batched)}
+
+
+class _ToPixels(torch.nn.Module):
+    """Device side of full offloading: the image as 8-bit pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class _FromPixels(torch.nn.Module):
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return p.float() / 255
+
+
+def _offload_split(teacher: StagedModel, codec: str, example: torch.Tensor) -> SplitModel:
+    server = StagedModel([_FromPixels(), *teacher.stages])
+    return split_model(StagedModel([_ToPixels(), server]), 0, codec=codec, example=example)
+
+
+def _time_option(split: SplitModel, x: torch.Tensor, n: int) -> tuple[float, float]:
+    """Median batch-1 seconds of (device half + encode) and (decode + server half)."""
+    device_t, server_t = [], []
+    with torch.inference_mode():
+        for i in range(min(n, len(x)) + 5):
+            xi = x[i % len(x): i % len(x) + 1]
+            t0 = time.perf_counter()
+            msg = split.encode(xi)
+            t1 = time.perf_counter()
+            split.serve(msg)
+            t2 = time.perf_counter()
+            if i >= 5:
+                device_t.append(t1 - t0)
+                server_t.append(t2 - t1)
+    return statistics.median(device_t), statistics.median(server_t)
+
+
+def _time_local(model: StagedModel, x: torch.Tensor, n: int) -> float:
+    times = []
+    with torch.inference_mode():
+        for i in range(min(n, len(x)) + 5):
+            t0 = time.perf_counter()
+            model(x[i % len(x): i % len(x) + 1])
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bottleneck_model(kind: str, teacher: StagedModel, width: int, ds, train_split,
+                      settings: SplitBenchSettings):
+    """Train (or load from the cache) a BottleFit or autoencoder bottleneck."""
+    spec = BottleneckSpec(width, settings.stride, hidden=settings.encoder_hidden)
+    key = (f"{kind}-{settings.bottleneck_cut}-c{width}-s{settings.stride}-h"
+           f"{settings.encoder_hidden}-e{settings.stage1_epochs}x{settings.stage2_epochs}"
+           f"-{settings.stage2_codec}-n{settings.train_samples}-seed{settings.seed}")
+    path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
+    if path.is_file():
+        model = inject_bottleneck(teacher, settings.bottleneck_cut, spec, ds.test.x[:8])
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), None
+    t0 = time.perf_counter()
+    if kind == "bottlefit":
+        codec = Codec.parse(settings.stage2_codec) if settings.stage2_codec else None
+        model = bottlefit(teacher, settings.bottleneck_cut, spec, train_split,
+                          stage1_epochs=settings.stage1_epochs,
+                          stage2_epochs=settings.stage2_epochs, codec=codec,
+                          seed=settings.seed).model
+    else:
+        model, _ = autoencoder_baseline(teacher, settings.bottleneck_cut, spec, train_split,
+                                        epochs=settings.autoencoder_epochs, seed=settings.seed)
+    seconds = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model.eval(), seconds
+
+
+def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
+                    command: str | None = None, progress: bool = True) -> dict:
+    """Run the split benchmark and write report.json, report.md and a plot into ``out``.
+
+    Args:
+        out: Output directory.
+        settings: Grid and training settings.
+        command: Command line recorded in the report.
+        progress: Print one line per step to stdout.
+
+    Returns:
+        The report dict.
+    """
+    settings = settings or SplitBenchSettings()
+    say = print if progress else (lambda *a, **k: None)
+    torch.manual_seed(settings.seed)
+    ds = load_dataset("fashion-mnist", seed=settings.seed)
+    teacher, train_seconds = _baseline(ds, settings)
+    test = ds.test.subset(settings.test_samples, seed=settings.seed) \
+        if settings.test_samples else ds.test
+    x, y = test.x, test.y
+    example = ds.calib.x[:64]
+    whole_params = num_params(teacher)
+    with torch.no_grad():
+        unsplit_acc = sum(int((teacher(x[i: i + 256]).argmax(1) == y[i: i + 256]).sum())
+                          for i in range(0, len(x), 256)) / len(x)
+    say(f"unsplit resnet8: test accuracy {unsplit_acc:.4f}")
+
+    rows: list[dict] = []
+    options: list[tuple[str, SplitModel, dict]] = []
+
+    def add(method: str, split: SplitModel, extra: dict) -> None:
+        res = _evaluate(split, x, y)
+        cost = split.cut_cost(example, name=method)
+        row = {"method": method, **extra, "codec": split.codec.spec(), **res,
+               "accuracy_drop_pt": 100 * (unsplit_acc - res["accuracy"]),
+               "bytes_reduction_vs_raw": 1 - res["bytes_per_sample"] / 784,
+               "device_macs": cost.device_macs, "server_macs": cost.server_macs,
+               "device_params": split.device_params,
+               "device_params_share": split.device_params / (split.device_params
+                                                              + split.server_params),
+               "device_params_vs_unsplit": split.device_params / whole_params}
+        rows.append(row)
+        options.append((method, split, row))
+        say(f"{method}: acc {res['accuracy']:.4f}, {res['bytes_per_sample']:.1f} B/sample")
+
+    # references: the raw image and a PNG of it -----------------------------------------------
+    pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    pngs = [png_bytes(p[0].numpy()) for p in pixels]
+    back = torch.stack([torch.from_numpy(_png_roundtrip(b).copy()) for b in pngs])
+    lossless = bool(torch.equal(back, pixels[:, 0]))
+    with torch.no_grad():
+        raw_acc = sum(int((teacher(pixels[i: i + 256].float() / 255).argmax(1)
+                           == y[i: i + 256]).sum()) for i in range(0, len(x), 256)) / len(x)
+    total_macs = count_macs(lambda: teacher(example)) / len(example)
+    references = [
+        {"method": "unsplit (local)", "accuracy": unsplit_acc, "bytes_per_sample": 0.0,
+         "device_macs": total_macs, "device_params": whole_params, "device_params_share": 1.0},
+        {"method": "raw uint8 image", "accuracy": raw_acc, "bytes_per_sample": 784.0,
+         "bytes_reduction_vs_raw": 0.0, "device_macs": 0.0, "server_macs": total_macs},
+        {"method": "PNG of the image", "accuracy": raw_acc,
+         "bytes_per_sample": statistics.fmean(len(b) for b in pngs),
+         "bytes_reduction_vs_raw": 1 - statistics.fmean(len(b) for b in pngs) / 784,
+         "device_macs": 0.0, "server_macs": total_macs, "png_lossless": lossless},
+    ]
+
+    # full offloading through the wire codec (pixels as uint8, so every codec is bitwise) ----
+    for spec in ("fp32", "fp32+zstd"):
+        add(f"offload uint8 {spec}", _offload_split(teacher, spec, example),
+            {"cut": "input", "bottleneck_channels": None})
+
+    # plain splits --------------------------------------------------------------------------
+    for cut in settings.cuts:
+        for spec in settings.codecs:
+            add(f"cut {cut} {spec}", split_model(teacher, cut, codec=spec, example=example),
+                {"cut": cut, "bottleneck_channels": None})
+
+    # bottlenecks ---------------------------------------------------------------------------
+    train_split = (ds.train.subset(settings.train_samples, seed=settings.seed)
+                   if settings.train_samples else ds.train)
+    train_times = {}
+    kinds = [("bottlefit", w) for w in settings.widths] + \
+            [("autoencoder", w) for w in settings.autoencoder_widths]
+    for kind, width in kinds:
+        say(f"training {kind} C={width} ...")
+        model, seconds = _bottleneck_model(kind, teacher, width, ds, train_split, settings)
+        if seconds is not None:
+            train_times[f"{kind} C={width}"] = seconds
+        for spec in settings.codecs:
+            split = split_model(model, codec=spec, example=example)
+            add(f"{kind} C={width} {spec}", split,
+                {"cut": split.cut, "bottleneck_channels": width,
+                 "bottleneck_shape": list(split.payload_spec[0].shape)})
+
+    # planner vs emulated measurement ---------------------------------------------------------
+    say("timing options at batch 1 for the link emulation ...")
+    with torch_threads(1):
+        host = measure_host_profile(threads=1)
+        local_s = _time_local(teacher, x, settings.latency_samples)
+        candidates = [(m, s, r) for m, s, r in options
+                      if r["accuracy_drop_pt"] <= settings.max_drop_pt]
+        timed = {m: _time_option(s, x, settings.latency_samples) for m, s, _ in candidates}
+    costs = {LOCAL: CutCost(LOCAL, total_macs, 0.0, 0.0)}
+    for m, s, r in candidates:
+        costs[m] = CutCost(m, r["device_macs"], r["server_macs"], s.message_bytes(example))
+    measured_bytes = {m: r["bytes_per_sample"] for m, _, r in candidates}
+    link_rows = []
+    for link_name in load_links():
+        link = get_link(link_name)
+        measured = {LOCAL: local_s}
+        for m, (dev_s, srv_s) in timed.items():
+            measured[m] = (dev_s + srv_s + link.bytes_time_s(measured_bytes[m], "up")
+                           + link.bytes_time_s(RESPONSE_BYTES, "down"))
+        for scenario, names in (("local allowed", list(costs)),
+                                ("offload only", [n for n in costs if n != LOCAL])):
+            if not names:
+                continue
+            p = plan([costs[n] for n in names], host, host, link, "latency",
+                     response_bytes=RESPONSE_BYTES)
+            best = min(names, key=lambda n: measured[n])
+            gap = measured[p.choice] / measured[best] - 1
+            link_rows.append({
+                "link": link_name, "scenario": scenario, "planner_choice": p.choice,
+                "predicted_latency_ms": 1e3 * p.best.latency_s,
+                "measured_latency_of_choice_ms": 1e3 * measured[p.choice],
+                "best_measured": best, "best_measured_latency_ms": 1e3 * measured[best],
+                "gap_vs_best": gap, "within_5pct": gap <= 0.05})
+    # targets -----------------------------------------------------------------------------------
+    bneck = [r for r in rows if r.get("bottleneck_channels") and r["method"].startswith("bottlefit")]
+    ok = [r for r in bneck if r["accuracy_drop_pt"] <= 0.5]
+    best_b1 = max(ok, key=lambda r: r["bytes_reduction_vs_raw"], default=None)
+    best_batched = max(ok, key=lambda r: 1 - r["batched_bytes_per_sample"] / 784, default=None)
+    targets = {
+        "unsplit_accuracy": unsplit_acc,
+        "best_bottlefit_within_0.5pt_batch1": best_b1,
+        "bytes_target_met_batch1": bool(best_b1 and best_b1["bytes_reduction_vs_raw"] >= 0.9),
+        "best_bottlefit_within_0.5pt_batched": best_batched,
+        "bytes_target_met_batched": bool(
+            best_batched and 1 - best_batched["batched_bytes_per_sample"] / 784 >= 0.9),
+        "max_device_params_share_bottlefit": max((r["device_params_vs_unsplit"] for r in bneck),
+                                                 default=None),
+        "planner_within_5pct_every_link": all(r["within_5pct"] for r in link_rows),
+    }
+    plot = _plot(Path(out), rows, references, unsplit_acc)
+    notes = [
+        "bytes_per_sample: mean size of a one-sample wire message (codec header of ~54-62 B "
+        "included), i.e. what a device sending each sample on its own transmits; "
+        "batched_bytes_per_sample: message size / batch for 256-sample messages (header "
+        "amortised). The raw image is counted as 784 B without any header.",
+        f"accuracy: test set ({len(x)} samples), every sample sent as its own message through the codec "
+        "(quantisation scale per sample).",
+        "device_params_share: device half / (device + server half) of that split; "
+        "device_params_vs_unsplit: device half / unsplit ResNet-8 parameters.",
+        f"Reduced grid for a shared 2-core machine: baseline {settings.baseline_epochs} epochs "
+        f"(full train split); bottlenecks only at cut {settings.bottleneck_cut!r}, stride "
+        f"{settings.stride}, trained on {settings.train_samples or 'all'} training samples for "
+        f"{settings.stage1_epochs}+{settings.stage2_epochs} epochs (BottleFit stage 1 + 2, "
+        f"stage 2 KD T=1 alpha=0.5 on {settings.stage2_codec or 'fp32'}-decoded bottlenecks); "
+        f"autoencoder baseline {settings.autoencoder_epochs} epochs.",
+        "Link emulation (no traffic shaping): latency = device half + encode (timed at batch 1 "
+        "on this host, 1 thread) + RTT + bytes / bandwidth with loss retransmissions from the "
+        "link profile + 40-byte answer + decode + server half (timed on this host). Device and "
+        "server are both this host. The planner predicts from MACs / this host's measured "
+        f"GMAC/s ({host.compute_gmacs_per_s:.2f}) and mean message sizes of 64 calibration "
+        f"samples. Candidates: local and every option within {settings.max_drop_pt} pt of the "
+        "unsplit accuracy; 'offload only' drops the local option.",
+        f"PNG: Pillow, optimize=True, lossless round trip verified: {lossless}.",
+    ]
+    settings_dict = {k: v for k, v in asdict(settings).items() if k != "notes"}
+    return write_report(
+        out, "split", references + rows, dataset="fashion-mnist", model="resnet8",
+        sections={"planner vs emulated measurement": link_rows}, notes=notes,
+        command=command, plots=[plot] if plot else [], settings=settings_dict,
+        targets=targets, bottleneck_train_seconds=train_times,
+        baseline_train_seconds=train_seconds, host_gmacs_per_s=host.compute_gmacs_per_s)
+
+
+def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: float) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["method"].rsplit(" ", 1)[0].split(" C=")[0]
+                          if r.get("bottleneck_channels") else "plain " + r["cut"], []).append(r)
+    for name, rs in groups.items():
+        ax.scatter([r["bytes_per_sample"] for r in rs], [100 * r["accuracy"] for r in rs],
+                   label=name, s=14)
+    for ref in references[1:]:
+        ax.axvline(ref["bytes_per_sample"], ls="--", lw=0.8, color="gray")
+        ax.text(ref["bytes_per_sample"], 100 * unsplit_acc - 8, ref["method"], rotation=90,
+                fontsize=7)
+    ax.axhline(100 * unsplit_acc - 0.5, ls=":", color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(max(0, 100 * unsplit_acc - 15), 100 * unsplit_acc + 2)
+    ax.set_xlabel("bytes per sample (one-sample message)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bytes_vs_accuracy.png", dpi=120)
+    plt.close(fig)
+    return "bytes_vs_accuracy.png"
+
+
+def register(suites) -> None:
+    """Add ``splitexit bench split`` to the bench sub-commands."""
+    p = suites.add_parser("split", help="split computing: bytes vs accuracy per cut, "
+                          "bottleneck and codec; planner vs emulated links")
+    d = SplitBenchSettings()
+    p.add_argument("--out", default="runs/bench-split", help="output directory")
+    p.add_argument("--baseline-epochs", type=int, default=d.baseline_epochs)
+    p.add_argument("--widths", default=",".join(map(str, d.widths)),
+                   help="bottleneck channels, comma-separated")
+    p.add_argument("--stage1-epochs", type=int, default=d.stage1_epochs)
+    p.add_argument("--stage2-epochs", type=int, default=d.stage2_epochs)
+    p.add_argument("--train-samples", type=int, default=d.train_samples,
+                   help="training samples for bottleneck training (0: all)")
+    p.add_argument("--codecs", default=",".join(d.codecs))
+    p.add_argument("--latency-samples", type=int, default=d.latency_samples)
+    p.add_argument("--cache", default=d.cache, help="where the baseline checkpoint and trained "
+                   "bottlenecks are kept (not the report directory)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from ..cli import _command_line
+
+    settings = SplitBenchSettings(
+        baseline_epochs=args.baseline_epochs,
+        widths=tuple(int(w) for w in args.widths.split(",") if w),
+        stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
+        train_samples=args.train_samples or None,
+        codecs=tuple(c for c in args.codecs.split(",") if c),
+        latency_samples=args.latency_samples, cache=args.cache, seed=args.seed)
+    for c in settings.codecs:
+        Codec.parse(c)
+    report = run_split_bench(args.out, settings, command=_command_line())
+    print(f"wrote {Path(args.out) / 'report.md'}; targets: {report['targets']}")
+    return 0
