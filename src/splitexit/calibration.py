@@ -1,4 +1,5 @@
-"""Thresholds chosen, not guessed: sweeps on the calibration split, Pareto front, oracle.
+"""Thresholds chosen, not guessed: sweeps on the calibration split, Pareto front, oracle,
+and a statistically guarded mode (Learn-then-Test) that bounds the accuracy drop.
 
 Everything here works on saved per-exit logits of the *calibration* split and the cost
 table's ``exit_macs``; the chosen policy is then evaluated once on the test split.
@@ -6,6 +7,7 @@ table's ``exit_macs``; the chosen policy is then evaluated once on the test spli
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -14,10 +16,11 @@ import torch
 from .cost import mean_macs
 from .errors import InputError
 from .multiexit import simulate_exits
-from .policies import ExitPolicy, Patience, ThresholdPolicy
+from .policies import ExitPolicy, NeverExit, Patience, ThresholdPolicy
 
 __all__ = ["OperatingPoint", "sweep", "pareto_front", "oracle", "choose_operating_point",
-           "candidate_thresholds"]
+           "candidate_thresholds", "GuardedResult", "guarded_threshold", "learn_then_test",
+           "min_calibration_samples", "guard_grid", "drop_losses"]
 
 
 @dataclass
@@ -129,3 +132,164 @@ def choose_operating_point(points: Sequence[OperatingPoint], *,
                          f"point: {cheapest:.0f}); raise the budget")
     return max(ok, key=lambda p: (p.accuracy, -p.mean_macs))
 
+
+
+# Guarded calibration (Learn-then-Test) ------------------------------------------------------
+def min_calibration_samples(epsilon: float, delta: float) -> int:
+    """Fewest calibration samples with which any threshold can be certified.
+
+    Even a threshold with no loss on ``n`` samples only passes the binomial test when
+    ``(1 - epsilon) ** n <= delta``.
+    """
+    _check_guard(epsilon, delta)
+    return math.ceil(math.log(delta) / math.log1p(-epsilon))
+
+
+def _check_guard(epsilon: float, delta: float) -> None:
+    if not 0 < epsilon < 1 or not 0 < delta < 1:
+        raise InputError(f"epsilon and delta are fractions in (0, 1) (epsilon=0.01 allows a "
+                         f"1 pt drop), got epsilon={epsilon}, delta={delta}")
+
+
+def guard_grid(policy: ThresholdPolicy, num_classes: int, num: int = 60) -> list[float]:
+    """A data-independent threshold grid, most conservative (fewest exits) first.
+
+    Learn-then-Test's fixed-sequence testing is valid when the order of the hypotheses does not
+    depend on the calibration data, so the grid is fixed in advance: confidences from 1 down
+    to 0 (geometric near 1), or entropies from 0 up to ``log(num_classes)``.
+    """
+    steps = torch.logspace(-5, 0, num, dtype=torch.float64)
+    if policy.higher_is_confident:
+        lo, hi = policy.valid_range
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise InputError(f"give thresholds= explicitly for policy {policy.name!r}")
+        return [hi - float(v) * (hi - lo) for v in steps]
+    return [float(v) * math.log(num_classes) for v in steps]
+
+
+def drop_losses(logits: Sequence[torch.Tensor], labels: torch.Tensor, policies: Sequence[
+        ExitPolicy]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample losses ``1[final exit right and the policy wrong]`` and exit indices.
+
+    Their mean bounds the accuracy drop vs the final exit from above.
+
+    Returns:
+        ``(losses, exit_index)``, each of shape ``(len(policies), N)``.
+    """
+    final_right = logits[-1].argmax(1) == labels
+    losses, exits = [], []
+    for p in policies:
+        result = simulate_exits(logits, p)
+        losses.append((final_right & (result.predictions != labels)).double())
+        exits.append(result.exit_index)
+    return torch.stack(losses), torch.stack(exits)
+
+
+def learn_then_test(losses: torch.Tensor, epsilon: float, delta: float) -> int:
+    """Fixed-sequence Learn-then-Test over binary losses ``(T, N)``, conservative first.
+
+    Hypothesis ``t`` (risk of threshold ``t`` above ``epsilon``) is rejected when the exact
+    binomial p-value ``P(Binom(N, epsilon) <= sum of losses)`` is at most ``delta``; testing
+    stops at the first threshold not rejected. With probability at least ``1 - delta`` over
+    the calibration draw, every rejected threshold has risk at most ``epsilon``.
+
+    Returns:
+        How many leading thresholds were certified (0: none).
+
+    Raises:
+        InputError: fewer samples than :func:`min_calibration_samples` needs.
+    """
+    from scipy.stats import binom
+
+    _check_guard(epsilon, delta)
+    n = losses.shape[1]
+    need = min_calibration_samples(epsilon, delta)
+    if n < need:
+        raise InputError(f"{n} calibration samples cannot certify an accuracy drop of at most "
+                         f"{epsilon} with confidence {1 - delta}: at least {need} are needed; "
+                         "use more calibration data or relax epsilon/delta")
+    totals = losses.sum(1).round().long().tolist()
+    certified = 0
+    for k in totals:
+        if binom.cdf(k, n, epsilon) > delta:
+            break
+        certified += 1
+    return certified
+
+
+@dataclass
+class GuardedResult:
+    """A threshold certified by Learn-then-Test, and what it gives on the calibration data.
+
+    ``policy`` is :class:`NeverExit` when no threshold could be certified (``certified`` 0).
+    """
+
+    policy: ExitPolicy
+    epsilon: float
+    delta: float
+    calib_samples: int
+    certified: int
+    calib_risk: float
+    accuracy: float
+    mean_macs: float
+    exit_fractions: list[float]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["policy"] = self.policy.config()
+        return d
+
+
+def guarded_threshold(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                      exit_macs: Sequence[float], policy: ThresholdPolicy, epsilon: float,
+                      delta: float, thresholds: Sequence[float] | None = None
+                      ) -> GuardedResult:
+    """The cheapest threshold whose accuracy drop vs the final exit is at most ``epsilon``
+    with probability at least ``1 - delta`` (Learn-then-Test, Angelopoulos et al. 2021).
+
+    The loss of a sample is 1 when the final exit is right and the early-exit prediction is
+    wrong; its expectation bounds the accuracy drop. Thresholds are tested in a fixed order
+    from the most conservative (:func:`guard_grid` unless given), on calibration logits only.
+
+    Args:
+        logits: per-exit logits of the calibration split (i.i.d. with the traffic served).
+        labels: their classes.
+        exit_macs: the cost table's ``exit_macs``.
+        policy: a threshold policy (its threshold is replaced).
+        epsilon: tolerated accuracy drop, a fraction (0.01 = 1 pt).
+        delta: tolerated probability that the guarantee fails.
+        thresholds: candidate thresholds (sorted most conservative first for you).
+
+    Raises:
+        InputError: bad epsilon/delta, a policy without a threshold, or too few calibration
+            samples for epsilon/delta (the message says how many are needed).
+    """
+    _check_guard(epsilon, delta)
+    if not isinstance(policy, ThresholdPolicy):
+        raise InputError(f"guarded calibration needs a threshold policy, got {policy.name!r}")
+    if len(logits) != len(exit_macs):
+        raise InputError(f"{len(logits)} exits of logits but {len(exit_macs)} exit costs")
+    n = len(labels)
+    need = min_calibration_samples(epsilon, delta)
+    if n < need:
+        raise InputError(f"{n} calibration samples cannot certify an accuracy drop of at most "
+                         f"{epsilon} with confidence {1 - delta}: at least {need} are needed; "
+                         "use more calibration data or relax epsilon/delta")
+    grid = list(thresholds) if thresholds is not None else guard_grid(policy,
+                                                                       logits[0].shape[1])
+    grid = sorted(set(float(t) for t in grid), reverse=policy.higher_is_confident)
+    candidates = [policy.with_threshold(t) for t in grid]
+    losses, exits = drop_losses(logits, labels, candidates)
+    certified = learn_then_test(losses, epsilon, delta)
+    if certified == 0:
+        chosen: ExitPolicy = NeverExit(temperature=policy.temperature)
+        exit_index = torch.full_like(labels, len(logits) - 1)
+        risk = 0.0
+    else:
+        macs = [mean_macs(exits[i], exit_macs) for i in range(certified)]
+        best = min(range(certified), key=lambda i: (macs[i], i))
+        chosen, exit_index, risk = candidates[best], exits[best], float(losses[best].mean())
+    result = simulate_exits(logits, chosen)
+    return GuardedResult(chosen, epsilon, delta, n, certified, risk, result.accuracy(labels),
+                         mean_macs(exit_index, exit_macs),
+                         result.exit_fractions(len(logits)))
