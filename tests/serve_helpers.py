@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -13,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from torch import nn
 
@@ -30,18 +30,17 @@ from splitexit.zoo import create_multiexit
 CUT = "block1"
 
 
-@pytest.fixture(scope="session")
+@functools.cache
 def small_model():
     """An untrained narrow ResNet-8 with exits (instant; the serve tests need no accuracy)."""
     torch.manual_seed(0)
     return create_multiexit("resnet8", 10, (1, 8, 8), widths=(8, 16, 32)).eval()
 
 
-@pytest.fixture(scope="session")
-def policy(small_model, digits):
+def median_policy(model, x: torch.Tensor) -> MaxProb:
     """Max-prob threshold at the median first-exit confidence: about half the samples exit."""
     with torch.inference_mode():
-        conf = small_model(digits.calib.x)[0].softmax(1).amax(1)
+        conf = model(x)[0].softmax(1).amax(1)
     return MaxProb(float(conf.median()))
 
 
@@ -75,6 +74,7 @@ class SlowModule(nn.Module):
 def running_server(model_dir: Path, module: nn.Module | None = None, **settings):
     """A server of ``model_dir`` (or of ``module`` with its payload spec) in a thread."""
     server, cfg = load_server(model_dir)
+    settings.setdefault("threads", 1)
     app = create_app(module if module is not None else server, cfg.payload,
                      ServerSettings(**settings), info={"cut": cfg.cut})
     srv = BackgroundServer(app).start()

@@ -12,7 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from serve_helpers import CUT, SlowModule, device_payload, make_model_dir, running_server
+from serve_helpers import (
+    CUT,
+    SlowModule,
+    device_payload,
+    make_model_dir,
+    median_policy,
+    running_server,
+)
+from serve_helpers import small_model as _small_model
+from splitexit.bench.measure import torch_threads
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.serve import (
     PayloadSpec,
@@ -25,8 +34,23 @@ from splitexit.serve import (
 from splitexit.split.codec import Codec
 from splitexit.stages import StagedModel
 
-pytest_plugins = ("serve_helpers",)  # fixtures small_model, policy
 TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return _small_model()
+
+
+@pytest.fixture(scope="module")
+def policy(small_model, digits):
+    return median_policy(small_model, digits.calib.x)
 
 
 @pytest.fixture(scope="module")

@@ -339,13 +339,15 @@ class EdgeRuntime:
             return None, None, "no server configured"
         body = self.codec.encode(payload)
         rid = uuid.uuid4().hex
-        error = "deadline reached before the request could be sent"
+        error = "none"
+        late = f"no answer within the deadline of {self.settings.deadline_s} s"
         for attempt in range(self.settings.retries + 1):
             if not self.breaker.allow():
-                return None, rid, f"circuit breaker open after repeated failures ({error})"
+                return None, rid, f"circuit breaker open after repeated failures (last " \
+                                  f"error: {error})"
             remaining = deadline - time.monotonic()
             if remaining <= 1e-3:
-                return None, rid, error
+                return None, rid, f"{late} (last error: {error})"
             future = self._pool.submit(self._post, body, rid, m, remaining)
             try:
                 logits, received = future.result(timeout=remaining)
@@ -353,7 +355,7 @@ class EdgeRuntime:
                 future.cancel()
                 self.breaker.failure()
                 self.stats.request(len(body), 0, False, attempt > 0)
-                return None, rid, f"no answer within the deadline of {self.settings.deadline_s} s"
+                return None, rid, late
             except Exception as exc:  # noqa: BLE001 - any request failure means: fall back
                 error = str(exc)
                 retryable = getattr(exc, "retryable", True)
