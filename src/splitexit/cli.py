@@ -16,8 +16,8 @@ from pathlib import Path
 from .errors import SplitexitError
 
 # Modules adding top-level commands / benchmark suites; each has register(subparsers).
-COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli"]
-BENCH_MODULES: list[str] = ["splitexit.bench.split"]
+COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli", "splitexit.cbnet_cli"]
+BENCH_MODULES: list[str] = ["splitexit.bench.split", "splitexit.bench.cbnet"]
 
 
 def _command_line() -> str:
