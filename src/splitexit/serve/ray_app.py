@@ -11,6 +11,7 @@ the replica's constructor arguments, which here are only a path and a settings d
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import asdict
 from typing import Any
@@ -23,12 +24,14 @@ __all__ = ["ray_available", "build_deployment", "deploy", "shutdown"]
 
 
 def ray_available() -> str | None:
-    """``None`` when Ray Serve can be imported, else the reason it cannot."""
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError as exc:
-        return f"Ray Serve is not installed ({exc}); install it with pip install 'ray[serve]'"
+    """``None`` when Ray Serve is installed, else the reason it is not (Ray is not imported)."""
+    for name in ("ray", "ray.serve"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{name} is not installed; install Ray Serve with pip install 'ray[serve]'"
     return None
 
 
