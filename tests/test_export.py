@@ -168,7 +168,10 @@ def test_pipeline_matches_pytorch_infer(name, tmp_path):
     x = torch.rand(24, *_shape(name))
     export_multiexit(model, tmp_path)
     pipe = OrtExitPipeline(tmp_path)
+    unfused = OrtExitPipeline(tmp_path, fused=False)
+    assert any(f is not None for f in pipe.fused) and not any(unfused.fused)
     for policy in (_median_policy(model, x), Patience(patience=1), NeverExit()):
+        assert parity(model, unfused, x, policy)["same_exits"] == 1.0
         report = parity(model, pipe, x, policy)
         assert report["same_predictions"] == 1.0 and report["same_exits"] == 1.0, policy
         assert report["max_abs_logit_diff"] < ATOL

@@ -246,7 +246,7 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
 SparseLayer = SparseLinear | SparseConv1d | SparseConv2d
 
 
-def _make_sparse(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
+def _make_sparse(layer: nn.Module, mask: torch.Tensor, rescale: bool = False) -> nn.Module:
     if isinstance(layer, nn.Linear):
         new = SparseLinear(layer.in_features, layer.out_features, mask, layer.bias is not None)
     else:
@@ -256,7 +256,10 @@ def _make_sparse(layer: nn.Module, mask: torch.Tensor) -> nn.Module:
                   layer.padding_mode, mask=mask)
     new.to(layer.weight.dtype)
     with torch.no_grad():
-        new.weight.copy_(layer.weight * new._mask_full())
+        # PyTorch's default init scales weights by 1/sqrt(fan-in); with fewer inputs per unit
+        # the kept weights are scaled up by sqrt(in / fan-in) so activations keep their size.
+        gain = math.sqrt(mask.shape[1] / max(1, int(mask[0].sum()))) if rescale else 1.0
+        new.weight.copy_(layer.weight * new._mask_full() * gain)
         if layer.bias is not None:
             new.bias.copy_(layer.bias)
     new.train(layer.training)
@@ -284,7 +287,8 @@ def _units(layer: nn.Module) -> tuple[int, int]:
 
 
 def sparsify(module: nn.Module, density: float | Mapping[str, float],
-             exclude: Sequence[str] = (), seed: int = 0) -> dict[str, dict]:
+             exclude: Sequence[str] = (), seed: int = 0, rescale_init: bool = True
+             ) -> dict[str, dict]:
     """Give the Linear and Conv layers of ``module`` predefined sparse connectivity, in place.
 
     Call it before training. Works on any module: a whole :class:`MultiExitModel`, a zoo
@@ -297,6 +301,9 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
             matching layers are converted; names as in ``module.named_modules()``).
         exclude: layer names or glob patterns to keep dense (e.g. the first layer).
         seed: base seed of the connectivity patterns (each layer gets its own).
+        rescale_init: scale the kept weights by ``sqrt(in / fan_in)``, the init a layer with
+            that fan-in would get (for an untrained model; pass ``False`` to keep trained
+            weights as they are).
 
     Returns:
         ``{layer_name: {"shape", "fan_in", "fan_out_min", "fan_out_max", "density"}}``.
@@ -329,7 +336,7 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
             raise InputError(f"layer {name!r} ({type(layer).__name__} {in_units}->"
                              f"{out_units}): {exc}; or keep it dense with exclude=[{name!r}]"
                              ) from exc
-        _set_submodule(module, name, _make_sparse(layer, mask))
+        _set_submodule(module, name, _make_sparse(layer, mask, rescale_init))
         fan_out = mask.sum(0)
         summary[name] = {"shape": [out_units, in_units], "fan_in": int(mask[0].sum()),
                          "fan_out_min": int(fan_out.min()), "fan_out_max": int(fan_out.max()),

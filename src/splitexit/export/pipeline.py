@@ -41,6 +41,26 @@ class _FirstCascadeHead(nn.Module):
         return self.head(features, None)
 
 
+class _StageWithHead(nn.Module):
+    """A stage and the exit head at its end as one graph: payload in, (payload, logits) out.
+
+    One ONNX Runtime call per exit instead of two, which matters at batch 1.
+    """
+
+    def __init__(self, stage: nn.Module, head: nn.Module, num_inputs: int, uses_previous: bool):
+        super().__init__()
+        self.stage, self.head = stage, head
+        self.num_inputs, self.uses_previous = num_inputs, uses_previous
+
+    def forward(self, *tensors: torch.Tensor):
+        inputs = tensors[: self.num_inputs]
+        out = self.stage(inputs[0] if self.num_inputs == 1 else tuple(inputs))
+        features = _single(out, "an exit cut")
+        logits = (self.head(features, tensors[-1]) if self.uses_previous
+                  else self.head(features))
+        return (*payload_tensors(out), logits)
+
+
 def _single(payload: Payload, what: str) -> torch.Tensor:
     tensors = payload_tensors(payload)
     if len(tensors) != 1:
@@ -51,7 +71,7 @@ def _single(payload: Payload, what: str) -> torch.Tensor:
 
 def export_multiexit(model: MultiExitModel, directory: str | Path,
                      example: torch.Tensor | None = None, opset: int = DEFAULT_OPSET,
-                     full_model: bool = True) -> Path:
+                     full_model: bool = True, fused: bool = True) -> Path:
     """Export every stage and exit head of ``model`` as its own ONNX graph plus a manifest.
 
     Args:
@@ -61,6 +81,8 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
         opset: ONNX opset version.
         full_model: also export the whole backbone as one graph (``full.onnx``), the
             no-exit baseline.
+        fused: also export each stage that ends at an exit together with its head as one
+            graph (``stage{k}+head{e}.onnx``), so the pipeline makes one call per exit.
 
     Returns:
         The manifest path, which :class:`OrtExitPipeline` loads.
@@ -86,6 +108,7 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
             for k, stage in enumerate(model.backbone.stages):
                 path = export_piece(stage, payload, directory / f"stage{k}.onnx", opset=opset)
                 stages.append({"file": path.name, "name": model.backbone.stages[k].name})
+                stage_input = payload
                 payload = stage(payload)
                 while e < len(model.heads) and model.exit_stages[e] == k:
                     head = model.heads[e]
@@ -101,6 +124,14 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
                                         as_payload=False)
                     heads.append({"file": path.name, "cut": model.head_cuts[e],
                                   "uses_previous": uses_previous and previous is not None})
+                    if fused:
+                        stage_in = payload_tensors(stage_input)
+                        takes_previous = uses_previous and previous is not None
+                        both = _StageWithHead(stage, piece, len(stage_in), takes_previous)
+                        path = export_piece(both, (*stage_in, previous) if takes_previous
+                                            else stage_in, directory / f"stage{k}+head{e}.onnx",
+                                            opset=opset, as_payload=False)
+                        stages[k]["fused"] = path.name
                     previous = model.run_head(e, payload, previous)
                     e += 1
             if full_model:
@@ -152,6 +183,8 @@ class OrtExitPipeline:
     Args:
         directory: a directory written by :func:`export_multiexit` (or its manifest path).
         threads: intra-op threads of every session (1 for reproducible timing).
+        fused: run a stage and its exit head as one graph where the export has one (one
+            ONNX Runtime call per exit); ``False`` runs every stage and head on its own.
 
     Example:
         >>> export_multiexit(model, "onnx/")
@@ -161,7 +194,7 @@ class OrtExitPipeline:
         >>> result = pipe.run_server(outcome, policy)         # ... server half
     """
 
-    def __init__(self, directory: str | Path, threads: int | None = 1):
+    def __init__(self, directory: str | Path, threads: int | None = 1, fused: bool = True):
         path = Path(directory)
         manifest_path = path / MANIFEST if path.is_dir() else path
         if not manifest_path.is_file():
@@ -183,6 +216,8 @@ class OrtExitPipeline:
                            for s in manifest["stages"]]
             self.heads = [OrtPiece(self.directory / h["file"], threads)
                           for h in manifest["heads"]]
+            self.fused = [OrtPiece(self.directory / s["fused"], threads)
+                          if fused and s.get("fused") else None for s in manifest["stages"]]
             full = manifest.get("full_model")
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptFileError(f"{manifest_path} is not a valid pipeline manifest ({exc}); "
@@ -221,10 +256,10 @@ class OrtExitPipeline:
         payload: Payload = self._input(x)
         outs: list[torch.Tensor] = []
         e = 0
-        for k, stage in enumerate(self.stages):
-            payload = stage(payload)
-            while e < len(self.heads) and self.exit_stages[e] == k:
-                outs.append(self._head(e, payload, outs[-1] if outs else None))
+        for k in range(len(self.stages)):
+            payload, logits = self._stage_and_head(k, e, payload, outs[-1] if outs else None)
+            if logits is not None:
+                outs.append(logits)
                 e += 1
         outs.append(payload_tensors(payload)[0])
         return outs
@@ -280,39 +315,53 @@ class OrtExitPipeline:
             raise InputError("the outcome ends before the final exit; pass it to run_server")
         return outcome.result
 
+    def _stage_and_head(self, k: int, e: int, payload: Payload, previous: torch.Tensor | None
+                        ) -> tuple[Payload, torch.Tensor | None]:
+        """Run stage ``k`` and, when exit ``e`` sits at its end, that exit's head."""
+        has_head = e < len(self.heads) and self.exit_stages[e] == k
+        if has_head and self.fused[k] is not None:
+            args = payload_tensors(payload)
+            outs = self.fused[k]((*args, previous) if self._uses_previous[e] else args)
+            out_payload = outs[0] if len(outs) == 2 else tuple(outs[:-1])
+            return out_payload, outs[-1]
+        payload = self.stages[k](payload)
+        return payload, (self._head(e, payload, previous) if has_head else None)
+
     def _run(self, o: DeviceOutcome, policy: ExitPolicy, end: int) -> DeviceOutcome:
         result, active, payload = o.result, o.active, o.payload
         state, previous, e = o.state, o.previous, o.next_exit
         last = self.num_exits - 1
-        n = len(result.predictions)
         for k in range(o.next_stage, end):
-            payload = self.stages[k](payload)
-            while e <= last and self.exit_stages[e] == k:
-                logits = (self._head(e, payload, previous) if e < last
-                          else payload_tensors(payload)[0])
-                if state is None:
-                    state = policy.init_state(len(active), logits.shape[1])
-                if result.logits.numel() == 0:
-                    result.logits = torch.empty(n, logits.shape[1], dtype=logits.dtype)
-                fire, decision = policy.decide(e, logits, state)
-                if e == last:
-                    fire = torch.ones_like(fire)
-                if bool(fire.any()):
-                    rows = active[fire]
-                    result.predictions[rows] = decision[fire].argmax(dim=1)
-                    result.exit_index[rows] = e
-                    result.logits[rows] = decision[fire].to(result.logits.dtype)
-                    keep = ~fire
-                    active = active[keep]
-                    if len(active) == 0:
-                        return DeviceOutcome(result, active, None, None, None, k + 1, e + 1)
-                    payload = payload_select(payload, keep)
-                    state = {name: v[keep] for name, v in state.items()}
-                    logits = logits[keep]
-                previous = logits
-                e += 1
+            payload, logits = self._stage_and_head(k, e, payload, previous)
+            if e > last or self.exit_stages[e] != k:
+                continue
+            if e == last:
+                logits = payload_tensors(payload)[0]
+            if state is None:
+                state = policy.init_state(len(active), logits.shape[1])
+            if result.logits.numel() == 0:
+                result.logits = torch.empty(len(result.predictions), logits.shape[1],
+                                            dtype=logits.dtype)
+            fire, decision = policy.decide(e, logits, state)
+            if e == last or bool(fire.all()):
+                # everyone left (always so at batch 1 once the exit fires)
+                result.predictions[active] = decision.argmax(dim=1)
+                result.exit_index[active] = e
+                result.logits[active] = decision.to(result.logits.dtype)
+                return DeviceOutcome(result, active[:0], None, None, None, k + 1, e + 1)
+            if bool(fire.any()):
+                rows = active[fire]
+                result.predictions[rows] = decision[fire].argmax(dim=1)
+                result.exit_index[rows] = e
+                result.logits[rows] = decision[fire].to(result.logits.dtype)
+                keep = ~fire
+                active = active[keep]
+                payload = payload_select(payload, keep)
+                state = {name: v[keep] for name, v in state.items()}
+                logits = logits[keep]
+            previous = logits
+            e += 1
         return DeviceOutcome(result, active, payload, state, previous, end, e)
-
 
 def parity(model: MultiExitModel, pipeline: OrtExitPipeline, x: torch.Tensor,
            policy: ExitPolicy) -> dict:
