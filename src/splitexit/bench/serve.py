@@ -1,0 +1,565 @@
+"""Benchmark suite ``serve``: device and server as real processes over emulated links.
+
+On Fashion-MNIST test samples, with a ResNet-8 split at ``block1``:
+
+- per emulated link (``splitexit.devices`` profiles through :class:`NetemProxy`): p50/p95
+  latency, throughput, bytes per sample and accuracy of local-only, full offload, split,
+  split + bottleneck (BottleFit) and split + bottleneck + local exits, each answered by the real
+  edge runtime against a real HTTP server;
+- the server's sustained throughput vs the in-process batched throughput of the server half,
+  micro-batching vs one request at a time (server in its own process);
+- Ray Serve with 1 and 2 replicas (when Ray is installed).
+
+The device is emulated: the device part runs on this host and is then held for ``factor - 1``
+times its measured compute time, ``factor`` = host GMAC/s (measured) / device GMAC/s (profile,
+an estimate). The server runs at host speed.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..calibration import choose_operating_point, sweep
+from ..cost import cost_table
+from ..data import load_dataset
+from ..devices import get_device, get_link, measure_host_profile
+from ..multiexit import MultiExitModel
+from ..policies import MaxProb, NeverExit
+from ..report import write_report
+from ..split.codec import Codec
+from .measure import throughput, torch_threads
+
+__all__ = ["ServeBenchSettings", "run_serve_bench", "register"]
+
+METHODS = ("local-only", "full offload", "split", "split + bottleneck",
+           "split + bottleneck + exits")
+
+
+@dataclass
+class ServeBenchSettings:
+    """Settings of ``splitexit bench serve`` (defaults: about 15 minutes on 2 busy cores)."""
+
+    train_samples: int = 8000
+    epochs: int = 3
+    bottleneck_channels: int = 2
+    bottleneck_stride: int = 2
+    bottleneck_epochs: int = 1
+    cut: str = "block1"
+    codec: str = "int8"
+    device: str = "rpi4"
+    links: tuple[str, ...] = ("5g", "wifi", "lte", "lte_weak", "lpwan")
+    samples: int = 100
+    slow_link_samples: int = 25
+    max_drop: float = 0.01
+    max_batch: int = 64
+    max_wait_ms: float = 2.0
+    load_seconds: float = 4.0
+    ray: bool = True
+    cache: str = "runs/bench-serve-cache"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ models
+def _train_models(ds, s: ServeBenchSettings):
+    from .. import checkpoint
+    from ..split.bottleneck import BottleneckSpec, inject_bottleneck
+    from ..training import HeadsOnly, JointWeighted, train
+    from ..training.bottlefit import bottlefit
+    from ..zoo import create_multiexit
+
+    cache = Path(s.cache)
+    train_split = ds.train.subset(s.train_samples, seed=s.seed) if s.train_samples else ds.train
+    torch.manual_seed(s.seed)
+    model = create_multiexit("resnet8", ds.num_classes, ds.input_shape)
+    spec = BottleneckSpec(s.bottleneck_channels, stride=s.bottleneck_stride)
+    tag = f"resnet8-{s.train_samples}-{s.epochs}-{s.seed}"
+    if (cache / tag / "model.json").is_file():
+        checkpoint.load_weights(model, cache / tag)
+    else:
+        train(model, train_split, JointWeighted(), epochs=s.epochs, seed=s.seed, progress=False)
+        checkpoint.save(model, cache / tag)
+    model.eval()
+    teacher = model.backbone
+    bn_tag = f"{tag}-bn{s.bottleneck_channels}s{s.bottleneck_stride}-{s.bottleneck_epochs}"
+    if (cache / bn_tag / "model.json").is_file():
+        student = inject_bottleneck(teacher, s.cut, spec, train_split.x[:64])
+        checkpoint.load_weights(student, cache / bn_tag)
+    else:
+        student = bottlefit(teacher, s.cut, spec, train_split, stage1_epochs=s.bottleneck_epochs,
+                            stage2_epochs=s.bottleneck_epochs, seed=s.seed,
+                            codec=Codec.parse(s.codec), progress=False).model
+        checkpoint.save(student, cache / bn_tag)
+    student.eval()
+    # local exits in front of the bottleneck: the model's stem/block1 heads, retrained on the
+    # student's (BottleFit-tuned) device stages with the backbone frozen
+    local = {c: copy.deepcopy(h) for c, h in zip(model.head_cuts, model.heads)
+             if teacher.cut_index(c) <= teacher.cut_index(s.cut)}
+    composite = MultiExitModel(student, local, input_shape=ds.input_shape)
+    ex_tag = bn_tag + "-exits"
+    if (cache / ex_tag / "model.json").is_file():
+        checkpoint.load_weights(composite, cache / ex_tag)
+    else:
+        train(composite, train_split, HeadsOnly(), epochs=1, seed=s.seed, progress=False)
+        checkpoint.save(composite, cache / ex_tag)
+    composite.eval()
+    for p in composite.parameters():
+        p.requires_grad_(False)
+    return model, student, composite
+
+
+def _choose_policy(composite: MultiExitModel, ds, max_drop: float) -> tuple[MaxProb, dict]:
+    logits = composite.collect_logits(ds.calib.x)
+    costs = cost_table(composite, ds.calib.x[:8], measure=False)
+    points = sweep(logits, ds.calib.y, costs.exit_macs, MaxProb())
+    ref = float((logits[-1].argmax(1) == ds.calib.y).double().mean())
+    op = choose_operating_point(points, reference_accuracy=ref, max_drop=max_drop)
+    return op.policy, {"calib_accuracy": op.accuracy, "calib_final_accuracy": ref,
+                       "calib_exit_fractions": op.exit_fractions}
+
+
+# ------------------------------------------------------------------ emulated device
+def _device_class():
+    from ..serve.device import DevicePart
+
+    class EmulatedDevicePart(DevicePart):
+        """A device part held for ``factor - 1`` times its host compute time."""
+
+        def __init__(self, model, cut, factor: float):
+            super().__init__(model, cut)
+            self.factor = factor
+
+        def run(self, x, policy):
+            t0 = time.perf_counter()
+            out = super().run(x, policy)
+            _hold(t0, self.factor)
+            return out
+
+    return EmulatedDevicePart
+
+
+def _hold(t0: float, factor: float) -> None:
+    elapsed = time.perf_counter() - t0
+    if factor > 1:
+        time.sleep(elapsed * (factor - 1))
+
+
+def _summary(lat_ms: list[float]) -> dict:
+    s = sorted(lat_ms)
+    return {"latency_p50_ms": statistics.median(s),
+            "latency_p95_ms": s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))],
+            "latency_mean_ms": statistics.fmean(s)}
+
+
+def _local_only(backbone, x, y, factor: float) -> dict:
+    lat, correct = [], 0
+    with torch.inference_mode():
+        backbone(x[:1])
+        t_all = time.perf_counter()
+        for i in range(len(x)):
+            t0 = time.perf_counter()
+            pred = int(backbone(x[i: i + 1]).argmax(1))
+            _hold(t0, factor)
+            lat.append(1e3 * (time.perf_counter() - t0))
+            correct += int(pred == int(y[i]))
+        wall = time.perf_counter() - t_all
+    return {**_summary(lat), "throughput_sps": len(x) / wall, "bytes_per_sample": 0.0,
+            "accuracy": correct / len(x), "local_fraction": 1.0, "fallbacks": 0}
+
+
+def _edge_run(edge, x, y, num_exits: int) -> dict:
+    edge.classify(x[:1])
+    edge.classify(x[1:2])
+    before = edge.stats.snapshot()
+    lat, correct, local, fallbacks, exits = [], 0, 0, 0, [0] * num_exits
+    t_all = time.perf_counter()
+    for i in range(len(x)):
+        (a,) = edge.classify(x[i: i + 1])
+        lat.append(a.latency_ms)
+        correct += int(a.prediction == int(y[i]))
+        local += int(a.source == "exit")
+        fallbacks += int(a.source in ("fallback", "failed"))
+        if a.exit_index >= 0:
+            exits[a.exit_index] += 1
+    wall = time.perf_counter() - t_all
+    after = edge.stats.snapshot()
+    sent = after["bytes_sent"] - before["bytes_sent"]
+    return {**_summary(lat), "throughput_sps": len(x) / wall, "bytes_per_sample": sent / len(x),
+            "accuracy": correct / len(x), "local_fraction": local / len(x),
+            "fallbacks": fallbacks, "exit_fractions": [e / len(x) for e in exits]}
+
+
+# ------------------------------------------------------------------ server load
+def _load(url: str, bodies: list[bytes], clients: int, seconds: float,
+          samples_per_request: int) -> dict:
+    import httpx
+
+    stop = time.monotonic() + seconds
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        with httpx.Client(timeout=30) as http:
+            k = c
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                r = http.post(url + "/v1/infer", content=bodies[k % len(bodies)],
+                              headers={"Content-Type": "application/octet-stream"})
+                dt = 1e3 * (time.perf_counter() - t0)
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                    else:
+                        errors[0] += 1
+                k += clients
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    wall = time.perf_counter() - t0
+    out = {"throughput_sps": len(lat) * samples_per_request / wall, "requests": len(lat),
+           "errors": errors[0]}
+    if lat:
+        out.update(_summary(lat))
+    return out
+
+
+def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: float):
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splitexit.cli", "serve", str(model_dir), "--port", str(port),
+         "--threads", "1", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
+         "--max-request-samples", "256", "--max-request-bytes", str(64 * 1024 * 1024)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    t_end = time.monotonic() + 90
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server process did not come up within 90 s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _throughput_section(model, ds, s: ServeBenchSettings, model_dir: Path) -> list[dict]:
+    from ..serve.modeldir import export_model_dir, load_server
+
+    export_model_dir(model, s.cut, model_dir, codec=s.codec, policy=NeverExit())
+    server, _ = load_server(model_dir)
+    device, _ = model.backbone.split(s.cut)
+    codec = Codec.parse(s.codec)
+    x = ds.test.x[:512]
+    with torch.inference_mode():
+        payload = device(x)
+    decoded = torch.cat([codec.decode(codec.encode(payload[i: i + 32]))
+                         for i in range(0, 512, 32)])
+    rows = []
+    with torch_threads(1):
+        inproc = throughput(server, decoded, batch_size=s.max_batch)
+    rows.append({"method": "in-process server half", "batch_size": s.max_batch,
+                 "throughput_sps": inproc, "throughput_ratio": 1.0})
+    b32 = [codec.encode(payload[i: i + 32]) for i in range(0, 512, 32)]
+    b1 = [codec.encode(payload[i: i + 1]) for i in range(64)]
+    configs = [("HTTP, micro-batching, 32-sample requests", s.max_batch, s.max_wait_ms, b32, 3,
+                32),
+               ("HTTP, micro-batching, 1-sample requests", s.max_batch, s.max_wait_ms, b1, 16,
+                1),
+               ("HTTP, one request at a time, 1-sample requests", 1, 0.0, b1, 16, 1)]
+    for name, max_batch, wait, bodies, clients, per in configs:
+        port = _free_port()
+        proc, url = _server_process(model_dir, port, max_batch, wait)
+        try:
+            _load(url, bodies, clients, 1.0, per)  # warm-up
+            # the in-process figure measured right before and after: the machine is shared
+            with torch_threads(1):
+                near = [throughput(server, decoded, batch_size=s.max_batch)]
+            res = _load(url, bodies, clients, s.load_seconds, per)
+            with torch_threads(1):
+                near.append(throughput(server, decoded, batch_size=s.max_batch))
+            import httpx
+
+            metrics = httpx.get(url + "/metrics").json()
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        rows.append({"method": name, "clients": clients, "samples_per_request": per,
+                     "max_batch": max_batch, **res,
+                     "throughput_ratio": res["throughput_sps"] / inproc,
+                     "in_process_nearby_sps": statistics.fmean(near),
+                     "throughput_ratio_nearby": res["throughput_sps"] / statistics.fmean(near),
+                     "mean_server_batch": metrics["mean_batch_size"],
+                     "server_compute_ms_p50": metrics["compute_ms"].get("p50")})
+    if s.ray:
+        rows += _ray_rows(model_dir, s, b32, inproc)
+    return rows
+
+
+def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes],
+              inproc: float) -> list[dict]:
+    from ..serve import ServerSettings
+    from ..serve.ray_app import deploy, ray_available, shutdown
+
+    if ray_available():
+        return [{"method": "Ray Serve", "note": ray_available()}]
+    import httpx
+
+    rows = []
+    for replicas in (1, 2):
+        port = _free_port()
+        url = deploy(model_dir, replicas, ServerSettings(max_batch=s.max_batch,
+                                                         max_wait_ms=s.max_wait_ms, threads=1,
+                                                         max_request_bytes=64 * 1024 * 1024),
+                     port=port, num_cpus=2)
+        try:
+            t_end = time.monotonic() + 120
+            while time.monotonic() < t_end:
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            _load(url, bodies, 4, 1.0, 32)
+            res = _load(url, bodies, 4, s.load_seconds, 32)
+        finally:
+            shutdown()
+        rows.append({"method": f"Ray Serve, {replicas} replica(s), 32-sample requests",
+                     "clients": 4, "samples_per_request": 32, "replicas": replicas, **res,
+                     "throughput_ratio": res["throughput_sps"] / inproc})
+    return rows
+
+
+# ------------------------------------------------------------------ main
+def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = None,
+                    command: str | None = None) -> dict:
+    """Run the suite and write ``report.json`` / ``report.md`` / ``latency.png``."""
+    from ..serve import (
+        BackgroundServer,
+        EdgeRuntime,
+        EdgeSettings,
+        LinkConditions,
+        NetemProxy,
+        PayloadSpec,
+        ServerSettings,
+        create_app,
+    )
+
+    s = settings or ServeBenchSettings()
+    out = Path(out_dir)
+    t_start = time.time()
+    with torch_threads(1):
+        ds = load_dataset("fashion-mnist", seed=s.seed)
+        model, student, composite = _train_models(ds, s)
+        policy, calib = _choose_policy(composite, ds, s.max_drop)
+        host = measure_host_profile(threads=1)
+    device_profile = get_device(s.device)
+    factor = max(1.0, host.compute_gmacs_per_s / device_profile.compute_gmacs_per_s)
+    Emulated = _device_class()
+    teacher = model.backbone
+    bcut = student.bottleneck_cut
+    setups = {  # method: (device part, server module, policy)
+        "full offload": (Emulated(MultiExitModel(teacher, {}, ds.input_shape), None, factor),
+                         teacher, NeverExit()),
+        "split": (Emulated(MultiExitModel(teacher, {}, ds.input_shape), s.cut, factor),
+                  teacher.split(s.cut)[1], NeverExit()),
+        "split + bottleneck": (Emulated(MultiExitModel(student, {}, ds.input_shape), bcut,
+                                        factor), student.split(bcut)[1], NeverExit()),
+        "split + bottleneck + exits": (Emulated(composite, bcut, factor),
+                                       student.split(bcut)[1], policy),
+    }
+    codec = Codec.parse(s.codec)
+    servers, proxies = {}, {}
+    rows: list[dict] = []
+    try:
+        for name, (dev, server, _) in setups.items():
+            with torch.inference_mode():
+                payload = dev.run(ds.test.x[:2], NeverExit()).payload
+            app = create_app(server.eval(), PayloadSpec.of(payload),
+                             ServerSettings(max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+                                            threads=1))
+            servers[name] = BackgroundServer(app).start()
+            proxies[name] = NetemProxy("127.0.0.1", servers[name].port, seed=s.seed).start()
+        with torch_threads(1):
+            for link_name in s.links:
+                link = get_link(link_name)
+                n = s.samples if link.rtt_ms < 100 else s.slow_link_samples
+                x, y = ds.test.x[:n], ds.test.y[:n]
+                for p in proxies.values():
+                    p.set_conditions(LinkConditions.from_link(link))
+                row = _local_only(teacher, x, y, factor)
+                rows.append({"method": "local-only", "link": link_name, "samples": n, **row})
+                for name, (dev, _, pol) in setups.items():
+                    edge = EdgeRuntime(dev, pol, proxies[name].url, codec,
+                                       EdgeSettings(deadline_s=30.0, retries=1))
+                    with edge:
+                        res = _edge_run(edge, x, y, dev.num_exits)
+                    rows.append({"method": name, "link": link_name, "samples": n, **res})
+                print(f"link {link_name}: " + ", ".join(
+                    f"{r['method']} p50 {r['latency_p50_ms']:.1f} ms" for r in rows
+                    if r["link"] == link_name), flush=True)
+    finally:
+        for p in proxies.values():
+            p.close()
+        for srv in servers.values():
+            srv.stop()
+
+    throughput_rows = _throughput_section(model, ds, s, Path(s.cache) / "model-dir")
+    targets = _targets(rows, throughput_rows, s.links)
+    plots = [_plot(rows, s.links, out)]
+    notes = [
+        f"Device emulated as {device_profile.name} (profile estimate "
+        f"{device_profile.compute_gmacs_per_s} GMAC/s): device work runs on this host, then "
+        f"waits {factor - 1:.2f}x its measured time (host measured at "
+        f"{host.compute_gmacs_per_s:.1f} GMAC/s on 1 thread). The server runs at host speed, "
+        "in the same process as the edge for the per-link table (its own thread), in its own "
+        "process for the throughput table.",
+        "Links: splitexit.devices profiles (estimates) applied by the loopback shaping proxy in "
+        "real time: bandwidth per direction, one-way delay = RTT/2, uniform jitter, loss as a "
+        "200 ms retransmission delay of the affected 8 KiB chunk.",
+        f"Latency is per sample, batch 1, sequential calls of the edge runtime (first 2 calls "
+        f"are warm-up); {s.samples} test samples on links with RTT < 100 ms, "
+        f"{s.slow_link_samples} on slower links. Codec {s.codec} for every offload.",
+        f"Model: ResNet-8 trained jointly with exits at stem/block1/block2 on "
+        f"{s.train_samples} Fashion-MNIST training samples for {s.epochs} epochs (a reduced "
+        f"setting to fit the time budget); bottleneck {s.bottleneck_channels} channels stride "
+        f"{s.bottleneck_stride} at {s.cut} trained with BottleFit ({s.bottleneck_epochs}+"
+        f"{s.bottleneck_epochs} epochs); the exits in front of it retrained heads-only; "
+        f"threshold chosen on the calibration split for <= {100 * s.max_drop:.0f} pt drop.",
+        "The machine is 2 cores shared with other jobs: absolute figures are noisy; compare "
+        "rows of the same run.",
+    ]
+    report = write_report(
+        out, "serve", rows, dataset="fashion-mnist", model="resnet8 split at " + s.cut,
+        sections={"server throughput": throughput_rows, "targets": targets},
+        notes=notes, command=command, plots=plots,
+        settings={k: v for k, v in asdict(s).items() if k != "extra"},
+        policy=policy.config(), calibration=calib, device_factor=factor,
+        host_gmacs_per_s=host.compute_gmacs_per_s, seconds=time.time() - t_start,
+        targets=targets)
+    return report
+
+
+def _targets(rows: list[dict], tput: list[dict], links) -> list[dict]:
+    out = []
+    inproc = next(r for r in tput if r["method"] == "in-process server half")
+    http = [r for r in tput if r["method"].startswith("HTTP, micro-batching")]
+    best = max(http, key=lambda r: r["throughput_ratio_nearby"])
+    out.append({"target": "server >= 80% of in-process batched throughput",
+                "value": best["throughput_ratio_nearby"],
+                "met": best["throughput_ratio_nearby"] >= 0.8,
+                "detail": f"{best['method']}: {best['throughput_sps']:.0f} samples/s vs "
+                          f"{best['in_process_nearby_sps']:.0f} in process (measured just "
+                          f"before and after; {inproc['throughput_sps']:.0f} at the start)"})
+    better_somewhere = False
+    all_ok = True
+    per = []
+    for link in links:
+        r = {row["method"]: row for row in rows if row["link"] == link}
+        ours = r["split + bottleneck + exits"]["latency_p50_ms"]
+        base = min(r["local-only"]["latency_p50_ms"], r["full offload"]["latency_p50_ms"])
+        ok = ours <= base
+        all_ok &= ok
+        better = ours < r["local-only"]["latency_p50_ms"] and \
+            ours < r["full offload"]["latency_p50_ms"]
+        better_somewhere |= better
+        per.append(f"{link}: {ours:.1f} vs {base:.1f} ms")
+    out.append({"target": "split + bottleneck + exits p50 <= min(local-only, full offload) "
+                "at every link", "met": all_ok, "detail": "; ".join(per)})
+    out.append({"target": "... and better than both at >= 1 link", "met": better_somewhere})
+    lost = sum(r.get("fallbacks", 0) for r in rows)
+    out.append({"target": "no fallback / failed answers in the latency runs", "value": lost,
+                "met": lost == 0})
+    return out
+
+
+def _plot(rows: list[dict], links, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(METHODS)
+    for k, method in enumerate(METHODS):
+        vals = [next((r["latency_p50_ms"] for r in rows if r["link"] == link
+                      and r["method"] == method), float("nan")) for link in links]
+        ax.bar([i + k * width for i in range(len(links))], vals, width, label=method)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(links))], list(links))
+    ax.set_yscale("log")
+    ax.set_ylabel("p50 latency per sample (ms, log)")
+    ax.set_title("Edge runtime over emulated links (Fashion-MNIST, ResNet-8)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "latency.png", dpi=120)
+    plt.close(fig)
+    return "latency.png"
+
+
+def register(suites) -> None:
+    """Add ``splitexit bench serve``."""
+    d = ServeBenchSettings()
+    p = suites.add_parser("serve", help="edge runtime + HTTP server over emulated links; server "
+                          "throughput, micro-batching, Ray Serve replicas")
+    p.add_argument("--out", default="runs/bench-serve")
+    p.add_argument("--train-samples", type=int, default=d.train_samples)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--links", default=",".join(d.links))
+    p.add_argument("--samples", type=int, default=d.samples)
+    p.add_argument("--slow-link-samples", type=int, default=d.slow_link_samples)
+    p.add_argument("--device", default=d.device, help="emulated device profile")
+    p.add_argument("--codec", default=d.codec)
+    p.add_argument("--load-seconds", type=float, default=d.load_seconds)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve rows")
+    p.add_argument("--cache", default=d.cache)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from ..cli import _command_line
+
+    s = ServeBenchSettings(train_samples=args.train_samples, epochs=args.epochs,
+                           links=tuple(x for x in args.links.split(",") if x),
+                           samples=args.samples, slow_link_samples=args.slow_link_samples,
+                           device=args.device, codec=args.codec, load_seconds=args.load_seconds,
+                           ray=not args.no_ray, cache=args.cache, seed=args.seed)
+    Codec.parse(s.codec)
+    for link in s.links:
+        get_link(link)
+    report = run_serve_bench(args.out, s, command=_command_line())
+    for t in report["targets"]:
+        print(f"{'MET' if t['met'] else 'NOT MET'}: {t['target']} {t.get('detail', '')}")
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
