@@ -18,7 +18,8 @@ from .errors import SplitexitError
 # Modules adding top-level commands / benchmark suites; each has register(subparsers).
 COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli", "splitexit.cbnet_cli"]
 BENCH_MODULES: list[str] = ["splitexit.bench.split", "splitexit.bench.cbnet",
-                            "splitexit.bench.catalogue", "splitexit.bench.serve"]
+                            "splitexit.bench.catalogue", "splitexit.bench.serve",
+                            "splitexit.bench.compress"]
 
 
 def _command_line() -> str:

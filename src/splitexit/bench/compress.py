@@ -1,0 +1,472 @@
+"""Compression and deployment benchmark (suite ``compress``) on Fashion-MNIST.
+
+Part 1, predefined sparsity and int8: an MLP trained dense and with predefined sparsity at
+several densities (plus the published 784-40-40-10 shape with fan-outs 2/9/10), each
+optionally quantized to int8 with ONNX Runtime: accuracy, stored bytes (the real files),
+effective MACs, and latency / throughput measured in PyTorch and ONNX Runtime in the same run.
+
+Part 2, deployment: a multi-exit ResNet-8 exported stage by stage and run by the ONNX Runtime
+early-exit pipeline, against the whole model as one ONNX Runtime graph. Thresholds are chosen
+on the calibration split; accuracy on the test split; batch-1 latency interleaved sample by
+sample so that load on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..calibration import choose_operating_point, sweep
+from ..compress.quantize import check_quantized, onnx_weight_bytes, quantize_onnx
+from ..compress.sparsity import (
+    choose_kernels,
+    dense_weight_bytes,
+    effective_macs,
+    save_sparse,
+    sparse_layers,
+    sparsify,
+)
+from ..cost import cost_table, count_macs, mean_macs
+from ..data import Dataset, load_dataset
+from ..errors import InputError
+from ..export import OrtExitPipeline, OrtPiece, export_multiexit, export_piece
+from ..policies import MaxProb
+from ..report import plot_pareto, write_report
+from ..training import Baseline, JointWeighted, train
+from ..zoo import create_model, create_multiexit
+from .measure import torch_threads
+
+__all__ = ["CompressSettings", "run_compress_bench", "register"]
+
+
+@dataclass
+class CompressSettings:
+    """What the suite trains and how it measures.
+
+    Attributes:
+        hidden: hidden sizes of the MLP compared dense vs sparse.
+        densities: predefined-sparsity densities of its layers (the output layer gets the
+            least density that still connects every input when this one cannot).
+        published: also run the published 784-40-40-10 MLP with fan-outs 2/9/10.
+        epochs: MLP training epochs (same for dense and sparse).
+        train_samples: training samples (``None``: the whole training split).
+        calib_samples: calibration samples for int8 quantization.
+        exit_widths: ResNet-8 channel widths of the early-exit model.
+        exit_epochs, exit_train_samples: its training.
+        max_drop: accuracy drop allowed when choosing exit thresholds (calibration split).
+        latency_samples: test samples timed one at a time.
+        throughput_batch: batch size for throughput.
+        tolerance: int8 accuracy drop that triggers the collapse warning.
+        threads: threads for timing (PyTorch and ONNX Runtime).
+    """
+
+    hidden: tuple[int, ...] = (1024, 512)
+    densities: tuple[float, ...] = (0.5, 0.25, 0.1)
+    published: bool = True
+    epochs: int = 6
+    lr: float = 2e-3
+    train_samples: int | None = None
+    calib_samples: int = 2000
+    exit_widths: tuple[int, ...] = (16, 32, 64)
+    exit_epochs: int = 4
+    exit_train_samples: int | None = 20000
+    max_drop: float = 0.005
+    latency_samples: int = 1000
+    throughput_batch: int = 256
+    throughput_samples: int = 4096
+    tolerance: float = 0.01
+    threads: int = 1
+    seed: int = 0
+    progress: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).double().mean())
+
+
+def _batched(fn: Callable, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
+
+
+def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20
+                        ) -> dict[str, dict]:
+    """Batch-1 latency of several functions, timed round-robin on each sample in turn.
+
+    Round-robin timing makes slow phases of a shared machine hit every method alike.
+
+    Returns:
+        ``{name: {"median_ms", "mean_ms", "p95_ms"}}``.
+    """
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    with torch.inference_mode():
+        for i in range(min(warmup, len(xs))):
+            for fn in fns.values():
+                fn(xs[i: i + 1])
+        for i in range(len(xs)):
+            x = xs[i: i + 1]
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_ms": 1e3 * statistics.median(ts), "mean_ms": 1e3 * statistics.fmean(ts),
+                     "p95_ms": 1e3 * ts[int(0.95 * (len(ts) - 1))]}
+    return out
+
+
+def interleaved_throughput(fns: Mapping[str, Callable], x: torch.Tensor, batch: int,
+                           repeats: int = 3) -> dict[str, float]:
+    """Samples per second of several functions over ``x`` in batches, round-robin."""
+    rates: dict[str, list[float]] = {n: [] for n in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x[:batch])
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for i in range(0, len(x), batch):
+                    fn(x[i: i + batch])
+                rates[name].append(len(x) / (time.perf_counter() - t0))
+    return {n: statistics.median(r) for n, r in rates.items()}
+
+
+# Part 1: sparsity and int8 ---------------------------------------------------------------
+def _mlp(ds: Dataset, hidden) -> torch.nn.Module:
+    return create_model("mlp", ds.num_classes, ds.input_shape, hidden=tuple(hidden))
+
+
+def _layer_densities(model: torch.nn.Module, density: float) -> dict[str, float]:
+    """``density`` for every Linear layer, raised where the shape needs it to connect all inputs."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            least = math.ceil(m.in_features / m.out_features) / m.in_features
+            out[name] = max(density, least)
+    return out
+
+
+def _published_densities(model: torch.nn.Module) -> dict[str, float]:
+    """Fan-outs 2 / 9 / 10 of the published 800-40-40-10 MLP, as densities of our layers."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    fan_outs = (2, 9, 10)
+    return {n: fo / m.out_features for (n, m), fo in zip(layers, fan_outs)}
+
+
+def _dense_file_bytes(model: torch.nn.Module, path: Path) -> int:
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(path))
+    return path.stat().st_size
+
+
+def _train_mlp(ds: Dataset, hidden, densities: Mapping[str, float] | None,
+               s: CompressSettings) -> tuple[torch.nn.Module, float]:
+    torch.manual_seed(s.seed)
+    model = _mlp(ds, hidden)
+    if densities:
+        sparsify(model, densities, seed=s.seed)
+    data = ds.train if s.train_samples is None else ds.train.subset(s.train_samples, s.seed)
+    history = train(model, data, Baseline(), epochs=s.epochs, lr=s.lr, seed=s.seed,
+                    progress=s.progress)
+    return model.eval(), history.seconds
+
+
+def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict], list]:
+    test_x, test_y = ds.test.x, ds.test.y
+    calib_x = ds.calib.x[: s.calib_samples]
+    example = test_x[:1]
+    variants: list[tuple[str, torch.nn.Module, dict]] = []
+    train_seconds = {}
+    shapes = [("mlp " + "-".join(map(str, (784, *s.hidden, 10))), s.hidden,
+               [None, *s.densities])]
+    if s.published:
+        shapes.append(("mlp 784-40-40-10", (40, 40), [None, "published"]))
+    for label, hidden, dens_list in shapes:
+        for d in dens_list:
+            probe = _mlp(ds, hidden)
+            if d is None:
+                densities, method = None, "dense"
+            elif d == "published":
+                densities, method = _published_densities(probe), "predefined fan-out 2/9/10"
+            else:
+                densities, method = _layer_densities(probe, d), f"predefined {100 * d:g}%"
+            model, seconds = _train_mlp(ds, hidden, densities, s)
+            train_seconds[f"{label} {method}"] = seconds
+            variants.append((label, model, {"method": method, "densities": densities}))
+    rows: list[dict] = []
+    torch_fns, ort_fns, torch_fns_b, ort_fns_b = {}, {}, {}, {}
+    infos = {}
+    for k, (label, model, info) in enumerate(variants):
+        key = f"{label} | {info['method']}"
+        sparse = bool(sparse_layers(model))
+        path = work / f"v{k}"
+        path.mkdir(parents=True, exist_ok=True)
+        acc = _accuracy(_batched(model, test_x), test_y)
+        dense_macs = count_macs(lambda model=model: model(example))
+        macs = effective_macs(model, example) if sparse else dense_macs
+        stored = (save_sparse(model, path / "weights.safetensors") if sparse
+                  else _dense_file_bytes(model, path / "weights.safetensors"))
+        fp32 = export_piece(model, test_x[:2], path / "model.onnx")
+        int8 = quantize_onnx(fp32, calib_x, path / "model.int8.onnx")
+        q = check_quantized(fp32, int8, test_x, test_y, tolerance=s.tolerance,
+                            on_collapse="warn")
+        int8_stored = (save_sparse(model, path / "weights.int8.safetensors", values="int8")
+                       if sparse else onnx_weight_bytes(int8))
+        with torch_threads(s.threads):
+            kernels_b1 = choose_kernels(model, example) if sparse else {}
+        infos[key] = {"label": label, "method": info["method"], "accuracy": acc,
+                      "macs": macs, "dense_macs": dense_macs, "stored": stored,
+                      "int8_stored": int8_stored, "quant": q.to_dict(), "sparse": sparse,
+                      "kernels_b1": {n: v["kernel"] for n, v in kernels_b1.items()},
+                      "model": model, "densities": info["densities"]}
+        ort32, ort8 = OrtPiece(fp32, s.threads), OrtPiece(int8, s.threads)
+        torch_fns[key] = model
+        ort_fns[key] = ort32
+        ort_fns[key + " | int8"] = ort8
+        torch_fns_b[key], ort_fns_b[key], ort_fns_b[key + " | int8"] = model, ort32, ort8
+    lat_x = test_x[: s.latency_samples]
+    with torch_threads(s.threads):
+        torch_lat = interleaved_latency(torch_fns, lat_x)
+        ort_lat = interleaved_latency(ort_fns, lat_x)
+        # batched kernels are chosen again at the throughput batch size
+        kernels_batched = {key: ({n: v["kernel"] for n, v in
+                                  choose_kernels(infos[key]["model"],
+                                                 test_x[: s.throughput_batch]).items()}
+                                 if infos[key]["sparse"] else {}) for key in infos}
+        thr_x = test_x[: s.throughput_samples]
+        torch_thr = interleaved_throughput(torch_fns_b, thr_x, s.throughput_batch)
+        ort_thr = interleaved_throughput(ort_fns_b, thr_x, s.throughput_batch)
+    for key, info in infos.items():
+        base_key = next(k for k in infos if infos[k]["label"] == info["label"]
+                        and infos[k]["method"] == "dense")
+        base = infos[base_key]
+        common = {"model": info["label"], "mean_macs": info["macs"],
+                  "macs_ratio": info["macs"] / base["dense_macs"]}
+        rows.append({"method": info["method"], **common, "accuracy": info["accuracy"],
+                     "accuracy_drop_pt": 100 * (base["accuracy"] - info["accuracy"]),
+                     "stored_bytes": info["stored"],
+                     "bytes_ratio": info["stored"] / base["stored"],
+                     "latency_ms": torch_lat[key]["mean_ms"],
+                     "latency_p50_ms": torch_lat[key]["median_ms"],
+                     "latency_ratio": torch_lat[key]["mean_ms"] / torch_lat[base_key]["mean_ms"],
+                     "throughput_sps": torch_thr[key],
+                     "throughput_ratio": torch_thr[key] / torch_thr[base_key],
+                     "ort_latency_ms": ort_lat[key]["mean_ms"],
+                     "ort_latency_ratio": ort_lat[key]["mean_ms"] / ort_lat[base_key]["mean_ms"],
+                     "ort_throughput_sps": ort_thr[key],
+                     "kernels_batch1": info["kernels_b1"],
+                     "kernels_batched": kernels_batched[key],
+                     "dense_weight_bytes_in_memory": dense_weight_bytes(info["model"])})
+        q = info["quant"]
+        int8_key = key + " | int8"
+        rows.append({"method": f"{info['method']} + int8 (ORT static)", **common,
+                     "accuracy": q["int8_accuracy"],
+                     "accuracy_drop_pt": 100 * (base["accuracy"] - q["int8_accuracy"]),
+                     "int8_vs_fp32_drop_pt": 100 * q["accuracy_drop"],
+                     "stored_bytes": info["int8_stored"],
+                     "bytes_ratio": info["int8_stored"] / base["stored"],
+                     "ort_latency_ms": ort_lat[int8_key]["mean_ms"],
+                     "ort_latency_ratio": ort_lat[int8_key]["mean_ms"]
+                     / ort_lat[base_key]["mean_ms"],
+                     "ort_throughput_sps": ort_thr[int8_key],
+                     "collapse": q["accuracy_drop"] > s.tolerance})
+    summary = [{"model": infos[k]["label"], "method": infos[k]["method"],
+                "train_s": train_seconds[f"{infos[k]['label']} {infos[k]['method']}"],
+                "layer_densities": infos[k]["densities"]} for k in infos]
+    return rows, summary
+
+
+# Part 2: early exits on ONNX Runtime -------------------------------------------------------
+def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict], dict]:
+    torch.manual_seed(s.seed)
+    model = create_multiexit("resnet8", ds.num_classes, ds.input_shape,
+                             widths=tuple(s.exit_widths))
+    data = (ds.train if s.exit_train_samples is None
+            else ds.train.subset(s.exit_train_samples, s.seed))
+    history = train(model, data, JointWeighted(), epochs=s.exit_epochs, lr=s.lr, seed=s.seed,
+                    progress=s.progress)
+    model.eval()
+    costs = cost_table(model, ds.calib.x[:2], measure=False)
+    calib_logits = model.collect_logits(ds.calib.x)
+    reference = _accuracy(calib_logits[-1], ds.calib.y)
+    points = sweep(calib_logits, ds.calib.y, costs.exit_macs, MaxProb())
+    op = choose_operating_point(points, reference_accuracy=reference, max_drop=s.max_drop)
+    policy = op.policy
+    export_multiexit(model, work / "exits")
+    pipe = OrtExitPipeline(work / "exits", threads=s.threads)
+    test_x, test_y = ds.test.x, ds.test.y
+    full_logits = torch.cat([pipe.run_full(test_x[i: i + 1000])
+                             for i in range(0, len(test_x), 1000)])
+    full_acc = _accuracy(full_logits, test_y)
+    results = [pipe.infer(test_x[i: i + 1000], policy) for i in range(0, len(test_x), 1000)]
+    exit_index = torch.cat([r.exit_index for r in results])
+    predictions = torch.cat([r.predictions for r in results])
+    pipe_acc = float((predictions == test_y).double().mean())
+    torch_result = model.infer(test_x, policy)
+    lat_x = test_x[: s.latency_samples]
+    with torch_threads(s.threads):
+        lat = interleaved_latency({
+            "ort full": pipe.run_full, "ort early-exit": lambda x: pipe.infer(x, policy),
+            "torch full": model.backbone, "torch early-exit": lambda x: model.infer(x, policy)},
+            lat_x)
+    full_macs = costs.backbone_macs
+    exit_macs = mean_macs(exit_index, costs.exit_macs)
+    fractions = torch.bincount(exit_index, minlength=model.num_exits).double() / len(exit_index)
+    base = lat["ort full"]
+    rows = [{"method": "ONNX Runtime: full model (one graph)", "model": "resnet8",
+             "accuracy": full_acc, "mean_macs": full_macs, "macs_ratio": 1.0,
+             "latency_ms": base["mean_ms"], "latency_p50_ms": base["median_ms"],
+             "latency_ratio": 1.0, "speedup": 1.0},
+            {"method": "ONNX Runtime: early-exit pipeline", "model": "resnet8",
+             "accuracy": pipe_acc, "accuracy_drop_pt": 100 * (full_acc - pipe_acc),
+             "mean_macs": exit_macs, "macs_ratio": exit_macs / full_macs,
+             "latency_ms": lat["ort early-exit"]["mean_ms"],
+             "latency_p50_ms": lat["ort early-exit"]["median_ms"],
+             "latency_ratio": lat["ort early-exit"]["mean_ms"] / base["mean_ms"],
+             "speedup": base["mean_ms"] / lat["ort early-exit"]["mean_ms"],
+             "exit_fractions": fractions.tolist(), "policy": policy.config(),
+             "same_predictions_as_pytorch": float(
+                 (predictions == torch_result.predictions).double().mean()),
+             "same_exits_as_pytorch": float(
+                 (exit_index == torch_result.exit_index).double().mean())},
+            {"method": "PyTorch: full model", "model": "resnet8",
+             "accuracy": _accuracy(_batched(model.backbone, test_x), test_y),
+             "mean_macs": full_macs, "latency_ms": lat["torch full"]["mean_ms"],
+             "latency_p50_ms": lat["torch full"]["median_ms"],
+             "latency_ratio": lat["torch full"]["mean_ms"] / base["mean_ms"]},
+            {"method": "PyTorch: early-exit infer", "model": "resnet8",
+             "accuracy": torch_result.accuracy(test_y), "mean_macs": exit_macs,
+             "latency_ms": lat["torch early-exit"]["mean_ms"],
+             "latency_p50_ms": lat["torch early-exit"]["median_ms"],
+             "latency_ratio": lat["torch early-exit"]["mean_ms"] / base["mean_ms"],
+             "exit_fractions": torch_result.exit_fractions(model.num_exits)}]
+    extra = {"calib_accuracy": op.accuracy, "calib_final_accuracy": reference,
+             "exit_train_s": history.seconds, "exit_macs": costs.exit_macs,
+             "curve": [(p.mean_macs / full_macs, p.accuracy) for p in points]}
+    return rows, extra
+
+
+def run_compress_bench(out: str | Path, settings: CompressSettings | None = None,
+                       command: str | None = None, dataset: str = "fashion-mnist") -> dict:
+    """Run both parts and write report.json, report.md and a plot into ``out``.
+
+    Raises:
+        DatasetMissingError: Fashion-MNIST is not installed (the message says how).
+    """
+    s = settings or CompressSettings()
+    if not s.densities or any(not 0 < d <= 1 for d in s.densities):
+        raise InputError(f"densities must be in (0, 1], got {s.densities}")
+    out = Path(out)
+    ds = load_dataset(dataset, seed=s.seed)
+    work = Path(tempfile.mkdtemp(prefix="splitexit-compress-"))
+    try:
+        with torch_threads(s.threads):
+            rows, summary = _sparsity_rows(ds, s, work)
+            exit_rows, extra = _exit_rows(ds, s, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    targets = _targets(rows, exit_rows, s)
+    plot = plot_pareto(out / "early_exit_ort.png",
+                       {"calibration sweep (MaxProb)": extra.pop("curve")},
+                       {"chosen (test, ORT)": (exit_rows[1]["macs_ratio"],
+                                               exit_rows[1]["accuracy"]),
+                        "full model (test, ORT)": (1.0, exit_rows[0]["accuracy"])},
+                       xlabel="mean MACs / full-model MACs",
+                       title=f"{dataset}: ResNet-8 early exits on ONNX Runtime")
+    notes = [
+        "Stored bytes are the sizes of real files: dense = safetensors of the state dict; "
+        "sparse = ELLPACK safetensors (uint8/int16 input indices + kept values, no mask, no "
+        "zeros); int8 dense = initializer bytes of the quantized ONNX graph; sparse + int8 = "
+        "ELLPACK safetensors with int8 values and one scale per output unit (its accuracy "
+        "column is the ONNX Runtime int8 graph's).",
+        "mean_macs of sparse rows count only kept connections (effective MACs).",
+        "PyTorch latency uses, per layer, the kernel (dense on the masked weight or CSR) that "
+        "was faster at batch 1 on this machine (kernels_batch1); throughput re-chooses at the "
+        "throughput batch size (kernels_batched). ONNX Runtime runs the sparse models as "
+        "dense graphs (it has no sparse kernel for MatMul on CPU), so its speed-ups come "
+        "only from int8.",
+        "Latencies are batch-1 means over the timed test samples, measured round-robin "
+        "(every method on the same sample in turn) with one thread; ratios are to the dense "
+        "model / the full model timed in the same loop.",
+        "Early-exit thresholds are chosen on the calibration split (max drop "
+        f"{100 * s.max_drop:g} pt vs the final exit's calibration accuracy); accuracy and "
+        "latency on the test split.",
+        *s.notes]
+    return write_report(out, "compress", rows + exit_rows, dataset=dataset,
+                        model=f"mlp {s.hidden}, mlp 40-40, resnet8 {s.exit_widths}",
+                        sections={"training": summary}, notes=notes, command=command,
+                        settings=asdict(s), targets=targets, plots=[plot.name], **extra)
+
+
+def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> dict:
+    """The issue's targets, checked on this run's rows."""
+    best = None
+    for r in rows:
+        if r.get("bytes_ratio") is None or "int8" in r["method"] or r["method"] == "dense":
+            continue
+        meets = (r["bytes_ratio"] <= 0.25 and r["macs_ratio"] <= 0.25
+                 and r["accuracy_drop_pt"] <= 0.3)
+        sped = r.get("latency_ratio", 2) < 1 or r.get("throughput_ratio", 0) > 1
+        if meets and sped and (best is None or r["bytes_ratio"] < best["bytes_ratio"]):
+            best = r
+    pipe = exit_rows[1]
+    return {
+        "sparsity_4x_at_0.3pt_with_speedup": best is not None,
+        "sparsity_row": None if best is None else f"{best['model']} | {best['method']}",
+        "early_exit_speedup": pipe["speedup"],
+        "early_exit_accuracy_drop_pt": pipe["accuracy_drop_pt"],
+        "early_exit_1.8x_at_0.5pt": pipe["speedup"] >= 1.8 and pipe["accuracy_drop_pt"] <= 0.5,
+    }
+
+
+def register(suites) -> None:
+    """Add ``splitexit bench compress`` to the bench sub-commands."""
+    d = CompressSettings()
+    p = suites.add_parser("compress", help="predefined sparsity and int8 vs dense; early-exit "
+                          "pipeline on ONNX Runtime vs the full model")
+    p.add_argument("--out", default="reports/compress", help="output directory")
+    p.add_argument("--hidden", default=",".join(map(str, d.hidden)))
+    p.add_argument("--densities", default=",".join(map(str, d.densities)))
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--train-samples", type=int, default=0, help="0: the whole training split")
+    p.add_argument("--exit-widths", default=",".join(map(str, d.exit_widths)))
+    p.add_argument("--exit-epochs", type=int, default=d.exit_epochs)
+    p.add_argument("--exit-train-samples", type=int, default=d.exit_train_samples,
+                   help="0: the whole training split")
+    p.add_argument("--max-drop", type=float, default=d.max_drop)
+    p.add_argument("--latency-samples", type=int, default=d.latency_samples)
+    p.add_argument("--no-published", action="store_true",
+                   help="skip the published 784-40-40-10 MLP")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    from ..cli import _command_line
+    from ..report import markdown_table
+
+    s = CompressSettings(
+        hidden=tuple(int(v) for v in args.hidden.split(",") if v),
+        densities=tuple(float(v) for v in args.densities.split(",") if v),
+        epochs=args.epochs, train_samples=args.train_samples or None,
+        exit_widths=tuple(int(v) for v in args.exit_widths.split(",") if v),
+        exit_epochs=args.exit_epochs, exit_train_samples=args.exit_train_samples or None,
+        max_drop=args.max_drop, latency_samples=args.latency_samples,
+        published=not args.no_published, seed=args.seed)
+    report = run_compress_bench(args.out, s, command=_command_line())
+    print(markdown_table(report["rows"]))
+    print(f"targets: {report['targets']}")
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    return 0
