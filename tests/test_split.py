@@ -202,3 +202,15 @@ def test_split_model_errors(resnet, x):
     with pytest.raises(InputError, match="StagedModel"):
         split_model(torch.nn.Linear(2, 2), "0")
     assert isinstance(split_model(resnet, "stem"), SplitModel)  # shape from the zoo spec
+
+
+def test_plan_command_prints_table_and_choice(capsys):
+    from splitexit.cli import main
+
+    assert main(["plan", "--link", "lpwan", "--samples", "4", "--codec", "int8"]) == 0
+    out = capsys.readouterr().out
+    for name in ("local", "stem", "block1", "block2", "offload"):
+        assert f"| {name} |" in out
+    assert "choice for latency on rpi4 -> gpu_server_t4 over lpwan" in out
+    assert main(["plan", "--link", "nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().err

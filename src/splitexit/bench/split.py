@@ -461,6 +461,9 @@ def _cmd(args) -> int:
         latency_samples=args.latency_samples, cache=args.cache, seed=args.seed)
     for c in settings.codecs:
         Codec.parse(c)
-    report = run_split_bench(args.out, settings, command=_command_line())
+    # One thread: on a shared machine the small convolutions train faster without
+    # oversubscription, and the batch-1 timings need it anyway.
+    with torch_threads(1):
+        report = run_split_bench(args.out, settings, command=_command_line())
     print(f"wrote {Path(args.out) / 'report.md'}; targets: {report['targets']}")
     return 0
