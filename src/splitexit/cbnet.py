@@ -275,10 +275,12 @@ def _clusters(images: torch.Tensor, k: int, seed: int) -> list[torch.Tensor]:
     if k == 1 or n == 1:
         return [torch.arange(n)]
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     k = min(k, n)
-    labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(
-        images.reshape(n, -1).double().numpy())
+    with threadpool_limits(1):  # tiny problems: threads only add contention
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(
+            images.reshape(n, -1).double().numpy())
     groups = [torch.from_numpy(np.flatnonzero(labels == j)) for j in range(k)]
     return [g for g in groups if len(g)]
 

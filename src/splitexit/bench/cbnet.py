@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import shlex
 import statistics
 import sys
@@ -48,7 +49,9 @@ class CBNetBenchSettings:
         branchy_from_lenet: start B-LeNet's main path from the trained LeNet (saves epochs).
         max_drop: BranchyNet's entropy threshold is the cheapest within this accuracy drop of
             its final exit on the calibration split; the same ``T`` labels easy / hard.
-        converter_epochs: converting autoencoder epochs.
+        converter_epochs: converting autoencoder epochs, raised on small training sets to
+            reach ``converter_min_steps`` optimiser steps (it first learns the mean target and
+            only then separates the classes).
         converters: converter kinds to train (``"fc"`` published, ``"conv"``).
         finetune_epochs: epochs of the extra "fine-tuned classifier" CBNet row (0: no row).
         train_limit: use only this many training images per data set (``None``: all).
@@ -62,8 +65,9 @@ class CBNetBenchSettings:
     branchy_from_lenet: bool = True
     lr: float = 2e-3
     max_drop: float = 0.01
-    converter_epochs: int = 10
-    converter_lr: float = 1e-3
+    converter_epochs: int = 6
+    converter_min_steps: int = 1000
+    converter_lr: float = 2e-3
     converters: tuple[str, ...] = ("fc",)
     targets_per_class: int = 1
     finetune_epochs: int = 1
@@ -205,10 +209,13 @@ def _dataset_rows(ds: Dataset, s: CBNetBenchSettings, host: DeviceProfile, rpi: 
     methods["B-LeNet truncated after exit 0"] = {
         "torch": light, "macs": count_macs(lambda: light(example)), "bytes": param_bytes(light)}
     pipelines: dict[str, cbnet.CBNetPipeline] = {}
+    steps_per_epoch = math.ceil(len(train_split) / s.batch_size)
+    converter_epochs = max(s.converter_epochs, math.ceil(s.converter_min_steps / steps_per_epoch))
+    facts["converter_epochs"] = converter_epochs
     for kind in s.converters:
         torch.manual_seed(s.seed)
         converter = cbnet.ConvertingAutoencoder(ds.input_shape, kind)
-        h = cbnet.train_converter(converter, train_split.x, targets, epochs=s.converter_epochs,
+        h = cbnet.train_converter(converter, train_split.x, targets, epochs=converter_epochs,
                                   lr=s.converter_lr, batch_size=s.batch_size, seed=s.seed,
                                   progress=s.progress)
         facts[f"converter_{kind}_train_s"] = h.seconds
@@ -367,7 +374,9 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
     with tempfile.TemporaryDirectory(prefix="splitexit-cbnet-") as work:
         for name in s.datasets:
             ds = load_dataset(name, seed=s.seed)
-            r, f = _dataset_rows(ds, s, host, rpi, Path(work))
+            # Training too runs on s.threads threads: on a shared machine more only contend.
+            with torch_threads(s.threads):
+                r, f = _dataset_rows(ds, s, host, rpi, Path(work))
             rows += r
             facts.append(f)
     targets = _targets(rows)
@@ -394,7 +403,8 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         f"Training was reduced to fit a shared 2-core machine: LeNet {s.lenet_epochs} epochs, "
         f"B-LeNet {s.branchy_epochs} epochs"
         + (" started from the trained LeNet" if s.branchy_from_lenet else "")
-        + f", converter {s.converter_epochs} epochs, classifier fine-tuning "
+        + f", converter >= {s.converter_epochs} epochs and >= {s.converter_min_steps} steps "
+        "(per data set in 'per data set'), classifier fine-tuning "
         f"{s.finetune_epochs} epoch(s)"
         + (f", {s.train_limit} training images" if s.train_limit else ", all training images")
         + ".",
@@ -417,7 +427,7 @@ def _run(args: argparse.Namespace) -> int:
         converters=tuple(args.converters.split(",")), finetune_epochs=args.finetune_epochs,
         targets_per_class=args.targets_per_class, train_limit=args.train_limit,
         latency_samples=args.latency_samples, threads=args.threads, seed=args.seed,
-        max_drop=args.max_drop)
+        max_drop=args.max_drop, progress=True if args.progress else None)
     command = "splitexit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_cbnet_bench(args.out, settings, command)
     print(markdown_table(report["rows"], ["dataset", "method", "accuracy", "latency_ms",
@@ -446,5 +456,6 @@ def register(subparsers) -> None:
     p.add_argument("--latency-samples", type=int, default=None)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--progress", action="store_true", help="always show progress bars")
     p.set_defaults(func=_run)
 
