@@ -231,3 +231,49 @@ def test_pipeline_bad_input(tmp_path):
     (tmp_path / "pipeline.json").write_text("{\"format\": 1}")
     with pytest.raises(CorruptFileError):
         OrtExitPipeline(tmp_path)
+
+
+# one graph with If nodes ------------------------------------------------------------------
+from splitexit.export import OrtExitGraph, export_exit_graph  # noqa: E402
+from splitexit.policies import Entropy, Margin  # noqa: E402
+
+
+def _off_median(policy_cls, model, x, **kw):
+    """Per-exit thresholds halfway between the two middle values of the statistic (no ties)."""
+    with torch.no_grad():
+        logits = model(x)
+    probe = policy_cls(**kw)
+    thresholds = []
+    for e, lg in enumerate(logits[:-1]):
+        values = torch.unique(probe.statistic(probe.scaled(e, lg)).double())  # sorted
+        mid = len(values) // 2
+        thresholds.append(float(values[mid - 1: mid + 1].mean()) if len(values) > 1
+                          else float(values[0]))
+    return policy_cls(threshold=tuple(thresholds), **kw)
+
+
+@pytest.mark.parametrize("name", ["resnet8", "mlp", "mobilenet"])
+def test_single_graph_matches_pytorch_infer(name, tmp_path):
+    torch.manual_seed(3)
+    model = create_multiexit(name, 10, (1, 12, 12)).eval()
+    x = torch.rand(30, 1, 12, 12)
+    # sharp temperatures spread the near-uniform softmax of an untrained model
+    for policy in (_off_median(MaxProb, model, x, temperature=0.02),
+                   _off_median(Entropy, model, x, temperature=(0.02, 0.03, 0.025)),
+                   _off_median(Margin, model, x, temperature=0.02)):
+        graph = OrtExitGraph(export_exit_graph(model, policy, tmp_path / "ee.onnx"))
+        got, ref = graph.infer(x), model.infer(x, policy)
+        assert torch.equal(got.exit_index, ref.exit_index), policy
+        assert torch.equal(got.predictions, ref.predictions)
+        torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
+        if isinstance(policy, MaxProb):  # an untrained model's max-prob still spreads
+            assert len(torch.unique(got.exit_index)) >= 2
+
+
+def test_single_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
+    model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
+    with pytest.raises(InputError, match="OrtExitPipeline"):
+        export_exit_graph(model, Patience(patience=1), tmp_path / "p.onnx")
+    plain = export_piece(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "l.onnx")
+    with pytest.raises(InputError, match="export_exit_graph"):
+        OrtExitGraph(plain)
