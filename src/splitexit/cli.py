@@ -41,6 +41,8 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
     p.add_argument("--epochs", type=int, default=epochs, help="baseline training epochs")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="multi-exit training epochs (default: --epochs)")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="train on a stratified subset of this many samples (quicker)")
     p.add_argument("--no-reuse", action="store_true",
                    help="retrain even if OUT/models holds trained checkpoints")
     p.add_argument("--strategy", default="joint", choices=["joint", "heads-only"])
@@ -57,6 +59,7 @@ def _run_early_exit(args, suite: str) -> int:
 
     settings = EarlyExitSettings(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                  reuse_models=not args.no_reuse,
+                                 train_samples=args.train_samples,
                                  strategy=args.strategy, policy=args.policy,
                                  head=args.head, latency_samples=args.latency_samples,
                                  threads=args.threads, seed=args.seed)

@@ -7,7 +7,7 @@ split in the same run, with ratios to the baseline. The demo is this suite on a 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ class EarlyExitSettings:
         drops: maximum accuracy drops vs the baseline (fractions) to pick operating points for.
         latency_samples: test samples timed one at a time (``None``: the whole test set).
         threads: torch threads while timing (1 mimics a single edge core and is steadier).
+        train_samples: train on a stratified subset of this size (quicker runs; the report
+            says so). Calibration and test splits are always whole.
         reuse_models: load ``out/models/<model>-{baseline,multiexit}`` when present instead of
             training again (delete them to retrain).
         fuse: fold BatchNorm into convolutions before timing, in both models alike.
@@ -56,6 +58,7 @@ class EarlyExitSettings:
     threads: int | None = 1
     seed: int = 0
     progress: bool | None = None
+    train_samples: int | None = None
     save_models: bool = True
     reuse_models: bool = True
     fuse: bool = True
@@ -181,6 +184,8 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     s = settings or EarlyExitSettings()
     out = Path(out)
     ds = load_dataset(dataset, seed=s.seed)
+    if s.train_samples and s.train_samples < len(ds.train):
+        ds = replace(ds, train=ds.train.subset(s.train_samples, seed=s.seed))
     rows, anytime, curves, points, timings = [], [], {}, {}, {}
     for name in models:
         saved = [out / "models" / f"{name}-{kind}" for kind in ("baseline", "multiexit")]
@@ -210,5 +215,6 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     return write_report(out, suite, rows, dataset=dataset, model=", ".join(models),
                         sections={"anytime (stop at exit k)": anytime}, notes=notes,
                         command=command, settings={k: v for k, v in vars(s).items()},
-                        train_seconds=timings, test_samples=len(ds.test),
+                        train_seconds=timings, train_samples=len(ds.train),
+                        calib_samples=len(ds.calib), test_samples=len(ds.test),
                         plots=[plot.name])
