@@ -260,3 +260,37 @@ def test_bad_edge_input(model_dir, small_model):
         NetemProxy("127.0.0.1", 1).set_outage("flaky")
     with _edge(model_dir, None) as edge, pytest.raises(InputError, match="shape"):
         edge.classify(torch.zeros(2, 1, 28, 28))
+
+
+def test_wrong_token_falls_back_without_retry(model_dir, digits):
+    with running_server(model_dir, token="right-token-123") as srv:
+        with _edge(model_dir, srv.url, token="wrong-token-456", retries=3) as edge:
+            answers = edge.classify(digits.test.x[:16])
+            stats = edge.stats.snapshot()
+        with _edge(model_dir, srv.url, token="right-token-123") as edge:
+            assert "server" in {a.source for a in edge.classify(digits.test.x[:16])}
+    _check_once(answers, 16)
+    assert all("401" in a.error for a in answers if a.source == "fallback")
+    assert stats["requests"] == 1 and stats["retries"] == 0  # a refusal is not retried
+
+
+def test_cli_prepare_and_edge(small_model, digits, tmp_path, capsys):
+    import json
+
+    from splitexit import checkpoint
+    from splitexit.cli import main
+
+    checkpoint.save(small_model, tmp_path / "ckpt")
+    assert main(["prepare", str(tmp_path / "ckpt"), "--cut", "block1", "--codec", "int8",
+                 "--policy", '{"name": "maxprob", "threshold": 0.15}',
+                 "--out", str(tmp_path / "md")]) == 0
+    with running_server(tmp_path / "md") as srv:
+        assert main(["edge", str(tmp_path / "md"), "--server", srv.url, "--dataset", "digits",
+                     "--limit", "20", "--workers", "2", "--out", str(tmp_path / "a.jsonl")]) == 0
+    stats = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    lines = [json.loads(v) for v in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert sorted(v["index"] for v in lines) == list(range(20))
+    assert stats["inputs"] == 20 and 0 <= stats["accuracy"] <= 1
+    assert {v["source"] for v in lines} <= {"exit", "server"}
+    assert main(["prepare", str(tmp_path / "ckpt"), "--cut", "nope", "--out",
+                 str(tmp_path / "bad")]) == 2

@@ -234,3 +234,16 @@ def test_bad_configuration_errors(tmp_path, small_model):
         export_model_dir(small_model, "nope", tmp_path / "y")
     with pytest.raises(InputError, match="dtype"):
         PayloadSpec.from_json({"shapes": [[1]], "dtype": "nonsense"})
+
+
+def test_full_queue_gets_503_not_unbounded_memory(small_model, model_dir, digits):
+    server, _ = load_server(model_dir)
+    body = Codec().encode(device_payload(small_model, digits.test.x[:1]))
+    with running_server(model_dir, module=SlowModule(server, delay_s=0.2), max_batch=1,
+                        max_queue_samples=2) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            statuses = [r.status_code for r in pool.map(lambda _: _post(srv.url, body),
+                                                        range(8))]
+        assert statuses.count(200) >= 2 and 503 in statuses, statuses
+        r = _post(srv.url, body)
+        assert r.status_code == 200

@@ -53,7 +53,7 @@ class ServeBenchSettings:
     bottleneck_channels: int = 2
     bottleneck_stride: int = 2
     bottleneck_epochs: int = 1
-    cut: str = "block1"
+    cut: str = "block2"
     codec: str = "int8"
     device: str = "rpi4"
     links: tuple[str, ...] = ("5g", "wifi", "lte", "lte_weak", "lpwan")
@@ -62,7 +62,8 @@ class ServeBenchSettings:
     max_drop: float = 0.01
     max_batch: int = 64
     max_wait_ms: float = 2.0
-    load_seconds: float = 4.0
+    load_seconds: float = 3.0
+    windows: int = 3
     ray: bool = True
     cache: str = "runs/bench-serve-cache"
     seed: int = 0
@@ -90,7 +91,8 @@ def _train_models(ds, s: ServeBenchSettings):
         checkpoint.save(model, cache / tag)
     model.eval()
     teacher = model.backbone
-    bn_tag = f"{tag}-bn{s.bottleneck_channels}s{s.bottleneck_stride}-{s.bottleneck_epochs}"
+    bn_tag = (f"{tag}-{s.cut}-bn{s.bottleneck_channels}s{s.bottleneck_stride}-"
+              f"{s.bottleneck_epochs}")
     if (cache / bn_tag / "model.json").is_file():
         student = inject_bottleneck(teacher, s.cut, spec, train_split.x[:64])
         checkpoint.load_weights(student, cache / bn_tag)
@@ -268,23 +270,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _throughput_section(model, ds, s: ServeBenchSettings, model_dir: Path) -> list[dict]:
+def _throughput_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[dict]:
+    rows: list[dict] = []
+    for cut in (s.cut, None):
+        rows += _throughput_rows(model, ds, s, cut, cache / f"model-dir-{cut or 'input'}")
+    return rows
+
+
+def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
+                     model_dir: Path) -> list[dict]:
     from ..serve.modeldir import export_model_dir, load_server
 
-    export_model_dir(model, s.cut, model_dir, codec=s.codec, policy=NeverExit())
+    export_model_dir(model, cut, model_dir, codec=s.codec, policy=NeverExit())
     server, _ = load_server(model_dir)
-    device, _ = model.backbone.split(s.cut)
+    device = model.backbone.split(cut)[0] if cut else torch.nn.Identity()
+    half = f"server half after {cut}" if cut else "full model (full-offload server)"
     codec = Codec.parse(s.codec)
     x = ds.test.x[:512]
     with torch.inference_mode():
         payload = device(x)
     decoded = torch.cat([codec.decode(codec.encode(payload[i: i + 32]))
                          for i in range(0, 512, 32)])
-    rows = []
-    with torch_threads(1):
-        inproc = throughput(server, decoded, batch_size=s.max_batch)
-    rows.append({"method": "in-process server half", "batch_size": s.max_batch,
-                 "throughput_sps": inproc, "throughput_ratio": 1.0})
+
+    def inproc() -> float:
+        with torch_threads(1):
+            return throughput(server, decoded, batch_size=s.max_batch)
+
+    start = inproc()
+    rows = [{"server": half, "method": "in-process, batch " + str(s.max_batch),
+             "throughput_sps": start, "throughput_ratio": 1.0}]
     b32 = [codec.encode(payload[i: i + 32]) for i in range(0, 512, 32)]
     b1 = [codec.encode(payload[i: i + 1]) for i in range(64)]
     configs = [("HTTP, micro-batching, 32-sample requests", s.max_batch, s.max_wait_ms, b32, 3,
@@ -293,16 +307,14 @@ def _throughput_section(model, ds, s: ServeBenchSettings, model_dir: Path) -> li
                 1),
                ("HTTP, one request at a time, 1-sample requests", 1, 0.0, b1, 16, 1)]
     for name, max_batch, wait, bodies, clients, per in configs:
-        port = _free_port()
-        proc, url = _server_process(model_dir, port, max_batch, wait)
+        proc, url = _server_process(model_dir, _free_port(), max_batch, wait)
         try:
             _load(url, bodies, clients, 1.0, per)  # warm-up
-            # the in-process figure measured right before and after: the machine is shared
-            with torch_threads(1):
-                near = [throughput(server, decoded, batch_size=s.max_batch)]
-            res = _load(url, bodies, clients, s.load_seconds, per)
-            with torch_threads(1):
-                near.append(throughput(server, decoded, batch_size=s.max_batch))
+            # windows alternate with in-process runs (the machine is shared): medians of both
+            near, runs = [inproc()], []
+            for _ in range(s.windows):
+                runs.append(_load(url, bodies, clients, s.load_seconds, per))
+                near.append(inproc())
             import httpx
 
             metrics = httpx.get(url + "/metrics").json()
@@ -313,34 +325,35 @@ def _throughput_section(model, ds, s: ServeBenchSettings, model_dir: Path) -> li
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
-        rows.append({"method": name, "clients": clients, "samples_per_request": per,
-                     "max_batch": max_batch, **res,
-                     "throughput_ratio": res["throughput_sps"] / inproc,
-                     "in_process_nearby_sps": statistics.fmean(near),
-                     "throughput_ratio_nearby": res["throughput_sps"] / statistics.fmean(near),
+        res = sorted(runs, key=lambda r: r["throughput_sps"])[len(runs) // 2]
+        ref = statistics.median(near)
+        rows.append({"server": half, "method": name, "clients": clients,
+                     "samples_per_request": per, "max_batch": max_batch, **res,
+                     "throughput_windows_sps": [r["throughput_sps"] for r in runs],
+                     "in_process_nearby_sps": ref,
+                     "throughput_ratio": res["throughput_sps"] / ref,
                      "mean_server_batch": metrics["mean_batch_size"],
                      "server_compute_ms_p50": metrics["compute_ms"].get("p50")})
-    if s.ray:
-        rows += _ray_rows(model_dir, s, b32, inproc)
+    if s.ray and cut == s.cut:
+        rows += _ray_rows(model_dir, s, b32, inproc, half)
     return rows
 
 
-def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes],
-              inproc: float) -> list[dict]:
+def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes], inproc,
+              half: str) -> list[dict]:
     from ..serve import ServerSettings
     from ..serve.ray_app import deploy, ray_available, shutdown
 
     if ray_available():
-        return [{"method": "Ray Serve", "note": ray_available()}]
+        return [{"server": half, "method": "Ray Serve", "note": ray_available()}]
     import httpx
 
     rows = []
     for replicas in (1, 2):
-        port = _free_port()
         url = deploy(model_dir, replicas, ServerSettings(max_batch=s.max_batch,
                                                          max_wait_ms=s.max_wait_ms, threads=1,
                                                          max_request_bytes=64 * 1024 * 1024),
-                     port=port, num_cpus=2)
+                     port=_free_port(), num_cpus=2)
         try:
             t_end = time.monotonic() + 120
             while time.monotonic() < t_end:
@@ -351,12 +364,19 @@ def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes],
                     pass
                 time.sleep(0.5)
             _load(url, bodies, 4, 1.0, 32)
-            res = _load(url, bodies, 4, s.load_seconds, 32)
+            near, runs = [inproc()], []
+            for _ in range(s.windows):
+                runs.append(_load(url, bodies, 4, s.load_seconds, 32))
+                near.append(inproc())
         finally:
             shutdown()
-        rows.append({"method": f"Ray Serve, {replicas} replica(s), 32-sample requests",
-                     "clients": 4, "samples_per_request": 32, "replicas": replicas, **res,
-                     "throughput_ratio": res["throughput_sps"] / inproc})
+        res = sorted(runs, key=lambda r: r["throughput_sps"])[len(runs) // 2]
+        ref = statistics.median(near)
+        rows.append({"server": half, "method": f"Ray Serve, {replicas} replica(s), 32-sample "
+                     "requests", "clients": 4, "samples_per_request": 32, "replicas": replicas,
+                     **res, "throughput_windows_sps": [r["throughput_sps"] for r in runs],
+                     "in_process_nearby_sps": ref,
+                     "throughput_ratio": res["throughput_sps"] / ref})
     return rows
 
 
@@ -434,7 +454,7 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         for srv in servers.values():
             srv.stop()
 
-    throughput_rows = _throughput_section(model, ds, s, Path(s.cache) / "model-dir")
+    throughput_rows = _throughput_section(model, ds, s, Path(s.cache))
     targets = _targets(rows, throughput_rows, s.links)
     plots = [_plot(rows, s.links, out)]
     notes = [
@@ -456,6 +476,13 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         f"{s.bottleneck_stride} at {s.cut} trained with BottleFit ({s.bottleneck_epochs}+"
         f"{s.bottleneck_epochs} epochs); the exits in front of it retrained heads-only; "
         f"threshold chosen on the calibration split for <= {100 * s.max_drop:.0f} pt drop.",
+        f"The cut is after {s.cut} so that the device holds every exit up to it (ResNet-8 "
+        "exits: stem, block1, block2); the exit fractions the policy reached on the "
+        "calibration split are in report.json 'calibration'.",
+        "Throughput: the server in its own process (uvicorn, 1 torch thread), load from "
+        "client threads in the benchmark process; each HTTP figure is the median of "
+        f"{s.windows} windows of {s.load_seconds} s, compared with the median of in-process "
+        "runs alternating with them. 2 cores are shared by server, clients and other jobs.",
         "The machine is 2 cores shared with other jobs: absolute figures are noisy; compare "
         "rows of the same run.",
     ]
@@ -472,15 +499,14 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
 
 def _targets(rows: list[dict], tput: list[dict], links) -> list[dict]:
     out = []
-    inproc = next(r for r in tput if r["method"] == "in-process server half")
-    http = [r for r in tput if r["method"].startswith("HTTP, micro-batching")]
-    best = max(http, key=lambda r: r["throughput_ratio_nearby"])
-    out.append({"target": "server >= 80% of in-process batched throughput",
-                "value": best["throughput_ratio_nearby"],
-                "met": best["throughput_ratio_nearby"] >= 0.8,
-                "detail": f"{best['method']}: {best['throughput_sps']:.0f} samples/s vs "
-                          f"{best['in_process_nearby_sps']:.0f} in process (measured just "
-                          f"before and after; {inproc['throughput_sps']:.0f} at the start)"})
+    for half in dict.fromkeys(r["server"] for r in tput):
+        http = [r for r in tput if r["server"] == half and r["method"].startswith("HTTP, micro")]
+        best = max(http, key=lambda r: r["throughput_ratio"])
+        out.append({"target": f"server >= 80% of in-process batched throughput ({half})",
+                    "value": best["throughput_ratio"], "met": best["throughput_ratio"] >= 0.8,
+                    "detail": f"{best['method']}: {best['throughput_sps']:.0f} samples/s vs "
+                              f"{best['in_process_nearby_sps']:.0f} in process (median of "
+                              "runs alternating with the HTTP windows)"})
     better_somewhere = False
     all_ok = True
     per = []
@@ -540,6 +566,7 @@ def register(suites) -> None:
     p.add_argument("--slow-link-samples", type=int, default=d.slow_link_samples)
     p.add_argument("--device", default=d.device, help="emulated device profile")
     p.add_argument("--codec", default=d.codec)
+    p.add_argument("--cut", default=d.cut, help="where the device hands over to the server")
     p.add_argument("--load-seconds", type=float, default=d.load_seconds)
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve rows")
     p.add_argument("--cache", default=d.cache)
@@ -553,7 +580,8 @@ def _cmd(args) -> int:
     s = ServeBenchSettings(train_samples=args.train_samples, epochs=args.epochs,
                            links=tuple(x for x in args.links.split(",") if x),
                            samples=args.samples, slow_link_samples=args.slow_link_samples,
-                           device=args.device, codec=args.codec, load_seconds=args.load_seconds,
+                           device=args.device, codec=args.codec, cut=args.cut,
+                           load_seconds=args.load_seconds,
                            ray=not args.no_ray, cache=args.cache, seed=args.seed)
     Codec.parse(s.codec)
     for link in s.links:
