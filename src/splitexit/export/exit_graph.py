@@ -123,6 +123,16 @@ def _decision(policy: ThresholdPolicy, e: int, logits: str, prefix: str
     return nodes, inits, fire
 
 
+def _exit_constant(name: str, e: int) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        np.array([e], dtype=np.int64), f"value_{name}"))
+
+
+def _outputs(logits: str, exit_index: str, num_classes: int) -> list:
+    return [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [1, num_classes]),
+            helper.make_tensor_value_info(exit_index, TensorProto.INT64, [1])]
+
+
 def export_exit_graph(model: MultiExitModel, policy: ThresholdPolicy, path: str | Path,
                       example: torch.Tensor | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model`` with ``policy`` as one batch-1 ONNX graph that exits early by itself.
@@ -175,52 +185,45 @@ def export_exit_graph(model: MultiExitModel, policy: ThresholdPolicy, path: str 
             m.training = mode
     last = len(segments) - 1
     num_classes = int(payload_tensors(payload)[0].shape[1])
-    all_inits: list = []
-
-    def build(e: int, inputs: list[str]) -> tuple[list, str, str]:
+    def build(e: int, inputs: list[str]) -> tuple[list, list, str, str]:
+        """Nodes and initializers running segments ``e..last`` on ``inputs``."""
         prefix = f"e{e}_"
         seg = segments[e]
         mapping = {i.name: n for i, n in zip(seg.graph.input, inputs)}
         nodes, inits, outs = _renamed(seg, prefix, mapping)
-        all_inits.extend(inits)
         logits_out, exit_out = f"logits_{e}", f"exit_{e}"
         if e == last:
             nodes += [helper.make_node("Identity", [outs[-1]], [logits_out]),
-                      helper.make_node("Constant", [], [exit_out], value=numpy_helper.from_array(
-                          np.array([e], dtype=np.int64), f"c_exit_{e}"))]
-            return nodes, logits_out, exit_out
+                      _exit_constant(exit_out, e)]
+            return nodes, inits, logits_out, exit_out
         dec_nodes, dec_inits, fire = _decision(policy, e, outs[-1], prefix + "d_")
-        all_inits.extend(dec_inits)
         then_logits, then_exit = f"then_logits_{e}", f"then_exit_{e}"
         then_graph = helper.make_graph(
             [helper.make_node("Identity", [outs[-1]], [then_logits]),
-             helper.make_node("Constant", [], [then_exit], value=numpy_helper.from_array(
-                 np.array([e], dtype=np.int64), f"c_then_{e}"))],
-            f"exit{e}", [], [helper.make_tensor_value_info(then_logits, TensorProto.FLOAT, [1, num_classes]),
-                             helper.make_tensor_value_info(then_exit, TensorProto.INT64, [1])])
-        rest, rest_logits, rest_exit = build(e + 1, outs[:-1])
+             _exit_constant(then_exit, e)],
+            f"exit{e}", [], _outputs(then_logits, then_exit, num_classes))
+        rest, rest_inits, rest_logits, rest_exit = build(e + 1, outs[:-1])
         else_logits, else_exit = f"else_logits_{e}", f"else_exit_{e}"
         rest += [helper.make_node("Identity", [rest_logits], [else_logits]),
                  helper.make_node("Identity", [rest_exit], [else_exit])]
-        else_graph = helper.make_graph(
-            rest, f"continue{e}", [],
-            [helper.make_tensor_value_info(else_logits, TensorProto.FLOAT, [1, num_classes]),
-             helper.make_tensor_value_info(else_exit, TensorProto.INT64, [1])])
+        # A segment's weights live in the branch that runs it: ONNX Runtime only folds and
+        # re-lays-out (NCHWc) weights that are initializers of the graph using them.
+        else_graph = helper.make_graph(rest, f"continue{e}", [],
+                                       _outputs(else_logits, else_exit, num_classes),
+                                       initializer=rest_inits)
         nodes += dec_nodes
         nodes.append(helper.make_node("If", [fire], [logits_out, exit_out],
                                       then_branch=then_graph, else_branch=else_graph))
-        return nodes, logits_out, exit_out
+        return nodes, inits + dec_inits, logits_out, exit_out
 
     x_info = segments[0].graph.input[0]
-    nodes, logits_name, exit_name = build(0, ["x"])
+    nodes, inits, logits_name, exit_name = build(0, ["x"])
     nodes += [helper.make_node("Identity", [logits_name], ["logits"]),
               helper.make_node("Identity", [exit_name], ["exit_index"])]
     shape = [d.dim_value for d in x_info.type.tensor_type.shape.dim]
     graph = helper.make_graph(
         nodes, "early_exit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, num_classes]),
-         helper.make_tensor_value_info("exit_index", TensorProto.INT64, [1])],
-        initializer=all_inits)
+        _outputs("logits", "exit_index", num_classes), initializer=inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                    producer_name="splitexit")
     onnx_model.ir_version = segments[0].ir_version
