@@ -214,3 +214,13 @@ def test_plan_command_prints_table_and_choice(capsys):
     assert "choice for latency on rpi4 -> gpu_server_t4 over lpwan" in out
     assert main(["plan", "--link", "nowhere"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_splitting_leaves_every_module_mode_alone(resnet, x):
+    wrapper = StagedModel(list(resnet.stages), resnet.cut_names)  # new wrapper: training mode
+    assert wrapper.training
+    split_model(wrapper, "block1", example=x)
+    inject_bottleneck(wrapper, "block1", BottleneckSpec(1, 2), x)
+    cut_costs(wrapper, x[:4], local=False, offload=False)
+    assert wrapper.training
+    assert not any(m.training for m in resnet.modules())

@@ -159,7 +159,9 @@ class _FromPixels(torch.nn.Module):
 
 def _offload_split(teacher: StagedModel, codec: str, example: torch.Tensor) -> SplitModel:
     server = StagedModel([_FromPixels(), *teacher.stages])
-    return split_model(StagedModel([_ToPixels(), server]), 0, codec=codec, example=example)
+    whole = StagedModel([_ToPixels(), server])
+    whole.training = server.training = False  # the teacher's shared stages keep their mode
+    return split_model(whole, 0, codec=codec, example=example)
 
 
 def _time_option(split: SplitModel, x: torch.Tensor, n: int) -> tuple[float, float]:

@@ -10,7 +10,9 @@ lives in :mod:`splitexit.training.bottlefit`; quantising what is sent is the cod
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,7 +23,24 @@ from ..errors import InputError
 from ..stages import Stage, StagedModel, payload_tensors
 
 __all__ = ["BottleneckSpec", "BottleneckEncoder", "BottleneckDecoder", "BottleneckedModel",
-           "inject_bottleneck", "bottleneck_cut_name", "decoded_cut_name"]
+           "inject_bottleneck", "bottleneck_cut_name", "decoded_cut_name", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in eval mode, then restore every submodule's own mode.
+
+    ``model.train(flag)`` would overwrite the modes of all submodules, e.g. switch the shared,
+    eval-mode stages of a trained model back to training mode when a new wrapper is built
+    around them.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def bottleneck_cut_name(cut: str) -> str:
@@ -218,11 +237,8 @@ def inject_bottleneck(model: StagedModel, cut: str, spec: BottleneckSpec,
     index = model.cut_index(cut)
     if isinstance(cut, int):
         cut = model.cut_names[index]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         payload = model.run(example, 0, index + 1)
-    model.train(was_training)
     tensors = payload_tensors(payload)
     if len(tensors) != 1 or tensors[0].dim() != 4:
         shapes = [tuple(t.shape) for t in tensors]

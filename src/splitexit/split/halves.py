@@ -21,7 +21,7 @@ from torch import nn
 from ..cost import count_macs
 from ..errors import InputError, PayloadError
 from ..stages import Payload, StagedModel, payload_tensors
-from .bottleneck import BottleneckedModel, BottleneckSpec, inject_bottleneck
+from .bottleneck import BottleneckedModel, BottleneckSpec, eval_mode, inject_bottleneck
 from .codec import DEFAULT_MAX_BYTES, Codec
 from .planner import LOCAL, OFFLOAD, CutCost
 
@@ -179,12 +179,16 @@ class SplitModel(nn.Module):
             A :class:`~splitexit.split.planner.CutCost`.
         """
         n = example.shape[0]
-        payload = self.device_half(example)
+        with eval_mode(self):
+            payload = self.device_half(example)
+            device_macs = count_macs(lambda: self.device_half(example)) / n
+            server_macs = count_macs(lambda: self.server_half(payload)) / n
+            payload_bytes = self.message_bytes(example)
         return CutCost(
             name=name or self.cut,
-            device_macs=count_macs(lambda: self.device_half(example)) / n,
-            server_macs=count_macs(lambda: self.server_half(payload)) / n,
-            payload_bytes=self.message_bytes(example),
+            device_macs=device_macs,
+            server_macs=server_macs,
+            payload_bytes=payload_bytes,
             exit_fraction=exit_fraction,
         )
 
@@ -261,11 +265,8 @@ def split_model(model: StagedModel, cut: str | int | None = None, codec: Codec |
     index = model.cut_index(cut)
     name = model.cut_names[index]
     device_half, server_half = model.split(index)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         payload = device_half(x)
-    model.train(was_training)
     spec = [TensorSpec(tuple(t.shape[1:]), t.dtype) for t in payload_tensors(payload)]
     return SplitModel(device_half, server_half, name, codec, spec, max_bytes)
 
@@ -300,12 +301,12 @@ def cut_costs(model: StagedModel, example: torch.Tensor, codec: Codec | str | No
     """
     if isinstance(codec, str):
         codec = Codec.parse(codec)
-    model.eval()
     n = example.shape[0]
-    total = count_macs(lambda: model(example)) / n
-    rows = [CutCost(LOCAL, total, 0.0, 0.0)] if local else []
-    for cut in (model.cut_names if cuts is None else cuts):
-        rows.append(split_model(model, cut, codec=codec, example=example).cut_cost(example))
+    with eval_mode(model):
+        total = count_macs(lambda: model(example)) / n
+        rows = [CutCost(LOCAL, total, 0.0, 0.0)] if local else []
+        for cut in (model.cut_names if cuts is None else cuts):
+            rows.append(split_model(model, cut, codec=codec, example=example).cut_cost(example))
     if offload:
         rows.append(CutCost(OFFLOAD, 0.0, total, input_message_bytes(example)))
     return rows
