@@ -54,6 +54,21 @@ def test_cut_inside_residual_block_carries_tuple_and_round_trips(digits, x):
     assert isinstance(split.decode(data), tuple)
 
 
+def test_tuple_payload_halves_export_to_onnx(digits, x, tmp_path):
+    from splitexit.export.onnx import OrtPiece
+
+    torch.manual_seed(0)
+    net = ResNet(digits.num_classes, 1).eval()
+    split = split_model(StagedModel.from_module(net, ["block2_conv1"]), "block2_conv1",
+                        example=x)
+    paths = split.export(tmp_path, x[:4])
+    device, server = OrtPiece(paths["device"]), OrtPiece(paths["server"])
+    payload = device(x)
+    assert isinstance(payload, tuple) and len(payload) == 2
+    with torch.no_grad():
+        assert torch.allclose(server(payload), net(x), atol=1e-4)
+
+
 @pytest.mark.parametrize("cut", ["stem", "block2"])
 def test_fp32_codec_is_bitwise(resnet, x, cut):
     split = split_model(resnet, cut, codec="fp32", example=x)
