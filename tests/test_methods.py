@@ -321,6 +321,10 @@ def test_heads_reject_bad_input(digits, backbone):
     cascade = CascadingHead((4, 2, 2), 3)
     with pytest.raises(InputError, match="previous logits"):
         cascade(torch.randn(2, 4, 2, 2), torch.randn(2, 5))
+    with pytest.raises(InputError, match="need 1 entries"):
+        GeometricEnsemble(weights=((1.0, 2.0),))
+    with pytest.raises(InputError, match="fit it on this model"):
+        ensemble_logits(GeometricEnsemble(weights=((1.0,),)), [torch.zeros(2, 3)] * 2)
     with pytest.raises(InputError, match="no Linear"):
         binarize(torch.nn.ReLU())
     with pytest.raises(InputError, match="single-tensor|unknown|valid"):

@@ -20,7 +20,7 @@ from .policies import ExitPolicy, NeverExit, Patience, ThresholdPolicy
 
 __all__ = ["OperatingPoint", "sweep", "pareto_front", "oracle", "choose_operating_point",
            "candidate_thresholds", "GuardedResult", "guarded_threshold", "learn_then_test",
-           "min_calibration_samples", "guard_grid", "drop_losses"]
+           "min_calibration_samples", "guard_grid", "drop_losses", "final_decision"]
 
 
 @dataclass
@@ -167,18 +167,29 @@ def guard_grid(policy: ThresholdPolicy, num_classes: int, num: int = 60) -> list
     return [float(v) * math.log(num_classes) for v in steps]
 
 
+def final_decision(policy: ExitPolicy, logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The decision logits ``policy`` forms at the last exit when no sample left earlier."""
+    n, c = logits[0].shape
+    state = policy.init_state(n, c)
+    decision = logits[-1]
+    for e, lg in enumerate(logits):
+        _, decision = policy.decide(e, lg, state)
+    return decision
+
+
 def drop_losses(logits: Sequence[torch.Tensor], labels: torch.Tensor, policies: Sequence[
         ExitPolicy]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample losses ``1[final exit right and the policy wrong]`` and exit indices.
 
-    Their mean bounds the accuracy drop vs the final exit from above.
+    "Final exit" is what the policy predicts when no sample leaves early (for ensembles, the
+    ensemble at the last exit). The losses' mean bounds the accuracy drop from above.
 
     Returns:
         ``(losses, exit_index)``, each of shape ``(len(policies), N)``.
     """
-    final_right = logits[-1].argmax(1) == labels
     losses, exits = [], []
     for p in policies:
+        final_right = final_decision(p, logits).argmax(1) == labels
         result = simulate_exits(logits, p)
         losses.append((final_right & (result.predictions != labels)).double())
         exits.append(result.exit_index)
@@ -221,7 +232,8 @@ def learn_then_test(losses: torch.Tensor, epsilon: float, delta: float) -> int:
 class GuardedResult:
     """A threshold certified by Learn-then-Test, and what it gives on the calibration data.
 
-    ``policy`` is :class:`NeverExit` when no threshold could be certified (``certified`` 0).
+    ``policy`` is :class:`NeverExit` (every sample runs to the backbone's own output) when no
+    threshold could be certified (``certified`` 0).
     """
 
     policy: ExitPolicy

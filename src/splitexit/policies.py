@@ -187,20 +187,21 @@ class FixedExit(ExitPolicy):
 
 @dataclass(frozen=True)
 class GeometricEnsemble(MaxProb):
-    """ZTW's geometric ensemble: exit on the running weighted product of every head's softmax.
+    """ZTW's geometric ensemble: exit on a weighted product of the softmax of every head so far.
 
-    At exit ``k`` the decision logits are ``sum_{j<=k} w_j * log_softmax(z_j) + b_j`` (a
-    weighted geometric mean of the heads' distributions, up to normalisation); the sum is
-    carried per sample in the policy state and shrinks with the batch. The sample exits when
-    the ensemble's top probability reaches ``threshold``. Fit ``weights`` and ``biases`` on
-    training logits with :func:`fit_ensemble_weights`.
+    At exit ``k`` the decision logits are ``sum_{j<=k} w[k][j] * log_softmax(z_j) + b[k]`` (a
+    weighted geometric mean of the heads' distributions, up to normalisation). As in ZTW, every
+    exit ``k`` has its own weights over the heads up to it and its own per-class bias, fitted
+    with :func:`fit_ensemble_weights`. The heads' log-probabilities seen so far are carried per
+    sample in the policy state and shrink with the batch. The sample exits when the ensemble's
+    top probability reaches ``threshold``. Unfitted (empty ``weights``), every head weighs 1.
 
     Attributes:
-        weights: one weight per exit (final included); missing entries count as 1.
-        biases: one per-class bias vector per exit; empty means zeros.
+        weights: per exit ``k``, the ``k + 1`` weights of exits ``0..k``.
+        biases: per exit, one per-class bias vector (empty means zeros).
     """
 
-    weights: tuple[float, ...] = ()
+    weights: tuple[tuple[float, ...], ...] = ()
     biases: tuple[tuple[float, ...], ...] = ()
     name = "geometric-ensemble"
     combine = "log_softmax"
@@ -209,26 +210,43 @@ class GeometricEnsemble(MaxProb):
         super().__post_init__()
         for field_name in ("weights", "biases"):
             value = getattr(self, field_name)
-            if isinstance(value, list) or (value and isinstance(value[0], list)):
-                object.__setattr__(self, field_name, tuple(
-                    tuple(v) if isinstance(v, list) else v for v in value))
+            rows = tuple(tuple(float(x) for x in v) for v in value)
+            object.__setattr__(self, field_name, rows)
+        for k, row in enumerate(self.weights):
+            if len(row) != k + 1:
+                raise InputError(f"ensemble weights of exit {k} need {k + 1} entries (exits "
+                                 f"0..{k}), got {len(row)}")
+
+    def term(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """One head's unweighted contribution (log-probabilities, or raw logits)."""
+        z = self.scaled(exit_index, logits).float()
+        return F.log_softmax(z, dim=1) if self.combine == "log_softmax" else z
+
+    def combine_terms(self, exit_index: int, terms: torch.Tensor) -> torch.Tensor:
+        """Decision logits at ``exit_index`` from the terms ``(N, exit_index + 1, C)``."""
+        if not self.weights:
+            out = terms.sum(1)
+        elif exit_index >= len(self.weights):
+            raise InputError(f"the ensemble has weights for {len(self.weights)} exits but the "
+                             f"model has more; fit it on this model's logits")
+        else:
+            w = torch.tensor(self.weights[exit_index], dtype=terms.dtype)
+            out = (terms * w[None, :, None]).sum(1)
+        if exit_index < len(self.biases):
+            out = out + torch.tensor(self.biases[exit_index], dtype=out.dtype)
+        return out
 
     def init_state(self, n, num_classes):
-        return {"sum": torch.zeros(n, num_classes)}
-
-    def combined(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
-        """This exit's weighted contribution to the ensemble."""
-        z = self.scaled(exit_index, logits).float()
-        term = F.log_softmax(z, dim=1) if self.combine == "log_softmax" else z
-        if exit_index < len(self.weights):
-            term = term * float(self.weights[exit_index])
-        if exit_index < len(self.biases):
-            term = term + torch.tensor(self.biases[exit_index], dtype=term.dtype)
-        return term
+        return {"terms": torch.zeros(n, max(1, len(self.weights)), num_classes)}
 
     def decide(self, exit_index, logits, state):
-        state["sum"] = state["sum"] + self.combined(exit_index, logits)
-        decision = state["sum"].clone()
+        term = self.term(exit_index, logits)
+        if self.weights:
+            state["terms"][:, exit_index] = term
+            decision = self.combine_terms(exit_index, state["terms"][:, : exit_index + 1])
+        else:  # unweighted: a running sum is all that is needed
+            state["terms"][:, 0] += term
+            decision = self.combine_terms(exit_index, state["terms"][:, :1])
         return self.statistic(decision) >= _per_exit(self.threshold, exit_index), decision
 
 
@@ -244,18 +262,15 @@ class AdditiveEnsemble(GeometricEnsemble):
 def ensemble_logits(policy: GeometricEnsemble, logits: Sequence[torch.Tensor]
                     ) -> list[torch.Tensor]:
     """The decision logits ``policy`` forms at every exit for whole (offline) logit lists."""
-    out, total = [], None
-    for e, lg in enumerate(logits):
-        term = policy.combined(e, lg)
-        total = term if total is None else total + term
-        out.append(total)
-    return out
+    terms = torch.stack([policy.term(e, lg) for e, lg in enumerate(logits)], dim=1)
+    return [policy.combine_terms(e, terms[:, : e + 1]) for e in range(len(logits))]
 
 
 def fit_ensemble_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor,
                          steps: int = 300, lr: float = 0.05,
                          policy: GeometricEnsemble | None = None) -> GeometricEnsemble:
-    """Fit ZTW's ensemble weights and biases: minimise the NLL of every prefix ensemble.
+    """Fit ZTW's ensembles: for every exit ``k`` separately, the weights of heads ``0..k`` and a
+    per-class bias minimising the NLL of that exit's ensemble.
 
     Args:
         logits: per-exit logits of the *training* split (backbone and heads frozen).
@@ -270,23 +285,24 @@ def fit_ensemble_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     if any(lg.shape != logits[0].shape for lg in logits) or len(labels) != len(logits[0]):
         raise InputError("every exit's logits must be (N, C) for the same N labels")
     policy = policy or GeometricEnsemble()
-    probe = replace(policy, weights=(), biases=())
-    terms = [probe.combined(e, lg.detach()) for e, lg in enumerate(logits)]
-    k, c = len(terms), terms[0].shape[1]
-    log_w = torch.zeros(k, requires_grad=True)
-    bias = torch.zeros(k, c, requires_grad=True)
-    opt = torch.optim.Adam([log_w, bias], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        total, loss = 0.0, 0.0
-        for e, term in enumerate(terms):
-            total = total + log_w[e].exp() * term + bias[e]
-            loss = loss + F.cross_entropy(total, labels)
-        (loss / k).backward()
-        opt.step()
-    weights = tuple(float(w) for w in log_w.detach().exp())
-    biases = tuple(tuple(float(b) for b in row) for row in bias.detach())
-    return replace(policy, weights=weights, biases=biases)
+    terms = torch.stack([policy.term(e, lg.detach()) for e, lg in enumerate(logits)], dim=1)
+    c = terms.shape[2]
+    weights, biases = [], []
+    for k in range(len(logits)):
+        # start from "this head alone": the ensemble can only add what earlier heads know
+        log_w = torch.full((k + 1,), -4.0)
+        log_w[k] = 0.0
+        log_w.requires_grad_(True)
+        bias = torch.zeros(c, requires_grad=True)
+        opt = torch.optim.Adam([log_w, bias], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            out = (terms[:, : k + 1] * log_w.exp()[None, :, None]).sum(1) + bias
+            F.cross_entropy(out, labels).backward()
+            opt.step()
+        weights.append(tuple(float(w) for w in log_w.detach().exp()))
+        biases.append(tuple(float(b) for b in bias.detach()))
+    return replace(policy, weights=tuple(weights), biases=tuple(biases))
 
 
 @dataclass(frozen=True)

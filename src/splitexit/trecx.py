@@ -51,7 +51,7 @@ class EarlyView(nn.Module):
 
 
 def early_view_model(backbone: StagedModel, cut: str, num_classes: int,
-                     input_shape: Sequence[int], head: str = "depthwise",
+                     input_shape: Sequence[int], head: str | nn.Module = "depthwise",
                      head_kwargs: dict | None = None) -> MultiExitModel:
     """A copy of ``backbone`` with one exit at ``cut`` and early-view assistance.
 
@@ -63,7 +63,7 @@ def early_view_model(backbone: StagedModel, cut: str, num_classes: int,
         cut: the cut of the early exit (a single-tensor cut).
         num_classes: classes of the task.
         input_shape: per-sample input shape.
-        head: head type of the early exit (T-RECX uses ``"depthwise"``).
+        head: head type of the early exit (T-RECX uses ``"depthwise"``), or a head module.
 
     Raises:
         InputError: an unknown cut, a cut or later cut carrying several tensors.
@@ -88,5 +88,6 @@ def early_view_model(backbone: StagedModel, cut: str, num_classes: int,
                 "carry-final": "final"}[role]
         stages.append(Stage(EarlyView(stage, role, assist if last else None), stage.name))
     staged = StagedModel(stages, base.cut_names)
-    exit_head = make_head(head, feat_shape, num_classes, **(head_kwargs or {}))
+    exit_head = (head if isinstance(head, nn.Module)
+                 else make_head(head, feat_shape, num_classes, **(head_kwargs or {})))
     return MultiExitModel(staged, {cut: exit_head}, input_shape=input_shape)

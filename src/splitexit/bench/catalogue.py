@@ -152,7 +152,7 @@ def _ztw(ctx: Context) -> Built:
     policy = fit_ztw_ensemble(model, ctx.train, steps=200)
     return Built(model, policy, secs + time.perf_counter() - t0,
                  {"training": "cascading sdn heads on frozen backbone + geometric ensemble",
-                  "ensemble_weights": list(policy.weights)})
+                  "ensemble_weights": [list(w) for w in policy.weights]})
 
 
 def _e2cm(ctx: Context) -> Built:
@@ -213,10 +213,15 @@ def _quicknets(ctx: Context) -> Built:
 
 def _trecx(ctx: Context) -> Built:
     cut = TRECX_CUT.get(ctx.model_name, ctx.baseline.cut_names[0])
+    # the model's own default head at that cut (depthwise on ResNet-8, B-LeNet's branch ...)
+    default = ctx.multi(init=False)
+    head = (default.heads[default.head_cuts.index(cut)] if cut in default.head_cuts
+            else "depthwise")
     model = early_view_model(ctx.baseline, cut, ctx.ds.num_classes, ctx.ds.input_shape,
-                             head="depthwise" if len(ctx.ds.input_shape) == 3 else "conv")
+                             head=head)
+    kind = getattr(model.heads[0], "kind", "module")
     secs = ctx.fit(model, JointWeighted(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
-    return Built(model, MaxProb(), secs, {"training": f"one depthwise exit at {cut} + early-view "
+    return Built(model, MaxProb(), secs, {"training": f"one {kind} exit at {cut} + early-view "
                                                       "assistance, joint from baseline"})
 
 
@@ -368,8 +373,8 @@ def _online_rows(ctx: Context, base: dict) -> list[dict]:
     """Online caching: fresh sdn caches on the frozen baseline, learned from unlabelled traffic."""
     ds = ctx.ds
     model = ctx.multi("sdn").eval()
-    cache = OnlineCache(model, threshold=0.9, probe_fraction=0.25, target_agreement=0.99,
-                        window=400, min_confident=200, seed=ctx.settings.seed)
+    cache = OnlineCache(model, threshold=0.9, probe_fraction=0.5, target_agreement=0.98,
+                        window=400, min_confident=200, lr=5e-3, seed=ctx.settings.seed)
     t0 = time.perf_counter()
     traffic = ctx.train.x
     for i in range(0, len(traffic), 64):
