@@ -20,6 +20,7 @@ def _command_line() -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from . import checkpoint
+    from .bench.measure import torch_threads
     from .cbnet import CBNetSettings, save_pipeline, train_cbnet
     from .data import load_dataset
 
@@ -28,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
                              max_drop=args.max_drop, targets_per_class=args.targets_per_class,
                              converter=args.converter, converter_epochs=args.converter_epochs,
                              finetune_epochs=args.finetune_epochs, seed=args.seed)
-    run = train_cbnet(ds, settings)
+    with torch_threads(args.threads):
+        run = train_cbnet(ds, settings)
     out = Path(args.out)
     save_pipeline(run.pipeline, out, command=_command_line(), train_seconds=run.train_seconds)
     checkpoint.save(run.branchynet, out / "branchynet", dataset=ds.name,
@@ -113,6 +115,8 @@ def register(subparsers) -> None:
     p.add_argument("--converter-epochs", type=int, default=d.converter_epochs)
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
                    help="fine-tune the light classifier on converted images (0: as published)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on a shared machine more threads only contend)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_train)
 

@@ -66,7 +66,7 @@ class CBNetBenchSettings:
     lr: float = 2e-3
     max_drop: float = 0.01
     converter_epochs: int = 6
-    converter_min_steps: int = 1000
+    converter_min_steps: int = 2000
     converter_lr: float = 2e-3
     converters: tuple[str, ...] = ("fc",)
     targets_per_class: int = 1
