@@ -57,9 +57,10 @@ from .zoo import create_multiexit
 
 __all__ = [
     "BRANCHYNET_WEIGHTS", "CBNetSettings", "CBNetRun", "CBNetTargets", "CBNetPipeline",
-    "ConvertingAutoencoder", "OnnxPipeline", "choose_threshold", "export_onnx",
-    "finetune_classifier", "first_exit_entropy", "light_classifier", "load_pipeline",
-    "save_pipeline", "select_targets", "train_branchynet", "train_cbnet", "train_converter",
+    "ConvertingAutoencoder", "OnnxPipeline", "choose_threshold", "convert", "export_onnx",
+    "finetune_classifier", "first_exit_entropy", "first_exit_logits", "light_classifier",
+    "load_pipeline", "onnx_session", "save_pipeline", "select_targets", "train_branchynet",
+    "train_cbnet", "train_converter",
 ]
 
 BRANCHYNET_WEIGHTS = (1.0, 0.3)  # BranchyNet's loss weights: first branch, final exit
