@@ -288,8 +288,9 @@ def test_strategies_reject_models_they_do_not_fit(digits, backbone):
         ZTW().prepare(multi(digits, backbone, "sdn"))
     with pytest.raises(InputError, match="ClassMeansHead"):
         fit_class_means(multi(digits, backbone, "sdn"), digits.train)
-    with pytest.raises(InputError, match="cascading"):
-        BoostNet().prepare(multi(digits, backbone, "cascading"))
+    for strategy in (BoostNet(), QuickNets()):
+        with pytest.raises(InputError, match="cascading"):
+            strategy.prepare(multi(digits, backbone, "cascading"))
     frozen = multi(digits, backbone, "sdn")
     frozen.backbone.requires_grad_(False)
     for strategy in (SDNRamp(), SelfDistillation(), BoostNet(), QuickNets()):

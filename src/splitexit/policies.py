@@ -242,6 +242,9 @@ class GeometricEnsemble(MaxProb):
     def decide(self, exit_index, logits, state):
         term = self.term(exit_index, logits)
         if self.weights:
+            if exit_index >= len(self.weights):
+                raise InputError(f"the ensemble has weights for {len(self.weights)} exits but "
+                                 "the model has more; fit it on this model's logits")
             state["terms"][:, exit_index] = term
             decision = self.combine_terms(exit_index, state["terms"][:, : exit_index + 1])
         else:  # unweighted: a running sum is all that is needed

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from ..errors import InputError
 from ..heads import ClassMeansHead
 from ..stages import payload_tensors
 from .checks import require_head_type
@@ -47,7 +48,11 @@ def fit_class_means(model, data, batch_size: int = 512) -> dict:
                 break
             payload = stage(payload)
             while e < len(model.heads) and model.exit_stages[e] == k:
-                model.heads[e].accumulate(payload_tensors(payload)[0], y)
+                tensors = payload_tensors(payload)
+                if len(tensors) != 1:
+                    raise InputError(f"cut {model.head_cuts[e]!r} carries {len(tensors)} "
+                                     "tensors; attach class-means heads at single-tensor cuts")
+                model.heads[e].accumulate(tensors[0], y)
                 e += 1
         seen += len(y)
     for head in model.heads:

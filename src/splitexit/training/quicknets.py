@@ -37,6 +37,9 @@ class QuickNets(Strategy):
         require_heads(model, self.name)
         require_trainable(model.backbone, "backbone", self.name)
         require_trainable(model.heads, "exit heads", self.name)
+        if any(getattr(h, "uses_previous", False) for h in model.heads):
+            raise InputError("QuickNets trains each exit on its own; use plain heads, not "
+                             "cascading ones")
         self._num_exits = model.num_exits
 
     def parameters(self, model):
