@@ -14,6 +14,7 @@ planner predicts the same figures from MACs (this host's measured GMAC/s) and pa
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -216,7 +217,9 @@ def _bottleneck_model(kind: str, teacher: StagedModel, width: int, ds, train_spl
                                         epochs=settings.autoencoder_epochs, seed=settings.seed)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
+    os.replace(partial, path)  # atomic: a concurrent run never reads half a file
     return model.eval(), seconds
 
 
@@ -445,6 +448,8 @@ def register(suites) -> None:
                    help="training samples for bottleneck training (0: all)")
     p.add_argument("--codecs", default=",".join(d.codecs))
     p.add_argument("--latency-samples", type=int, default=d.latency_samples)
+    p.add_argument("--test-samples", type=int, default=0,
+                   help="evaluate on this many test samples (0: all 10k)")
     p.add_argument("--cache", default=d.cache, help="where the baseline checkpoint and trained "
                    "bottlenecks are kept (not the report directory)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -460,7 +465,8 @@ def _cmd(args) -> int:
         stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
         train_samples=args.train_samples or None,
         codecs=tuple(c for c in args.codecs.split(",") if c),
-        latency_samples=args.latency_samples, cache=args.cache, seed=args.seed)
+        latency_samples=args.latency_samples, test_samples=args.test_samples or None,
+        cache=args.cache, seed=args.seed)
     for c in settings.codecs:
         Codec.parse(c)
     # One thread: on a shared machine the small convolutions train faster without
