@@ -79,6 +79,9 @@ def _cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the inference thread re-takes the GIL between torch ops; with the default 5 ms switch
+    # interval it waits behind the event loop's Python work (request parsing, decoding)
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     server, cfg = load_server(args.model_dir)
     app = create_app(server, cfg.payload, settings,
                      info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model})
@@ -171,6 +174,9 @@ def register(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--max-request-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads for inference")
+    p.add_argument("--switch-interval-ms", type=float, default=0.5,
+                   help="Python thread switch interval (lower: the inference thread waits "
+                   "less for the GIL behind request handling)")
     p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of uvicorn")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
     p.set_defaults(func=_cmd_serve)

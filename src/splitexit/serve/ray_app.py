@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -44,6 +45,7 @@ class _Replica:
         from .app import create_app
         from .modeldir import load_server
 
+        sys.setswitchinterval(0.0005)  # see `splitexit serve --switch-interval-ms`
         server, cfg = load_server(model_dir)
         self.app = create_app(server, cfg.payload, ServerSettings(**settings),
                               info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model,
