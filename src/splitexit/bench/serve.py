@@ -119,14 +119,29 @@ def _train_models(ds, s: ServeBenchSettings):
     return model, student, composite
 
 
-def _choose_policy(composite: MultiExitModel, ds, max_drop: float) -> tuple[MaxProb, dict]:
-    logits = composite.collect_logits(ds.calib.x)
-    costs = cost_table(composite, ds.calib.x[:8], measure=False)
-    points = sweep(logits, ds.calib.y, costs.exit_macs, MaxProb())
-    ref = float((logits[-1].argmax(1) == ds.calib.y).double().mean())
-    op = choose_operating_point(points, reference_accuracy=ref, max_drop=max_drop)
-    return op.policy, {"calib_accuracy": op.accuracy, "calib_final_accuracy": ref,
-                       "calib_exit_fractions": op.exit_fractions}
+def _choose_policy(composite: MultiExitModel, ds, max_drop: float,
+                   min_fraction: float = 0.05) -> tuple[MultiExitModel, MaxProb, dict]:
+    """Calibrate the exit threshold; drop local exits that would take < ``min_fraction`` of
+    the calibration samples (their head costs every sample time, for almost no exits) and
+    calibrate again without them."""
+    def calibrate(model: MultiExitModel):
+        logits = model.collect_logits(ds.calib.x)
+        costs = cost_table(model, ds.calib.x[:8], measure=False)
+        points = sweep(logits, ds.calib.y, costs.exit_macs, MaxProb())
+        ref = float((logits[-1].argmax(1) == ds.calib.y).double().mean())
+        return choose_operating_point(points, reference_accuracy=ref, max_drop=max_drop), ref
+
+    op, ref = calibrate(composite)
+    keep = [c for c, f in zip(composite.head_cuts, op.exit_fractions) if f >= min_fraction]
+    info = {"all_exits": composite.exit_names, "all_exit_fractions": op.exit_fractions}
+    if keep and len(keep) < len(composite.head_cuts):
+        composite = MultiExitModel(composite.backbone,
+                                   {c: composite.heads[composite.head_cuts.index(c)]
+                                    for c in keep}, composite.input_shape).eval()
+        op, ref = calibrate(composite)
+    return composite, op.policy, {**info, "exits": composite.exit_names,
+                                  "calib_accuracy": op.accuracy, "calib_final_accuracy": ref,
+                                  "calib_exit_fractions": op.exit_fractions}
 
 
 # ------------------------------------------------------------------ emulated device
@@ -292,16 +307,19 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
     decoded = torch.cat([codec.decode(codec.encode(payload[i: i + 32]))
                          for i in range(0, 512, 32)])
 
-    def inproc() -> float:
+    def inproc(batch_size: int = s.max_batch) -> float:
         with torch_threads(1):
-            return throughput(server, decoded, batch_size=s.max_batch)
+            return throughput(server, decoded, batch_size=batch_size)
 
     start = inproc()
     rows = [{"server": half, "method": "in-process, batch " + str(s.max_batch),
              "throughput_sps": start, "throughput_ratio": 1.0}]
     b32 = [codec.encode(payload[i: i + 32]) for i in range(0, 512, 32)]
     b1 = [codec.encode(payload[i: i + 1]) for i in range(64)]
-    configs = [("HTTP, micro-batching, 32-sample requests", s.max_batch, s.max_wait_ms, b32, 3,
+    b128 = [codec.encode(payload[i: i + 128]) for i in range(0, 512, 128)]
+    configs = [("HTTP, micro-batching, 128-sample requests", 128, s.max_wait_ms, b128, 2,
+                128),
+               ("HTTP, micro-batching, 32-sample requests", s.max_batch, s.max_wait_ms, b32, 3,
                 32),
                ("HTTP, micro-batching, 1-sample requests", s.max_batch, s.max_wait_ms, b1, 16,
                 1),
@@ -311,10 +329,11 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
         try:
             _load(url, bodies, clients, 1.0, per)  # warm-up
             # windows alternate with in-process runs (the machine is shared): medians of both
-            near, runs = [inproc()], []
+            batch = max(s.max_batch, max_batch)  # compare with in-process at >= its batch
+            near, runs = [inproc(batch)], []
             for _ in range(s.windows):
                 runs.append(_load(url, bodies, clients, s.load_seconds, per))
-                near.append(inproc())
+                near.append(inproc(batch))
             import httpx
 
             metrics = httpx.get(url + "/metrics").json()
@@ -330,7 +349,7 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
         rows.append({"server": half, "method": name, "clients": clients,
                      "samples_per_request": per, "max_batch": max_batch, **res,
                      "throughput_windows_sps": [r["throughput_sps"] for r in runs],
-                     "in_process_nearby_sps": ref,
+                     "in_process_batch": batch, "in_process_nearby_sps": ref,
                      "throughput_ratio": res["throughput_sps"] / ref,
                      "mean_server_batch": metrics["mean_batch_size"],
                      "server_compute_ms_p50": metrics["compute_ms"].get("p50")})
@@ -401,7 +420,7 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
     with torch_threads(1):
         ds = load_dataset("fashion-mnist", seed=s.seed)
         model, student, composite = _train_models(ds, s)
-        policy, calib = _choose_policy(composite, ds, s.max_drop)
+        composite, policy, calib = _choose_policy(composite, ds, s.max_drop)
         host = measure_host_profile(threads=1)
     device_profile = get_device(s.device)
     factor = max(1.0, host.compute_gmacs_per_s / device_profile.compute_gmacs_per_s)
@@ -470,6 +489,9 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         f"Latency is per sample, batch 1, sequential calls of the edge runtime (first 2 calls "
         f"are warm-up); {s.samples} test samples on links with RTT < 100 ms, "
         f"{s.slow_link_samples} on slower links. Codec {s.codec} for every offload.",
+        "Local exits that the calibrated policy would use for < 5% of the calibration samples "
+        "are removed from the device (report.json 'calibration' lists all exits and the kept "
+        "ones).",
         f"Model: ResNet-8 trained jointly with exits at stem/block1/block2 on "
         f"{s.train_samples} Fashion-MNIST training samples for {s.epochs} epochs (a reduced "
         f"setting to fit the time budget); bottleneck {s.bottleneck_channels} channels stride "
