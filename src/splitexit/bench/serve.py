@@ -56,6 +56,7 @@ class ServeBenchSettings:
     cut: str = "block2"
     codec: str = "int8"
     device: str = "rpi4"
+    device_factor: float | None = None
     links: tuple[str, ...] = ("5g", "wifi", "lte", "lte_weak", "lpwan")
     samples: int = 100
     slow_link_samples: int = 25
@@ -421,9 +422,12 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         ds = load_dataset("fashion-mnist", seed=s.seed)
         model, student, composite = _train_models(ds, s)
         composite, policy, calib = _choose_policy(composite, ds, s.max_drop)
-        host = measure_host_profile(threads=1)
+        # the fastest of several probes: other jobs on the machine only ever slow a probe down
+        host = max((measure_host_profile(threads=1) for _ in range(5)),
+                   key=lambda h: h.compute_gmacs_per_s)
     device_profile = get_device(s.device)
-    factor = max(1.0, host.compute_gmacs_per_s / device_profile.compute_gmacs_per_s)
+    factor = s.device_factor or max(1.0, host.compute_gmacs_per_s
+                                    / device_profile.compute_gmacs_per_s)
     Emulated = _device_class()
     teacher = model.backbone
     bcut = student.bottleneck_cut
@@ -480,7 +484,9 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         f"Device emulated as {device_profile.name} (profile estimate "
         f"{device_profile.compute_gmacs_per_s} GMAC/s): device work runs on this host, then "
         f"waits {factor - 1:.2f}x its measured time (host measured at "
-        f"{host.compute_gmacs_per_s:.1f} GMAC/s on 1 thread). The server runs at host speed, "
+        f"{host.compute_gmacs_per_s:.1f} GMAC/s on 1 thread, fastest of 5 probes). This "
+        "scales per-op overhead as much as arithmetic, so it is pessimistic for batch-1 runs "
+        "of very small models. The server runs at host speed, "
         "in the same process as the edge for the per-link table (its own thread), in its own "
         "process for the throughput table.",
         "Links: splitexit.devices profiles (estimates) applied by the loopback shaping proxy in "
@@ -587,6 +593,9 @@ def register(suites) -> None:
     p.add_argument("--samples", type=int, default=d.samples)
     p.add_argument("--slow-link-samples", type=int, default=d.slow_link_samples)
     p.add_argument("--device", default=d.device, help="emulated device profile")
+    p.add_argument("--device-factor", type=float, default=None,
+                   help="slow-down of device work vs this host (default: host GMAC/s, fastest "
+                   "of 5 probes, / the device profile's GMAC/s)")
     p.add_argument("--codec", default=d.codec)
     p.add_argument("--cut", default=d.cut, help="where the device hands over to the server")
     p.add_argument("--load-seconds", type=float, default=d.load_seconds)
@@ -602,7 +611,8 @@ def _cmd(args) -> int:
     s = ServeBenchSettings(train_samples=args.train_samples, epochs=args.epochs,
                            links=tuple(x for x in args.links.split(",") if x),
                            samples=args.samples, slow_link_samples=args.slow_link_samples,
-                           device=args.device, codec=args.codec, cut=args.cut,
+                           device=args.device, device_factor=args.device_factor,
+                           codec=args.codec, cut=args.cut,
                            load_seconds=args.load_seconds,
                            ray=not args.no_ray, cache=args.cache, seed=args.seed)
     Codec.parse(s.codec)
