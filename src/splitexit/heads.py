@@ -118,8 +118,8 @@ class SDNHead(ExitHead):
             av = F.adaptive_avg_pool1d(x, self.out_spatial)
         else:
             mx = av = x
-        a = self.alpha.clamp(0, 1)
-        return self.fc((a * mx + (1 - a) * av).flatten(1))
+        # alpha * max + (1 - alpha) * avg in one op (fewer dispatches at batch 1)
+        return self.fc(torch.lerp(av, mx, self.alpha.clamp(0, 1)).flatten(1))
 
 
 @register_head("conv")

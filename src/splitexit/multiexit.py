@@ -160,14 +160,17 @@ class MultiExitModel(nn.Module):
                 fire, decision = policy.decide(e, logits, state)
                 if e == last:
                     fire = torch.ones_like(fire)
+                if bool(fire.all()):  # everyone left: no selection needed
+                    predictions[active] = decision.argmax(dim=1)
+                    exit_index[active] = e
+                    out_logits[active] = decision.to(out_logits.dtype)
+                    return ExitResult(predictions, exit_index, out_logits)
                 if bool(fire.any()):
                     rows = active[fire]
                     predictions[rows] = decision[fire].argmax(dim=1)
                     exit_index[rows] = e
                     out_logits[rows] = decision[fire].to(out_logits.dtype)
                     keep = ~fire
-                    if not bool(keep.any()):
-                        return ExitResult(predictions, exit_index, out_logits)
                     active = active[keep]
                     payload = payload_select(payload, keep)
                     state = {name: v[keep] for name, v in state.items()}
