@@ -7,10 +7,17 @@ FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-fast lint data bench clean
 
+TEST_STAMP := $(VENV)/.installed-test-stamp
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
+
+# The tests also exercise the Ray Serve deployment (two local replicas).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,ray]"
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/splitexit demo --out runs/demo
@@ -22,7 +29,7 @@ data:
 	    ($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
 	    || echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"; }
 
-test: $(STAMP) data
+test: $(TEST_STAMP) data
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
