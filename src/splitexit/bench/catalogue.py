@@ -87,6 +87,8 @@ class CatalogueSettings:
         finetune_epochs: epochs of the joint methods (started from the baseline).
         budgets: MACs budgets as fractions of the baseline's MACs.
         latency_samples: test samples timed one at a time per method.
+        joint_head: head type of BranchyNet, self-distillation, BoostNet and QuickNets (the
+            model's default when ``None``; ``"sdn"`` compares them with SDN/ZTW head for head).
     """
 
     configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
@@ -99,6 +101,7 @@ class CatalogueSettings:
     batch_size: int = 128
     budgets: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     latency_samples: int = 200
+    joint_head: str | None = None
     threads: int | None = 1
     seed: int = 0
     progress: bool | None = None
@@ -172,7 +175,7 @@ def _binary_heads(ctx: Context) -> Built:
 
 
 def _branchynet(ctx: Context) -> Built:
-    model = ctx.multi()
+    model = ctx.multi(ctx.settings.joint_head)
     secs = ctx.fit(model, JointWeighted(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
     return Built(model, Entropy(), secs, {"training": "joint weighted loss from the baseline, "
                                                       "model's default heads, entropy exit"})
@@ -185,7 +188,7 @@ def _sdn_ramp(ctx: Context) -> Built:
 
 
 def _distill(ctx: Context) -> Built:
-    model = ctx.multi()
+    model = ctx.multi(ctx.settings.joint_head)
     secs = ctx.fit(model, SelfDistillation(), ctx.settings.finetune_epochs,
                    lr=ctx.settings.lr / 2)
     return Built(model, MaxProb(), secs, {"training": "self-distillation (T=3, alpha=0.5), "
@@ -193,7 +196,7 @@ def _distill(ctx: Context) -> Built:
 
 
 def _boostnet(ctx: Context) -> Built:
-    model = ctx.multi()
+    model = ctx.multi(ctx.settings.joint_head)
     secs = ctx.fit(model, BoostNet(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
     return Built(model, AdditiveEnsemble(), secs,
                  {"training": "additive boosting model, re-weighting, gradient rescaling, "
@@ -201,7 +204,7 @@ def _boostnet(ctx: Context) -> Built:
 
 
 def _quicknets(ctx: Context) -> Built:
-    model = ctx.multi()
+    model = ctx.multi(ctx.settings.joint_head)
     epochs = max(model.num_exits, ctx.settings.finetune_epochs)
     secs = ctx.fit(model, QuickNets(), epochs, lr=ctx.settings.lr / 2)
     commit = fit_commitment(model, ctx.ds.calib, precision=0.99)
@@ -591,6 +594,8 @@ def run_catalogue(out: str | Path, settings: CatalogueSettings | None = None,
         "(gradient_steps 0, passes 1).",
         "ZTW uses the geometric ensemble and BoostNet the additive ensemble of the exits so far "
         "as decision logits (anytime rows too).",
+        f"Joint methods (BranchyNet, self-distillation, BoostNet, QuickNets) use "
+        f"{s.joint_head or 'each model default'} heads; SDN, PABEE and ZTW use sdn heads.",
         "PABEE, the exit gate and guarded calibration reuse the sdn model; online caching "
         "starts fresh sdn heads on the frozen baseline and learns from the training subset "
         "as unlabelled traffic (labels unused).",
@@ -622,6 +627,8 @@ def register(suites) -> None:
     p.add_argument("--head-epochs", type=int, default=3)
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--latency-samples", type=int, default=200)
+    p.add_argument("--joint-head", default=None,
+                   help="head type of the joint methods (default: the model's own)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts-only", action="store_true",
@@ -637,7 +644,8 @@ def _cli(args: argparse.Namespace) -> int:
         methods=args.methods.split(",") if args.methods else None,
         train_subset=args.train_subset or None, baseline_epochs=args.baseline_epochs,
         head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
-        latency_samples=args.latency_samples, threads=args.threads, seed=args.seed)
+        latency_samples=args.latency_samples, joint_head=args.joint_head,
+        threads=args.threads, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     report = run_catalogue(args.out, settings, command=_command_line(),
