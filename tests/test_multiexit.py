@@ -70,7 +70,7 @@ def test_exits_are_accurate_after_training(trained_resnet8, digits):
     from splitexit.training import evaluate_exits
 
     accs = evaluate_exits(trained_resnet8, digits.test.x, digits.test.y)
-    assert accs[-1] > 0.9 and accs[1] > 0.5  # chance is 0.1
+    assert accs[-1] > 0.9 and min(accs) > 0.25  # chance is 0.1
 
 
 @pytest.mark.parametrize("name", list_models())
