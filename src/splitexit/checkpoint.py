@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import CorruptFileError, InputError
 
-__all__ = ["save", "load", "load_weights", "read_meta"]
+__all__ = ["save", "load", "load_weights", "read_meta", "load_policy"]
 
 FORMAT = "splitexit-checkpoint"
 VERSION = 1
@@ -115,3 +115,27 @@ def load(directory: str | os.PathLike) -> nn.Module:
     else:
         model = create_model(spec["model"], **common)
     return load_weights(model, directory)
+
+
+def load_policy(directory: str | os.PathLike, spec: str | None = None, default=None):
+    """The exit policy to serve a checkpoint with.
+
+    Args:
+        spec: a policy name (``"maxprob"``) or JSON (``'{"name": "maxprob", "threshold": 0.9}'``);
+            wins over the checkpoint's ``calibration.json``.
+        default: returned when neither is there; ``None`` raises instead.
+
+    Raises:
+        InputError: no policy given and the checkpoint was never calibrated.
+    """
+    from .policies import make_policy
+
+    calibration = Path(directory) / "calibration.json"
+    if spec:
+        return make_policy(json.loads(spec) if spec.lstrip().startswith("{") else spec)
+    if calibration.is_file():
+        return make_policy(json.loads(calibration.read_text())["policy"])
+    if default is not None:
+        return default
+    raise InputError(f"no policy: run `splitexit calibrate {directory}` first or pass "
+                     "--policy '{\"name\": \"maxprob\", \"threshold\": 0.9}'")

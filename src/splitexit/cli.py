@@ -104,16 +104,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _cmd_calibrate(args) -> int:
+def _checkpoint_and_data(args):
+    """The checkpoint's model and the data set it names (or ``--dataset``)."""
     from . import checkpoint
-    from .calibration import choose_operating_point, pareto_front, sweep
-    from .cost import cost_table
     from .data import load_dataset
-    from .policies import make_policy
 
     model = checkpoint.load(args.checkpoint)
     meta = checkpoint.read_meta(args.checkpoint)
-    ds = load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
+    return model, load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
+
+
+def _cmd_calibrate(args) -> int:
+    from .calibration import choose_operating_point, pareto_front, sweep
+    from .cost import cost_table
+    from .policies import make_policy
+
+    model, ds = _checkpoint_and_data(args)
     costs = cost_table(model, ds.calib.x[:64], measure=False)
     logits = model.collect_logits(ds.calib.x)
     points = sweep(logits, ds.calib.y, costs.exit_macs, make_policy(args.policy))
@@ -138,23 +144,10 @@ def _cmd_evaluate(args) -> int:
     from . import checkpoint
     from .bench.measure import latency_batch1, torch_threads
     from .cost import cost_table, mean_macs
-    from .data import load_dataset
-    from .errors import InputError
-    from .policies import make_policy
     from .report import write_report
 
-    model = checkpoint.load(args.checkpoint)
-    meta = checkpoint.read_meta(args.checkpoint)
-    ds = load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
-    calib = Path(args.checkpoint, "calibration.json")
-    if args.policy:
-        policy = make_policy(json.loads(args.policy) if args.policy.startswith("{")
-                             else args.policy)
-    elif calib.is_file():
-        policy = make_policy(json.loads(calib.read_text())["policy"])
-    else:
-        raise InputError(f"no policy: run `splitexit calibrate {args.checkpoint}` first or pass "
-                         "--policy '{\"name\": \"maxprob\", \"threshold\": 0.9}'")
+    model, ds = _checkpoint_and_data(args)
+    policy = checkpoint.load_policy(args.checkpoint, args.policy)
     costs = cost_table(model, ds.calib.x[:64], measure=False)
     result = model.infer(ds.test.x, policy)
     with torch_threads(1):

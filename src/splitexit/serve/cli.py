@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 __all__ = ["register", "run_edge"]
 
@@ -26,7 +25,7 @@ def _cmd_prepare(args) -> int:
     from splitexit import checkpoint
     from splitexit.errors import InputError
     from splitexit.multiexit import MultiExitModel
-    from splitexit.policies import NeverExit, make_policy
+    from splitexit.policies import NeverExit
 
     from .modeldir import export_model_dir
 
@@ -34,14 +33,7 @@ def _cmd_prepare(args) -> int:
     if not isinstance(model, MultiExitModel):
         raise InputError(f"{args.checkpoint} holds a plain backbone; train a multi-exit model "
                          "(splitexit train --strategy joint) so the device has local exits")
-    calib = Path(args.checkpoint, "calibration.json")
-    if args.policy:
-        policy = make_policy(json.loads(args.policy) if args.policy.startswith("{")
-                             else args.policy)
-    elif calib.is_file():
-        policy = make_policy(json.loads(calib.read_text())["policy"])
-    else:
-        policy = NeverExit()
+    policy = checkpoint.load_policy(args.checkpoint, args.policy, default=NeverExit())
     cut = None if args.cut in ("input", "none") else args.cut
     out = export_model_dir(model, cut, args.out, codec=args.codec, policy=policy)
     print(f"wrote model directory {out} (cut {cut or 'input'}, codec {args.codec}, policy "
