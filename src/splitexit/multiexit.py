@@ -158,14 +158,14 @@ class MultiExitModel(nn.Module):
                     state = policy.init_state(n, logits.shape[1])
                     out_logits = torch.empty(n, logits.shape[1], dtype=logits.dtype)
                 fire, decision = policy.decide(e, logits, state)
-                if e == last:
-                    fire = torch.ones_like(fire)
-                if bool(fire.all()):  # everyone left: no selection needed
+                # one host sync per exit: how many leave now (all of them at the final exit)
+                leaving = len(active) if e == last else int(fire.sum())
+                if leaving == len(active):  # everyone left: no selection needed
                     predictions[active] = decision.argmax(dim=1)
                     exit_index[active] = e
                     out_logits[active] = decision.to(out_logits.dtype)
                     return ExitResult(predictions, exit_index, out_logits)
-                if bool(fire.any()):
+                if leaving:
                     rows = active[fire]
                     predictions[rows] = decision[fire].argmax(dim=1)
                     exit_index[rows] = e
