@@ -47,7 +47,9 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
                    help="retrain even if OUT/models holds trained checkpoints")
     p.add_argument("--strategy", default="joint", choices=["joint", "heads-only"])
     p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin"])
-    p.add_argument("--head", default=None, help="exit head type (model default if omitted)")
+    p.add_argument("--head", default="resnet8=sdn",
+                   help="exit head type for every model, or per model as 'resnet8=sdn,mlp=linear' "
+                        "(models not named use their default; default: resnet8=sdn)")
     p.add_argument("--latency-samples", type=int, default=None,
                    help="test samples timed at batch 1 (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads while timing")
