@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import torch
 from torch import nn
 
@@ -25,6 +23,7 @@ from splitexit.serve import (
     export_model_dir,
     load_server,
 )
+from splitexit.serve.app import free_port, wait_until_healthy  # noqa: F401 (re-exported for tests)
 from splitexit.zoo import create_multiexit
 
 CUT = "block1"
@@ -84,12 +83,6 @@ def running_server(model_dir: Path, module: nn.Module | None = None, **settings)
         srv.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server_process(model_dir: Path, *extra: str):
     """``splitexit serve MODEL_DIR`` as a real subprocess on a free loopback port."""
@@ -100,18 +93,7 @@ def server_process(model_dir: Path, *extra: str):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        t_end = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > t_end:
-                raise RuntimeError("server did not come up within 60 s")
-            time.sleep(0.1)
+        wait_until_healthy(url, 60, process=proc, interval_s=0.1)
         yield proc, url
     finally:
         if proc.poll() is None:

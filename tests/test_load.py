@@ -117,21 +117,14 @@ def test_graceful_shutdown_under_load(model_dir, digits):
 @pytest.mark.slow
 @pytest.mark.skipif(ray_available() is not None, reason=str(ray_available()))
 def test_ray_serve_two_replicas(model_dir, digits):
-    from serve_helpers import free_port
+    from serve_helpers import free_port, wait_until_healthy
     from splitexit.serve import ray_app
 
     url = ray_app.deploy(model_dir, replicas=2, settings=ServerSettings(max_batch=16,
                                                                         threads=1),
                          port=free_port(), num_cpus=2)
     try:
-        t_end = time.monotonic() + 60
-        while time.monotonic() < t_end:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_healthy(url, 60, interval_s=0.5)
         pids = {httpx.get(url + "/health", timeout=5).json()["replica_pid"] for _ in range(20)}
         assert len(pids) == 2
         x = digits.test.x[: CLIENTS * REQUESTS]

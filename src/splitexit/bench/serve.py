@@ -35,6 +35,7 @@ from ..devices import get_device, get_link, measure_host_profile
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb, NeverExit
 from ..report import write_report
+from ..serve.app import free_port, wait_until_healthy
 from ..split.codec import Codec
 from .measure import throughput, torch_threads
 
@@ -256,34 +257,18 @@ def _load(url: str, bodies: list[bytes], clients: int, seconds: float,
 
 
 def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: float):
-    import httpx
-
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitexit.cli", "serve", str(model_dir), "--port", str(port),
          "--threads", "1", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
          "--max-request-samples", "256", "--max-request-bytes", str(64 * 1024 * 1024)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    t_end = time.monotonic() + 90
-    while time.monotonic() < t_end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server process exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server process did not come up within 90 s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        wait_until_healthy(url, 90, process=proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def _throughput_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[dict]:
@@ -326,7 +311,7 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
                 1),
                ("HTTP, one request at a time, 1-sample requests", 1, 0.0, b1, 16, 1)]
     for name, max_batch, wait, bodies, clients, per in configs:
-        proc, url = _server_process(model_dir, _free_port(), max_batch, wait)
+        proc, url = _server_process(model_dir, free_port(), max_batch, wait)
         try:
             _load(url, bodies, clients, 1.0, per)  # warm-up
             # windows alternate with in-process runs (the machine is shared): medians of both
@@ -366,23 +351,15 @@ def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes], inpro
 
     if ray_available():
         return [{"server": half, "method": "Ray Serve", "note": ray_available()}]
-    import httpx
 
     rows = []
     for replicas in (1, 2):
         url = deploy(model_dir, replicas, ServerSettings(max_batch=s.max_batch,
                                                          max_wait_ms=s.max_wait_ms, threads=1,
                                                          max_request_bytes=64 * 1024 * 1024),
-                     port=_free_port(), num_cpus=2)
+                     port=free_port(), num_cpus=2)
         try:
-            t_end = time.monotonic() + 120
-            while time.monotonic() < t_end:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
+            wait_until_healthy(url, 120, interval_s=0.5)
             _load(url, bodies, 4, 1.0, 32)
             near, runs = [inproc()], []
             for _ in range(s.windows):

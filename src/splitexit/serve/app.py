@@ -639,3 +639,39 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for local servers in tests and benches)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, timeout_s: float = 60.0, process=None,
+                       interval_s: float = 0.2) -> None:
+    """Poll ``url/health`` until it answers 200.
+
+    Args:
+        process: a ``subprocess.Popen`` running the server; its early exit is reported at once.
+
+    Raises:
+        RuntimeError: the process exited, or no healthy answer within ``timeout_s``.
+    """
+    import httpx
+
+    t_end = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            detail = process.stderr.read().decode()[-2000:] if process.stderr else ""
+            raise RuntimeError(f"server process exited with {process.returncode}: {detail}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > t_end:
+            raise RuntimeError(f"server at {url} did not become healthy within {timeout_s:g} s")
+        time.sleep(interval_s)
