@@ -8,6 +8,16 @@ from splitexit.training import JointWeighted, train
 from splitexit.zoo import create_multiexit
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: two intra-op threads on a shared
+    two-core machine make small convolutions much slower and kernel timings meaningless."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")

@@ -15,13 +15,7 @@ from splitexit.zoo import ResNet, create_multiexit, list_models
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two intra-op threads on a shared two-core machine make small convolutions 30x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shape(name: str) -> tuple[int, ...]:

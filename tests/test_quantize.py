@@ -18,13 +18,7 @@ from splitexit.export import OrtPiece, export_piece
 from splitexit.training import Baseline, train
 from splitexit.zoo import create_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

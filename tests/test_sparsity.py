@@ -25,13 +25,7 @@ from splitexit.export import OrtPiece, export_piece
 from splitexit.training import Baseline, JointWeighted, train
 from splitexit.zoo import create_model, create_multiexit
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("out_units,in_units,fan_in", [(40, 784, 78), (10, 40, 4), (256, 64, 9),

@@ -246,10 +246,7 @@ class GuardedResult:
     mean_macs: float
     exit_fractions: list[float]
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["policy"] = self.policy.config()
-        return d
+    to_dict = OperatingPoint.to_dict
 
 
 def guarded_threshold(logits: Sequence[torch.Tensor], labels: torch.Tensor,
