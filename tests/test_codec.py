@@ -32,6 +32,7 @@ ALL_SPECS = [
     for ch in (("", "-ch") if kind.startswith("int") else ("",))
     for z in ("", "+zstd")
 ]
+ALL_SPECS += [f"{s}:v2" for s in ALL_SPECS]  # the compact wire format (version 2)
 LOSSY_SPECS = [s for s in ALL_SPECS if not s.startswith("fp32")]
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -303,7 +304,9 @@ def test_parse_and_spec_are_inverse():
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "fp8", "int8ch", "fp16-ch", "int8+lz4", "int8+zstd0", "int8+zstd23", 3]
+    "bad",
+    ["", "fp8", "int8ch", "fp16-ch", "int8+lz4", "int8+zstd0", "int8+zstd23", 3, "int8:v3",
+     "int8:v0", "int8:2", "int8:v2+zstd"],
 )
 def test_bad_specs_list_the_valid_ones(bad):
     with pytest.raises(InputError, match="valid"):
@@ -318,6 +321,10 @@ def test_bad_specs_list_the_valid_ones(bad):
         {"lossless": "gzip"},
         {"zstd_level": 0},
         {"zstd_level": True},
+        {"version": 3},
+        {"version": 0},
+        {"version": True},
+        {"version": "2"},
     ],
 )
 def test_bad_codec_fields_raise(kwargs):
@@ -378,6 +385,10 @@ def _samples() -> list[bytes]:
         Codec("int8", True).encode(x),
         Codec("int4", True, "zstd").encode((x, x[:, :, :3].to(torch.bfloat16))),
         Codec("fp32", lossless="zstd").encode(x),
+        Codec("fp32", version=2).encode((x, torch.arange(4), torch.tensor(True))),
+        Codec("int8", True, version=2).encode(x),
+        Codec("int4", True, "zstd", version=2).encode((x, x[:, :, :3].to(torch.bfloat16))),
+        Codec("int4", version=2).encode(torch.randn(1, 2, 7, 7, generator=g)),
     ]
 
 
@@ -512,7 +523,7 @@ def test_forged_zstd_sizes_and_bombs_are_refused_before_decompressing():
     ("data", "match"),
     [
         (b"XXXX" + _forge()[4:], "magic"),
-        (_forge(version=2), "version 2.*reads version.*1"),
+        (_forge(version=3), "version 3.*reads version.*1, 2"),
         (_forge(version=0), "version 0"),
         (_forge(kind=4), "unknown codec kind code 4.*int4"),
         (_forge(flags=8), "flag"),
@@ -568,3 +579,111 @@ def test_non_bytes_input_is_a_payload_error():
             decode(bad)  # type: ignore[arg-type]
     data = Codec("int4").encode(torch.ones(3))
     assert torch.equal(decode(bytearray(data)), decode(memoryview(data)))
+
+
+# --------------------------------------------------------------------------- compact format (v2)
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _forge2(*, kind=0, flags=0, tensors=((0, (2,), (), ()),), n=None, dims_bytes=None,
+            body=b"\x00" * 8) -> bytes:
+    """A version-2 message built field by field: tensors are (dtype code, dims, scales, mins)."""
+    out = [MAGIC, bytes([2, kind, flags, len(tensors) if n is None else n])]
+    for code, dims, scales, mins in tensors:
+        out.append(bytes([code, len(dims)]))
+        out.append(b"".join(_varint(d) for d in dims) if dims_bytes is None else dims_bytes)
+        out.append(struct.pack(f"<{len(scales)}f", *scales))
+        out.append(struct.pack(f"<{len(mins)}f", *mins))
+    out.append(body)
+    return b"".join(out)
+
+
+def test_compact_wire_layout_of_a_small_message():
+    data = Codec("int8", version=2).encode(torch.tensor([[0.0, 2.0]]))
+    head = MAGIC + bytes([2, 2, 0, 1]) + bytes([0, 2, 1, 2])
+    assert data == head + struct.pack("<ff", 2.0 / 255, 0.0) + bytes([0, 255])
+    assert torch.equal(decode(_forge2()), torch.zeros(2))
+    big = Codec("fp32", version=2).encode(torch.zeros(300, 1))
+    assert big[8:12] == bytes([0, 2, 0xAC, 0x02]) + b"" and big[12] == 1  # 300 = 0xAC 0x02
+
+
+def test_compact_header_of_one_bottleneck_sample():
+    z = torch.randn(1, 2, 7, 7)
+    v1, v2 = Codec("int4"), Codec("int4", version=2)
+    assert len(v1.encode(z)) == 49 + 62
+    assert len(v2.encode(z)) == 49 + 22  # 8 fixed + dtype, ndim, 4 one-byte dims + scale, min
+    assert len(Codec("int8", version=2).encode(z[:, :1])) == 49 + 22
+    assert torch.equal(decode(v1.encode(z)), decode(v2.encode(z)))  # same quantisation
+    assert v2.bytes_per_sample(z.expand(64, 2, 7, 7)) == pytest.approx(49 + 22 / 64, abs=0.1)
+
+
+def test_codec_of_and_decode_accept_either_version():
+    x = torch.randn(3, 4)
+    data = Codec("int8", True, "zstd", version=2).encode(x)
+    assert codec_of(data) == Codec("int8", True, "zstd", version=2)
+    assert codec_of(data).spec() == "int8-ch+zstd:v2"
+    # the receiver needs no configuration: a version-1 Codec reads version 2 and vice versa
+    assert torch.equal(Codec("int8", True, "zstd").decode(data), decode(data))
+    v1 = Codec("int8", True, "zstd").encode(x)
+    assert torch.equal(Codec("int8", True, "zstd", version=2).decode(v1), decode(data))
+    with pytest.raises(PayloadError, match="encoded with codec 'int8-ch\\+zstd:v2'"):
+        Codec("int4", version=2).decode(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (_forge2(dims_bytes=b"\x82\x00"), "non-minimal"),
+        (_forge2(dims_bytes=b"\x80\x80\x80\x80\x80\x01"), "longer than 5"),
+        (_forge2(dims_bytes=b"\xff\xff\xff\xff\x7f"), "exceeds 2\\*\\*32"),
+        (_forge2(dims_bytes=b"\x82", body=b""), "truncated"),
+        (_forge2(body=b"\x00" * 7), "truncated"),
+        (_forge2(body=b"\x00" * 9), "trailing garbage"),
+        (_forge2(n=2), "not a tuple"),
+        (_forge2(tensors=((10, (2,), (), ()),)), "dtype code 10"),
+        (_forge2(tensors=((0, (1,) * 9, (), ()),), body=b"\x00" * 4), "ndim 9"),
+        (_forge2(kind=2, tensors=((0, (8,), (float("nan"),), (0.0,)),)), "non-finite"),
+        (_forge2(kind=2, tensors=((0, (8,), (-1.0,), (0.0,)),)), "negative"),
+        (_forge2(kind=2, tensors=((0, (8,), (3e38,), (0.0,)),)), "range"),
+        (_forge2(kind=2, tensors=((0, (8,), (), ()),)), "truncated"),  # params missing
+        (_forge2(kind=3, tensors=((0, (3,), (1.0,), (0.0,)),), body=b"\x00\xf0"), "nibble"),
+        (_forge2(body=b"\x00\x00\xc0\x7f" + b"\x00" * 4), "NaN/inf"),
+        (_forge2(flags=2, body=b"\x00" * 8), "not a zstd frame"),
+        (_forge2(flags=2, body=b""), "zstd frame"),
+    ],
+)
+def test_forged_compact_headers_get_clear_errors(data, match):
+    e = _decode_must_fail(data)
+    assert re.search(match, str(e)), str(e)
+
+
+def test_forged_compact_huge_dims_and_zstd_bombs_fail_fast_without_allocating():
+    cctx = zstandard.ZstdCompressor(level=3)
+    bomb = cctx.compress(b"\x00" * (32 * 2**20))
+    forged = [
+        _forge2(tensors=((0, (2**31,) * 4, (), ()),)),
+        _forge2(tensors=((3, (2**32 - 1,) * 8, (), ()),)),
+        _forge2(kind=2, tensors=((0, (2**20, 2**20), (1.0,), (0.0,)),)),
+        _forge2(tensors=tuple((0, (2**22,), (), ()) for _ in range(16)), flags=4),
+        _forge2(flags=2, tensors=((0, (2**23,), (), ()),), body=bomb),  # 32 MiB < 64 MiB limit
+        _forge2(flags=2, body=bomb),  # frame says 32 MiB, header 8 bytes
+    ]
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        for i, data in enumerate(forged):
+            e = _decode_must_fail(data, max_bytes=16 * 2**20)
+            if i < 5:
+                assert "max_bytes" in str(e), str(e)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5
+    assert peak < 2 * 2**20

@@ -16,17 +16,19 @@ Codecs (``Codec.parse`` / ``Codec.spec`` spelling)::
                 (tensors with fewer than 2 dims fall back to per tensor)
     ...+zstd    the bodies are additionally compressed with zstd (lossless), e.g. "int8-ch+zstd";
                 "+zstdN" selects level N (1..22, default 3)
+    ...:v2      write wire format version 2 (compact header, see below), e.g. "int4:v2";
+                without the suffix messages are version 1. Decoders read both versions.
 
 Non-floating tensors (integers, bool) are always sent bitwise. A decoded tensor has the dtype
 and shape of the encoded one.
 
-Wire format, version 1. All integers little-endian; ``f32`` is IEEE-754 binary32 little-endian.
+Wire format, version 1 (the default). All integers little-endian; ``f32`` is IEEE-754 binary32 little-endian.
 
 Fixed header, 8 bytes::
 
     offset size field
     0      4    magic b"SPX1"
-    4      1    u8 format version (1)
+    4      1    u8 format version (1 or 2)
     5      1    u8 codec kind: 0 fp32, 1 fp16, 2 int8, 3 int4
     6      1    u8 flags: bit 0 per-channel, bit 1 zstd, bit 2 tuple payload; bits 3..7 zero.
                 Per-channel is only valid with int8 / int4.
@@ -57,7 +59,27 @@ Then the body section::
     S bytes   without zstd: the bodies back to back in tensor order; with zstd: one zstd frame
               (content size R written in the frame, xxhash checksum on) of those bodies
 
-and nothing after it. Bodies: bitwise tensors are their elements in C order, little-endian
+and nothing after it.
+
+Wire format, version 2 ("compact", for small payloads such as one sample's bottleneck; a
+1x2x7x7 int4 tensor takes 22 header bytes instead of 62). The same fixed header (version byte
+2) and the same bodies; every field the decoder can derive is left out, so each remaining one
+is still validated before anything is allocated:
+
+    per tensor:
+    u8        dtype code (as above)
+    u8        ndim, 0..8
+    varint*ndim  dims as unsigned LEB128, at most 5 bytes each, value <= 2**32 - 1, minimal
+              encoding (no trailing 0x80 / 0x00 continuation groups)
+    f32*P     scales, f32*P minimums; P is not sent: it is derived exactly as in version 1
+              (0 unless quantized; dims[1] per channel with ndim >= 2, else 1)
+    (no body length: it is derived from dtype, codec and dims)
+
+    body section: without zstd, the bodies back to back, and the message must end exactly
+    after their derived total R; with zstd, one zstd frame filling the rest of the message
+    (content size R written in the frame, checksum on), validated as in version 1.
+
+Bodies: bitwise tensors are their elements in C order, little-endian
 (bfloat16 as its 16-bit pattern, bool as bytes 0/1). fp16 bodies are binary16 values. int8
 bodies are one code per element; int4 bodies pack element 2i in the low nibble and 2i+1 in the
 high nibble of byte i (the unused high nibble of an odd-length body is 0). Dequantization is
@@ -109,6 +131,7 @@ import zstandard
 from splitexit.errors import InputError, PayloadError
 
 __all__ = [
+    "COMPACT_VERSION",
     "DEFAULT_MAX_BYTES",
     "FORMAT_VERSION",
     "MAGIC",
@@ -126,7 +149,10 @@ Payload = torch.Tensor | tuple[torch.Tensor, ...]
 
 MAGIC = b"SPX1"
 FORMAT_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+"""Version written by default (``Codec(version=...)`` / the ``:v2`` suffix choose another)."""
+COMPACT_VERSION = 2
+"""The compact-header version: no redundant counts and lengths, varint dims."""
+SUPPORTED_VERSIONS: tuple[int, ...] = (1, 2)
 MAX_TENSORS = 16
 MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -201,9 +227,10 @@ _CAST_ABS = {
 
 _VALID_SPECS = (
     "fp32, fp16, int8, int8-ch, int4, int4-ch, each optionally followed by +zstd "
-    "(or +zstdN for zstd level N in 1..22), e.g. 'int8-ch+zstd'"
+    "(or +zstdN for zstd level N in 1..22) and by :v2 for the compact wire format, "
+    "e.g. 'int8-ch+zstd' or 'int4:v2'"
 )
-_SPEC_RE = re.compile(r"^(fp32|fp16|int8|int4)(-ch)?(\+zstd(\d+)?)?$")
+_SPEC_RE = re.compile(r"^(fp32|fp16|int8|int4)(-ch)?(\+zstd(\d+)?)?(:v(\d+))?$")
 
 # Storage of one tensor on the wire.
 _RAW, _HALF, _QUANT = "raw", "fp16", "quant"
@@ -256,12 +283,15 @@ class Codec:
         lossless: ``None`` or ``"zstd"`` to compress the bodies losslessly as well.
         zstd_level: zstd compression level, 1..22 (not stored on the wire; decoding needs no
             level).
+        version: Wire format version written by :meth:`encode`: 1 (default) or 2 (compact
+            header, for small payloads). Decoding accepts every supported version.
     """
 
     kind: str = "fp32"
     per_channel: bool = False
     lossless: str | None = None
     zstd_level: int = 3
+    version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -281,6 +311,14 @@ class Codec:
             or not 1 <= self.zstd_level <= 22
         ):
             raise InputError(f"zstd_level must be an int in 1..22, got {self.zstd_level!r}")
+        if (
+            isinstance(self.version, bool)
+            or not isinstance(self.version, int)
+            or self.version not in SUPPORTED_VERSIONS
+        ):
+            raise InputError(
+                f"wire format version must be one of {SUPPORTED_VERSIONS}, got {self.version!r}"
+            )
 
     # ------------------------------------------------------------------ spelling
     @classmethod
@@ -289,7 +327,8 @@ class Codec:
 
         Args:
             spec: e.g. ``"fp32"``, ``"fp16"``, ``"int8"``, ``"int8-ch"``, ``"int4+zstd"``,
-                ``"int8-ch+zstd19"`` (case and surrounding spaces ignored).
+                ``"int8-ch+zstd19"``, ``"int4:v2"`` (compact wire format; case and
+                surrounding spaces ignored).
 
         Returns:
             The codec.
@@ -300,7 +339,7 @@ class Codec:
         m = _SPEC_RE.match(spec.strip().lower()) if isinstance(spec, str) else None
         if m is None:
             raise InputError(f"invalid codec spec {spec!r}; valid: {_VALID_SPECS}")
-        kind, ch, zstd, level = m.groups()
+        kind, ch, zstd, level, _, version = m.groups()
         if ch and kind not in _LEVELS:
             raise InputError(
                 f"invalid codec spec {spec!r}: '-ch' (per channel) only applies to int8/int4; "
@@ -310,11 +349,17 @@ class Codec:
             raise InputError(
                 f"invalid codec spec {spec!r}: zstd level must be 1..22; valid: {_VALID_SPECS}"
             )
+        if version is not None and int(version) not in SUPPORTED_VERSIONS:
+            raise InputError(
+                f"invalid codec spec {spec!r}: wire format version must be one of "
+                f"{', '.join(f'v{v}' for v in SUPPORTED_VERSIONS)}; valid: {_VALID_SPECS}"
+            )
         return cls(
             kind=kind,
             per_channel=bool(ch),
             lossless="zstd" if zstd else None,
             zstd_level=int(level) if level is not None else 3,
+            version=int(version) if version is not None else FORMAT_VERSION,
         )
 
     def spec(self) -> str:
@@ -322,6 +367,8 @@ class Codec:
         s = self.kind + ("-ch" if self.per_channel else "")
         if self.lossless == "zstd":
             s += "+zstd" + ("" if self.zstd_level == 3 else str(self.zstd_level))
+        if self.version != FORMAT_VERSION:
+            s += f":v{self.version}"
         return s
 
     def __str__(self) -> str:
@@ -350,8 +397,9 @@ class Codec:
             | (_FLAG_ZSTD if self.lossless == "zstd" else 0)
             | (_FLAG_TUPLE if is_tuple else 0)
         )
+        compact = self.version == COMPACT_VERSION
         parts: list[bytes | memoryview] = [
-            _FIXED.pack(MAGIC, FORMAT_VERSION, _KIND_CODE[self.kind], flags, len(tensors))
+            _FIXED.pack(MAGIC, self.version, _KIND_CODE[self.kind], flags, len(tensors))
         ]
         bodies: list[bytes | memoryview] = []
         for i, t in enumerate(tensors):
@@ -366,13 +414,17 @@ class Codec:
             else:
                 quant, body = self._quantize(t, i)
             parts.append(_U8.pack(dt.code) + _U8.pack(t.dim()))
-            parts.append(struct.pack(f"<{len(dims)}I", *dims))
-            n_params = 0 if quant is None else len(quant.scale)
-            parts.append(_U32.pack(n_params))
+            if compact:
+                parts.append(b"".join(_varint(d) for d in dims))
+            else:
+                parts.append(struct.pack(f"<{len(dims)}I", *dims))
+                n_params = 0 if quant is None else len(quant.scale)
+                parts.append(_U32.pack(n_params))
             if quant is not None:
                 parts.append(quant.scale.astype("<f4").tobytes())
                 parts.append(quant.minimum.astype("<f4").tobytes())
-            parts.append(_U64.pack(len(body)))
+            if not compact:
+                parts.append(_U64.pack(len(body)))
             bodies.append(body)
         raw_size = sum(len(b) for b in bodies)
         if self.lossless == "zstd":
@@ -380,10 +432,12 @@ class Codec:
                 level=self.zstd_level, write_content_size=True, write_checksum=True, threads=0
             )
             stored = cctx.compress(b"".join(bodies))
-            parts.append(_U64.pack(raw_size) + _U64.pack(len(stored)))
+            if not compact:
+                parts.append(_U64.pack(raw_size) + _U64.pack(len(stored)))
             parts.append(stored)
         else:
-            parts.append(_U64.pack(raw_size) + _U64.pack(raw_size))
+            if not compact:
+                parts.append(_U64.pack(raw_size) + _U64.pack(raw_size))
             parts.extend(bodies)
         return b"".join(parts)
 
@@ -665,6 +719,19 @@ def _quant_params(
     return _Quant(scale=scale, minimum=lo.astype(np.float32)), lo64, hi64
 
 
+def _varint(value: int) -> bytes:
+    """Unsigned LEB128 (7 bits per byte, low group first), minimal length."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
 # ---------------------------------------------------------------------- decode
 class _Reader:
     """Bounds-checked little-endian reader; every overrun is a PayloadError."""
@@ -686,6 +753,20 @@ class _Reader:
     def unpack(self, st: struct.Struct, what: str) -> tuple:
         return st.unpack_from(self.buf, self.take(st.size, what))
 
+    def varint_u32(self, what: str) -> int:
+        """A minimal unsigned LEB128 of at most 5 bytes and at most 2**32 - 1."""
+        value = 0
+        for i in range(5):
+            byte = self.buf[self.take(1, what)]
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if i and byte == 0:
+                    raise PayloadError(f"{what}: non-minimal varint encoding")
+                if value > _U32_MAX:
+                    raise PayloadError(f"{what}: varint value {value} exceeds 2**32 - 1")
+                return value
+        raise PayloadError(f"{what}: varint longer than 5 bytes")
+
 
 @dataclass(frozen=True)
 class _Desc:
@@ -697,7 +778,7 @@ class _Desc:
     body_len: int
 
 
-def _codec_from_header(kind_code: int, flags: int) -> Codec:
+def _codec_from_header(kind_code: int, flags: int, version: int = FORMAT_VERSION) -> Codec:
     if kind_code >= len(_KINDS):
         raise PayloadError(
             f"unknown codec kind code {kind_code}; this splitexit knows "
@@ -709,7 +790,7 @@ def _codec_from_header(kind_code: int, flags: int) -> Codec:
     per_channel = bool(flags & _FLAG_PER_CHANNEL)
     if per_channel and kind not in _LEVELS:
         raise PayloadError(f"payload header sets per-channel with codec {kind!r}")
-    return Codec(kind, per_channel, "zstd" if flags & _FLAG_ZSTD else None)
+    return Codec(kind, per_channel, "zstd" if flags & _FLAG_ZSTD else None, version=version)
 
 
 def _read_fixed(r: _Reader) -> tuple[Codec, int, bool]:
@@ -722,7 +803,7 @@ def _read_fixed(r: _Reader) -> tuple[Codec, int, bool]:
             f"{', '.join(map(str, SUPPORTED_VERSIONS))}: upgrade the receiver or encode with "
             "a matching splitexit"
         )
-    codec = _codec_from_header(kind_code, flags)
+    codec = _codec_from_header(kind_code, flags, version)
     is_tuple = bool(flags & _FLAG_TUPLE)
     if not 1 <= n <= MAX_TENSORS:
         raise PayloadError(f"payload declares {n} tensors; allowed 1..{MAX_TENSORS}")
@@ -806,7 +887,12 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
         (ndim,) = r.unpack(_U8, f"ndim of tensor {i}")
         if ndim > MAX_NDIM:
             raise PayloadError(f"tensor {i}: ndim {ndim} exceeds the maximum {MAX_NDIM}")
-        dims = struct.unpack_from(f"<{ndim}I", buf, r.take(4 * ndim, f"dims of tensor {i}"))
+        if codec.version == COMPACT_VERSION:
+            dims = tuple(r.varint_u32(f"dim {j} of tensor {i}") for j in range(ndim))
+        else:
+            dims = struct.unpack_from(
+                f"<{ndim}I", buf, r.take(4 * ndim, f"dims of tensor {i}")
+            )
         numel = math.prod(dims)
         out_bytes += numel * dt.torch_dtype.itemsize
         if out_bytes > max_bytes:
@@ -817,7 +903,10 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
             )
         storage = _storage(codec.kind, dt)
         want_params = _n_params(storage, codec.per_channel, dims, numel)
-        (n_params,) = r.unpack(_U32, f"parameter count of tensor {i}")
+        if codec.version == COMPACT_VERSION:
+            n_params = want_params
+        else:
+            (n_params,) = r.unpack(_U32, f"parameter count of tensor {i}")
         if n_params != want_params:
             raise PayloadError(
                 f"tensor {i}: {n_params} quantization parameters, expected {want_params} for "
@@ -832,8 +921,11 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
                 minimum=vals[n_params:].astype(np.float32),
             )
             _check_quant(quant, _LEVELS[codec.kind], _FMAX[dt.torch_dtype], i)
-        (body_len,) = r.unpack(_U64, f"body length of tensor {i}")
         want_len = _body_len(storage, codec.kind, dt, numel)
+        if codec.version == COMPACT_VERSION:
+            body_len = want_len
+        else:
+            (body_len,) = r.unpack(_U64, f"body length of tensor {i}")
         if body_len != want_len:
             raise PayloadError(
                 f"tensor {i}: body length {body_len} does not match shape {dims} "
@@ -841,8 +933,18 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
             )
         descs.append(_Desc(dt, dims, numel, storage, quant, body_len))
 
-    raw_size, stored_size = r.unpack(struct.Struct("<QQ"), "body section sizes")
     total = sum(d.body_len for d in descs)
+    if codec.version == COMPACT_VERSION:
+        stored_size = len(buf) - r.pos
+        raw_size = total if codec.lossless == "zstd" else stored_size
+        if codec.lossless != "zstd" and stored_size != total:
+            what = "trailing garbage" if stored_size > total else "truncated payload"
+            raise PayloadError(
+                f"{what}: the tensor bodies need {total} bytes, {stored_size} bytes follow "
+                "the header"
+            )
+    else:
+        raw_size, stored_size = r.unpack(struct.Struct("<QQ"), "body section sizes")
     if raw_size != total:
         raise PayloadError(
             f"body section declares {raw_size} bytes but the tensor bodies add up to {total}"
