@@ -15,6 +15,7 @@ from splitexit.training.bottlefit import (
     autoencoder_baseline,
     bottlefit,
     head_distillation_targets,
+    quantization_noise,
 )
 
 SPEC = BottleneckSpec(channels=2, stride=2, hidden=8)
@@ -102,3 +103,49 @@ def test_targets_and_errors(teacher, digits):
         bottlefit(teacher, "block1", SPEC, digits.train, stage2_loss="mse")
     with pytest.raises(InputError, match="alpha"):
         BottleneckFineTune(teacher, alpha=2.0)
+
+
+def test_quantization_noise_is_one_step_per_sample():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 2, 7, 7, generator=g) * torch.arange(1, 17).reshape(16, 1, 1, 1)
+    z[3] = 1.5  # a constant sample: its step is 0, so no noise
+    for levels in (15, 255):
+        out = quantization_noise(z, levels, generator=g)
+        assert out.shape == z.shape
+        flat = z.reshape(16, -1)
+        step = (flat.amax(1) - flat.amin(1)) / levels
+        err = (out - z).reshape(16, -1).abs().amax(1)
+        assert (err <= step / 2 + 1e-6).all()
+        assert (err[step > 0] > step[step > 0] / 4).all()  # 98 draws: some land far out
+        assert torch.equal(out[3], z[3])
+    y = z.clone().requires_grad_(True)
+    quantization_noise(y, 15).sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(z))  # straight through: the step is a constant
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(InputError, match="levels"):
+            quantization_noise(z, bad)
+
+
+def test_head_distillation_with_noise_adds_it_only_while_training(teacher, digits):
+    student = inject_bottleneck(teacher, "block1", SPEC, digits.train.x[:8])
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    plain, noisy = HeadDistillation(teacher), HeadDistillation(teacher, noise_levels=3)
+    plain.prepare(student)
+    noisy.prepare(student)
+    with torch.no_grad():
+        student.eval()
+        assert torch.equal(plain.loss(student, x, y), noisy.loss(student, x, y))
+        student.train()
+        torch.manual_seed(0)
+        assert not torch.equal(plain.loss(student, x, y), noisy.loss(student, x, y))
+    student.eval()
+    with pytest.raises(InputError, match="noise_levels"):
+        HeadDistillation(teacher, noise_levels=0)
+
+
+def test_bottlefit_with_stage1_noise_trains(teacher, digits):
+    result = bottlefit(teacher, "block1", SPEC, digits.train, stage1_epochs=2, stage2_epochs=1,
+                       stage1_noise=15, codec=Codec.parse("int4:v2"), progress=False)
+    assert result.stage1.loss[-1] < result.stage1.loss[0]
+    split = split_model(result.model, codec="int4:v2", example=digits.test.x[:8])
+    assert _accuracy(split, digits.test) > 0.25  # chance is 0.1 (1 epoch of stage 2, int4)

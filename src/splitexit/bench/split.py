@@ -14,6 +14,7 @@ planner predicts the same figures from MACs (this host's measured GMAC/s) and pa
 from __future__ import annotations
 
 import io
+import json
 import os
 import statistics
 import time
@@ -42,7 +43,7 @@ from .measure import torch_threads
 __all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "register"]
 
 DEFAULT_CODECS = ("fp32", "fp16", "int8", "int4", "fp32+zstd", "fp16+zstd", "int8+zstd",
-                  "int4+zstd")
+                  "int4+zstd", "int8:v2", "int4:v2")
 RESPONSE_BYTES = 40
 
 
@@ -57,9 +58,13 @@ class SplitBenchSettings:
         widths: Bottleneck channels.
         stride: Bottleneck spatial reduction.
         encoder_hidden: Encoder inner width (device side).
+        decoder_hidden: Decoder inner width (server side; None: the cut's channels).
         stage1_epochs: BottleFit head-distillation epochs.
         stage2_epochs: BottleFit fine-tuning epochs.
         stage2_codec: Codec the server side is fine-tuned on in stage 2 (None: fp32 tensors).
+        stage1_noise: Quantisation levels whose noise is added to the bottleneck in stage 1
+            (e.g. 15 for int4; None: no noise).
+        lr: Learning rate of both BottleFit stages (AdamW, cosine decay).
         autoencoder_widths: Widths of the autoencoder baseline.
         autoencoder_epochs: Its training epochs.
         train_samples: Training samples used for bottleneck training (None: all).
@@ -77,9 +82,12 @@ class SplitBenchSettings:
     widths: tuple[int, ...] = (1, 2, 4, 8)
     stride: int = 4
     encoder_hidden: int = 8
+    decoder_hidden: int | None = None
     stage1_epochs: int = 2
     stage2_epochs: int = 2
     stage2_codec: str | None = "int8"
+    stage1_noise: int | None = None
+    lr: float = 2e-3
     autoencoder_widths: tuple[int, ...] = (2,)
     autoencoder_epochs: int = 2
     train_samples: int | None = 20000
@@ -108,7 +116,8 @@ def _png_roundtrip(data: bytes) -> np.ndarray:
 
 
 def _baseline(ds, settings: SplitBenchSettings) -> tuple[StagedModel, float]:
-    path = Path(settings.cache) / "resnet8-fashion-mnist"
+    path = (Path(settings.cache)
+            / f"resnet8-fashion-mnist-e{settings.baseline_epochs}-seed{settings.seed}")
     if (path / checkpoint.WEIGHTS).is_file():
         model = checkpoint.load(path)
         seconds = float(checkpoint.read_meta(path).get("train_seconds", 0.0))
@@ -196,30 +205,45 @@ def _time_local(model: StagedModel, x: torch.Tensor, n: int) -> float:
 def _bottleneck_model(kind: str, teacher: StagedModel, width: int, ds, train_split,
                       settings: SplitBenchSettings):
     """Train (or load from the cache) a BottleFit or autoencoder bottleneck."""
-    spec = BottleneckSpec(width, settings.stride, hidden=settings.encoder_hidden)
-    key = (f"{kind}-{settings.bottleneck_cut}-c{width}-s{settings.stride}-h"
-           f"{settings.encoder_hidden}-e{settings.stage1_epochs}x{settings.stage2_epochs}"
-           f"-{settings.stage2_codec}-n{settings.train_samples}-seed{settings.seed}")
+    spec = BottleneckSpec(width, settings.stride, hidden=settings.encoder_hidden,
+                          decoder_hidden=settings.decoder_hidden)
+    if kind == "bottlefit":
+        key = (f"{kind}-{settings.bottleneck_cut}-c{width}-s{settings.stride}-h"
+               f"{settings.encoder_hidden}-d{settings.decoder_hidden}-e{settings.stage1_epochs}"
+               f"x{settings.stage2_epochs}-{settings.stage2_codec}-q{settings.stage1_noise}"
+               f"-lr{settings.lr:g}-n{settings.train_samples}-b{settings.baseline_epochs}"
+               f"-seed{settings.seed}")
+    else:
+        key = (f"{kind}-{settings.bottleneck_cut}-c{width}-s{settings.stride}-h"
+               f"{settings.encoder_hidden}-d{settings.decoder_hidden}-e"
+               f"{settings.autoencoder_epochs}-lr{settings.lr:g}-n{settings.train_samples}"
+               f"-b{settings.baseline_epochs}-seed{settings.seed}")
+    key = key.replace(":", "_")
     path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
+    meta = path.with_suffix(".json")
     if path.is_file():
         model = inject_bottleneck(teacher, settings.bottleneck_cut, spec, ds.test.x[:8])
         model.load_state_dict(load_file(str(path)))
-        return model.eval(), None
+        seconds = json.loads(meta.read_text()).get("train_seconds") if meta.is_file() else None
+        return model.eval(), seconds
     t0 = time.perf_counter()
     if kind == "bottlefit":
         codec = Codec.parse(settings.stage2_codec) if settings.stage2_codec else None
         model = bottlefit(teacher, settings.bottleneck_cut, spec, train_split,
                           stage1_epochs=settings.stage1_epochs,
                           stage2_epochs=settings.stage2_epochs, codec=codec,
+                          stage1_noise=settings.stage1_noise, lr=settings.lr,
                           seed=settings.seed).model
     else:
         model, _ = autoencoder_baseline(teacher, settings.bottleneck_cut, spec, train_split,
-                                        epochs=settings.autoencoder_epochs, seed=settings.seed)
+                                        epochs=settings.autoencoder_epochs, lr=settings.lr,
+                                        seed=settings.seed)
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + f".{os.getpid()}.partial")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
     os.replace(partial, path)  # atomic: a concurrent run never reads half a file
+    meta.write_text(json.dumps({"train_seconds": seconds, "key": key}))
     return model.eval(), seconds
 
 
@@ -368,20 +392,28 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
     }
     plot = _plot(Path(out), rows, references, unsplit_acc)
     best = targets["best_bottlefit_within_0.5pt_batch1"]
+    share = targets["max_device_params_share_bottlefit"]
     target_notes = [
-        f"Target >= 90% fewer bytes than 784 B at <= 0.5 pt loss: "
+        f"Target >= 90% fewer bytes than 784 B (<= 78.4 B) at <= 0.5 pt loss: "
         f"{'met' if targets['bytes_target_met_batch1'] else 'not met'} with one-sample messages, "
         f"{'met' if targets['bytes_target_met_batched'] else 'not met'} with batched messages"
-        + (f" (best: {best['method']}, {best['bytes_per_sample']:.0f} B)" if best else
+        + (f" (smallest one-sample message within 0.5 pt: {best['method']}, "
+           f"{best['bytes_per_sample']:.1f} B, {best['accuracy_drop_pt']:.2f} pt; smallest "
+           f"batched: {best_batched['method']}, {best_batched['batched_bytes_per_sample']:.1f}"
+           f" B, {best_batched['accuracy_drop_pt']:.2f} pt)" if best else
            " (no BottleFit option within 0.5 pt)") + ".",
-        f"Target device half <= 10% of the unsplit model's parameters: largest BottleFit share "
-        f"{targets['max_device_params_share_bottlefit']:.1%}.",
+        "Target device half <= 10% of the unsplit model's parameters: "
+        + (f"largest BottleFit share {share:.1%}." if share is not None else
+           "no BottleFit model in this run."),
         f"Target planner within 5% of the best measured option at every link: "
         f"{'met' if targets['planner_within_5pct_every_link'] else 'not met'}.",
     ]
     notes = [
-        "bytes_per_sample: mean size of a one-sample wire message (codec header of ~54-62 B "
-        "included), i.e. what a device sending each sample on its own transmits; "
+        "bytes_per_sample: mean size of a one-sample wire message, header included (wire "
+        "format v1: 54-62 B for one tensor; ':v2' codecs use the compact v2 header: 14 B plus "
+        "one byte per small dim, plus 8 B of scale and minimum when quantised, i.e. 22 B for "
+        "a 1xCx7x7 int8/int4 bottleneck), i.e. what a device sending each sample on its own "
+        "transmits; "
         "batched_bytes_per_sample: message size / batch for 256-sample messages (header "
         "amortised). The raw image is counted as 784 B without any header.",
         f"accuracy: test set ({len(x)} samples), every sample sent as its own message through the codec "
@@ -389,11 +421,17 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         "device_params_share: device half / (device + server half) of that split; "
         "device_params_vs_unsplit: device half / unsplit ResNet-8 parameters.",
         f"Reduced grid for a shared 2-core machine: baseline {settings.baseline_epochs} epochs "
-        f"(full train split); bottlenecks only at cut {settings.bottleneck_cut!r}, stride "
-        f"{settings.stride}, trained on {settings.train_samples or 'all'} training samples for "
-        f"{settings.stage1_epochs}+{settings.stage2_epochs} epochs (BottleFit stage 1 + 2, "
-        f"stage 2 KD T=1 alpha=0.5 on {settings.stage2_codec or 'fp32'}-decoded bottlenecks); "
-        f"autoencoder baseline {settings.autoencoder_epochs} epochs.",
+        f"(full train split, {len(ds.train)} samples); bottlenecks only at cut "
+        f"{settings.bottleneck_cut!r}, stride {settings.stride}, encoder width "
+        f"{settings.encoder_hidden}, decoder width {settings.decoder_hidden or 'of the cut'}, "
+        f"trained on {settings.train_samples or len(ds.train)} training samples for "
+        f"{settings.stage1_epochs}+{settings.stage2_epochs} epochs at lr {settings.lr:g} "
+        f"(AdamW, cosine decay; BottleFit stage 1 head distillation"
+        + (f" with {settings.stage1_noise}-level quantisation noise on the bottleneck"
+           if settings.stage1_noise else "")
+        + f", stage 2 KD T=1 alpha=0.5 on {settings.stage2_codec or 'fp32'}-decoded bottlenecks"
+        f" with the device half frozen, decoder and server half trained); autoencoder baseline "
+        f"{settings.autoencoder_epochs} epochs.",
         "Link emulation (no traffic shaping): latency = device half + encode (timed at batch 1 "
         "on this host, 1 thread) + RTT + bytes / bandwidth with loss retransmissions from the "
         "link profile + 40-byte answer + decode + server half (timed on this host). Device and "
@@ -402,6 +440,10 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         f"samples. Candidates: local and every option within {settings.max_drop_pt} pt of the "
         "unsplit accuracy; 'offload only' drops the local option.",
         f"PNG: Pillow, optimize=True, lossless round trip verified: {lossless}.",
+        "Trained baseline and bottlenecks are cached under --cache, keyed by every training "
+        "setting, and reused by later runs with the same settings; bottleneck_train_seconds and "
+        "baseline_train_seconds are the wall times of the runs that trained them (1 thread, "
+        "shared machine).",
         *target_notes,
     ]
     settings_dict = {k: v for k, v in asdict(settings).items() if k != "notes"}
@@ -454,10 +496,26 @@ def register(suites) -> None:
     d = SplitBenchSettings()
     p.add_argument("--out", default="runs/bench-split", help="output directory")
     p.add_argument("--baseline-epochs", type=int, default=d.baseline_epochs)
+    p.add_argument("--cuts", default=",".join(d.cuts),
+                   help="cuts of the plain splits, comma-separated (empty: none)")
+    p.add_argument("--bottleneck-cut", default=d.bottleneck_cut)
+    p.add_argument("--stride", type=int, default=d.stride, help="bottleneck spatial reduction")
     p.add_argument("--widths", default=",".join(map(str, d.widths)),
                    help="bottleneck channels, comma-separated")
+    p.add_argument("--encoder-hidden", type=int, default=d.encoder_hidden)
+    p.add_argument("--decoder-hidden", type=int, default=0,
+                   help="decoder inner width (0: the cut's channels)")
     p.add_argument("--stage1-epochs", type=int, default=d.stage1_epochs)
     p.add_argument("--stage2-epochs", type=int, default=d.stage2_epochs)
+    p.add_argument("--stage2-codec", default=d.stage2_codec,
+                   help="codec of the bottleneck while fine-tuning in stage 2 ('none': fp32)")
+    p.add_argument("--stage1-noise", type=int, default=0,
+                   help="quantisation levels of the noise on the bottleneck in stage 1 "
+                   "(15: int4, 255: int8; 0: none)")
+    p.add_argument("--lr", type=float, default=d.lr, help="BottleFit / autoencoder learning rate")
+    p.add_argument("--autoencoder-widths", default=",".join(map(str, d.autoencoder_widths)),
+                   help="autoencoder baseline channels, comma-separated (empty: none)")
+    p.add_argument("--autoencoder-epochs", type=int, default=d.autoencoder_epochs)
     p.add_argument("--train-samples", type=int, default=d.train_samples,
                    help="training samples for bottleneck training (0: all)")
     p.add_argument("--codecs", default=",".join(d.codecs))
@@ -473,15 +531,22 @@ def register(suites) -> None:
 def _cmd(args) -> int:
     from ..cli import _command_line
 
+    stage2_codec = None if args.stage2_codec.lower() in ("", "none") else args.stage2_codec
     settings = SplitBenchSettings(
         baseline_epochs=args.baseline_epochs,
+        cuts=tuple(c for c in args.cuts.split(",") if c),
+        bottleneck_cut=args.bottleneck_cut, stride=args.stride,
         widths=tuple(int(w) for w in args.widths.split(",") if w),
+        encoder_hidden=args.encoder_hidden, decoder_hidden=args.decoder_hidden or None,
         stage1_epochs=args.stage1_epochs, stage2_epochs=args.stage2_epochs,
+        stage2_codec=stage2_codec, stage1_noise=args.stage1_noise or None, lr=args.lr,
+        autoencoder_widths=tuple(int(w) for w in args.autoencoder_widths.split(",") if w),
+        autoencoder_epochs=args.autoencoder_epochs,
         train_samples=args.train_samples or None,
         codecs=tuple(c for c in args.codecs.split(",") if c),
         latency_samples=args.latency_samples, test_samples=args.test_samples or None,
         cache=args.cache, seed=args.seed)
-    for c in settings.codecs:
+    for c in (*settings.codecs, *([stage2_codec] if stage2_codec else [])):
         Codec.parse(c)
     # One thread: on a shared machine the small convolutions train faster without
     # oversubscription, and the batch-1 timings need it anyway.

@@ -10,6 +10,11 @@ BottleFit (Matsubara et al., WoWMoM'22) trains in two stages:
    Because nothing before the bottleneck trains any more, the decoder can see exactly what
    the server will receive: pass ``codec=`` to fine-tune on codec-decoded bottleneck tensors.
 
+Optionally (``stage1_noise=levels``), stage 1 adds uniform quantisation noise to the bottleneck
+tensor, one step ``(max - min) / levels`` of each sample wide, as an int8 (255 levels) or int4
+(15 levels) quantiser with one scale per sample would; the encoder then learns a representation
+that survives the codec (the noise is differentiable, rounding is not).
+
 The baseline (:func:`autoencoder_baseline`) inserts an autoencoder at the cut of the trained
 model and trains only it to reconstruct the cut's features; nothing else changes.
 """
@@ -34,7 +39,7 @@ from ..split.codec import Codec
 from ..stages import Payload, StagedModel
 from .base import Strategy, TrainConfig, TrainHistory, freeze, train
 
-__all__ = ["OUTPUT", "HeadDistillation", "BottleneckFineTune", "BottleFitResult", "bottlefit",
+__all__ = ["OUTPUT", "quantization_noise", "HeadDistillation", "BottleneckFineTune", "BottleFitResult", "bottlefit",
            "autoencoder_baseline", "head_distillation_targets"]
 
 OUTPUT = "output"
@@ -52,6 +57,31 @@ def _unfreeze(modules: Sequence[nn.Module]) -> None:
     for m in modules:
         for p in m.parameters():
             p.requires_grad_(True)
+
+
+def quantization_noise(z: torch.Tensor, levels: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``z`` plus uniform noise of one quantisation step per sample (the int8/int4 codec's error).
+
+    The step is ``(max - min) / levels`` over each sample (dim 0), as the codec's per-tensor
+    scale for a one-sample message; it is treated as a constant (no gradient through it).
+
+    Args:
+        z: A batch of bottleneck tensors (N, ...).
+        levels: Quantisation levels, e.g. 255 (int8) or 15 (int4).
+        generator: Optional random generator.
+
+    Returns:
+        A tensor of ``z``'s shape.
+    """
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise InputError(f"noise levels must be an int >= 1 (255 for int8, 15 for int4), "
+                         f"got {levels!r}")
+    flat = z.detach().reshape(z.shape[0], -1)
+    step = (flat.amax(1) - flat.amin(1)) / levels
+    step = step.reshape(-1, *([1] * (z.dim() - 1)))
+    noise = torch.rand(z.shape, generator=generator, dtype=z.dtype, device=z.device) - 0.5
+    return z + noise * step
 
 
 def head_distillation_targets(student: BottleneckedModel) -> list[str]:
@@ -73,14 +103,22 @@ class HeadDistillation(Strategy):
         targets: Student cut names to match; default :func:`head_distillation_targets`.
         trainable: ``"head"`` trains the device half, encoder and decoder (BottleFit);
             ``"bottleneck"`` trains only encoder and decoder (autoencoder baseline).
+        noise_levels: Add :func:`quantization_noise` with this many levels to the bottleneck
+            tensor while training (None: no noise).
     """
 
     name = "head-distillation"
 
     def __init__(self, teacher: StagedModel, targets: Sequence[str] | None = None,
-                 trainable: str = "head"):
+                 trainable: str = "head", noise_levels: int | None = None):
         if trainable not in ("head", "bottleneck"):
             raise InputError(f"trainable must be 'head' or 'bottleneck', got {trainable!r}")
+        if noise_levels is not None and (isinstance(noise_levels, bool)
+                                         or not isinstance(noise_levels, int)
+                                         or noise_levels < 1):
+            raise InputError(f"noise_levels must be None or an int >= 1 (255 for int8, 15 for "
+                             f"int4), got {noise_levels!r}")
+        self.noise_levels = noise_levels
         if not isinstance(teacher, StagedModel):
             raise InputError(f"teacher must be a StagedModel, got {type(teacher).__name__}")
         self._teacher = teacher
@@ -113,8 +151,11 @@ class HeadDistillation(Strategy):
         remaining = set(self.targets)
         total = x.new_zeros(())
         payload: Payload = x
+        noisy = student.bottleneck_cut if self.noise_levels and student.training else None
         for stage, name in zip(student.stages, names, strict=True):
             payload = stage(payload)
+            if name == noisy:
+                payload = quantization_noise(payload, self.noise_levels)
             if name in remaining:
                 key = OUTPUT if name == OUTPUT else student.teacher_cut(name)
                 total = total + _mse(payload, teacher[key])
@@ -204,7 +245,8 @@ def bottlefit(teacher: StagedModel, cut: str, spec: BottleneckSpec, data, *,
               stage1_epochs: int = 2, stage2_epochs: int = 2, stage2_loss: str = "kd",
               lr: float = 2e-3, batch_size: int = 128, seed: int = 0,
               codec: Codec | None = None, targets: Sequence[str] | None = None,
-              progress: bool | None = None) -> BottleFitResult:
+              stage1_noise: int | None = None, progress: bool | None = None
+              ) -> BottleFitResult:
     """Inject a bottleneck into a copy of ``teacher`` at ``cut`` and train it the BottleFit way.
 
     Args:
@@ -220,6 +262,8 @@ def bottlefit(teacher: StagedModel, cut: str, spec: BottleneckSpec, data, *,
         seed: Seed of initialisation and shuffling.
         codec: Fine-tune the server side on codec-decoded bottleneck tensors (stage 2).
         targets: Head-distillation targets; default :func:`head_distillation_targets`.
+        stage1_noise: Quantisation levels of the noise added to the bottleneck in stage 1
+            (15 prepares for int4, 255 for int8; None: none).
         progress: Show progress bars (None: when stderr is a terminal).
 
     Returns:
@@ -232,7 +276,7 @@ def bottlefit(teacher: StagedModel, cut: str, spec: BottleneckSpec, data, *,
         raise InputError(f"stage2_loss must be 'kd' or 'ce', got {stage2_loss!r}")
     torch.manual_seed(seed)
     student = inject_bottleneck(teacher, cut, spec, data.x[:64])
-    h1 = train(student, data, HeadDistillation(teacher, targets, "head"),
+    h1 = train(student, data, HeadDistillation(teacher, targets, "head", stage1_noise),
                _config(stage1_epochs, lr, batch_size, seed, progress))
     ft = BottleneckFineTune(teacher if stage2_loss == "kd" else None, codec=codec)
     h2 = train(student, data, ft, _config(stage2_epochs, lr, batch_size, seed + 1, progress))
