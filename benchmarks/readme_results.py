@@ -14,10 +14,11 @@ from splitexit.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-COLUMNS = ["method", "model", "dataset", "link", "accuracy", "accuracy_drop_pt", "macs_ratio",
+COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "accuracy_drop_pt", "macs_ratio",
            "latency_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
-           "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "exit_fractions"]
-MAX_ROWS = 14
+           "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "overhead_batch1",
+           "overhead_batched", "exit_fractions"]
+MAX_ROWS = 28
 
 
 def _compact(row: dict) -> dict:

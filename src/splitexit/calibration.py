@@ -8,7 +8,7 @@ table's ``exit_macs``; the chosen policy is then evaluated once on the test spli
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -16,11 +16,12 @@ import torch
 from .cost import mean_macs
 from .errors import InputError
 from .multiexit import simulate_exits
-from .policies import ExitPolicy, NeverExit, Patience, ThresholdPolicy
+from .policies import ExitPolicy, NeverExit, Patience, ThresholdPolicy, _per_exit
 
 __all__ = ["OperatingPoint", "sweep", "pareto_front", "oracle", "choose_operating_point",
            "candidate_thresholds", "GuardedResult", "guarded_threshold", "learn_then_test",
-           "min_calibration_samples", "guard_grid", "drop_losses", "final_decision"]
+           "min_calibration_samples", "guard_grid", "drop_losses", "final_decision",
+           "exit_costs", "select_exits", "ExitSelection"]
 
 
 @dataclass
@@ -65,6 +66,8 @@ def sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_macs: Seque
         raise InputError(f"{len(logits)} exits of logits but {len(exit_macs)} exit costs")
     if thresholds is None:
         thresholds = candidate_thresholds(policy, logits, num)
+    if _stateless_threshold(policy):
+        return _threshold_sweep(logits, labels, exit_macs, policy, thresholds)
     points = []
     for t in thresholds:
         p = (Patience(patience=int(t), temperature=policy.temperature)
@@ -73,6 +76,38 @@ def sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_macs: Seque
         points.append(OperatingPoint(p, result.accuracy(labels),
                                      mean_macs(result.exit_index, exit_macs),
                                      result.exit_fractions(len(logits))))
+    return points
+
+
+def _stateless_threshold(policy: ExitPolicy) -> bool:
+    """A plain threshold test on a per-exit statistic (max-prob, entropy, margin)."""
+    return (isinstance(policy, ThresholdPolicy)
+            and type(policy).decide is ThresholdPolicy.decide
+            and type(policy).init_state is ExitPolicy.init_state
+            and not isinstance(policy.threshold, tuple))
+
+
+def _threshold_sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                     exit_macs: Sequence[float], policy: ThresholdPolicy,
+                     thresholds: Sequence) -> list[OperatingPoint]:
+    """:func:`sweep` for stateless threshold policies: the statistic of every exit is computed
+    once, then each threshold is one comparison (same results as replaying the policy)."""
+    stats = [policy.statistic(policy.scaled(e, lg)) for e, lg in enumerate(logits[:-1])]
+    correct = torch.stack([lg.argmax(1) == labels for lg in logits])  # (exits, n)
+    n, last = len(labels), len(logits) - 1
+    always = torch.ones(1, n, dtype=torch.bool)
+    table = torch.tensor(list(exit_macs), dtype=torch.float64)
+    points = []
+    for t in thresholds:
+        p = policy.with_threshold(t)
+        thr = _per_exit(p.threshold, 0)
+        fire = [(st >= thr) if policy.higher_is_confident else (st <= thr) for st in stats]
+        first = torch.cat([torch.stack(fire), always]).to(torch.uint8).argmax(0) if last \
+            else torch.zeros(n, dtype=torch.long)
+        points.append(OperatingPoint(
+            p, float(correct.gather(0, first[None]).double().mean()),
+            float(table[first].mean()),
+            (torch.bincount(first, minlength=len(logits)).double() / max(1, n)).tolist()))
     return points
 
 
@@ -132,6 +167,98 @@ def choose_operating_point(points: Sequence[OperatingPoint], *,
                          f"point: {cheapest:.0f}); raise the budget")
     return max(ok, key=lambda p: (p.accuracy, -p.mean_macs))
 
+
+
+def exit_costs(stage_costs: Sequence[float], head_costs: Sequence[float],
+               exit_stages: Sequence[int], keep: Sequence[int]) -> list[float]:
+    """Cost of leaving at each kept exit, then at the final one, when only heads ``keep`` run.
+
+    Leaving at exit ``e`` costs the stages up to its cut plus every kept head evaluated so far
+    (``head_costs`` should include the per-exit decision overhead).
+    """
+    cum = [sum(stage_costs[: k + 1]) for k in range(len(stage_costs))]
+    costs, heads = [], 0.0
+    for e in keep:
+        heads += head_costs[e]
+        costs.append(cum[exit_stages[e]] + heads)
+    costs.append(cum[-1] + heads)
+    return costs
+
+
+@dataclass
+class ExitSelection:
+    """Which exit heads to keep, and the threshold, for the lowest expected cost.
+
+    Attributes:
+        exits: indices of the heads to keep (the final exit always stays).
+        point: the operating point on the kept exits (``mean_macs`` holds the expected cost,
+            in the units of the costs given).
+        candidates: every subset tried, with its best expected cost and calibration accuracy.
+    """
+
+    exits: list[int]
+    point: OperatingPoint
+    candidates: list[dict]
+
+
+def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                 costs_for: Callable[[list[int]], Sequence[float]], policy: ExitPolicy, *,
+                 reference_accuracy: float, max_drop: float, num: int = 100) -> ExitSelection:
+    """Choose the exit heads and threshold that minimise expected cost within ``max_drop``.
+
+    A head costs time on every sample that reaches it, also when nothing exits there; where
+    few samples leave at a head it can cost more than it saves (at batch 1 the per-op overhead
+    of a head is often far above its MAC count). This tries every subset of heads (the final
+    exit always kept), sweeps the threshold on each with the costs ``costs_for(keep)`` of
+    leaving at each kept exit and at the final one, and returns the cheapest point within
+    ``max_drop`` of ``reference_accuracy``.
+
+    Args:
+        logits: every exit's calibration logits (the last is the final exit).
+        costs_for: ``keep -> [cost of leaving at each kept exit..., at the final exit]``;
+            e.g. :func:`exit_costs` over a cost table, or latencies measured on the runtime
+            that will serve the model (:func:`~splitexit.cost.measure_exit_latency`).
+
+    Raises:
+        InputError: a policy with per-exit values (their meaning changes when exits are
+            dropped), more than 12 heads, wrong cost lengths, or no subset meets the target.
+    """
+    heads = len(logits) - 1
+    if heads > 12:
+        raise InputError(f"{heads} heads give {2 ** heads} subsets; select among at most 12")
+    per_exit = [getattr(policy, f, None) for f in ("threshold", "temperature")]
+    if any(isinstance(v, tuple) for v in per_exit):
+        raise InputError("select_exits needs one threshold and temperature for every exit; "
+                         "per-exit values would shift when exits are dropped")
+    best: tuple[OperatingPoint, list[int]] | None = None
+    candidates = []
+    for mask in range(2 ** heads):
+        keep = [e for e in range(heads) if mask >> e & 1]
+        costs = list(costs_for(keep))
+        if len(costs) != len(keep) + 1:
+            raise InputError(f"costs_for({keep}) returned {len(costs)} costs, expected "
+                             f"{len(keep) + 1} (one per kept exit plus the final exit)")
+        if not keep:  # no head: every sample runs to the final exit
+            final = logits[-1].argmax(1) == labels
+            points = [OperatingPoint(policy, float(final.double().mean()), costs[0], [1.0])]
+        else:
+            points = sweep([logits[e] for e in keep] + [logits[-1]], labels, costs, policy,
+                           num=num)
+        try:
+            op = choose_operating_point(points, reference_accuracy=reference_accuracy,
+                                        max_drop=max_drop)
+        except InputError:
+            candidates.append({"exits": keep, "exit_costs": costs, "expected_cost": None,
+                               "accuracy": None})
+            continue
+        candidates.append({"exits": keep, "exit_costs": costs, "expected_cost": op.mean_macs,
+                           "accuracy": op.accuracy})
+        if best is None or op.mean_macs < best[0].mean_macs:
+            best = (op, keep)
+    if best is None:
+        raise InputError(f"no subset of exits keeps accuracy within {max_drop:.4f} of "
+                         f"{reference_accuracy:.4f}; relax max_drop or train better exits")
+    return ExitSelection(best[1], best[0], candidates)
 
 
 # Guarded calibration (Learn-then-Test) ------------------------------------------------------

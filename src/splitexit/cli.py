@@ -53,6 +53,11 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
     p.add_argument("--latency-samples", type=int, default=None,
                    help="test samples timed at batch 1 (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument("--runtimes", default="eager,torchscript",
+                   help="where to time, comma-separated: eager (PyTorch) and/or torchscript "
+                        "(frozen graphs; each runtime has its own baseline)")
+    p.add_argument("--no-select-exits", action="store_true",
+                   help="skip choosing the subset of exit heads with the lowest predicted latency")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -64,7 +69,9 @@ def _run_early_exit(args, suite: str) -> int:
                                  train_samples=args.train_samples,
                                  strategy=args.strategy, policy=args.policy,
                                  head=args.head, latency_samples=args.latency_samples,
-                                 threads=args.threads, seed=args.seed)
+                                 threads=args.threads, seed=args.seed,
+                                 runtimes=tuple(args.runtimes.split(",")),
+                                 select_exits=not args.no_select_exits)
     report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
                             suite=suite, command=_command_line())
     _print_rows(report)

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .stages import Payload, StagedModel, payload_nbytes
 
 __all__ = ["CostTable", "count_macs", "param_bytes", "measure_latency", "cost_table",
-           "mean_macs"]
+           "mean_macs", "measure_exit_latency"]
 
 
 def count_macs(fn: Callable[[], object]) -> float:
@@ -194,3 +194,30 @@ def _num_classes(model, features: torch.Tensor, e: int) -> int:
         return head.num_classes
     return model.run_head(e, features, None).shape[1]
 
+
+
+def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: torch.Tensor,
+                         num_exits: int, samples: int = 200) -> list[float]:
+    """Measured batch-1 seconds to leave at each exit, on the runtime that will serve.
+
+    ``infer(x, policy)`` is any early-exit runner (``MultiExitModel.infer``,
+    ``TracedMultiExit.infer``, ONNX Runtime); each exit ``e`` is timed with
+    :class:`~splitexit.policies.FixedExit` ``(e)`` over ``samples`` inputs (median), so every
+    overhead the runner has (heads, decisions, bookkeeping) is in the figure.
+    """
+    from .policies import FixedExit
+
+    xs = x[:samples]
+    out = []
+    for e in range(num_exits):
+        policy = FixedExit(e)
+        times = []
+        with torch.inference_mode():
+            for i in range(min(10, len(xs))):
+                infer(xs[i: i + 1], policy)
+            for i in range(len(xs)):
+                t0 = time.perf_counter()
+                infer(xs[i: i + 1], policy)
+                times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    return out

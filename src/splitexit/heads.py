@@ -110,7 +110,12 @@ class SDNHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
+        if x.dim() == 4 and all(s % o == 0 for s, o in zip(x.shape[2:], self.out_spatial)):
+            # same windows as the adaptive pools, with the faster fixed-kernel kernels
+            k = tuple(s // o for s, o in zip(x.shape[2:], self.out_spatial))
+            mx = F.max_pool2d(x, k)
+            av = F.avg_pool2d(x, k)
+        elif x.dim() == 4:
             mx = F.adaptive_max_pool2d(x, self.out_spatial)
             av = F.adaptive_avg_pool2d(x, self.out_spatial)
         elif x.dim() == 3:

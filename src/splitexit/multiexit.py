@@ -7,7 +7,8 @@ exactly with ``simulate``, which replays the same policy over ``forward``'s logi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,8 @@ from .errors import InputError
 from .policies import ExitPolicy
 from .stages import Payload, StagedModel, payload_select, payload_tensors
 
-__all__ = ["MultiExitModel", "ExitResult", "check_input"]
+__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "check_input",
+           "StageWithHead"]
 
 
 def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> None:
@@ -38,7 +40,9 @@ def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> No
                              f"got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise InputError("empty batch: pass at least one sample")
-    if not torch.isfinite(x).all():
+    # a finite sum proves every element finite (one reduction); only a non-finite sum (a
+    # NaN/inf element, or an overflow of huge finite values) needs the element-wise check
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise InputError("input contains NaN or infinite values; clean or impute them first")
 
 
@@ -94,6 +98,23 @@ class MultiExitModel(nn.Module):
         self.exit_stages = [backbone.cut_index(c) for c in cuts] + [backbone.num_stages - 1]
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
+    def keep_exits(self, exits: Sequence[int]) -> MultiExitModel:
+        """A model with only heads ``exits`` (indices; the final exit always stays).
+
+        Modules are shared, not copied. Use it to drop heads that cost more than they save
+        (see :func:`~splitexit.calibration.select_exits`).
+        """
+        exits = sorted(set(int(e) for e in exits))
+        if any(not 0 <= e < len(self.heads) for e in exits):
+            raise InputError(f"exit indices must lie in 0..{len(self.heads) - 1} (the heads), "
+                             f"got {exits}")
+        if len(exits) < len(self.heads) and any(
+                getattr(h, "uses_previous", False) for h in self.heads):
+            raise InputError("cascading heads take the previous head's logits; they cannot be "
+                             "dropped one by one")
+        return MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits},
+                              self.input_shape)
+
     @property
     def num_exits(self) -> int:
         return len(self.heads) + 1
@@ -131,6 +152,12 @@ class MultiExitModel(nn.Module):
         outs.append(payload_tensors(payload)[0])
         return outs
 
+    def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
+             ) -> tuple[Payload, torch.Tensor | None]:
+        """Run stage ``k`` and, when ``e`` is given, exit head ``e`` at its end."""
+        payload = self.backbone.stages[k](payload)
+        return payload, (None if e is None else self.run_head(e, payload, previous))
+
     @torch.inference_mode()
     def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
         """Early-exit inference for real: exited samples leave the batch.
@@ -139,45 +166,9 @@ class MultiExitModel(nn.Module):
             InputError: wrong type, dtype, shape, or non-finite input.
         """
         check_input(x, self.input_shape)
-        n = x.shape[0]
-        active = torch.arange(n)
-        predictions = torch.empty(n, dtype=torch.long)
-        exit_index = torch.empty(n, dtype=torch.long)
-        out_logits: torch.Tensor | None = None
-        state: dict | None = None
-        previous: torch.Tensor | None = None
-        payload: Payload = x
-        e = 0
-        last = self.num_exits - 1
-        for k, stage in enumerate(self.backbone.stages):
-            payload = stage(payload)
-            while e <= last and self.exit_stages[e] == k:
-                logits = (self.run_head(e, payload, previous) if e < last
-                          else payload_tensors(payload)[0])
-                if state is None:
-                    state = policy.init_state(n, logits.shape[1])
-                    out_logits = torch.empty(n, logits.shape[1], dtype=logits.dtype)
-                fire, decision = policy.decide(e, logits, state)
-                # one host sync per exit: how many leave now (all of them at the final exit)
-                leaving = len(active) if e == last else int(fire.sum())
-                if leaving == len(active):  # everyone left: no selection needed
-                    predictions[active] = decision.argmax(dim=1)
-                    exit_index[active] = e
-                    out_logits[active] = decision.to(out_logits.dtype)
-                    return ExitResult(predictions, exit_index, out_logits)
-                if leaving:
-                    rows = active[fire]
-                    predictions[rows] = decision[fire].argmax(dim=1)
-                    exit_index[rows] = e
-                    out_logits[rows] = decision[fire].to(out_logits.dtype)
-                    keep = ~fire
-                    active = active[keep]
-                    payload = payload_select(payload, keep)
-                    state = {name: v[keep] for name, v in state.items()}
-                    logits = logits[keep]
-                previous = logits
-                e += 1
-        raise AssertionError("unreachable: the final exit takes every remaining sample")
+        run = advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
+                            self.backbone.num_stages)
+        return run.result
 
     @torch.no_grad()
     def simulate(self, logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:
@@ -194,6 +185,159 @@ class MultiExitModel(nn.Module):
         chunks = [self(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]
         self.train(was_training)
         return [torch.cat([c[e] for c in chunks]) for e in range(self.num_exits)]
+
+
+class FirstCascadeHead(nn.Module):
+    """A cascading head at the first exit, which has no previous logits to take."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features, None)
+
+
+class StageWithHead(nn.Module):
+    """A stage and the exit head at its end as one module: tensors in, ``(*payload, logits)`` out.
+
+    The unit exported to ONNX and traced to TorchScript: one call per exit instead of two,
+    which matters at batch 1. Without a head it returns the stage's payload tensors. When
+    ``takes_previous`` the last input is the previous exit's logits (cascading heads).
+    """
+
+    def __init__(self, stage: nn.Module, head: nn.Module | None, num_inputs: int,
+                 takes_previous: bool = False):
+        super().__init__()
+        self.stage, self.head = stage, head
+        self.num_inputs, self.takes_previous = num_inputs, takes_previous
+
+    @classmethod
+    def of(cls, model: MultiExitModel, k: int, e: int | None, has_previous: bool
+           ) -> StageWithHead:
+        """Stage ``k`` of ``model`` with exit head ``e`` (``None``: the stage alone)."""
+        stage = model.backbone.stages[k]
+        num_inputs = getattr(stage, "num_inputs", 1)
+        if e is None:
+            return cls(stage, None, num_inputs)
+        head = model.heads[e]
+        uses_previous = bool(getattr(head, "uses_previous", False))
+        if uses_previous and not has_previous:
+            return cls(stage, FirstCascadeHead(head), num_inputs)
+        return cls(stage, head, num_inputs, takes_previous=uses_previous)
+
+    def forward(self, *tensors: torch.Tensor):
+        inputs = tensors[: self.num_inputs]
+        out = self.stage(inputs[0] if self.num_inputs == 1 else tuple(inputs))
+        outs = payload_tensors(out)
+        if self.head is None:
+            return outs
+        if len(outs) != 1:
+            raise InputError(f"this cut carries {len(outs)} tensors; exit heads attach at "
+                             "single-tensor cuts (after a whole block)")
+        logits = self.head(outs[0], tensors[-1]) if self.takes_previous else self.head(outs[0])
+        return (*outs, logits)
+
+
+@dataclass
+class ExitRun:
+    """A batch part-way through early-exit inference: what a device half hands to a server.
+
+    Attributes:
+        result: the batch's result so far; rows of samples still ``active`` are not yet set.
+        active: original batch indices of the samples that have not exited.
+        payload: their payload at the next stage's input (what a split sends on the wire).
+        state: their policy state rows (``None`` before the first exit).
+        previous: their raw logits at the last exit evaluated (cascading heads take them).
+        fallback: their decision logits at that exit (the answer to give when the rest of
+            the network cannot run, e.g. the link to the server is down).
+        fallback_exit: index of that exit (-1 before the first exit).
+        next_stage: first stage still to run.
+        next_exit: first exit still to evaluate.
+    """
+
+    result: ExitResult
+    active: torch.Tensor
+    payload: Payload | None
+    state: dict | None
+    previous: torch.Tensor | None
+    fallback: torch.Tensor | None
+    fallback_exit: int
+    next_stage: int
+    next_exit: int
+
+    @classmethod
+    def start(cls, x: torch.Tensor) -> ExitRun:
+        """A run over batch ``x`` (already checked) before any stage."""
+        n = x.shape[0]
+        result = ExitResult(torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long),
+                            torch.empty(0))
+        return cls(result, torch.arange(n), x, None, None, None, -1, 0, 0)
+
+    @property
+    def done(self) -> bool:
+        """Whether every sample has exited."""
+        return len(self.active) == 0
+
+
+Step = Callable[[int, "int | None", Payload, "torch.Tensor | None"],
+                tuple[Payload, "torch.Tensor | None"]]
+
+
+def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy: ExitPolicy,
+                  end: int) -> ExitRun:
+    """The early-exit loop every backend shares (PyTorch, TorchScript, ONNX Runtime, split).
+
+    Runs stages ``run.next_stage .. end - 1`` through ``step(k, e, payload, previous)``, which
+    returns the stage's output payload and, when ``e`` is not ``None``, exit ``e``'s logits.
+    At each exit the policy decides per sample; the samples that leave are written to the
+    result and removed from the batch, together with their payload and policy state rows.
+    The final exit (the backbone's output, at stage ``exit_stages[-1]``) takes every sample
+    left. One host synchronisation per exit (how many leave).
+    """
+    result, active, payload = run.result, run.active, run.payload
+    state, previous = run.state, run.previous
+    fallback, fallback_exit, e = run.fallback, run.fallback_exit, run.next_exit
+    last = len(exit_stages) - 1
+    n = len(result.predictions)
+    for k in range(run.next_stage, end):
+        at_exit = e <= last and exit_stages[e] == k
+        payload, logits = step(k, e if at_exit and e < last else None, payload, previous)
+        if not at_exit:
+            continue
+        if e == last:
+            logits = payload_tensors(payload)[0]
+        if state is None:
+            state = policy.init_state(len(active), logits.shape[1])
+        fire, decision = policy.decide(e, logits, state)
+        m = len(active)
+        leaving = m if e == last else (int(fire.sum()) if m > 1 else int(fire))
+        if leaving == m:  # everyone left (always so at batch 1 once an exit fires)
+            if m == n:  # nobody left before: whole-batch results, no scatter
+                result.predictions = decision.argmax(dim=1)
+                result.exit_index.fill_(e)
+                result.logits = decision if result.logits.numel() == 0 else decision.to(
+                    result.logits.dtype)
+            else:
+                result.predictions[active] = decision.argmax(dim=1)
+                result.exit_index[active] = e
+                result.logits[active] = decision.to(result.logits.dtype)
+            return ExitRun(result, active[:0], None, None, None, None, e, k + 1, e + 1)
+        if result.logits.numel() == 0:
+            result.logits = torch.empty(n, logits.shape[1], dtype=logits.dtype)
+        if leaving:
+            rows = active[fire]
+            result.predictions[rows] = decision[fire].argmax(dim=1)
+            result.exit_index[rows] = e
+            result.logits[rows] = decision[fire].to(result.logits.dtype)
+            keep = ~fire
+            active = active[keep]
+            payload = payload_select(payload, keep)
+            state = {name: v[keep] for name, v in state.items()}
+            logits, decision = logits[keep], decision[keep]
+        previous, fallback, fallback_exit = logits, decision, e
+        e += 1
+    return ExitRun(result, active, payload, state, previous, fallback, fallback_exit, end, e)
 
 
 def simulate_exits(logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:

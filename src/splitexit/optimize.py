@@ -1,20 +1,39 @@
-"""Inference-time graph optimisation: fold BatchNorm into the preceding convolution.
+"""Inference-time optimisation: BatchNorm folding and TorchScript segments.
 
-Applied to the baseline and to the multi-exit model alike before timing, so ratios compare
-like with like. Outputs change only by float rounding (~1e-7); the folded copy is for
-inference (eval mode), the original is left untouched.
+:func:`fuse_for_inference` folds BatchNorm into the preceding convolution.
+:func:`trace_for_inference` compiles a model to frozen TorchScript: a plain model becomes one
+graph; a :class:`~splitexit.multiexit.MultiExitModel` becomes one graph per stage (with the
+exit head at its end fused in), run by the same exit loop as ``infer``, so a sample that
+exits early still skips the later graphs. At batch 1 this removes most of PyTorch's per-op
+Python overhead, which on small networks costs as much as the arithmetic.
+
+Benchmarks apply the same optimisation to the baseline and to the multi-exit model, so ratios
+compare like with like. Outputs change only by float rounding (~1e-7); the optimised copies
+are for inference (eval mode), the original is left untouched.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
+import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
-from .stages import Stage
+from .errors import InputError
+from .multiexit import (
+    ExitResult,
+    ExitRun,
+    MultiExitModel,
+    StageWithHead,
+    advance_exits,
+    check_input,
+)
+from .policies import ExitPolicy
+from .stages import Payload, Stage, StagedModel, payload_tensors
 
-__all__ = ["fuse_for_inference"]
+__all__ = ["fuse_for_inference", "trace_for_inference", "TracedMultiExit"]
 
 
 def _fuse_module(module: nn.Module) -> nn.Module:
@@ -44,3 +63,120 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     if not stages and heads is None and not isinstance(model, fx.GraphModule):
         model = _fuse_module(model)
     return model.eval()
+
+
+def _script(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """Trace ``module`` on ``args`` and freeze it (weights become constants)."""
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream (in favour of torch.compile / torch.export, neither of
+        # which cuts per-op overhead on CPU at batch 1 without a compiler tool chain); it still
+        # works, and the ONNX Runtime path (splitexit.export) is the long-term alternative
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            traced = torch.jit.trace(module.eval(), args, check_trace=False)
+        except Exception as exc:  # data-dependent control flow, unsupported ops
+            raise InputError(f"cannot trace {type(module).__name__} to TorchScript ({exc}); "
+                             "run it eagerly instead") from exc
+        return torch.jit.freeze(traced)
+
+
+def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
+    if example is not None:
+        check_input(example, getattr(model, "input_shape", None))
+        return example
+    shape = getattr(model, "input_shape", None)
+    if shape is None:
+        raise InputError("the model has no input_shape; pass example=a batch of inputs")
+    return torch.zeros(2, *shape)
+
+
+class TracedMultiExit:
+    """A :class:`MultiExitModel` compiled to one frozen TorchScript graph per stage.
+
+    Each stage that ends at an exit is traced together with its head, so one call per exit.
+    :meth:`infer` runs the shared exit loop (:func:`~splitexit.multiexit.advance_exits`):
+    same predictions and exits as ``model.infer``, with outputs equal up to float rounding.
+    Build it with :func:`trace_for_inference`.
+    """
+
+    def __init__(self, model: MultiExitModel, example: torch.Tensor):
+        self.exit_stages = list(model.exit_stages)
+        self.num_exits = model.num_exits
+        self.exit_names = model.exit_names
+        self.input_shape = model.input_shape
+        self.pieces: list[torch.jit.ScriptModule] = []
+        self.has_head: list[bool] = []
+        self.takes_previous: list[bool] = []
+        payload: Payload = example
+        previous: torch.Tensor | None = None
+        e = 0
+        with torch.no_grad():
+            for k in range(model.backbone.num_stages):
+                at_head = e < len(model.heads) and self.exit_stages[e] == k
+                piece = StageWithHead.of(model, k, e if at_head else None, previous is not None)
+                args = payload_tensors(payload)
+                if piece.takes_previous:
+                    args = (*args, previous)
+                self.pieces.append(_script(piece, tuple(args)))
+                self.has_head.append(at_head)
+                self.takes_previous.append(piece.takes_previous)
+                payload, logits = model.step(k, e if at_head else None, payload, previous)
+                if at_head:
+                    previous = logits
+                    e += 1
+
+    def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
+             ) -> tuple[Payload, torch.Tensor | None]:
+        """Stage ``k`` (and its exit head, computed whenever the stage has one)."""
+        args = payload_tensors(payload)
+        outs = self.pieces[k](*args, previous) if self.takes_previous[k] else self.pieces[k](*args)
+        if self.has_head[k]:
+            return (outs[0] if len(outs) == 2 else tuple(outs[:-1])), outs[-1]
+        return (outs[0] if len(outs) == 1 else tuple(outs)), None
+
+    @torch.inference_mode()
+    def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
+        """Early-exit inference, as :meth:`MultiExitModel.infer`."""
+        check_input(x, self.input_shape)
+        return advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
+                             len(self.pieces)).result
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every exit's logits for the whole batch, as ``MultiExitModel.forward``."""
+        check_input(x, self.input_shape)
+        outs: list[torch.Tensor] = []
+        payload: Payload = x
+        for k in range(len(self.pieces)):
+            payload, logits = self.step(k, None, payload, outs[-1] if outs else None)
+            if logits is not None:
+                outs.append(logits)
+        outs.append(payload_tensors(payload)[0])
+        return outs
+
+
+def trace_for_inference(model: nn.Module, example: torch.Tensor | None = None, fuse: bool = True
+                        ) -> TracedMultiExit | torch.jit.ScriptModule:
+    """Compile ``model`` to frozen TorchScript for fast (batch-1) inference.
+
+    Args:
+        model: a :class:`MultiExitModel` (one graph per stage, early exits kept) or any
+            traceable module, e.g. a :class:`StagedModel` baseline (one graph).
+        example: an input batch to trace with; zeros of ``model.input_shape`` when ``None``.
+            Any batch size works afterwards.
+        fuse: fold BatchNorm first (:func:`fuse_for_inference`).
+
+    Returns:
+        A :class:`TracedMultiExit` (``infer(x, policy)``, ``__call__`` -> every exit's
+        logits) for a multi-exit model, else a ``torch.jit.ScriptModule``.
+
+    Raises:
+        InputError: no example and no ``input_shape``, or a piece that cannot be traced.
+    """
+    example = _example(model, example)
+    model = fuse_for_inference(model) if fuse else copy.deepcopy(model).eval()
+    if isinstance(model, MultiExitModel):
+        return TracedMultiExit(model, example)
+    inputs = payload_tensors(example) if isinstance(model, StagedModel) else (example,)
+    return _script(model, tuple(inputs))

@@ -12,7 +12,6 @@ import argparse
 import copy
 import math
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from ..policies import Entropy
 from ..report import write_report
 from ..training import Baseline, train
 from ..zoo import create_model
-from .measure import throughput, torch_threads
+from .measure import interleaved_latency, throughput, torch_threads
 
 __all__ = ["CBNetBenchSettings", "run_cbnet_bench", "OnnxBranchyNet", "register"]
 
@@ -140,25 +139,6 @@ class OnnxBranchyNet:
         return predictions
 
 
-def _interleaved_latency(fns: dict[str, Callable], x: torch.Tensor, chunks: int
-                         ) -> dict[str, dict]:
-    """Batch-1 latency of every fn over every sample of ``x``, methods alternating per chunk."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    bounds = np.linspace(0, len(x), max(1, min(chunks, len(x))) + 1).astype(int)
-    with torch.inference_mode():
-        for fn in fns.values():
-            for i in range(min(10, len(x))):
-                fn(x[i: i + 1])
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            for name, fn in fns.items():
-                for i in range(a, b):
-                    t0 = time.perf_counter()
-                    fn(x[i: i + 1])
-                    times[name].append(time.perf_counter() - t0)
-    return {name: {"mean_ms": 1e3 * statistics.fmean(t), "median_ms": 1e3 * statistics.median(t),
-                   "total_s": sum(t), "samples": len(t)} for name, t in times.items()}
-
-
 def _accuracy(pred, y: torch.Tensor) -> float:
     pred = torch.as_tensor(pred)
     return float((pred == y).double().mean())
@@ -261,11 +241,11 @@ def _dataset_rows(ds: Dataset, s: CBNetBenchSettings, host: DeviceProfile, rpi: 
 
     limit = s.latency_samples or len(x)
     with torch_threads(s.threads):
-        lat_torch = _interleaved_latency({n: torch_pred(m) for n, m in methods.items()},
-                                         x[:limit], s.latency_chunks)
-        lat_onnx = _interleaved_latency(
+        lat_torch = interleaved_latency({n: torch_pred(m) for n, m in methods.items()},
+                                        x[:limit], warmup=10, chunks=s.latency_chunks)
+        lat_onnx = interleaved_latency(
             {n: (lambda f: lambda t: f(t.numpy()))(m["onnx"]) for n, m in methods.items()},
-            x[:limit], s.latency_chunks)
+            x[:limit], warmup=10, chunks=s.latency_chunks)
         thr_torch = {n: throughput(torch_pred(m), x, s.throughput_batch)
                      for n, m in methods.items()}
         thr_onnx = {n: throughput(lambda t, f=m["onnx"]: f(t.numpy()), x, s.throughput_batch)

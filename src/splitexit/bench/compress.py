@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import math
 import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import checkpoint
 from ..calibration import choose_operating_point, sweep
 from ..compress.quantize import check_quantized, onnx_weight_bytes, quantize_onnx
 from ..compress.sparsity import (
@@ -40,11 +39,12 @@ from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..export import OrtExitPipeline, OrtPiece, export_multiexit, export_piece
 from ..export.exit_graph import OrtExitGraph, export_exit_graph
+from ..multiexit import MultiExitModel
 from ..policies import MaxProb
 from ..report import plot_pareto, write_report
 from ..training import Baseline, JointWeighted, train
 from ..zoo import create_model, create_multiexit
-from .measure import torch_threads
+from .measure import interleaved_latency, interleaved_throughput, torch_threads
 
 __all__ = ["CompressSettings", "run_compress_bench", "register"]
 
@@ -63,6 +63,11 @@ class CompressSettings:
         calib_samples: calibration samples for int8 quantization.
         exit_widths: ResNet-8 channel widths of the early-exit model.
         exit_epochs, exit_train_samples: its training.
+        exit_model: load this multi-exit ResNet-8 checkpoint instead of training one (e.g. the
+            one ``splitexit bench early-exit`` trained on the full training split).
+        selection_samples: calibration inputs each candidate exit subset's graph is timed on.
+        parts: ``"sparsity"`` (MLPs dense vs sparse vs int8) and/or ``"exits"`` (early exits
+            on ONNX Runtime).
         max_drop: accuracy drop allowed when choosing exit thresholds (calibration split).
         latency_samples: test samples timed one at a time.
         throughput_batch: batch size for throughput.
@@ -80,6 +85,9 @@ class CompressSettings:
     exit_widths: tuple[int, ...] = (16, 32, 64)
     exit_epochs: int = 4
     exit_train_samples: int | None = 20000
+    exit_model: str | None = None
+    selection_samples: int = 300
+    parts: tuple[str, ...] = ("sparsity", "exits")
     max_drop: float = 0.005
     latency_samples: int = 1000
     throughput_batch: int = 256
@@ -98,50 +106,6 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def _batched(fn: Callable, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([fn(x[i: i + batch]) for i in range(0, len(x), batch)])
-
-
-def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20
-                        ) -> dict[str, dict]:
-    """Batch-1 latency of several functions, timed round-robin on each sample in turn.
-
-    Round-robin timing makes slow phases of a shared machine hit every method alike.
-
-    Returns:
-        ``{name: {"median_ms", "mean_ms", "p95_ms"}}``.
-    """
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    with torch.inference_mode():
-        for i in range(min(warmup, len(xs))):
-            for fn in fns.values():
-                fn(xs[i: i + 1])
-        for i in range(len(xs)):
-            x = xs[i: i + 1]
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(x)
-                times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = {"median_ms": 1e3 * statistics.median(ts), "mean_ms": 1e3 * statistics.fmean(ts),
-                     "p95_ms": 1e3 * ts[int(0.95 * (len(ts) - 1))]}
-    return out
-
-
-def interleaved_throughput(fns: Mapping[str, Callable], x: torch.Tensor, batch: int,
-                           repeats: int = 3) -> dict[str, float]:
-    """Samples per second of several functions over ``x`` in batches, round-robin."""
-    rates: dict[str, list[float]] = {n: [] for n in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn(x[:batch])
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                for i in range(0, len(x), batch):
-                    fn(x[i: i + batch])
-                rates[name].append(len(x) / (time.perf_counter() - t0))
-    return {n: statistics.median(r) for n, r in rates.items()}
 
 
 # Part 1: sparsity and int8 ---------------------------------------------------------------
@@ -290,7 +254,18 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
 
 
 # Part 2: early exits on ONNX Runtime -------------------------------------------------------
-def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict], dict]:
+def _exit_model(ds: Dataset, s: CompressSettings) -> tuple[MultiExitModel, float | None]:
+    """The early-exit ResNet-8: loaded from ``s.exit_model`` or trained here."""
+    if s.exit_model:
+        model = checkpoint.load(s.exit_model)
+        if not isinstance(model, MultiExitModel):
+            raise InputError(f"{s.exit_model} holds a {type(model).__name__}, not a multi-exit "
+                             "model; pass the directory of a MultiExitModel checkpoint")
+        meta = checkpoint.read_meta(s.exit_model)
+        if meta.get("dataset") not in (None, ds.name):
+            raise InputError(f"{s.exit_model} was trained on {meta.get('dataset')!r}, this run "
+                             f"uses {ds.name!r}")
+        return model, None
     torch.manual_seed(s.seed)
     model = create_multiexit("resnet8", ds.num_classes, ds.input_shape,
                              widths=tuple(s.exit_widths))
@@ -298,6 +273,42 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
             else ds.train.subset(s.exit_train_samples, s.seed))
     history = train(model, data, JointWeighted(), epochs=s.exit_epochs, lr=s.lr, seed=s.seed,
                     progress=s.progress)
+    return model, history.seconds
+
+
+def _fastest_graph(model: MultiExitModel, calib_logits: list[torch.Tensor], calib_x, calib_y,
+                   reference: float, s: CompressSettings, work: Path
+                   ) -> tuple[list[int], object, list[dict]]:
+    """Per subset of exit heads: the cheapest threshold within the drop, exported as one graph
+    and timed on calibration inputs; the subset whose graph is fastest wins."""
+    heads = model.num_exits - 1
+    tried = []
+    best = None
+    xs = calib_x[: s.selection_samples]
+    for mask in range(1, 2 ** heads):
+        keep = [e for e in range(heads) if mask >> e & 1]
+        sub = model.keep_exits(keep)
+        costs = cost_table(sub, calib_x[:2], measure=False)
+        logits = [calib_logits[e] for e in keep] + [calib_logits[-1]]
+        try:
+            op = choose_operating_point(sweep(logits, calib_y, costs.exit_macs, MaxProb()),
+                                        reference_accuracy=reference, max_drop=s.max_drop)
+        except InputError:
+            continue
+        graph = OrtExitGraph(export_exit_graph(sub, op.policy, work / f"subset{mask}.onnx"),
+                             threads=s.threads)
+        lat = interleaved_latency({"graph": graph.infer}, xs)["graph"]["mean_ms"]
+        tried.append({"exits": [model.exit_names[e] for e in keep], "calib_latency_ms": lat,
+                      "calib_accuracy": op.accuracy})
+        if best is None or lat < best[0]:
+            best = (lat, keep, op.policy)
+    if best is None:
+        raise InputError("no subset of exits meets the accuracy target on calibration data")
+    return best[1], best[2], tried
+
+
+def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict], dict]:
+    model, train_seconds = _exit_model(ds, s)
     model.eval()
     costs = cost_table(model, ds.calib.x[:2], measure=False)
     calib_logits = model.collect_logits(ds.calib.x)
@@ -319,11 +330,19 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
     graph = OrtExitGraph(export_exit_graph(model, policy, work / "early_exit.onnx"),
                          threads=s.threads)
     graph_result = graph.infer(test_x)
+    keep, sel_policy, tried = _fastest_graph(model, calib_logits, ds.calib.x, ds.calib.y,
+                                             reference, s, work)
+    chosen = model.keep_exits(keep)
+    sel_graph = OrtExitGraph(export_exit_graph(chosen, sel_policy, work / "chosen.onnx"),
+                             threads=s.threads)
+    sel_result = sel_graph.infer(test_x)
+    sel_macs = mean_macs(sel_result.exit_index,
+                         cost_table(chosen, ds.calib.x[:2], measure=False).exit_macs)
     lat_x = test_x[: s.latency_samples]
     with torch_threads(s.threads):
         lat = interleaved_latency({
             "ort full": pipe.run_full, "ort early-exit": lambda x: pipe.infer(x, policy),
-            "ort single graph": graph.infer,
+            "ort single graph": graph.infer, "ort chosen exits": sel_graph.infer,
             "torch full": model.backbone, "torch early-exit": lambda x: model.infer(x, policy)},
             lat_x)
     full_macs = costs.backbone_macs
@@ -362,6 +381,18 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
                  (graph_result.predictions == torch_result.predictions).double().mean()),
              "same_exits_as_pytorch": float(
                  (graph_result.exit_index == torch_result.exit_index).double().mean())},
+            {"method": "ONNX Runtime: single graph, exits chosen for latency",
+             "model": "resnet8", "accuracy": sel_result.accuracy(test_y),
+             "accuracy_drop_pt": 100 * (full_acc - sel_result.accuracy(test_y)),
+             "mean_macs": sel_macs, "macs_ratio": sel_macs / full_macs,
+             "latency_ms": lat["ort chosen exits"]["mean_ms"],
+             "latency_p50_ms": lat["ort chosen exits"]["median_ms"],
+             "latency_ratio": lat["ort chosen exits"]["mean_ms"] / base["mean_ms"],
+             "speedup": base["mean_ms"] / lat["ort chosen exits"]["mean_ms"],
+             "speedup_p50": base["median_ms"] / lat["ort chosen exits"]["median_ms"],
+             "exit_fractions": sel_result.exit_fractions(chosen.num_exits),
+             "exits": [model.exit_names[e] for e in keep] + ["final"],
+             "policy": sel_policy.config()},
             {"method": "PyTorch: full model", "model": "resnet8",
              "accuracy": _accuracy(_batched(model.backbone, test_x), test_y),
              "mean_macs": full_macs, "latency_ms": lat["torch full"]["mean_ms"],
@@ -374,7 +405,8 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
              "latency_ratio": lat["torch early-exit"]["mean_ms"] / base["mean_ms"],
              "exit_fractions": torch_result.exit_fractions(model.num_exits)}]
     extra = {"calib_accuracy": op.accuracy, "calib_final_accuracy": reference,
-             "exit_train_s": history.seconds, "exit_macs": costs.exit_macs,
+             "exit_train_s": train_seconds, "exit_macs": costs.exit_macs,
+             "exit_model": s.exit_model, "exit_subsets_tried": tried,
              "curve": [(p.mean_macs / full_macs, p.accuracy) for p in points]}
     return rows, extra
 
@@ -393,19 +425,26 @@ def run_compress_bench(out: str | Path, settings: CompressSettings | None = None
     ds = load_dataset(dataset, seed=s.seed)
     work = Path(tempfile.mkdtemp(prefix="splitexit-compress-"))
     try:
+        unknown = set(s.parts) - {"sparsity", "exits"}
+        if unknown or not s.parts:
+            raise InputError(f"parts must be among sparsity, exits; got {s.parts}")
+        rows, summary, exit_rows, extra = [], [], [], {}
         with torch_threads(s.threads):
-            rows, summary = _sparsity_rows(ds, s, work)
-            exit_rows, extra = _exit_rows(ds, s, work)
+            if "sparsity" in s.parts:
+                rows, summary = _sparsity_rows(ds, s, work)
+            if "exits" in s.parts:
+                exit_rows, extra = _exit_rows(ds, s, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     targets = _targets(rows, exit_rows, s)
-    plot = plot_pareto(out / "early_exit_ort.png",
-                       {"calibration sweep (MaxProb)": extra.pop("curve")},
-                       {"chosen (test, ORT)": (exit_rows[1]["macs_ratio"],
-                                               exit_rows[1]["accuracy"]),
-                        "full model (test, ORT)": (1.0, exit_rows[0]["accuracy"])},
-                       xlabel="mean MACs / full-model MACs",
-                       title=f"{dataset}: ResNet-8 early exits on ONNX Runtime")
+    plots = []
+    if exit_rows:
+        plots.append(plot_pareto(
+            out / "early_exit_ort.png", {"calibration sweep (MaxProb)": extra.pop("curve")},
+            {"chosen (test, ORT)": (exit_rows[1]["macs_ratio"], exit_rows[1]["accuracy"]),
+             "full model (test, ORT)": (1.0, exit_rows[0]["accuracy"])},
+            xlabel="mean MACs / full-model MACs",
+            title=f"{dataset}: ResNet-8 early exits on ONNX Runtime").name)
     notes = [
         "Stored bytes are the sizes of real files: dense = safetensors of the state dict; "
         "sparse = ELLPACK safetensors (uint8/int16 input indices + kept values, no mask, no "
@@ -432,7 +471,7 @@ def run_compress_bench(out: str | Path, settings: CompressSettings | None = None
     return write_report(out, "compress", rows + exit_rows, dataset=dataset,
                         model=f"mlp {s.hidden}, mlp 40-40, resnet8 {s.exit_widths}",
                         sections={"training": summary}, notes=notes, command=command,
-                        settings=asdict(s), targets=targets, plots=[plot.name], **extra)
+                        settings=asdict(s), targets=targets, plots=plots, **extra)
 
 
 def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> dict:
@@ -448,10 +487,19 @@ def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> di
                 or r.get("ort_latency_ratio", 2) < 1)
         if meets and sped and (best is None or r["bytes_ratio"] < best["bytes_ratio"]):
             best = r
-    pipe, graph = exit_rows[1], exit_rows[2]
+    out: dict = {}
+    if rows:
+        out["sparsity_4x_at_0.3pt_with_speedup"] = best is not None
+        out["sparsity_row"] = None if best is None else f"{best['model']} | {best['method']}"
+    if not exit_rows:
+        return out
+    pipe, graph, chosen = exit_rows[1], exit_rows[2], exit_rows[3]
     return {
-        "sparsity_4x_at_0.3pt_with_speedup": best is not None,
-        "sparsity_row": None if best is None else f"{best['model']} | {best['method']}",
+        **out,
+        "early_exit_chosen_exits_speedup": chosen["speedup"],
+        "early_exit_chosen_exits_accuracy_drop_pt": chosen["accuracy_drop_pt"],
+        "early_exit_chosen_exits_1.8x_at_0.5pt": (chosen["speedup"] >= 1.8
+                                                  and chosen["accuracy_drop_pt"] <= 0.5),
         "early_exit_pipeline_speedup": pipe["speedup"],
         "early_exit_pipeline_accuracy_drop_pt": pipe["accuracy_drop_pt"],
         "early_exit_pipeline_1.8x_at_0.5pt": (pipe["speedup"] >= 1.8
@@ -477,6 +525,11 @@ def register(suites) -> None:
     p.add_argument("--exit-epochs", type=int, default=d.exit_epochs)
     p.add_argument("--exit-train-samples", type=int, default=d.exit_train_samples,
                    help="0: the whole training split")
+    p.add_argument("--exit-model", default=None,
+                   help="multi-exit ResNet-8 checkpoint to load instead of training one, e.g. "
+                        "reports/early-exit/models/resnet8-multiexit")
+    p.add_argument("--parts", default=",".join(d.parts),
+                   help="which parts to run: sparsity, exits (comma-separated)")
     p.add_argument("--max-drop", type=float, default=d.max_drop)
     p.add_argument("--latency-samples", type=int, default=d.latency_samples)
     p.add_argument("--no-published", action="store_true",
@@ -496,6 +549,7 @@ def _cmd(args) -> int:
         exit_widths=tuple(int(v) for v in args.exit_widths.split(",") if v),
         exit_epochs=args.exit_epochs, exit_train_samples=args.exit_train_samples or None,
         max_drop=args.max_drop, latency_samples=args.latency_samples,
+        exit_model=args.exit_model, parts=tuple(p for p in args.parts.split(",") if p),
         published=not args.no_published, seed=args.seed)
     report = run_compress_bench(args.out, s, command=_command_line())
     print(markdown_table(report["rows"]))

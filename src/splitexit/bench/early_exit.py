@@ -13,17 +13,24 @@ from pathlib import Path
 import torch
 
 from .. import checkpoint
-from ..calibration import choose_operating_point, oracle, pareto_front, sweep
-from ..cost import cost_table
+from ..calibration import (
+    choose_operating_point,
+    exit_costs,
+    oracle,
+    pareto_front,
+    select_exits,
+    sweep,
+)
+from ..cost import cost_table, measure_exit_latency
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..multiexit import MultiExitModel
-from ..optimize import fuse_for_inference
+from ..optimize import fuse_for_inference, trace_for_inference
 from ..policies import NeverExit, make_policy
 from ..report import plot_pareto, write_report
 from ..training import Baseline, HeadsOnly, JointWeighted, train
 from ..zoo import create_model, create_multiexit
-from .measure import latency_batch1, throughput, torch_threads
+from .measure import interleaved_latency, interleaved_throughput, torch_threads
 
 __all__ = ["EarlyExitSettings", "run_early_exit", "train_pair", "evaluate_pair"]
 
@@ -43,6 +50,11 @@ class EarlyExitSettings:
         reuse_models: load ``out/models/<model>-{baseline,multiexit}`` when present instead of
             training again (delete them to retrain).
         fuse: fold BatchNorm into convolutions before timing, in both models alike.
+        runtimes: where to time: ``"eager"`` PyTorch and/or ``"torchscript"`` (frozen
+            TorchScript graphs, one per stage for the multi-exit model, one for the baseline).
+        select_exits: also pick, per accuracy target and runtime, the subset of exit heads and
+            threshold with the lowest expected batch-1 latency, from the latency of leaving at
+            each exit measured on that runtime (``selection_samples`` calibration inputs).
     """
 
     epochs: int = 12
@@ -62,6 +74,9 @@ class EarlyExitSettings:
     save_models: bool = True
     reuse_models: bool = True
     fuse: bool = True
+    runtimes: tuple[str, ...] = ("eager", "torchscript")
+    select_exits: bool = True
+    selection_samples: int = 300
     extra_notes: list[str] = field(default_factory=list)
 
 
@@ -101,7 +116,11 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 @torch.no_grad()
 def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                   multi: MultiExitModel, s: EarlyExitSettings) -> tuple[list[dict], dict]:
-    """Rows for one backbone: baseline, operating points, no-exit overhead, oracle."""
+    """Rows for one backbone: baseline, operating points, no-exit overhead, oracle.
+
+    Every runtime in ``s.runtimes`` (eager PyTorch, TorchScript) times its own baseline and
+    its own early-exit rows, so each ratio compares like with like.
+    """
     baseline.eval()
     multi.eval()
     example = ds.calib.x[:64]
@@ -115,57 +134,113 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     test_logits = multi.collect_logits(test_x)
     base_test_acc = _accuracy(torch.cat([baseline(test_x[i: i + 1024])
                                          for i in range(0, len(test_x), 1024)]), test_y)
+    stage_macs = [p.macs for p in costs.stages]
+    head_macs = [p.macs for p in costs.heads]
 
-    with torch_threads(s.threads):
-        base_lat = latency_batch1(baseline, test_x, s.latency_samples)
-        base_thr = throughput(baseline, test_x, s.throughput_batch)
-        rows = [{"method": "baseline", "model": model_name, "accuracy": base_test_acc,
+    # operating points: (method, kept exits, policy, extra columns)
+    chosen: list[tuple[str, list[int], object, dict]] = []
+    notes: list[dict] = []
+    all_exits = list(range(len(multi.heads)))
+    for drop in s.drops:
+        label = f"{s.strategy} (<= {100 * drop:g} pt drop)"
+        try:
+            op = choose_operating_point(points, reference_accuracy=base_calib_acc,
+                                        max_drop=drop)
+            chosen.append((label, all_exits, op.policy,
+                           {"calib_accuracy": op.accuracy, "max_drop": drop,
+                            "calib_baseline_accuracy": base_calib_acc}))
+        except InputError as exc:
+            notes.append({"method": label, "model": model_name, "note": str(exc)})
+            continue
+    runtimes = {"eager": (lambda m: m, lambda m: m)}
+    if "torchscript" in s.runtimes:
+        runtimes["torchscript"] = (
+            lambda m: trace_for_inference(m, example, fuse=False),
+            lambda m: trace_for_inference(m, example, fuse=False))
+    def runtime_rows(runtime: str) -> list[dict]:
+        if runtime not in runtimes:
+            raise InputError(f"unknown runtime {runtime!r}: use eager or torchscript")
+        compile_base, compile_multi = runtimes[runtime]
+        compiled: dict[tuple[int, ...], object] = {}
+
+        def fast_for(keep: list[int]):
+            if tuple(keep) not in compiled:
+                compiled[tuple(keep)] = compile_multi(
+                    multi.keep_exits(keep) if keep != all_exits else multi)
+            return compiled[tuple(keep)]
+
+        measured: dict[tuple[int, ...], list[float]] = {}
+
+        def latency_for(keep: list[int]) -> list[float]:
+            if tuple(keep) not in measured:
+                with torch_threads(s.threads):
+                    measured[tuple(keep)] = measure_exit_latency(
+                        fast_for(keep).infer, ds.calib.x, len(keep) + 1, s.selection_samples)
+            return measured[tuple(keep)]
+
+        plans = []  # (method, kept exits, policy, extra columns)
+        for method, keep, pol, extra in chosen:
+            plans.append((method, keep, pol, extra))
+            if s.select_exits:
+                sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
+                                   reference_accuracy=base_calib_acc, max_drop=extra["max_drop"])
+                plans.append((f"{method[:-1]}, exits chosen for latency)", sel.exits,
+                              sel.point.policy,
+                              {"calib_accuracy": sel.point.accuracy,
+                               "calib_baseline_accuracy": base_calib_acc,
+                               "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
+                               "predicted_latency_ms": 1e3 * sel.point.mean_macs}))
+        plans.append(("no exit fires (overhead)", all_exits, NeverExit(), {}))
+        base_fn = compile_base(baseline)
+        fns = {"baseline": base_fn}
+        for method, keep, pol, _ in plans:
+            fns[method] = (lambda f, p: lambda x: f.infer(x, p))(fast_for(keep), pol)
+        # every method timed round-robin on the same samples, so load hits all alike
+        with torch_threads(s.threads):
+            lat = interleaved_latency(fns, test_x[: s.latency_samples])
+            thr = interleaved_throughput(fns, test_x, s.throughput_batch)
+        base_lat, base_thr = lat["baseline"], thr["baseline"]
+        common = {"model": model_name, "runtime": runtime}
+        rows = [{"method": "baseline", **common, "accuracy": base_test_acc,
                  "mean_macs": base_macs, "macs_ratio": 1.0,
                  "latency_ms": base_lat["mean_ms"], "latency_p50_ms": base_lat["median_ms"],
                  "latency_ratio": 1.0, "throughput_sps": base_thr, "throughput_ratio": 1.0}]
-
-        def measured_row(method: str, pol, extra: dict) -> dict:
-            result = multi.infer(test_x, pol)
-            replay = multi.simulate(test_logits, pol)
-            lat = latency_batch1(lambda x: multi.infer(x, pol), test_x, s.latency_samples)
-            thr = throughput(lambda x: multi.infer(x, pol), test_x, s.throughput_batch)
-            macs = float(torch.tensor(costs.exit_macs, dtype=torch.float64)[result.exit_index]
-                         .mean())
+        for method, keep, pol, extra in plans:
+            model = multi.keep_exits(keep) if keep != all_exits else multi
+            result = fast_for(keep).infer(test_x, pol)
+            replay = model.simulate([test_logits[e] for e in keep] + [test_logits[-1]], pol)
+            exit_macs = exit_costs(stage_macs, head_macs, multi.exit_stages, keep)
+            macs = float(torch.tensor(exit_macs, dtype=torch.float64)[result.exit_index].mean())
             acc = result.accuracy(test_y)
-            return {"method": method, "model": model_name, "accuracy": acc,
-                    "accuracy_drop_pt": 100 * (base_test_acc - acc), "mean_macs": macs,
-                    "macs_ratio": macs / base_macs, "latency_ms": lat["mean_ms"],
-                    "latency_p50_ms": lat["median_ms"],
-                    "latency_ratio": lat["mean_ms"] / base_lat["mean_ms"],
-                    "throughput_sps": thr, "throughput_ratio": thr / base_thr,
-                    "exit_fractions": result.exit_fractions(multi.num_exits),
-                    "policy": pol.config(),
-                    "infer_matches_simulate": bool(
-                        torch.equal(result.predictions, replay.predictions)
-                        and torch.equal(result.exit_index, replay.exit_index)), **extra}
+            row = {"method": method, **common, "accuracy": acc,
+                   "accuracy_drop_pt": 100 * (base_test_acc - acc), "mean_macs": macs,
+                   "macs_ratio": macs / base_macs, "latency_ms": lat[method]["mean_ms"],
+                   "latency_p50_ms": lat[method]["median_ms"],
+                   "latency_ratio": lat[method]["mean_ms"] / base_lat["mean_ms"],
+                   "throughput_sps": thr[method], "throughput_ratio": thr[method] / base_thr,
+                   "exit_fractions": result.exit_fractions(model.num_exits),
+                   "policy": pol.config(),
+                   "infer_matches_simulate": bool(
+                       torch.equal(result.predictions, replay.predictions)
+                       and torch.equal(result.exit_index, replay.exit_index)),
+                   **{k: v for k, v in extra.items() if k != "max_drop"}}
+            if isinstance(pol, NeverExit):
+                row["overhead_batch1"] = row.pop("latency_ratio")
+                row["overhead_batched"] = 1 / row.pop("throughput_ratio")
+            rows.append(row)
+        return rows
 
-        for drop in s.drops:
-            try:
-                op = choose_operating_point(points, reference_accuracy=base_calib_acc,
-                                            max_drop=drop)
-            except InputError as exc:
-                rows.append({"method": f"{s.strategy} (<= {100 * drop:g} pt drop)",
-                             "model": model_name, "note": str(exc)})
-                continue
-            rows.append(measured_row(f"{s.strategy} (<= {100 * drop:g} pt drop)", op.policy,
-                                     {"calib_accuracy": op.accuracy,
-                                      "calib_baseline_accuracy": base_calib_acc}))
-        overhead = measured_row("no exit fires (overhead)", NeverExit(), {})
-        full_forward = latency_batch1(lambda x: multi(x), test_x, s.latency_samples)
-        overhead["latency_vs_forward_all_heads"] = overhead["latency_ms"] / full_forward["mean_ms"]
-        rows.append(overhead)
+    rows = [row for runtime in s.runtimes for row in runtime_rows(runtime)]
+    rows += notes
     orc = oracle(test_logits, test_y, costs.exit_macs)
     rows.append({"method": "oracle (bound)", "model": model_name, "accuracy": orc["accuracy"],
                  "accuracy_drop_pt": 100 * (base_test_acc - orc["accuracy"]),
                  "mean_macs": orc["mean_macs"], "macs_ratio": orc["mean_macs"] / base_macs,
                  "exit_fractions": orc["exit_fractions"]})
     anytime = [{"model": model_name, "exit": name, "accuracy": _accuracy(lg, test_y),
-                "macs": costs.exit_macs[e], "macs_ratio": costs.exit_macs[e] / base_macs}
+                "macs": costs.exit_macs[e], "macs_ratio": costs.exit_macs[e] / base_macs,
+                "latency_b1_ms": (1e3 * costs.exit_latency_b1_s[e]
+                                  if costs.exit_latency_b1_s else None)}
                for e, (name, lg) in enumerate(zip(multi.exit_names, test_logits))]
     curves = {f"{model_name} {s.strategy} (calibration sweep)":
               [(p.mean_macs / base_macs, p.accuracy) for p in pareto_front(points)],
@@ -199,7 +274,8 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
                     checkpoint.save(model, path, dataset=dataset, settings=vars(s))
         if s.fuse:
             baseline, multi = fuse_for_inference(baseline), fuse_for_inference(multi)
-        r, extra = evaluate_pair(ds, name, baseline, multi, s)
+        with torch_threads(s.threads):  # small tensors: extra threads only contend
+            r, extra = evaluate_pair(ds, name, baseline, multi, s)
         rows += r
         anytime += extra["anytime"]
         curves.update(extra["curves"])
@@ -208,8 +284,17 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
                        title=f"{dataset}: accuracy vs compute")
     notes = ["Thresholds were chosen on the calibration split (carved from training data); "
              "every figure is measured on the test split in this run.",
-             "latency_ms is the mean batch-1 latency over the timed test samples; ratios are to "
-             "the baseline timed in the same run.",
+             "latency_ms is the mean batch-1 latency over the timed test samples; every method "
+             "of a runtime (and its baseline) is timed round-robin on the same samples, and "
+             "ratios are to that runtime's baseline. torchscript = frozen TorchScript graphs "
+             "(splitexit.optimize.trace_for_inference): one for the baseline, one per stage "
+             "and head for the multi-exit model.",
+             "'exits chosen for latency': the subset of exit heads and threshold with the "
+             "lowest expected batch-1 latency on the calibration split "
+             "(splitexit.calibration.select_exits), from the measured latency of leaving at "
+             "each exit on that runtime; predicted_latency_ms is that expectation.",
+             "no exit fires: overhead_batch1 = its batch-1 latency / the baseline's; "
+             "overhead_batched = the baseline's batched throughput / its own.",
              "oracle: each sample leaves at the earliest correct exit (a bound, not runnable).",
              *s.extra_notes]
     return write_report(out, suite, rows, dataset=dataset, model=", ".join(models),

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["latency_batch1", "throughput", "torch_threads"]
+__all__ = ["latency_batch1", "throughput", "torch_threads", "interleaved_latency",
+           "interleaved_throughput"]
 
 
 @contextmanager
@@ -61,3 +62,52 @@ def throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch_size
                 fn(x[i: i + batch_size])
             rates.append(len(x) / (time.perf_counter() - t0))
     return statistics.median(rates)
+
+
+def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20,
+                        chunks: int | None = None) -> dict[str, dict]:
+    """Batch-1 latency of several functions, timed round-robin over the same samples.
+
+    Every method is timed on sample ``i`` (or on chunk ``i`` of ``chunks`` consecutive
+    groups) before any moves on, so slow phases of a shared machine hit every method alike.
+
+    Returns:
+        ``{name: {"median_ms", "mean_ms", "p95_ms", "total_s", "samples"}}``.
+    """
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    n = len(xs)
+    step = 1 if not chunks else max(1, -(-n // chunks))
+    with torch.inference_mode():
+        for i in range(min(warmup, n)):
+            for fn in fns.values():
+                fn(xs[i: i + 1])
+        for a in range(0, n, step):
+            for name, fn in fns.items():
+                for i in range(a, min(n, a + step)):
+                    t0 = time.perf_counter()
+                    fn(xs[i: i + 1])
+                    times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_ms": 1e3 * statistics.median(ts),
+                     "mean_ms": 1e3 * statistics.fmean(ts),
+                     "p95_ms": 1e3 * ts[int(0.95 * (len(ts) - 1))], "total_s": sum(ts),
+                     "samples": len(ts)}
+    return out
+
+
+def interleaved_throughput(fns: Mapping[str, Callable], x: torch.Tensor, batch: int,
+                           repeats: int = 3) -> dict[str, float]:
+    """Samples per second of several functions over ``x`` in batches, round-robin passes."""
+    rates: dict[str, list[float]] = {n: [] for n in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn(x[:batch])
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                for i in range(0, len(x), batch):
+                    fn(x[i: i + batch])
+                rates[name].append(len(x) / (time.perf_counter() - t0))
+    return {n: statistics.median(r) for n, r in rates.items()}

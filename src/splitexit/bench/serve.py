@@ -32,6 +32,7 @@ from ..calibration import choose_operating_point, sweep
 from ..cost import cost_table
 from ..data import load_dataset
 from ..devices import get_device, get_link, measure_host_profile
+from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb, NeverExit
 from ..report import write_report
@@ -51,6 +52,7 @@ class ServeBenchSettings:
 
     train_samples: int = 8000
     epochs: int = 3
+    model: str | None = None
     bottleneck_channels: int = 2
     bottleneck_stride: int = 2
     bottleneck_epochs: int = 1
@@ -86,7 +88,15 @@ def _train_models(ds, s: ServeBenchSettings):
     model = create_multiexit("resnet8", ds.num_classes, ds.input_shape)
     spec = BottleneckSpec(s.bottleneck_channels, stride=s.bottleneck_stride)
     tag = f"resnet8-{s.train_samples}-{s.epochs}-{s.seed}"
-    if (cache / tag / "model.json").is_file():
+    if s.model:  # a multi-exit ResNet-8 trained elsewhere (e.g. by `bench early-exit`)
+        loaded = checkpoint.load(s.model)
+        if not isinstance(loaded, MultiExitModel):
+            raise InputError(f"{s.model} holds a {type(loaded).__name__}; pass the directory of "
+                             "a multi-exit ResNet-8 checkpoint")
+        model = loaded
+        stamp = int((Path(s.model) / "weights.safetensors").stat().st_mtime)
+        tag = f"{Path(s.model).name}-{stamp}-{s.seed}"
+    elif (cache / tag / "model.json").is_file():
         checkpoint.load_weights(model, cache / tag)
     else:
         train(model, train_split, JointWeighted(), epochs=s.epochs, seed=s.seed, progress=False)
@@ -566,6 +576,9 @@ def register(suites) -> None:
     p.add_argument("--out", default="runs/bench-serve")
     p.add_argument("--train-samples", type=int, default=d.train_samples)
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--model", default=None,
+                   help="multi-exit ResNet-8 checkpoint to use instead of training one, e.g. "
+                        "reports/early-exit/models/resnet8-multiexit")
     p.add_argument("--links", default=",".join(d.links))
     p.add_argument("--samples", type=int, default=d.samples)
     p.add_argument("--slow-link-samples", type=int, default=d.slow_link_samples)
@@ -586,6 +599,7 @@ def _cmd(args) -> int:
     from ..cli import _command_line
 
     s = ServeBenchSettings(train_samples=args.train_samples, epochs=args.epochs,
+                           model=args.model,
                            links=tuple(x for x in args.links.split(",") if x),
                            samples=args.samples, slow_link_samples=args.slow_link_samples,
                            device=args.device, device_factor=args.device_factor,

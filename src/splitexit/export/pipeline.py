@@ -11,54 +11,29 @@ samples still active; :meth:`OrtExitPipeline.run_server` finishes them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import CorruptFileError, InputError
-from ..multiexit import ExitResult, MultiExitModel, check_input
+from ..multiexit import (
+    ExitResult,
+    ExitRun,
+    FirstCascadeHead,
+    MultiExitModel,
+    StageWithHead,
+    advance_exits,
+    check_input,
+)
 from ..policies import ExitPolicy
-from ..stages import Payload, payload_select, payload_tensors
+from ..stages import Payload, payload_tensors
 from .onnx import DEFAULT_OPSET, OrtPiece, export_piece
 
 __all__ = ["OrtExitPipeline", "DeviceOutcome", "export_multiexit", "parity", "MANIFEST"]
 
 MANIFEST = "pipeline.json"
 _FORMAT = 1
-
-
-class _FirstCascadeHead(nn.Module):
-    """A cascading head at the first exit, which has no previous logits to take."""
-
-    def __init__(self, head: nn.Module):
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features, None)
-
-
-class _StageWithHead(nn.Module):
-    """A stage and the exit head at its end as one graph: payload in, (payload, logits) out.
-
-    One ONNX Runtime call per exit instead of two, which matters at batch 1.
-    """
-
-    def __init__(self, stage: nn.Module, head: nn.Module, num_inputs: int, uses_previous: bool):
-        super().__init__()
-        self.stage, self.head = stage, head
-        self.num_inputs, self.uses_previous = num_inputs, uses_previous
-
-    def forward(self, *tensors: torch.Tensor):
-        inputs = tensors[: self.num_inputs]
-        out = self.stage(inputs[0] if self.num_inputs == 1 else tuple(inputs))
-        features = _single(out, "an exit cut")
-        logits = (self.head(features, tensors[-1]) if self.uses_previous
-                  else self.head(features))
-        return (*payload_tensors(out), logits)
 
 
 def _single(payload: Payload, what: str) -> torch.Tensor:
@@ -115,7 +90,7 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
                     features = _single(payload, f"the cut {model.head_cuts[e]!r}")
                     uses_previous = bool(getattr(head, "uses_previous", False))
                     if uses_previous and previous is None:
-                        piece, args = _FirstCascadeHead(head), features
+                        piece, args = FirstCascadeHead(head), features
                     elif uses_previous:
                         piece, args = head, (features, previous)
                     else:
@@ -127,7 +102,7 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
                     if fused:
                         stage_in = payload_tensors(stage_input)
                         takes_previous = uses_previous and previous is not None
-                        both = _StageWithHead(stage, piece, len(stage_in), takes_previous)
+                        both = StageWithHead(stage, piece, len(stage_in), takes_previous)
                         path = export_piece(both, (*stage_in, previous) if takes_previous
                                             else stage_in, directory / f"stage{k}+head{e}.onnx",
                                             opset=opset, as_payload=False)
@@ -148,33 +123,9 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
     return path
 
 
-@dataclass
-class DeviceOutcome:
-    """What the device half of a split early-exit run hands to the server half.
-
-    Attributes:
-        result: the batch's result so far; rows of samples still ``active`` are not yet set.
-        active: original batch indices of the samples that did not exit on the device.
-        payload: their payload at the cut (what goes on the wire).
-        state: their policy state rows.
-        previous: their logits at the last exit on the device (for cascading heads and
-            policies), or ``None``.
-        next_stage: first stage the server runs.
-        next_exit: first exit the server evaluates.
-    """
-
-    result: ExitResult
-    active: torch.Tensor
-    payload: Payload | None
-    state: dict | None
-    previous: torch.Tensor | None
-    next_stage: int
-    next_exit: int
-
-    @property
-    def done(self) -> bool:
-        """Whether every sample exited on the device (nothing to send)."""
-        return len(self.active) == 0
+#: What the device half of a split early-exit run hands to the server half (the samples still
+#: active, their payload at the cut and their policy state): the shared :class:`ExitRun`.
+DeviceOutcome = ExitRun
 
 
 class OrtExitPipeline:
@@ -257,7 +208,9 @@ class OrtExitPipeline:
         outs: list[torch.Tensor] = []
         e = 0
         for k in range(len(self.stages)):
-            payload, logits = self._stage_and_head(k, e, payload, outs[-1] if outs else None)
+            at_exit = e < len(self.heads) and self.exit_stages[e] == k
+            payload, logits = self.step(k, e if at_exit else None, payload,
+                                        outs[-1] if outs else None)
             if logits is not None:
                 outs.append(logits)
                 e += 1
@@ -300,68 +253,30 @@ class OrtExitPipeline:
         """Server half: finish the samples a :meth:`run_device` outcome left active."""
         return self._finish(outcome, policy, len(self.stages))
 
-    def _start(self, x, policy: ExitPolicy) -> DeviceOutcome:
-        x = self._input(x)
-        n = x.shape[0]
-        result = ExitResult(torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long),
-                            torch.empty(0))
-        return DeviceOutcome(result, torch.arange(n), x, None, None, 0, 0)
+    def _start(self, x, policy: ExitPolicy) -> ExitRun:
+        return ExitRun.start(self._input(x))
 
-    def _finish(self, outcome: DeviceOutcome, policy: ExitPolicy, end: int) -> ExitResult:
-        if outcome.done:
-            return outcome.result
-        outcome = self._run(outcome, policy, end)
+    def _finish(self, outcome: ExitRun, policy: ExitPolicy, end: int) -> ExitResult:
+        if not outcome.done:
+            outcome = self._run(outcome, policy, end)
         if not outcome.done:
             raise InputError("the outcome ends before the final exit; pass it to run_server")
         return outcome.result
 
-    def _stage_and_head(self, k: int, e: int, payload: Payload, previous: torch.Tensor | None
-                        ) -> tuple[Payload, torch.Tensor | None]:
-        """Run stage ``k`` and, when exit ``e`` sits at its end, that exit's head."""
-        has_head = e < len(self.heads) and self.exit_stages[e] == k
-        if has_head and self.fused[k] is not None:
+    def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
+             ) -> tuple[Payload, torch.Tensor | None]:
+        """Run stage ``k`` and, when ``e`` is given, exit head ``e`` (one fused call if exported)."""
+        if e is not None and self.fused[k] is not None:
             args = payload_tensors(payload)
             outs = self.fused[k]((*args, previous) if self._uses_previous[e] else args)
             out_payload = outs[0] if len(outs) == 2 else tuple(outs[:-1])
             return out_payload, outs[-1]
         payload = self.stages[k](payload)
-        return payload, (self._head(e, payload, previous) if has_head else None)
+        return payload, (None if e is None else self._head(e, payload, previous))
 
-    def _run(self, o: DeviceOutcome, policy: ExitPolicy, end: int) -> DeviceOutcome:
-        result, active, payload = o.result, o.active, o.payload
-        state, previous, e = o.state, o.previous, o.next_exit
-        last = self.num_exits - 1
-        for k in range(o.next_stage, end):
-            payload, logits = self._stage_and_head(k, e, payload, previous)
-            if e > last or self.exit_stages[e] != k:
-                continue
-            if e == last:
-                logits = payload_tensors(payload)[0]
-            if state is None:
-                state = policy.init_state(len(active), logits.shape[1])
-            if result.logits.numel() == 0:
-                result.logits = torch.empty(len(result.predictions), logits.shape[1],
-                                            dtype=logits.dtype)
-            fire, decision = policy.decide(e, logits, state)
-            if e == last or bool(fire.all()):
-                # everyone left (always so at batch 1 once the exit fires)
-                result.predictions[active] = decision.argmax(dim=1)
-                result.exit_index[active] = e
-                result.logits[active] = decision.to(result.logits.dtype)
-                return DeviceOutcome(result, active[:0], None, None, None, k + 1, e + 1)
-            if bool(fire.any()):
-                rows = active[fire]
-                result.predictions[rows] = decision[fire].argmax(dim=1)
-                result.exit_index[rows] = e
-                result.logits[rows] = decision[fire].to(result.logits.dtype)
-                keep = ~fire
-                active = active[keep]
-                payload = payload_select(payload, keep)
-                state = {name: v[keep] for name, v in state.items()}
-                logits = logits[keep]
-            previous = logits
-            e += 1
-        return DeviceOutcome(result, active, payload, state, previous, end, e)
+    def _run(self, outcome: ExitRun, policy: ExitPolicy, end: int) -> ExitRun:
+        return advance_exits(outcome, self.step, self.exit_stages, policy, end)
+
 
 def parity(model: MultiExitModel, pipeline: OrtExitPipeline, x: torch.Tensor,
            policy: ExitPolicy) -> dict:

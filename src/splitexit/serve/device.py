@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from splitexit.errors import InputError
-from splitexit.multiexit import MultiExitModel, check_input
+from splitexit.multiexit import ExitRun, MultiExitModel, advance_exits, check_input
 from splitexit.policies import ExitPolicy
-from splitexit.stages import Payload, payload_select, payload_tensors
+from splitexit.stages import Payload, payload_tensors
 
 __all__ = ["DevicePart", "DeviceOutput"]
 
@@ -90,6 +90,7 @@ class DevicePart(nn.Module):
         self.exit_stages = [model.exit_stages[e] for e in local]
         self.exit_ids = local
         self.exit_names = [model.head_cuts[e] for e in local]
+        self._model_exit_stages = list(model.exit_stages)
         self.num_exits = model.num_exits
         self.input_shape = model.input_shape
         self.encoder = encoder
@@ -109,6 +110,12 @@ class DevicePart(nn.Module):
             return head(features[0], previous)
         return head(features[0])
 
+    def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
+             ) -> tuple[Payload, torch.Tensor | None]:
+        """Stage ``k`` of the device half and, when ``e`` is given, local exit ``e``."""
+        payload = self.stages[k](payload)
+        return payload, (None if e is None else self._head(e, payload, previous))
+
     @torch.inference_mode()
     def run(self, x: torch.Tensor, policy: ExitPolicy) -> DeviceOutput:
         """Run the device stages and local exits on a batch.
@@ -117,46 +124,21 @@ class DevicePart(nn.Module):
             InputError: wrong type, dtype, shape, or non-finite input.
         """
         check_input(x, self.input_shape)
-        n = x.shape[0]
-        decided = torch.zeros(n, dtype=torch.bool)
-        predictions = torch.full((n,), -1, dtype=torch.long)
-        exit_index = torch.full((n,), -1, dtype=torch.long)
-        out_logits: torch.Tensor | None = None
-        active = torch.arange(n)
-        state: dict = {}
-        previous: torch.Tensor | None = None
-        fallback: torch.Tensor | None = None
-        fallback_exit = -1
-        payload: Payload = x
-        i = 0
-        for k, stage in enumerate(self.stages):
-            payload = stage(payload)
-            while i < len(self.heads) and self.exit_stages[i] == k:
-                e = self.exit_ids[i]
-                logits = self._head(i, payload, previous)
-                if out_logits is None:
-                    state = policy.init_state(n, logits.shape[1])
-                    out_logits = torch.zeros(n, logits.shape[1], dtype=torch.float32)
-                fire, decision = policy.decide(e, logits, state)
-                fallback, fallback_exit = decision.float(), e
-                if bool(fire.any()):
-                    rows = active[fire]
-                    decided[rows] = True
-                    predictions[rows] = decision[fire].argmax(dim=1)
-                    exit_index[rows] = e
-                    out_logits[rows] = decision[fire].float()
-                    keep = ~fire
-                    active = active[keep]
-                    if len(active) == 0:
-                        return DeviceOutput(decided, predictions, exit_index, out_logits,
-                                            active, None, {}, None, fallback_exit)
-                    payload = payload_select(payload, keep)
-                    state = {name: v[keep] for name, v in state.items()}
-                    logits = logits[keep]
-                    fallback = fallback[keep]
-                previous = logits
-                i += 1
-        if self.encoder is not None:
+        run = advance_exits(ExitRun.start(x), self.step, self._model_exit_stages, policy,
+                            len(self.stages))
+        undecided = run.active
+        decided = torch.ones(len(x), dtype=torch.bool)
+        decided[undecided] = False
+        result = run.result
+        result.predictions[undecided] = -1
+        result.exit_index[undecided] = -1
+        logits = result.logits.float() if result.logits.numel() else None
+        if logits is not None:
+            logits[undecided] = 0
+        payload = run.payload
+        if payload is not None and self.encoder is not None:
             payload = self.encoder(payload)
-        return DeviceOutput(decided, predictions, exit_index, out_logits, active, payload, state,
-                            fallback, fallback_exit)
+        return DeviceOutput(decided, result.predictions, result.exit_index, logits, undecided,
+                            payload, run.state or {},
+                            None if run.fallback is None else run.fallback.float(),
+                            run.fallback_exit)

@@ -1,0 +1,152 @@
+"""TorchScript early exits, the shared exit loop, and latency-aware exit selection."""
+
+import pytest
+import torch
+
+from splitexit import InputError, MaxProb, NeverExit, Patience, create_multiexit
+from splitexit.calibration import exit_costs, select_exits, sweep
+from splitexit.cost import measure_exit_latency
+from splitexit.heads import SDNHead
+from splitexit.multiexit import ExitRun, advance_exits
+from splitexit.optimize import TracedMultiExit, trace_for_inference
+from splitexit.policies import Entropy, FixedExit
+
+POLICIES = [MaxProb(0.9), Entropy(0.3), Patience(2), NeverExit(), FixedExit(exit_index=1)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_torchscript_infer_matches_eager(trained_resnet8, digits, policy, batch_size, one_thread):
+    traced = trace_for_inference(trained_resnet8, digits.calib.x[:4])
+    assert isinstance(traced, TracedMultiExit)
+    x = digits.test.x[:256] if batch_size != 1 else digits.test.x[:20]
+    for i in range(0, len(x), batch_size):
+        want = trained_resnet8.infer(x[i: i + batch_size], policy)
+        got = traced.infer(x[i: i + batch_size], policy)
+        assert torch.equal(got.predictions, want.predictions)
+        assert torch.equal(got.exit_index, want.exit_index)
+        assert torch.allclose(got.logits, want.logits, atol=1e-4)
+
+
+def test_torchscript_forward_and_baseline(trained_resnet8, digits):
+    x = digits.test.x[:33]
+    traced = trace_for_inference(trained_resnet8)  # example from input_shape
+    for a, b in zip(traced(x), trained_resnet8(x), strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    base = trace_for_inference(trained_resnet8.backbone, x[:2])
+    assert torch.allclose(base(x), trained_resnet8.backbone(x), atol=1e-4)
+    with pytest.raises(InputError, match="input_shape"):
+        trace_for_inference(trained_resnet8.backbone)
+    with pytest.raises(InputError, match="NaN"):
+        traced.infer(torch.full((1, *digits.input_shape), float("nan")), MaxProb(0.9))
+
+
+def test_exit_loop_can_stop_at_a_cut_and_resume(trained_resnet8, digits):
+    """The loop split in two (device, then server) gives the same answers as one run."""
+    model, x, policy = trained_resnet8, digits.test.x[:64], MaxProb(0.9)
+    first = advance_exits(ExitRun.start(x), model.step, model.exit_stages, policy, 2)
+    assert not first.done and first.next_stage == 2
+    assert first.fallback is not None and first.fallback.shape[0] == len(first.active)
+    whole = model.infer(x, policy)
+    rest = advance_exits(first, model.step, model.exit_stages, policy,
+                         model.backbone.num_stages)
+    assert rest.done
+    assert torch.equal(rest.result.predictions, whole.predictions)
+    assert torch.equal(rest.result.exit_index, whole.exit_index)
+
+
+def test_keep_exits_shares_modules_and_matches_offline(trained_resnet8, digits):
+    model, x = trained_resnet8, digits.test.x[:200]
+    sub = model.keep_exits([0, 2])
+    assert sub.exit_names == ["stem", "block2", "final"]
+    assert sub.heads[1] is model.heads[2]
+    logits = model.collect_logits(x)
+    offline = sub.simulate([logits[0], logits[2], logits[3]], MaxProb(0.9))
+    real = sub.infer(x, MaxProb(0.9))
+    assert torch.equal(real.exit_index, offline.exit_index)
+    with pytest.raises(InputError, match="0..2"):
+        model.keep_exits([3])
+
+
+def test_exit_costs_count_only_kept_heads():
+    # stages cost 1, 2, 3, 4; heads 10, 20, 30 at stages 0, 1, 2
+    assert exit_costs([1, 2, 3, 4], [10, 20, 30], [0, 1, 2, 3], [0, 1, 2]) == [11, 33, 66, 70]
+    assert exit_costs([1, 2, 3, 4], [10, 20, 30], [0, 1, 2, 3], [1]) == [23, 30]
+    assert exit_costs([1, 2, 3, 4], [10, 20, 30], [0, 1, 2, 3], []) == [10]
+
+
+def test_select_exits_drops_heads_that_do_not_pay():
+    """Exit 1 is as confident as exit 0 on the same samples but costs a lot: it goes."""
+    torch.manual_seed(0)
+    n, c = 400, 5
+    labels = torch.randint(0, c, (n,))
+    good = torch.nn.functional.one_hot(labels, c).float() * 6
+    easy = torch.arange(n) < n // 2
+    early = torch.where(easy[:, None], good, torch.zeros(n, c))
+    logits = [early, early.clone(), good]
+
+    def costs(keep):
+        return exit_costs([1.0, 1.0, 1.0], [0.1, 5.0], [0, 1, 2], keep)
+
+    sel = select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0,
+                       max_drop=0.0)
+    assert sel.exits == [0]
+    assert sel.point.accuracy == 1.0
+    assert len(sel.candidates) == 4
+    # the full set is never cheaper than the chosen subset
+    full = sweep(logits, labels, costs([0, 1]), MaxProb(0.5))
+    assert min(p.mean_macs for p in full if p.accuracy == 1.0) > sel.point.mean_macs
+    with pytest.raises(InputError, match="per-exit"):
+        select_exits(logits, labels, costs, MaxProb((0.5, 0.6)), reference_accuracy=1.0,
+                     max_drop=0.0)
+    with pytest.raises(InputError, match="no subset"):
+        select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.5, max_drop=0.0)
+
+
+def test_measured_exit_latency_grows_with_depth(trained_resnet8, digits, one_thread):
+    lat = measure_exit_latency(trained_resnet8.infer, digits.test.x, 4, samples=30)
+    assert len(lat) == 4 and all(t > 0 for t in lat)
+    assert lat[0] < lat[3]  # leaving after the stem is cheaper than running every stage
+
+
+def test_sdn_head_fixed_and_adaptive_pooling_agree():
+    head = SDNHead((8, 28, 28), 10)
+    x = torch.randn(3, 8, 28, 28)
+    mx = torch.nn.functional.adaptive_max_pool2d(x, 4)
+    av = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+    want = head.fc(torch.lerp(av, mx, head.alpha.clamp(0, 1)).flatten(1))
+    assert torch.allclose(head(x), want, atol=1e-6)
+    odd = SDNHead((8, 14, 14), 10)  # 14 is not a multiple of 4: the adaptive path
+    assert odd(torch.randn(2, 8, 14, 14)).shape == (2, 10)
+
+
+def test_traced_cascading_heads_match_eager(digits):
+    torch.manual_seed(0)
+    model = create_multiexit("resnet8", digits.num_classes, digits.input_shape,
+                             head="cascading").eval()
+    traced = trace_for_inference(model)
+    x = digits.test.x[:40]
+    want, got = model.infer(x, MaxProb(0.2)), traced.infer(x, MaxProb(0.2))
+    assert torch.equal(want.exit_index, got.exit_index)
+    assert torch.allclose(want.logits, got.logits, atol=1e-4)
+    with pytest.raises(InputError, match="cascading"):
+        model.keep_exits([0])
+
+
+@pytest.mark.parametrize("policy", [MaxProb(), Entropy(), MaxProb(temperature=1.7)],
+                         ids=["maxprob", "entropy", "temperature"])
+def test_threshold_sweep_fast_path_equals_replay(policy):
+    """sweep() computes each exit's statistic once for plain threshold policies; the points
+    must be exactly those of replaying the policy at every threshold."""
+    from splitexit.multiexit import simulate_exits
+
+    torch.manual_seed(0)
+    logits = [torch.randn(300, 10) * k for k in (1, 2, 3, 4)]
+    labels = torch.randint(0, 10, (300,))
+    costs = [1.0, 2.0, 3.0, 4.0]
+    for point in sweep(logits, labels, costs, policy):
+        replay = simulate_exits(logits, point.policy)
+        assert point.accuracy == replay.accuracy(labels)
+        assert point.exit_fractions == replay.exit_fractions(4)
+        assert point.mean_macs == pytest.approx(
+            float(torch.tensor(costs, dtype=torch.float64)[replay.exit_index].mean()), abs=0)
