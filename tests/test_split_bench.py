@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from splitexit.bench import split as split_bench
 from splitexit.bench.split import DEFAULT_CODECS, SplitBenchSettings
@@ -59,3 +60,19 @@ def test_bad_codec_spellings_fail_before_any_training(captured, tmp_path, capsys
     assert main(["bench", "split", "--out", str(tmp_path), flag, "int3"]) == 2
     assert "valid" in capsys.readouterr().err
     assert "settings" not in captured
+
+
+def test_paired_drop_ci():
+    ref = torch.tensor([True] * 90 + [False] * 10)
+    same = split_bench.paired_drop_ci(ref, ref.clone())
+    assert same == (0.0, 0.0, 0.0)  # identical predictions: no uncertainty about the drop
+    other = ref.clone()
+    other[:5] = False  # 5 lost
+    other[95:97] = True  # 2 gained
+    drop, low, high = split_bench.paired_drop_ci(ref, other)
+    assert drop == pytest.approx(3.0)
+    # var = ((5 + 2) / 100 - 0.03**2) / 100
+    half = 100 * 1.96 * (((7 / 100) - 0.03**2) / 100) ** 0.5
+    assert (low, high) == pytest.approx((3.0 - half, 3.0 + half))
+    with pytest.raises(ValueError):
+        split_bench.paired_drop_ci(ref, ref[:5])

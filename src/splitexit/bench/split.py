@@ -40,7 +40,7 @@ from ..training.bottlefit import autoencoder_baseline, bottlefit
 from ..zoo import create_model
 from .measure import torch_threads
 
-__all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "register"]
+__all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "paired_drop_ci", "register"]
 
 DEFAULT_CODECS = ("fp32", "fp16", "int8", "int4", "fp32+zstd", "fp16+zstd", "int8+zstd",
                   "int4+zstd", "int8:v2", "int4:v2")
@@ -131,11 +131,37 @@ def _baseline(ds, settings: SplitBenchSettings) -> tuple[StagedModel, float]:
     return model.eval(), seconds
 
 
+def paired_drop_ci(reference: torch.Tensor, other: torch.Tensor, z: float = 1.96
+                   ) -> tuple[float, float, float]:
+    """Accuracy drop (points) of ``other`` vs ``reference`` on the same samples, with a CI.
+
+    Args:
+        reference, other: Per-sample correctness (bool tensors of one length).
+        z: Normal quantile (1.96: 95%).
+
+    Returns:
+        (drop, low, high) in percentage points; the interval is the normal approximation of
+        the paired difference (it depends only on the samples where exactly one is right).
+    """
+    if reference.shape != other.shape or reference.dim() != 1 or not len(reference):
+        raise ValueError("paired_drop_ci needs two non-empty 1-D tensors of one length")
+    n = len(reference)
+    lost = int((reference & ~other).sum())
+    gained = int((~reference & other).sum())
+    drop = (lost - gained) / n
+    var = max(0.0, (lost + gained) / n - drop ** 2) / n
+    half = z * var ** 0.5
+    return 100 * drop, 100 * (drop - half), 100 * (drop + half)
+
+
 @torch.no_grad()
 def _evaluate(split: SplitModel, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> dict:
-    """Accuracy through one-sample messages, mean message size and amortised body size."""
+    """Accuracy through one-sample messages, mean message size and amortised body size.
+
+    The returned ``"correct"`` entry is the per-sample correctness (bool tensor).
+    """
     codec = split.codec or Codec("fp32")
-    correct, sizes, batched = 0, [], []
+    correct, sizes, batched, hits = 0, [], [], []
     for i in range(0, len(x), chunk):
         payload = split.device_half(x[i: i + chunk])
         tensors = payload if isinstance(payload, tuple) else (payload,)
@@ -150,9 +176,11 @@ def _evaluate(split: SplitModel, x: torch.Tensor, y: torch.Tensor, chunk: int = 
             payload_back = tuple(torch.cat(parts) for parts in zip(*decoded, strict=True))
         else:
             payload_back = torch.cat(decoded)
-        correct += int((split.server_half(payload_back).argmax(1) == y[i: i + chunk]).sum())
+        hit = split.server_half(payload_back).argmax(1) == y[i: i + chunk]
+        hits.append(hit)
+        correct += int(hit.sum())
     return {"accuracy": correct / len(x), "bytes_per_sample": statistics.fmean(sizes),
-            "batched_bytes_per_sample": statistics.fmean(batched)}
+            "batched_bytes_per_sample": statistics.fmean(batched), "correct": torch.cat(hits)}
 
 
 class _ToPixels(torch.nn.Module):
@@ -271,8 +299,9 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
     example = ds.calib.x[:64]
     whole_params = num_params(teacher)
     with torch.no_grad():
-        unsplit_acc = sum(int((teacher(x[i: i + 256]).argmax(1) == y[i: i + 256]).sum())
-                          for i in range(0, len(x), 256)) / len(x)
+        unsplit_correct = torch.cat([teacher(x[i: i + 256]).argmax(1) == y[i: i + 256]
+                                     for i in range(0, len(x), 256)])
+    unsplit_acc = int(unsplit_correct.sum()) / len(x)
     say(f"unsplit resnet8: test accuracy {unsplit_acc:.4f}")
 
     rows: list[dict] = []
@@ -280,9 +309,11 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
 
     def add(method: str, split: SplitModel, extra: dict) -> None:
         res = _evaluate(split, x, y)
+        _, ci_low, ci_high = paired_drop_ci(unsplit_correct, res.pop("correct"))
         cost = split.cut_cost(example, name=method)
         row = {"method": method, **extra, "codec": split.codec.spec(), **res,
                "accuracy_drop_pt": 100 * (unsplit_acc - res["accuracy"]),
+               "accuracy_drop_ci95_pt": [round(ci_low, 3), round(ci_high, 3)],
                "bytes_reduction_vs_raw": 1 - res["bytes_per_sample"] / 784,
                "device_macs": cost.device_macs, "server_macs": cost.server_macs,
                "device_params": split.device_params,
@@ -398,7 +429,9 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         f"{'met' if targets['bytes_target_met_batch1'] else 'not met'} with one-sample messages, "
         f"{'met' if targets['bytes_target_met_batched'] else 'not met'} with batched messages"
         + (f" (smallest one-sample message within 0.5 pt: {best['method']}, "
-           f"{best['bytes_per_sample']:.1f} B, {best['accuracy_drop_pt']:.2f} pt; smallest "
+           f"{best['bytes_per_sample']:.1f} B, {best['accuracy_drop_pt']:.2f} pt, 95% CI "
+           f"{best['accuracy_drop_ci95_pt'][0]:.2f}..{best['accuracy_drop_ci95_pt'][1]:.2f} pt;"
+           " smallest "
            f"batched: {best_batched['method']}, {best_batched['batched_bytes_per_sample']:.1f}"
            f" B, {best_batched['accuracy_drop_pt']:.2f} pt)" if best else
            " (no BottleFit option within 0.5 pt)") + ".",
@@ -417,7 +450,9 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         "batched_bytes_per_sample: message size / batch for 256-sample messages (header "
         "amortised). The raw image is counted as 784 B without any header.",
         f"accuracy: test set ({len(x)} samples), every sample sent as its own message through the codec "
-        "(quantisation scale per sample).",
+        "(quantisation scale per sample). accuracy_drop_ci95_pt: 95% interval of the drop vs "
+        "the unsplit model on the same samples (paired normal approximation; one training "
+        "seed, so it covers test-set sampling only, not training variance).",
         "device_params_share: device half / (device + server half) of that split; "
         "device_params_vs_unsplit: device half / unsplit ResNet-8 parameters.",
         f"Reduced grid for a shared 2-core machine: baseline {settings.baseline_epochs} epochs "
