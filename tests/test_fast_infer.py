@@ -150,3 +150,16 @@ def test_threshold_sweep_fast_path_equals_replay(policy):
         assert point.exit_fractions == replay.exit_fractions(4)
         assert point.mean_macs == pytest.approx(
             float(torch.tensor(costs, dtype=torch.float64)[replay.exit_index].mean()), abs=0)
+
+
+def test_pool_head_is_an_avg_only_sdn_head(digits):
+    from splitexit.heads import PoolHead, make_head
+
+    head = make_head("pool", (8, 28, 28), 10)
+    assert isinstance(head, PoolHead) and head.config()["pool_size"] == 4
+    x = torch.randn(3, 8, 28, 28)
+    want = head.fc(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+    assert torch.allclose(head(x), want, atol=1e-6)
+    model = create_multiexit("resnet8", digits.num_classes, digits.input_shape, head="pool")
+    assert [type(h).__name__ for h in model.heads] == ["PoolHead"] * 3
+    assert model(digits.test.x[:2])[0].shape == (2, digits.num_classes)

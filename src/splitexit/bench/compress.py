@@ -458,7 +458,8 @@ def run_compress_bench(out: str | Path, settings: CompressSettings | None = None
         "dense graphs (it has no sparse kernel for MatMul on CPU), so its speed-ups come "
         "only from int8.",
         "Latencies are batch-1 means over the timed test samples, measured round-robin "
-        "(every method on the same sample in turn) with one thread; ratios are to the dense "
+        "(every method on the same sample in turn, in a shuffled order) with one thread; "
+        "ratios are to the dense "
         "model / the full model timed in the same loop.",
         "The early-exit pipeline runs every stage (with its head) as its own graph and the "
         "splitexit policy in Python between them, with per-sample exits that shrink the "

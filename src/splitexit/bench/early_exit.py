@@ -77,15 +77,20 @@ class EarlyExitSettings:
     runtimes: tuple[str, ...] = ("eager", "torchscript")
     select_exits: bool = True
     selection_samples: int = 300
+    timing_chunks: int = 20
     extra_notes: list[str] = field(default_factory=list)
 
 
-def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings
+def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings,
+               baseline: torch.nn.Module | None = None
                ) -> tuple[torch.nn.Module, MultiExitModel, dict]:
-    """Train the baseline backbone, then the multi-exit model initialised from it."""
-    baseline = create_model(model_name, ds.num_classes, ds.input_shape)
-    h_base = train(baseline, ds.train, Baseline(), epochs=s.epochs, lr=s.lr,
-                   batch_size=s.batch_size, seed=s.seed, progress=s.progress)
+    """Train the baseline backbone (unless given), then the multi-exit model initialised
+    from it."""
+    base_seconds = None
+    if baseline is None:
+        baseline = create_model(model_name, ds.num_classes, ds.input_shape)
+        base_seconds = train(baseline, ds.train, Baseline(), epochs=s.epochs, lr=s.lr,
+                             batch_size=s.batch_size, seed=s.seed, progress=s.progress).seconds
     multi = create_multiexit(model_name, ds.num_classes, ds.input_shape,
                              head=_head_for(model_name, s.head))
     multi.backbone.load_state_dict(baseline.state_dict())
@@ -97,7 +102,7 @@ def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings
         raise InputError(f"unknown strategy {s.strategy!r}: use 'joint' or 'heads-only'")
     h_multi = train(multi, ds.train, strategy, epochs=s.finetune_epochs or s.epochs, lr=lr,
                     batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
-    return baseline, multi, {"baseline_train_s": h_base.seconds,
+    return baseline, multi, {"baseline_train_s": base_seconds,
                              "multiexit_train_s": h_multi.seconds}
 
 
@@ -195,10 +200,12 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         fns = {"baseline": base_fn}
         for method, keep, pol, _ in plans:
             fns[method] = (lambda f, p: lambda x: f.infer(x, p))(fast_for(keep), pol)
-        # every method timed round-robin on the same samples, so load hits all alike
+        # every method timed on the same samples, interleaved, so load hits all alike
         with torch_threads(s.threads):
-            lat = interleaved_latency(fns, test_x[: s.latency_samples])
-            thr = interleaved_throughput(fns, test_x, s.throughput_batch)
+            lat = interleaved_latency(fns, test_x[: s.latency_samples], chunks=s.timing_chunks,
+                                      seed=s.seed)
+            thr = interleaved_throughput(fns, test_x, s.throughput_batch, repeats=5,
+                                         seed=s.seed)
         base_lat, base_thr = lat["baseline"], thr["baseline"]
         common = {"model": model_name, "runtime": runtime}
         rows = [{"method": "baseline", **common, "accuracy": base_test_acc,
@@ -264,11 +271,15 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     rows, anytime, curves, points, timings = [], [], {}, {}, {}
     for name in models:
         saved = [out / "models" / f"{name}-{kind}" for kind in ("baseline", "multiexit")]
-        if s.reuse_models and all((p / "model.json").is_file() for p in saved):
+        have = [s.reuse_models and (p / "model.json").is_file() for p in saved]
+        if all(have):
             baseline, multi = (checkpoint.load(p) for p in saved)
             timings[name] = {"reused": [str(p) for p in saved]}
-        else:
-            baseline, multi, timings[name] = train_pair(ds, name, s)
+        else:  # a saved baseline alone is reused; the multi-exit model is trained from it
+            baseline = checkpoint.load(saved[0]) if have[0] else None
+            baseline, multi, timings[name] = train_pair(ds, name, s, baseline)
+            if have[0]:
+                timings[name]["reused"] = [str(saved[0])]
             if s.save_models:
                 for model, path in zip((baseline, multi), saved):
                     checkpoint.save(model, path, dataset=dataset, settings=vars(s))
@@ -285,7 +296,8 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     notes = ["Thresholds were chosen on the calibration split (carved from training data); "
              "every figure is measured on the test split in this run.",
              "latency_ms is the mean batch-1 latency over the timed test samples; every method "
-             "of a runtime (and its baseline) is timed round-robin on the same samples, and "
+             "of a runtime (and its baseline) is timed on the same samples, interleaved in "
+             f"{s.timing_chunks} groups with the methods' order shuffled per group, and "
              "ratios are to that runtime's baseline. torchscript = frozen TorchScript graphs "
              "(splitexit.optimize.trace_for_inference): one for the baseline, one per stage "
              "and head for the multi-exit model.",

@@ -65,16 +65,24 @@ def throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch_size
 
 
 def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20,
-                        chunks: int | None = None) -> dict[str, dict]:
-    """Batch-1 latency of several functions, timed round-robin over the same samples.
+                        chunks: int | None = None, shuffle: bool = True, seed: int = 0
+                        ) -> dict[str, dict]:
+    """Batch-1 latency of several functions over the same samples, interleaved.
 
-    Every method is timed on sample ``i`` (or on chunk ``i`` of ``chunks`` consecutive
-    groups) before any moves on, so slow phases of a shared machine hit every method alike.
+    The samples are cut into ``chunks`` consecutive groups (``None``: one sample per group);
+    every method runs a whole group before the next method does, and the methods' order is
+    shuffled per group. Slow phases of a shared machine so hit every method alike, no method
+    always runs right after the same other one, and within a group a method runs warm, as a
+    deployed model serving a stream does.
 
     Returns:
         ``{name: {"median_ms", "mean_ms", "p95_ms", "total_s", "samples"}}``.
     """
+    import random
+
     times: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    order = random.Random(seed)
     n = len(xs)
     step = 1 if not chunks else max(1, -(-n // chunks))
     with torch.inference_mode():
@@ -82,7 +90,10 @@ def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: i
             for fn in fns.values():
                 fn(xs[i: i + 1])
         for a in range(0, n, step):
-            for name, fn in fns.items():
+            if shuffle:
+                order.shuffle(names)
+            for name in names:
+                fn = fns[name]
                 for i in range(a, min(n, a + step)):
                     t0 = time.perf_counter()
                     fn(xs[i: i + 1])
@@ -98,14 +109,21 @@ def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: i
 
 
 def interleaved_throughput(fns: Mapping[str, Callable], x: torch.Tensor, batch: int,
-                           repeats: int = 3) -> dict[str, float]:
-    """Samples per second of several functions over ``x`` in batches, round-robin passes."""
+                           repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """Samples per second of several functions over ``x`` in batches: ``repeats`` passes, each
+    running every method once in a shuffled order; the median pass per method."""
+    import random
+
     rates: dict[str, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    order = random.Random(seed)
     with torch.inference_mode():
         for fn in fns.values():
             fn(x[:batch])
         for _ in range(repeats):
-            for name, fn in fns.items():
+            order.shuffle(names)
+            for name in names:
+                fn = fns[name]
                 t0 = time.perf_counter()
                 for i in range(0, len(x), batch):
                     fn(x[i: i + batch])
