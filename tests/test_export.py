@@ -271,3 +271,20 @@ def test_single_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
     plain = export_piece(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "l.onnx")
     with pytest.raises(InputError, match="export_exit_graph"):
         OrtExitGraph(plain)
+
+
+@pytest.mark.parametrize("head", ["sdn", "pool", "linear", "depthwise"])
+def test_every_head_type_exports_and_runs_on_onnx_runtime(head, tmp_path):
+    """28x28 maps take the heads' fixed-kernel pooling path: it must export too."""
+    torch.manual_seed(4)
+    model = create_multiexit("resnet8", 10, (1, 28, 28), head=head).eval()
+    x = torch.rand(9, 1, 28, 28)
+    export_multiexit(model, tmp_path)
+    pipe = OrtExitPipeline(tmp_path)
+    policy = _median_policy(model, x)
+    report = parity(model, pipe, x, policy)
+    assert report["same_exits"] == 1.0 and report["max_abs_logit_diff"] < ATOL
+    graph = OrtExitGraph(export_exit_graph(model, MaxProb(0.5, temperature=0.05),
+                                           tmp_path / "ee.onnx"))
+    ref = model.infer(x[:5], MaxProb(0.5, temperature=0.05))
+    assert torch.equal(graph.infer(x[:5]).exit_index, ref.exit_index)

@@ -75,6 +75,31 @@ def _pool_flat(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _fixed_kernel(in_shape: Sequence[int], out_spatial: Sequence[int]) -> tuple[int, ...] | None:
+    """The fixed pooling kernel equal to adaptive pooling from ``in_shape`` to ``out_spatial``
+    (when every spatial size divides), from the head's static input shape, so the choice is
+    plain Python at trace and export time."""
+    spatial = tuple(in_shape[1:])
+    if len(spatial) != 2 or any(s % o for s, o in zip(spatial, out_spatial)):
+        return None
+    return tuple(s // o for s, o in zip(spatial, out_spatial))
+
+
+def _windows(size: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive pooling's windows: ``[floor(i * size / out), ceil((i + 1) * size / out))``."""
+    return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
+
+
+def _adaptive_pool2d_sliced(x: torch.Tensor, out: Sequence[int], mode: str) -> torch.Tensor:
+    """Adaptive max/avg pooling as slices (ONNX has no adaptive pooling for sizes that do not
+    divide); equal to ``F.adaptive_{mode}_pool2d``."""
+    reduce = (lambda t, d: t.amax(d, keepdim=True)) if mode == "max" else \
+        (lambda t, d: t.mean(d, keepdim=True))
+    h, w = x.shape[-2:]
+    rows = torch.cat([reduce(x[..., a:b, :], -2) for a, b in _windows(int(h), out[0])], -2)
+    return torch.cat([reduce(rows[..., a:b], -1) for a, b in _windows(int(w), out[1])], -1)
+
+
 @register_head("linear")
 class LinearHead(ExitHead):
     """Global average pooling then one linear layer (the cheapest useful head)."""
@@ -110,11 +135,14 @@ class SDNHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and all(s % o == 0 for s, o in zip(x.shape[2:], self.out_spatial)):
+        k = _fixed_kernel(self.in_shape, self.out_spatial)
+        if x.dim() == 4 and k is not None:
             # same windows as the adaptive pools, with the faster fixed-kernel kernels
-            k = tuple(s // o for s, o in zip(x.shape[2:], self.out_spatial))
             mx = F.max_pool2d(x, k)
             av = F.avg_pool2d(x, k)
+        elif x.dim() == 4 and torch.onnx.is_in_onnx_export():
+            mx = _adaptive_pool2d_sliced(x, self.out_spatial, "max")
+            av = _adaptive_pool2d_sliced(x, self.out_spatial, "avg")
         elif x.dim() == 4:
             mx = F.adaptive_max_pool2d(x, self.out_spatial)
             av = F.adaptive_avg_pool2d(x, self.out_spatial)
@@ -150,8 +178,11 @@ class PoolHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and all(s % o == 0 for s, o in zip(x.shape[2:], self.out_spatial)):
-            x = F.avg_pool2d(x, tuple(s // o for s, o in zip(x.shape[2:], self.out_spatial)))
+        k = _fixed_kernel(self.in_shape, self.out_spatial)
+        if x.dim() == 4 and k is not None:
+            x = F.avg_pool2d(x, k)
+        elif x.dim() == 4 and torch.onnx.is_in_onnx_export():
+            x = _adaptive_pool2d_sliced(x, self.out_spatial, "avg")
         elif x.dim() == 4:
             x = F.adaptive_avg_pool2d(x, self.out_spatial)
         elif x.dim() == 3:
