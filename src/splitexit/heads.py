@@ -95,9 +95,18 @@ def _adaptive_pool2d_sliced(x: torch.Tensor, out: Sequence[int], mode: str) -> t
     divide); equal to ``F.adaptive_{mode}_pool2d``."""
     reduce = (lambda t, d: t.amax(d, keepdim=True)) if mode == "max" else \
         (lambda t, d: t.mean(d, keepdim=True))
-    h, w = x.shape[-2:]
-    rows = torch.cat([reduce(x[..., a:b, :], -2) for a, b in _windows(int(h), out[0])], -2)
-    return torch.cat([reduce(rows[..., a:b], -1) for a, b in _windows(int(w), out[1])], -1)
+    h, w = (int(v) for v in x.shape[-2:])
+    wins = [_windows(h, out[0]), _windows(w, out[1])]
+    sizes = [{b - a for a, b in ws} for ws in wins]
+    if all(len(z) == 1 for z in sizes):  # equal windows: one stride-1 pool, then pick starts
+        k = tuple(next(iter(z)) for z in sizes)
+        pooled = (F.max_pool2d(x, k, stride=1) if mode == "max"
+                  else F.avg_pool2d(x, k, stride=1))
+        rows = torch.tensor([a for a, _ in wins[0]])
+        cols = torch.tensor([a for a, _ in wins[1]])
+        return pooled.index_select(-2, rows).index_select(-1, cols)
+    rows = torch.cat([reduce(x[..., a:b, :], -2) for a, b in wins[0]], -2)
+    return torch.cat([reduce(rows[..., a:b], -1) for a, b in wins[1]], -1)
 
 
 @register_head("linear")
