@@ -27,13 +27,15 @@ def _compact(row: dict) -> dict:
 
 def render(reports_dir: Path = ROOT / "reports") -> str:
     parts = []
-    for path in sorted(reports_dir.glob("*/report.json")):
+    paths = sorted([*reports_dir.glob("*/report.json"), *reports_dir.glob("*/*/report.json")],
+                   key=lambda p: p.parent.relative_to(reports_dir).parts)
+    for path in paths:
         report = json.loads(path.read_text())
         rows = [_compact(r) for r in report.get("rows", []) if "accuracy" in r or "p50_ms" in r
                 or "bytes_per_sample" in r]
         shown = rows[:MAX_ROWS]
         rel = path.parent.relative_to(ROOT)
-        parts.append(f"### {report['suite']} ({report.get('dataset', '')})\n")
+        parts.append(f"### {rel.relative_to('reports')} ({report.get('dataset', '')})\n")
         if report.get("command"):
             parts.append(f"Regenerate: `{report['command']}`  \n")
         parts.append(f"Measured on: {report.get('device', 'n/a')}. Full report: "
