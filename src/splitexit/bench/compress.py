@@ -257,6 +257,9 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
 def _exit_model(ds: Dataset, s: CompressSettings) -> tuple[MultiExitModel, float | None]:
     """The early-exit ResNet-8: loaded from ``s.exit_model`` or trained here."""
     if s.exit_model:
+        if not (Path(s.exit_model) / "model.json").is_file():
+            raise InputError(f"no multi-exit checkpoint at {s.exit_model}; `splitexit bench early-exit "
+                             "--out reports/early-exit` trains and saves one in OUT/models")
         model = checkpoint.load(s.exit_model)
         if not isinstance(model, MultiExitModel):
             raise InputError(f"{s.exit_model} holds a {type(model).__name__}, not a multi-exit "

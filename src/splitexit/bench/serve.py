@@ -89,6 +89,9 @@ def _train_models(ds, s: ServeBenchSettings):
     spec = BottleneckSpec(s.bottleneck_channels, stride=s.bottleneck_stride)
     tag = f"resnet8-{s.train_samples}-{s.epochs}-{s.seed}"
     if s.model:  # a multi-exit ResNet-8 trained elsewhere (e.g. by `bench early-exit`)
+        if not (Path(s.model) / "model.json").is_file():
+            raise InputError(f"no multi-exit checkpoint at {s.model}; `splitexit bench early-exit "
+                             "--out reports/early-exit` trains and saves one in OUT/models")
         loaded = checkpoint.load(s.model)
         if not isinstance(loaded, MultiExitModel):
             raise InputError(f"{s.model} holds a {type(loaded).__name__}; pass the directory of "
