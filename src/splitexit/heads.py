@@ -134,6 +134,7 @@ class SDNHead(ExitHead):
         self.pool_size = pool_size
         spatial = self.in_shape[1:]
         self.out_spatial = tuple(min(pool_size, s) for s in spatial)
+        self._kernel = _fixed_kernel(self.in_shape, self.out_spatial)
         self.alpha = nn.Parameter(torch.tensor(0.5))
         features = self.in_shape[0]
         for s in self.out_spatial:
@@ -144,7 +145,7 @@ class SDNHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = _fixed_kernel(self.in_shape, self.out_spatial)
+        k = self._kernel
         if x.dim() == 4 and k is not None:
             # same windows as the adaptive pools, with the faster fixed-kernel kernels
             mx = F.max_pool2d(x, k)
@@ -178,6 +179,7 @@ class PoolHead(ExitHead):
         super().__init__(in_shape, num_classes)
         self.pool_size = pool_size
         self.out_spatial = tuple(min(pool_size, s) for s in self.in_shape[1:])
+        self._kernel = _fixed_kernel(self.in_shape, self.out_spatial)
         features = self.in_shape[0]
         for s in self.out_spatial:
             features *= s
@@ -187,7 +189,7 @@ class PoolHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = _fixed_kernel(self.in_shape, self.out_spatial)
+        k = self._kernel
         if x.dim() == 4 and k is not None:
             x = F.avg_pool2d(x, k)
         elif x.dim() == 4 and torch.onnx.is_in_onnx_export():
