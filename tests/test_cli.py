@@ -18,7 +18,22 @@ def test_demo_writes_reports(tmp_path, capsys):
     assert (out / "report.md").is_file() and (out / "pareto.png").stat().st_size > 1000
     measured = [r for r in report["rows"] if "infer_matches_simulate" in r]
     assert measured and all(r["infer_matches_simulate"] for r in measured)
+    # each runtime is timed against its own baseline, with latency-chosen exits and overhead
+    assert {r["runtime"] for r in measured} == {"eager", "torchscript"}
+    assert [r["runtime"] for r in report["rows"] if r["method"] == "baseline"] == [
+        "eager", "torchscript"]
+    assert any("exits chosen for latency" in r["method"] for r in measured)
+    overhead = [r for r in measured if r["method"].startswith("no exit fires")]
+    assert len(overhead) == 2 and all(r["overhead_batch1"] > 0 for r in overhead)
     assert "| baseline |" in capsys.readouterr().out
+
+
+def test_bench_parts_and_missing_models_are_clear_errors(tmp_path, capsys):
+    assert main(["bench", "compress", "--parts", "bogus", "--out", str(tmp_path)]) == 2
+    assert "parts must be among" in capsys.readouterr().err
+    assert main(["bench", "compress", "--parts", "exits", "--exit-model",
+                 str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "bench early-exit" in capsys.readouterr().err
 
 
 def test_train_calibrate_evaluate(tmp_path, capsys):
