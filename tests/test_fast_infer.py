@@ -163,3 +163,21 @@ def test_pool_head_is_an_avg_only_sdn_head(digits):
     model = create_multiexit("resnet8", digits.num_classes, digits.input_shape, head="pool")
     assert [type(h).__name__ for h in model.heads] == ["PoolHead"] * 3
     assert model(digits.test.x[:2])[0].shape == (2, digits.num_classes)
+
+
+def test_batch_one_runs_as_one_torchscript_program(trained_resnet8, digits, one_thread):
+    """A single sample under max-prob/entropy/margin is one scripted call (stages, heads and
+    threshold tests); its exits and logits equal the eager model's."""
+    from splitexit.policies import Margin
+
+    traced = trace_for_inference(trained_resnet8)
+    assert traced._batch_one is not None
+    x = digits.test.x[:40]
+    for policy in (MaxProb(0.9), MaxProb((0.95, 0.8, 0.6), temperature=(1.5, 1.2, 1.0, 1.0)),
+                   Entropy(0.3), Margin(0.5)):
+        for i in range(len(x)):
+            want = trained_resnet8.infer(x[i: i + 1], policy)
+            got = traced.infer(x[i: i + 1], policy)
+            assert torch.equal(got.exit_index, want.exit_index), (policy, i)
+            assert torch.equal(got.predictions, want.predictions)
+            assert torch.allclose(got.logits, want.logits, atol=1e-4)

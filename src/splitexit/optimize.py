@@ -30,7 +30,7 @@ from .multiexit import (
     advance_exits,
     check_input,
 )
-from .policies import ExitPolicy
+from .policies import ExitPolicy, _per_exit, is_plain_threshold
 from .stages import Payload, Stage, StagedModel, payload_tensors
 
 __all__ = ["fuse_for_inference", "trace_for_inference", "TracedMultiExit"]
@@ -67,6 +67,17 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 
 def _script(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
     """Trace ``module`` on ``args`` and freeze it (weights become constants)."""
+    return _freeze(_trace(module, args))
+
+
+def _freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.freeze(module.eval())
+
+
+def _trace(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
+    """Trace ``module`` on ``args`` (not frozen: traced modules nest in scripted ones)."""
     with warnings.catch_warnings():
         # torch.jit is deprecated upstream (in favour of torch.compile / torch.export, neither of
         # which cuts per-op overhead on CPU at batch 1 without a compiler tool chain); it still
@@ -74,11 +85,10 @@ def _script(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.jit.Scri
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            traced = torch.jit.trace(module.eval(), args, check_trace=False)
+            return torch.jit.trace(module.eval(), args, check_trace=False)
         except Exception as exc:  # data-dependent control flow, unsupported ops
             raise InputError(f"cannot trace {type(module).__name__} to TorchScript ({exc}); "
                              "run it eagerly instead") from exc
-        return torch.jit.freeze(traced)
 
 
 def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
@@ -89,6 +99,67 @@ def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     if shape is None:
         raise InputError("the model has no input_shape; pass example=a batch of inputs")
     return torch.zeros(2, *shape)
+
+
+class _HeadPiece(nn.Module):
+    def __init__(self, piece: nn.Module):
+        super().__init__()
+        self.piece = piece
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.piece(x)
+        return out[0], out[1]
+
+
+class _StagePiece(nn.Module):
+    def __init__(self, piece: nn.Module):
+        super().__init__()
+        self.piece = piece
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.piece(x)
+        return out[0], out[0]
+
+
+class _BatchOneExits(nn.Module):
+    """The traced pieces and the threshold test in one TorchScript program: batch 1, one call.
+
+    The statistic is computed exactly as :mod:`splitexit.policies` does (same ops, same order),
+    so the exits equal the eager ones.
+    """
+
+    def __init__(self, pieces: list[nn.Module], has_head: list[bool]):
+        super().__init__()
+        self.pieces = nn.ModuleList(pieces)
+        self.has_head: list[bool] = has_head
+
+    def fires(self, logits: torch.Tensor, threshold: float, temperature: float,
+              kind: int) -> bool:
+        z = logits if temperature == 1.0 else logits / temperature
+        z = z.float()
+        if kind == 0:
+            return bool(torch.softmax(z, 1).amax(1) >= threshold)
+        if kind == 1:
+            logp = torch.log_softmax(z, 1)
+            return bool(-(logp.exp() * logp).sum(1) <= threshold)
+        top2 = torch.softmax(z, 1).topk(2, 1)[0]
+        return bool(top2[:, 0] - top2[:, 1] >= threshold)
+
+    def forward(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float],
+                kind: int) -> tuple[torch.Tensor, int]:
+        payload, logits = x, x
+        e, k = 0, 0
+        for piece in self.pieces:
+            payload, logits = piece(payload)
+            if self.has_head[k]:
+                if self.fires(logits, thresholds[e], temperatures[e], kind):
+                    return logits, e
+                e += 1
+            k += 1
+        return logits, e
+
+
+_KINDS = {"maxprob": 0, "entropy": 1, "margin": 2}
 
 
 class TracedMultiExit:
@@ -106,6 +177,7 @@ class TracedMultiExit:
         self.exit_names = model.exit_names
         self.input_shape = model.input_shape
         self.pieces: list[torch.jit.ScriptModule] = []
+        self._traced: list[torch.jit.ScriptModule] = []
         self.has_head: list[bool] = []
         self.takes_previous: list[bool] = []
         payload: Payload = example
@@ -118,13 +190,35 @@ class TracedMultiExit:
                 args = payload_tensors(payload)
                 if piece.takes_previous:
                     args = (*args, previous)
-                self.pieces.append(_script(piece, tuple(args)))
+                traced = _trace(piece, tuple(args))
+                self._traced.append(traced)
+                self.pieces.append(_freeze(traced))
                 self.has_head.append(at_head)
                 self.takes_previous.append(piece.takes_previous)
                 payload, logits = model.step(k, e if at_head else None, payload, previous)
                 if at_head:
                     previous = logits
                     e += 1
+        self._batch_one = self._compose_batch_one()
+
+    def _compose_batch_one(self) -> torch.jit.ScriptModule | None:
+        """One TorchScript program for batch-1 early exits, when every payload is one tensor
+        and no head takes the previous logits (else batch 1 uses the exit loop)."""
+        if any(self.takes_previous):
+            return None
+        wrapped = []
+        for k, traced in enumerate(self._traced):
+            out = next(traced.graph.outputs()).type()
+            sizes = len(out.elements()) if isinstance(out, torch._C.TupleType) else 0
+            if sizes != (2 if self.has_head[k] else 1):
+                return None  # a tuple payload
+            wrapped.append(_HeadPiece(traced) if self.has_head[k] else _StagePiece(traced))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _freeze(torch.jit.script(_BatchOneExits(wrapped, list(self.has_head))))
+        except Exception:  # noqa: BLE001 - the exit loop serves batch 1 as well
+            return None
 
     def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
              ) -> tuple[Payload, torch.Tensor | None]:
@@ -137,8 +231,19 @@ class TracedMultiExit:
 
     @torch.inference_mode()
     def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
-        """Early-exit inference, as :meth:`MultiExitModel.infer`."""
+        """Early-exit inference, as :meth:`MultiExitModel.infer`.
+
+        A single sample under a max-prob, entropy or margin policy runs as one TorchScript
+        call (stages, heads and threshold tests in one program); anything else runs the
+        shared exit loop. Both give the eager model's exits.
+        """
         check_input(x, self.input_shape)
+        if x.shape[0] == 1 and self._batch_one is not None and is_plain_threshold(policy):
+            heads = self.num_exits - 1
+            logits, e = self._batch_one(
+                x, [_per_exit(policy.threshold, i) for i in range(heads)],
+                [_per_exit(policy.temperature, i) for i in range(heads)], _KINDS[policy.name])
+            return ExitResult(logits.argmax(1), torch.tensor([e]), logits)
         return advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
                              len(self.pieces)).result
 

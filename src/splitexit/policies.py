@@ -101,6 +101,12 @@ class ThresholdPolicy(ExitPolicy):
         return replace(self, threshold=threshold)
 
 
+def is_plain_threshold(policy: ExitPolicy) -> bool:
+    """Whether ``policy`` is exactly max-prob, entropy or margin: a stateless threshold test
+    on the exit's own logits (no ensemble, gate or state), so it can be compiled into a graph."""
+    return type(policy) in (MaxProb, Entropy, Margin)
+
+
 @dataclass(frozen=True)
 class MaxProb(ThresholdPolicy):
     """Exit when the top softmax probability is at least ``threshold`` (SDN, ZTW)."""
