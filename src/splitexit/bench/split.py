@@ -376,13 +376,21 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
     say("timing options at batch 1 for the link emulation ...")
     with torch_threads(1):
         host = measure_host_profile(threads=1)
-        local_s = _time_local(teacher, x, settings.latency_samples)
         candidates = [(m, s, r) for m, s, r in options
                       if r["accuracy_drop_pt"] <= settings.max_drop_pt]
+        # Neurosurgeon-style profile: each part's batch-1 latency on calibration inputs (a
+        # separate pass from the measurement below, which times test inputs)
+        profile_x = ds.calib.x
+        profiled_local = _time_local(teacher, profile_x, settings.latency_samples)
+        profiled = {m: _time_option(s, profile_x, settings.latency_samples)
+                    for m, s, _ in candidates}
+        local_s = _time_local(teacher, x, settings.latency_samples)
         timed = {m: _time_option(s, x, settings.latency_samples) for m, s, _ in candidates}
-    costs = {LOCAL: CutCost(LOCAL, total_macs, 0.0, 0.0)}
+    costs = {LOCAL: CutCost(LOCAL, total_macs, 0.0, 0.0, device_latency_s=profiled_local)}
     for m, s, r in candidates:
-        costs[m] = CutCost(m, r["device_macs"], r["server_macs"], s.message_bytes(example))
+        dev_s, srv_s = profiled[m]
+        costs[m] = CutCost(m, r["device_macs"], r["server_macs"], s.message_bytes(example),
+                           device_latency_s=dev_s, server_latency_s=srv_s)
     measured_bytes = {m: r["bytes_per_sample"] for m, _, r in candidates}
     link_rows = []
     for link_name in load_links():
@@ -396,7 +404,7 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
             if not names:
                 continue
             p = plan([costs[n] for n in names], host, host, link, "latency",
-                     response_bytes=RESPONSE_BYTES)
+                     response_bytes=RESPONSE_BYTES, host=host)
             best = min(names, key=lambda n: measured[n])
             gap = measured[p.choice] / measured[best] - 1
             link_rows.append({
@@ -470,9 +478,11 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         "Link emulation (no traffic shaping): latency = device half + encode (timed at batch 1 "
         "on this host, 1 thread) + RTT + bytes / bandwidth with loss retransmissions from the "
         "link profile + 40-byte answer + decode + server half (timed on this host). Device and "
-        "server are both this host. The planner predicts from MACs / this host's measured "
-        f"GMAC/s ({host.compute_gmacs_per_s:.2f}) and mean message sizes of 64 calibration "
-        f"samples. Candidates: local and every option within {settings.max_drop_pt} pt of the "
+        "server are both this host. The planner predicts, Neurosurgeon-style, from each "
+        "part's batch-1 latency profiled in a separate pass on calibration inputs (scaled to "
+        "the device and server profiles; here both are this host, "
+        f"{host.compute_gmacs_per_s:.2f} GMAC/s measured) and mean message sizes of 64 "
+        "calibration samples; the measurement times the test inputs. Candidates: local and every option within {settings.max_drop_pt} pt of the "
         "unsplit accuracy; 'offload only' drops the local option.",
         f"PNG: Pillow, optimize=True, lossless round trip verified: {lossless}.",
         "Trained baseline and bottlenecks are cached under --cache, keyed by every training "
