@@ -109,6 +109,22 @@ def _adaptive_pool2d_sliced(x: torch.Tensor, out: Sequence[int], mode: str) -> t
     return torch.cat([reduce(rows[..., a:b], -1) for a, b in wins[1]], -1)
 
 
+def _grid_pool(x: torch.Tensor, out: Sequence[int], kernel: tuple[int, ...] | None,
+               mode: str) -> torch.Tensor:
+    """Max or average pooling of ``x`` to the grid ``out``: a fixed kernel when the sizes
+    divide (faster, same windows), slices while exporting to ONNX, else adaptive pooling."""
+    is_max = mode == "max"
+    if x.dim() == 4 and kernel is not None:
+        return F.max_pool2d(x, kernel) if is_max else F.avg_pool2d(x, kernel)
+    if x.dim() == 4 and torch.onnx.is_in_onnx_export():
+        return _adaptive_pool2d_sliced(x, out, mode)
+    if x.dim() == 4:
+        return F.adaptive_max_pool2d(x, out) if is_max else F.adaptive_avg_pool2d(x, out)
+    if x.dim() == 3:
+        return F.adaptive_max_pool1d(x, out) if is_max else F.adaptive_avg_pool1d(x, out)
+    return x
+
+
 @register_head("linear")
 class LinearHead(ExitHead):
     """Global average pooling then one linear layer (the cheapest useful head)."""
@@ -145,22 +161,8 @@ class SDNHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._kernel
-        if x.dim() == 4 and k is not None:
-            # same windows as the adaptive pools, with the faster fixed-kernel kernels
-            mx = F.max_pool2d(x, k)
-            av = F.avg_pool2d(x, k)
-        elif x.dim() == 4 and torch.onnx.is_in_onnx_export():
-            mx = _adaptive_pool2d_sliced(x, self.out_spatial, "max")
-            av = _adaptive_pool2d_sliced(x, self.out_spatial, "avg")
-        elif x.dim() == 4:
-            mx = F.adaptive_max_pool2d(x, self.out_spatial)
-            av = F.adaptive_avg_pool2d(x, self.out_spatial)
-        elif x.dim() == 3:
-            mx = F.adaptive_max_pool1d(x, self.out_spatial)
-            av = F.adaptive_avg_pool1d(x, self.out_spatial)
-        else:
-            mx = av = x
+        mx, av = _grid_pool(x, self.out_spatial, self._kernel, "max"), \
+            _grid_pool(x, self.out_spatial, self._kernel, "avg")
         # alpha * max + (1 - alpha) * avg in one op (fewer dispatches at batch 1)
         return self.fc(torch.lerp(av, mx, self.alpha.clamp(0, 1)).flatten(1))
 
@@ -189,16 +191,7 @@ class PoolHead(ExitHead):
         return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = self._kernel
-        if x.dim() == 4 and k is not None:
-            x = F.avg_pool2d(x, k)
-        elif x.dim() == 4 and torch.onnx.is_in_onnx_export():
-            x = _adaptive_pool2d_sliced(x, self.out_spatial, "avg")
-        elif x.dim() == 4:
-            x = F.adaptive_avg_pool2d(x, self.out_spatial)
-        elif x.dim() == 3:
-            x = F.adaptive_avg_pool1d(x, self.out_spatial)
-        return self.fc(x.flatten(1))
+        return self.fc(_grid_pool(x, self.out_spatial, self._kernel, "avg").flatten(1))
 
 
 @register_head("conv")

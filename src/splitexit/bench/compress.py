@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .. import checkpoint
 from ..calibration import choose_operating_point, sweep
 from ..compress.quantize import check_quantized, onnx_weight_bytes, quantize_onnx
 from ..compress.sparsity import (
@@ -257,17 +256,9 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
 def _exit_model(ds: Dataset, s: CompressSettings) -> tuple[MultiExitModel, float | None]:
     """The early-exit ResNet-8: loaded from ``s.exit_model`` or trained here."""
     if s.exit_model:
-        if not (Path(s.exit_model) / "model.json").is_file():
-            raise InputError(f"no multi-exit checkpoint at {s.exit_model}; `splitexit bench early-exit "
-                             "--out reports/early-exit` trains and saves one in OUT/models")
-        model = checkpoint.load(s.exit_model)
-        if not isinstance(model, MultiExitModel):
-            raise InputError(f"{s.exit_model} holds a {type(model).__name__}, not a multi-exit "
-                             "model; pass the directory of a MultiExitModel checkpoint")
-        meta = checkpoint.read_meta(s.exit_model)
-        if meta.get("dataset") not in (None, ds.name):
-            raise InputError(f"{s.exit_model} was trained on {meta.get('dataset')!r}, this run "
-                             f"uses {ds.name!r}")
+        from .early_exit import load_exit_model
+
+        model = load_exit_model(s.exit_model, ds.name)
         return model, None
     torch.manual_seed(s.seed)
     model = create_multiexit("resnet8", ds.num_classes, ds.input_shape,

@@ -32,7 +32,7 @@ from ..training import Baseline, HeadsOnly, JointWeighted, train
 from ..zoo import create_model, create_multiexit
 from .measure import interleaved_latency, interleaved_throughput, torch_threads
 
-__all__ = ["EarlyExitSettings", "run_early_exit", "train_pair", "evaluate_pair"]
+__all__ = ["EarlyExitSettings", "run_early_exit", "train_pair", "evaluate_pair", "load_exit_model"]
 
 
 @dataclass
@@ -79,6 +79,27 @@ class EarlyExitSettings:
     selection_samples: int = 300
     timing_chunks: int = 20
     extra_notes: list[str] = field(default_factory=list)
+
+
+def load_exit_model(path: str | Path, dataset: str | None = None) -> MultiExitModel:
+    """A multi-exit checkpoint saved by this suite (``OUT/models/<model>-multiexit``), for the
+    benchmarks that reuse it (``bench compress --exit-model``, ``bench serve --model``).
+
+    Raises:
+        InputError: nothing there (the message names the command that makes one), not a
+            multi-exit model, or trained on another data set.
+    """
+    if not (Path(path) / "model.json").is_file():
+        raise InputError(f"no multi-exit checkpoint at {path}; `splitexit bench early-exit "
+                         "--out reports/early-exit` trains and saves one in OUT/models")
+    model = checkpoint.load(path)
+    if not isinstance(model, MultiExitModel):
+        raise InputError(f"{path} holds a {type(model).__name__}, not a multi-exit model; pass "
+                         "the directory of a MultiExitModel checkpoint")
+    trained_on = checkpoint.read_meta(path).get("dataset")
+    if dataset is not None and trained_on not in (None, dataset):
+        raise InputError(f"{path} was trained on {trained_on!r}, this run uses {dataset!r}")
+    return model
 
 
 def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings,

@@ -32,7 +32,6 @@ from ..calibration import choose_operating_point, sweep
 from ..cost import cost_table
 from ..data import load_dataset
 from ..devices import get_device, get_link, measure_host_profile
-from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb, NeverExit
 from ..report import write_report
@@ -89,14 +88,9 @@ def _train_models(ds, s: ServeBenchSettings):
     spec = BottleneckSpec(s.bottleneck_channels, stride=s.bottleneck_stride)
     tag = f"resnet8-{s.train_samples}-{s.epochs}-{s.seed}"
     if s.model:  # a multi-exit ResNet-8 trained elsewhere (e.g. by `bench early-exit`)
-        if not (Path(s.model) / "model.json").is_file():
-            raise InputError(f"no multi-exit checkpoint at {s.model}; `splitexit bench early-exit "
-                             "--out reports/early-exit` trains and saves one in OUT/models")
-        loaded = checkpoint.load(s.model)
-        if not isinstance(loaded, MultiExitModel):
-            raise InputError(f"{s.model} holds a {type(loaded).__name__}; pass the directory of "
-                             "a multi-exit ResNet-8 checkpoint")
-        model = loaded
+        from .early_exit import load_exit_model
+
+        model = load_exit_model(s.model, ds.name)
         stamp = int((Path(s.model) / "weights.safetensors").stat().st_mtime)
         tag = f"{Path(s.model).name}-{stamp}-{s.seed}"
     elif (cache / tag / "model.json").is_file():
