@@ -109,6 +109,17 @@ def _adaptive_pool2d_sliced(x: torch.Tensor, out: Sequence[int], mode: str) -> t
     return torch.cat([reduce(rows[..., a:b], -1) for a, b in wins[1]], -1)
 
 
+def _init_grid(head: ExitHead, pool_size: int, num_classes: int) -> None:
+    """Pool to at most ``pool_size`` per spatial side, then one linear layer (SDN, pool)."""
+    head.pool_size = pool_size
+    head.out_spatial = tuple(min(pool_size, s) for s in head.in_shape[1:])
+    head._kernel = _fixed_kernel(head.in_shape, head.out_spatial)
+    features = head.in_shape[0]
+    for s in head.out_spatial:
+        features *= s
+    head.fc = nn.Linear(features, num_classes)
+
+
 def _grid_pool(x: torch.Tensor, out: Sequence[int], kernel: tuple[int, ...] | None,
                mode: str) -> torch.Tensor:
     """Max or average pooling of ``x`` to the grid ``out``: a fixed kernel when the sizes
@@ -147,15 +158,8 @@ class SDNHead(ExitHead):
 
     def __init__(self, in_shape, num_classes, pool_size: int = 4):
         super().__init__(in_shape, num_classes)
-        self.pool_size = pool_size
-        spatial = self.in_shape[1:]
-        self.out_spatial = tuple(min(pool_size, s) for s in spatial)
-        self._kernel = _fixed_kernel(self.in_shape, self.out_spatial)
         self.alpha = nn.Parameter(torch.tensor(0.5))
-        features = self.in_shape[0]
-        for s in self.out_spatial:
-            features *= s
-        self.fc = nn.Linear(features, num_classes)
+        _init_grid(self, pool_size, num_classes)
 
     def extra_config(self) -> dict:
         return {"pool_size": self.pool_size}
@@ -179,13 +183,7 @@ class PoolHead(ExitHead):
 
     def __init__(self, in_shape, num_classes, pool_size: int = 4):
         super().__init__(in_shape, num_classes)
-        self.pool_size = pool_size
-        self.out_spatial = tuple(min(pool_size, s) for s in self.in_shape[1:])
-        self._kernel = _fixed_kernel(self.in_shape, self.out_spatial)
-        features = self.in_shape[0]
-        for s in self.out_spatial:
-            features *= s
-        self.fc = nn.Linear(features, num_classes)
+        _init_grid(self, pool_size, num_classes)
 
     def extra_config(self) -> dict:
         return {"pool_size": self.pool_size}

@@ -343,6 +343,14 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
     exit_macs = mean_macs(exit_index, costs.exit_macs)
     fractions = torch.bincount(exit_index, minlength=model.num_exits).double() / len(exit_index)
     base = lat["ort full"]
+
+    def timing(name: str) -> dict:
+        t = lat[name]
+        return {"latency_ms": t["mean_ms"], "latency_p50_ms": t["median_ms"],
+                "latency_ratio": t["mean_ms"] / base["mean_ms"],
+                "speedup": base["mean_ms"] / t["mean_ms"],
+                "speedup_p50": base["median_ms"] / t["median_ms"]}
+
     rows = [{"method": "ONNX Runtime: full model (one graph)", "model": "resnet8",
              "accuracy": full_acc, "mean_macs": full_macs, "macs_ratio": 1.0,
              "latency_ms": base["mean_ms"], "latency_p50_ms": base["median_ms"],
@@ -350,11 +358,7 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
             {"method": "ONNX Runtime: early-exit pipeline", "model": "resnet8",
              "accuracy": pipe_acc, "accuracy_drop_pt": 100 * (full_acc - pipe_acc),
              "mean_macs": exit_macs, "macs_ratio": exit_macs / full_macs,
-             "latency_ms": lat["ort early-exit"]["mean_ms"],
-             "latency_p50_ms": lat["ort early-exit"]["median_ms"],
-             "latency_ratio": lat["ort early-exit"]["mean_ms"] / base["mean_ms"],
-             "speedup": base["mean_ms"] / lat["ort early-exit"]["mean_ms"],
-             "speedup_p50": base["median_ms"] / lat["ort early-exit"]["median_ms"],
+             **timing("ort early-exit"),
              "exit_fractions": fractions.tolist(), "policy": policy.config(),
              "same_predictions_as_pytorch": float(
                  (predictions == torch_result.predictions).double().mean()),
@@ -365,11 +369,7 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
              "accuracy_drop_pt": 100 * (full_acc - graph_result.accuracy(test_y)),
              "mean_macs": mean_macs(graph_result.exit_index, costs.exit_macs),
              "macs_ratio": mean_macs(graph_result.exit_index, costs.exit_macs) / full_macs,
-             "latency_ms": lat["ort single graph"]["mean_ms"],
-             "latency_p50_ms": lat["ort single graph"]["median_ms"],
-             "latency_ratio": lat["ort single graph"]["mean_ms"] / base["mean_ms"],
-             "speedup": base["mean_ms"] / lat["ort single graph"]["mean_ms"],
-             "speedup_p50": base["median_ms"] / lat["ort single graph"]["median_ms"],
+             **timing("ort single graph"),
              "exit_fractions": graph_result.exit_fractions(model.num_exits),
              "same_predictions_as_pytorch": float(
                  (graph_result.predictions == torch_result.predictions).double().mean()),
@@ -379,11 +379,7 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
              "model": "resnet8", "accuracy": sel_result.accuracy(test_y),
              "accuracy_drop_pt": 100 * (full_acc - sel_result.accuracy(test_y)),
              "mean_macs": sel_macs, "macs_ratio": sel_macs / full_macs,
-             "latency_ms": lat["ort chosen exits"]["mean_ms"],
-             "latency_p50_ms": lat["ort chosen exits"]["median_ms"],
-             "latency_ratio": lat["ort chosen exits"]["mean_ms"] / base["mean_ms"],
-             "speedup": base["mean_ms"] / lat["ort chosen exits"]["mean_ms"],
-             "speedup_p50": base["median_ms"] / lat["ort chosen exits"]["median_ms"],
+             **timing("ort chosen exits"),
              "exit_fractions": sel_result.exit_fractions(chosen.num_exits),
              "exits": [model.exit_names[e] for e in keep] + ["final"],
              "policy": sel_policy.config()},
