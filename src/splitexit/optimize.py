@@ -200,6 +200,7 @@ class TracedMultiExit:
                     previous = logits
                     e += 1
         self._batch_one = self._compose_batch_one()
+        self._traced = []  # only needed to compose that program; the frozen pieces serve the rest
 
     def _compose_batch_one(self) -> torch.jit.ScriptModule | None:
         """One TorchScript program for batch-1 early exits, when every payload is one tensor
