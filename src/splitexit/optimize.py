@@ -101,6 +101,8 @@ def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros(2, *shape)
 
 
+# Two adapters, not one with a flag: TorchScript type-checks every branch, and ``out[1]`` does
+# not compile for a stage piece, whose output is a 1-tuple.
 class _HeadPiece(nn.Module):
     def __init__(self, piece: nn.Module):
         super().__init__()

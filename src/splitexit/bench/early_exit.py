@@ -178,20 +178,19 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         except InputError as exc:
             notes.append({"method": label, "model": model_name, "note": str(exc)})
             continue
-    runtimes = {"eager": (lambda m: m, lambda m: m)}
-    if "torchscript" in s.runtimes:
-        runtimes["torchscript"] = (
-            lambda m: trace_for_inference(m, example, fuse=False),
-            lambda m: trace_for_inference(m, example, fuse=False))
+    # how each runtime compiles a model (the baseline and the multi-exit model alike)
+    runtimes = {"eager": lambda m: m,
+                "torchscript": lambda m: trace_for_inference(m, example, fuse=False)}
+
     def runtime_rows(runtime: str) -> list[dict]:
         if runtime not in runtimes:
             raise InputError(f"unknown runtime {runtime!r}: use eager or torchscript")
-        compile_base, compile_multi = runtimes[runtime]
+        compile_model = runtimes[runtime]
         compiled: dict[tuple[int, ...], object] = {}
 
         def fast_for(keep: list[int]):
             if tuple(keep) not in compiled:
-                compiled[tuple(keep)] = compile_multi(
+                compiled[tuple(keep)] = compile_model(
                     multi.keep_exits(keep) if keep != all_exits else multi)
             return compiled[tuple(keep)]
 
@@ -217,7 +216,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                                "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
                                "predicted_latency_ms": 1e3 * sel.point.mean_macs}))
         plans.append(("no exit fires (overhead)", all_exits, NeverExit(), {}))
-        base_fn = compile_base(baseline)
+        base_fn = compile_model(baseline)
         fns = {"baseline": base_fn}
         for method, keep, pol, _ in plans:
             fns[method] = (lambda f, p: lambda x: f.infer(x, p))(fast_for(keep), pol)
