@@ -19,6 +19,7 @@ from serve_helpers import (
     make_model_dir,
     median_policy,
     running_server,
+    server_process,
 )
 from serve_helpers import small_model as _small_model
 from splitexit.bench.measure import torch_threads
@@ -75,6 +76,26 @@ def test_model_dir_round_trip(small_model, model_dir, digits, policy):
     # the server directory holds the server half's weights only
     names = load_file(str(model_dir / "server" / "weights.safetensors"))
     assert names and not any("head" in k for k in names)
+
+
+def test_torchscript_server_runtime_matches_eager(small_model, model_dir, digits):
+    x = digits.test.x[:24]
+    payload = device_payload(small_model, x)
+    with torch.inference_mode():
+        expected = small_model.backbone(x)
+    scripted, _ = load_server(model_dir, "torchscript")
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    with torch.inference_mode():
+        torch.testing.assert_close(scripted(payload), expected, rtol=1e-4, atol=1e-4)
+    # the real command, as a process: same predictions over HTTP
+    with server_process(model_dir, "--runtime", "torchscript") as (_, url):
+        r = _post(url, Codec.parse("fp32").encode(payload))
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"] == expected.argmax(1).tolist()
+    with pytest.raises(InputError, match="unknown server runtime"):
+        load_server(model_dir, "tensorrt")
+    with pytest.raises(InputError, match="runtime"):
+        ServerSettings(runtime="tensorrt")
 
 
 def test_predictions_equal_in_process_model(small_model, model_dir, digits):

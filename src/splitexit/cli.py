@@ -58,6 +58,9 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
                         "(frozen graphs; each runtime has its own baseline)")
     p.add_argument("--no-select-exits", action="store_true",
                    help="skip choosing the subset of exit heads with the lowest predicted latency")
+    p.add_argument("--control", action="store_true",
+                   help="also train the baseline as long as the multi-exit model, without exits, "
+                        "and choose operating points against the better of the two")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -71,7 +74,8 @@ def _run_early_exit(args, suite: str) -> int:
                                  head=args.head, latency_samples=args.latency_samples,
                                  threads=args.threads, seed=args.seed,
                                  runtimes=tuple(args.runtimes.split(",")),
-                                 select_exits=not args.no_select_exits)
+                                 select_exits=not args.no_select_exits,
+                                 control=args.control)
     report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
                             suite=suite, command=_command_line())
     _print_rows(report)

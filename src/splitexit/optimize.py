@@ -33,7 +33,7 @@ from .multiexit import (
 from .policies import ExitPolicy, _per_exit, is_plain_threshold
 from .stages import Payload, Stage, StagedModel, payload_tensors
 
-__all__ = ["fuse_for_inference", "trace_for_inference", "TracedMultiExit"]
+__all__ = ["fuse_for_inference", "trace_for_inference", "script_module", "TracedMultiExit"]
 
 
 def _fuse_module(module: nn.Module) -> nn.Module:
@@ -65,8 +65,13 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _script(module: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.jit.ScriptModule:
-    """Trace ``module`` on ``args`` and freeze it (weights become constants)."""
+def script_module(module: nn.Module, args: tuple) -> torch.jit.ScriptModule:
+    """Trace ``module`` on ``args`` (its positional arguments) and freeze it (weights become
+    constants): one graph that runs without Python between operations.
+
+    Raises:
+        InputError: the module cannot be traced (data-dependent control flow, unsupported ops).
+    """
     return _freeze(_trace(module, args))
 
 
@@ -287,4 +292,4 @@ def trace_for_inference(model: nn.Module, example: torch.Tensor | None = None, f
     if isinstance(model, MultiExitModel):
         return TracedMultiExit(model, example)
     inputs = payload_tensors(example) if isinstance(model, StagedModel) else (example,)
-    return _script(model, tuple(inputs))
+    return script_module(model, tuple(inputs))

@@ -7,6 +7,7 @@ split in the same run, with ratios to the baseline. The demo is this suite on a 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,11 @@ class EarlyExitSettings:
         select_exits: also pick, per accuracy target and runtime, the subset of exit heads and
             threshold with the lowest expected batch-1 latency, from the latency of leaving at
             each exit measured on that runtime (``selection_samples`` calibration inputs).
+        control: also fine-tune the baseline, without exits, for as many epochs and at the
+            same learning rate as the multi-exit model's joint training (saved as
+            ``<model>-control``). The multi-exit model has then had the same training as this
+            control, so operating points are chosen against the more accurate of the two
+            references and every row reports its drop against both.
     """
 
     epochs: int = 12
@@ -76,6 +82,7 @@ class EarlyExitSettings:
     fuse: bool = True
     runtimes: tuple[str, ...] = ("eager", "torchscript")
     select_exits: bool = True
+    control: bool = False
     selection_samples: int = 300
     timing_chunks: int = 20
     extra_notes: list[str] = field(default_factory=list)
@@ -115,16 +122,31 @@ def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings,
     multi = create_multiexit(model_name, ds.num_classes, ds.input_shape,
                              head=_head_for(model_name, s.head))
     multi.backbone.load_state_dict(baseline.state_dict())
-    if s.strategy == "joint":
-        strategy, lr = JointWeighted(), s.lr / 2
-    elif s.strategy == "heads-only":
-        strategy, lr = HeadsOnly(), s.lr
-    else:
-        raise InputError(f"unknown strategy {s.strategy!r}: use 'joint' or 'heads-only'")
+    strategy, lr = _finetune_schedule(s)
     h_multi = train(multi, ds.train, strategy, epochs=s.finetune_epochs or s.epochs, lr=lr,
                     batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
     return baseline, multi, {"baseline_train_s": base_seconds,
                              "multiexit_train_s": h_multi.seconds}
+
+
+def _finetune_schedule(s: EarlyExitSettings):
+    """The multi-exit model's training strategy and learning rate."""
+    if s.strategy == "joint":
+        return JointWeighted(), s.lr / 2
+    if s.strategy == "heads-only":
+        return HeadsOnly(), s.lr
+    raise InputError(f"unknown strategy {s.strategy!r}: use 'joint' or 'heads-only'")
+
+
+def train_control(ds: Dataset, baseline: torch.nn.Module, s: EarlyExitSettings
+                  ) -> tuple[torch.nn.Module, float]:
+    """A copy of the baseline trained further, without exits, on the multi-exit model's
+    schedule (same epochs, learning rate and data order): the equally trained reference."""
+    control = copy.deepcopy(baseline)
+    _, lr = _finetune_schedule(s)
+    h = train(control, ds.train, Baseline(), epochs=s.finetune_epochs or s.epochs, lr=lr,
+              batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
+    return control, h.seconds
 
 
 def _head_for(model_name: str, spec: str | None) -> str | None:
@@ -141,11 +163,14 @@ def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
-                  multi: MultiExitModel, s: EarlyExitSettings) -> tuple[list[dict], dict]:
+                  multi: MultiExitModel, s: EarlyExitSettings,
+                  control: torch.nn.Module | None = None) -> tuple[list[dict], dict]:
     """Rows for one backbone: baseline, operating points, no-exit overhead, oracle.
 
     Every runtime in ``s.runtimes`` (eager PyTorch, TorchScript) times its own baseline and
-    its own early-exit rows, so each ratio compares like with like.
+    its own early-exit rows, so each ratio compares like with like. With a ``control`` (the
+    baseline trained as long as the multi-exit model, see :func:`train_control`), operating
+    points are chosen against the more accurate of the two and rows carry their drop vs it.
     """
     baseline.eval()
     multi.eval()
@@ -153,13 +178,27 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     costs = cost_table(multi, example, measure=False)
     base_macs = cost_table(baseline, example, measure=False).backbone_macs
     calib_logits = multi.collect_logits(ds.calib.x)
-    base_calib_acc = _accuracy(baseline(ds.calib.x), ds.calib.y)
+    test_x, test_y = ds.test.x, ds.test.y
+
+    def accuracies(model: torch.nn.Module) -> tuple[float, float]:
+        model.eval()
+        test = torch.cat([model(test_x[i: i + 1024]) for i in range(0, len(test_x), 1024)])
+        return _accuracy(model(ds.calib.x), ds.calib.y), _accuracy(test, test_y)
+
+    ref_calib_acc, base_test_acc = accuracies(baseline)
+    control_rows: list[dict] = []
+    control_test_acc = None
+    if control is not None:
+        control_calib_acc, control_test_acc = accuracies(control)
+        control_rows.append({"method": "control: baseline trained as long, no exits",
+                             "model": model_name, "accuracy": control_test_acc,
+                             "accuracy_drop_pt": 100 * (base_test_acc - control_test_acc),
+                             "calib_accuracy": control_calib_acc,
+                             "epochs": s.epochs + (s.finetune_epochs or s.epochs)})
+        ref_calib_acc = max(ref_calib_acc, control_calib_acc)  # the stricter reference
     policy = make_policy(s.policy)
     points = sweep(calib_logits, ds.calib.y, costs.exit_macs, policy)
-    test_x, test_y = ds.test.x, ds.test.y
     test_logits = multi.collect_logits(test_x)
-    base_test_acc = _accuracy(torch.cat([baseline(test_x[i: i + 1024])
-                                         for i in range(0, len(test_x), 1024)]), test_y)
     stage_macs = [p.macs for p in costs.stages]
     head_macs = [p.macs for p in costs.heads]
 
@@ -170,11 +209,11 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     for drop in s.drops:
         label = f"{s.strategy} (<= {100 * drop:g} pt drop)"
         try:
-            op = choose_operating_point(points, reference_accuracy=base_calib_acc,
+            op = choose_operating_point(points, reference_accuracy=ref_calib_acc,
                                         max_drop=drop)
             chosen.append((label, all_exits, op.policy,
                            {"calib_accuracy": op.accuracy, "max_drop": drop,
-                            "calib_baseline_accuracy": base_calib_acc}))
+                            "calib_reference_accuracy": ref_calib_acc}))
         except InputError as exc:
             notes.append({"method": label, "model": model_name, "note": str(exc)})
             continue
@@ -208,11 +247,11 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
             plans.append((method, keep, pol, extra))
             if s.select_exits:
                 sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
-                                   reference_accuracy=base_calib_acc, max_drop=extra["max_drop"])
+                                   reference_accuracy=ref_calib_acc, max_drop=extra["max_drop"])
                 plans.append((f"{method[:-1]}, exits chosen for latency)", sel.exits,
                               sel.point.policy,
                               {"calib_accuracy": sel.point.accuracy,
-                               "calib_baseline_accuracy": base_calib_acc,
+                               "calib_reference_accuracy": ref_calib_acc,
                                "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
                                "predicted_latency_ms": 1e3 * sel.point.mean_macs}))
         plans.append(("no exit fires (overhead)", all_exits, NeverExit(), {}))
@@ -240,7 +279,10 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
             macs = float(torch.tensor(exit_macs, dtype=torch.float64)[result.exit_index].mean())
             acc = result.accuracy(test_y)
             row = {"method": method, **common, "accuracy": acc,
-                   "accuracy_drop_pt": 100 * (base_test_acc - acc), "mean_macs": macs,
+                   "accuracy_drop_pt": 100 * (base_test_acc - acc),
+                   **({"drop_vs_control_pt": 100 * (control_test_acc - acc)}
+                      if control_test_acc is not None else {}),
+                   "mean_macs": macs,
                    "macs_ratio": macs / base_macs, "latency_ms": lat[method]["mean_ms"],
                    "latency_p50_ms": lat[method]["median_ms"],
                    "latency_ratio": lat[method]["mean_ms"] / base_lat["mean_ms"],
@@ -258,7 +300,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         return rows
 
     rows = [row for runtime in s.runtimes for row in runtime_rows(runtime)]
-    rows += notes
+    rows += control_rows + notes
     orc = oracle(test_logits, test_y, costs.exit_macs)
     rows.append({"method": "oracle (bound)", "model": model_name, "accuracy": orc["accuracy"],
                  "accuracy_drop_pt": 100 * (base_test_acc - orc["accuracy"]),
@@ -303,10 +345,20 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
             if s.save_models:
                 for model, path in zip((baseline, multi), saved):
                     checkpoint.save(model, path, dataset=dataset, settings=vars(s))
+        control = None
+        if s.control and s.strategy == "joint":
+            path = out / "models" / f"{name}-control"
+            if s.reuse_models and (path / "model.json").is_file():
+                control = checkpoint.load(path)
+                timings[name].setdefault("reused", []).append(str(path))
+            else:
+                control, timings[name]["control_train_s"] = train_control(ds, baseline, s)
+                if s.save_models:
+                    checkpoint.save(control, path, dataset=dataset, settings=vars(s))
         if s.fuse:
             baseline, multi = fuse_for_inference(baseline), fuse_for_inference(multi)
         with torch_threads(s.threads):  # small tensors: extra threads only contend
-            r, extra = evaluate_pair(ds, name, baseline, multi, s)
+            r, extra = evaluate_pair(ds, name, baseline, multi, s, control=control)
         rows += r
         anytime += extra["anytime"]
         curves.update(extra["curves"])
@@ -328,6 +380,12 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
              "no exit fires: overhead_batch1 = its batch-1 latency / the baseline's; "
              "overhead_batched = the baseline's batched throughput / its own.",
              "oracle: each sample leaves at the earliest correct exit (a bound, not runnable).",
+             *([f"control: the baseline trained {s.finetune_epochs or s.epochs} more epochs "
+                "without exits on the multi-exit model's schedule; operating points are chosen "
+                "against the more accurate of baseline and control on the calibration split, "
+                "and drop_vs_control_pt is each row's test accuracy drop against the control "
+                "(same architecture as the baseline, so the latency ratios apply to it too)."]
+               if s.control else []),
              *s.extra_notes]
     return write_report(out, suite, rows, dataset=dataset, model=", ".join(models),
                         sections={"anytime (stop at exit k)": anytime}, notes=notes,

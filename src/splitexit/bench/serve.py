@@ -68,6 +68,7 @@ class ServeBenchSettings:
     load_seconds: float = 3.0
     windows: int = 3
     ray: bool = True
+    server_runtimes: tuple[str, ...] = ("eager", "torchscript")
     cache: str = "runs/bench-serve-cache"
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -263,11 +264,13 @@ def _load(url: str, bodies: list[bytes], clients: int, seconds: float,
     return out
 
 
-def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: float):
+def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: float,
+                    runtime: str = "eager"):
     proc = subprocess.Popen(
         [sys.executable, "-m", "splitexit.cli", "serve", str(model_dir), "--port", str(port),
          "--threads", "1", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
-         "--max-request-samples", "256", "--max-request-bytes", str(64 * 1024 * 1024)],
+         "--max-request-samples", "256", "--max-request-bytes", str(64 * 1024 * 1024),
+         "--runtime", runtime],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -279,18 +282,24 @@ def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: flo
 
 
 def _throughput_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[dict]:
+    from ..serve.modeldir import export_model_dir
+
     rows: list[dict] = []
     for cut in (s.cut, None):
-        rows += _throughput_rows(model, ds, s, cut, cache / f"model-dir-{cut or 'input'}")
+        model_dir = cache / f"model-dir-{cut or 'input'}"
+        export_model_dir(model, cut, model_dir, codec=s.codec, policy=NeverExit())
+        for runtime in s.server_runtimes:
+            rows += _throughput_rows(model, ds, s, cut, model_dir, runtime)
     return rows
 
 
 def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
-                     model_dir: Path) -> list[dict]:
-    from ..serve.modeldir import export_model_dir, load_server
+                     model_dir: Path, runtime: str) -> list[dict]:
+    """The server half in process vs behind HTTP, both on ``runtime``; the ratio's reference
+    is the faster of that runtime and eager PyTorch in process, measured between the windows."""
+    from ..serve.modeldir import load_server
 
-    export_model_dir(model, cut, model_dir, codec=s.codec, policy=NeverExit())
-    server, _ = load_server(model_dir)
+    modules = {rt: load_server(model_dir, rt)[0] for rt in dict.fromkeys((runtime, "eager"))}
     device = model.backbone.split(cut)[0] if cut else torch.nn.Identity()
     half = f"server half after {cut}" if cut else "full model (full-offload server)"
     codec = Codec.parse(s.codec)
@@ -301,11 +310,13 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
                          for i in range(0, 512, 32)])
 
     def inproc(batch_size: int = s.max_batch) -> float:
+        """The faster of the runtimes in process (samples/s)."""
         with torch_threads(1):
-            return throughput(server, decoded, batch_size=batch_size)
+            return max(throughput(m, decoded, batch_size=batch_size) for m in modules.values())
 
     start = inproc()
-    rows = [{"server": half, "method": "in-process, batch " + str(s.max_batch),
+    common = {"server": half, "runtime": runtime}
+    rows = [{**common, "method": "in-process, batch " + str(s.max_batch),
              "throughput_sps": start, "throughput_ratio": 1.0}]
     b32 = [codec.encode(payload[i: i + 32]) for i in range(0, 512, 32)]
     b1 = [codec.encode(payload[i: i + 1]) for i in range(64)]
@@ -318,7 +329,7 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
                 1),
                ("HTTP, one request at a time, 1-sample requests", 1, 0.0, b1, 16, 1)]
     for name, max_batch, wait, bodies, clients, per in configs:
-        proc, url = _server_process(model_dir, free_port(), max_batch, wait)
+        proc, url = _server_process(model_dir, free_port(), max_batch, wait, runtime)
         try:
             _load(url, bodies, clients, 1.0, per)  # warm-up
             # windows alternate with in-process runs (the machine is shared): medians of both
@@ -339,14 +350,14 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
                 proc.wait(5)
         res = sorted(runs, key=lambda r: r["throughput_sps"])[len(runs) // 2]
         ref = statistics.median(near)
-        rows.append({"server": half, "method": name, "clients": clients,
+        rows.append({**common, "method": name, "clients": clients,
                      "samples_per_request": per, "max_batch": max_batch, **res,
                      "throughput_windows_sps": [r["throughput_sps"] for r in runs],
                      "in_process_batch": batch, "in_process_nearby_sps": ref,
                      "throughput_ratio": res["throughput_sps"] / ref,
                      "mean_server_batch": metrics["mean_batch_size"],
                      "server_compute_ms_p50": metrics["compute_ms"].get("p50")})
-    if s.ray and cut == s.cut:
+    if s.ray and cut == s.cut and runtime == s.server_runtimes[0]:
         rows += _ray_rows(model_dir, s, b32, inproc, half)
     return rows
 
@@ -516,7 +527,8 @@ def _targets(rows: list[dict], tput: list[dict], links) -> list[dict]:
         best = max(http, key=lambda r: r["throughput_ratio"])
         out.append({"target": f"server >= 80% of in-process batched throughput ({half})",
                     "value": best["throughput_ratio"], "met": best["throughput_ratio"] >= 0.8,
-                    "detail": f"{best['method']}: {best['throughput_sps']:.0f} samples/s vs "
+                    "detail": f"{best['method']} ({best.get('runtime', 'eager')} server): "
+                              f"{best['throughput_sps']:.0f} samples/s vs "
                               f"{best['in_process_nearby_sps']:.0f} in process (median of "
                               "runs alternating with the HTTP windows)"})
     better_somewhere = False
@@ -587,6 +599,8 @@ def register(suites) -> None:
     p.add_argument("--cut", default=d.cut, help="where the device hands over to the server")
     p.add_argument("--load-seconds", type=float, default=d.load_seconds)
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve rows")
+    p.add_argument("--server-runtimes", default=",".join(d.server_runtimes),
+                   help="server runtimes for the throughput table: eager and/or torchscript")
     p.add_argument("--cache", default=d.cache)
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd)
@@ -602,7 +616,8 @@ def _cmd(args) -> int:
                            device=args.device, device_factor=args.device_factor,
                            codec=args.codec, cut=args.cut,
                            load_seconds=args.load_seconds,
-                           ray=not args.no_ray, cache=args.cache, seed=args.seed)
+                           ray=not args.no_ray, cache=args.cache, seed=args.seed,
+                           server_runtimes=tuple(x for x in args.server_runtimes.split(",") if x))
     Codec.parse(s.codec)
     for link in s.links:
         get_link(link)

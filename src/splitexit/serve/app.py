@@ -64,6 +64,9 @@ class ServerSettings:
         max_request_samples: largest number of samples in one request (413 above it).
         max_queue_samples: samples waiting at most; further requests get 503 (retry later).
         threads: torch intra-op threads of the inference thread (unchanged when ``None``).
+        runtime: how the server half runs: ``"eager"`` PyTorch or ``"torchscript"`` (one
+            frozen graph; see :func:`~splitexit.serve.load_server`). Read by ``splitexit
+            serve`` and the Ray replicas when they load the model directory.
     """
 
     max_batch: int = 32
@@ -73,6 +76,7 @@ class ServerSettings:
     max_request_samples: int = 256
     max_queue_samples: int = 4096
     threads: int | None = None
+    runtime: str = "eager"
 
     def __post_init__(self) -> None:
         checks = [("max_batch", self.max_batch, 1), ("max_request_bytes",
@@ -90,6 +94,9 @@ class ServerSettings:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"ServerSettings.threads must be a positive int or None, got "
                              f"{self.threads!r}")
+        if self.runtime not in ("eager", "torchscript"):
+            raise InputError(f"ServerSettings.runtime must be 'eager' or 'torchscript', got "
+                             f"{self.runtime!r}")
 
 
 @dataclass(frozen=True)

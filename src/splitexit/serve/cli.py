@@ -46,7 +46,8 @@ def _settings(args):
 
     return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           token=_token(args), max_request_bytes=args.max_request_bytes,
-                          max_request_samples=args.max_request_samples, threads=args.threads)
+                          max_request_samples=args.max_request_samples, threads=args.threads,
+                          runtime=args.runtime)
 
 
 def _cmd_serve(args) -> int:
@@ -74,7 +75,7 @@ def _cmd_serve(args) -> int:
     # the inference thread re-takes the GIL between torch ops; with the default 5 ms switch
     # interval it waits behind the event loop's Python work (request parsing, decoding)
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
-    server, cfg = load_server(args.model_dir)
+    server, cfg = load_server(args.model_dir, settings.runtime)
     app = create_app(server, cfg.payload, settings,
                      info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model})
     print(f"serving {args.model_dir} (cut {cfg.cut or 'input'}) on http://{args.host}:"
@@ -166,6 +167,9 @@ def register(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--max-request-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads for inference")
+    p.add_argument("--runtime", default="eager", choices=["eager", "torchscript"],
+                   help="run the server half eagerly or as one frozen TorchScript graph (no GIL "
+                        "between ops: steadier under concurrent requests)")
     p.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="Python thread switch interval (lower: the inference thread waits "
                    "less for the GIL behind request handling)")

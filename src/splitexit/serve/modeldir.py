@@ -157,12 +157,33 @@ def _rebuild(cfg: ServeConfig) -> MultiExitModel:
                                "again") from exc
 
 
-def load_server(directory: str | os.PathLike) -> tuple[nn.Module, ServeConfig]:
-    """The server half (eval mode, its own weights) and the directory's configuration."""
+RUNTIMES = ("eager", "torchscript")
+
+
+def load_server(directory: str | os.PathLike, runtime: str = "eager"
+                ) -> tuple[nn.Module, ServeConfig]:
+    """The server half (eval mode, its own weights) and the directory's configuration.
+
+    Args:
+        runtime: ``"eager"`` (the PyTorch module) or ``"torchscript"``: BatchNorm folded and
+            the half traced to one frozen TorchScript graph, which runs a whole batch without
+            taking Python's GIL between operations (an eager forward re-takes it after every
+            op, and waits for it while the server's event loop parses and answers requests).
+    """
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown server runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     cfg = read_config(directory)
     server = server_half(_rebuild(cfg), cfg.cut)
     checkpoint.load_weights(server, Path(directory) / "server")
-    return server.eval(), cfg
+    server.eval()
+    if runtime == "torchscript":
+        from splitexit.optimize import fuse_for_inference, script_module
+
+        example = [torch.zeros(2, *shape, dtype=cfg.payload.dtype)
+                   for shape in cfg.payload.shapes]
+        server = script_module(fuse_for_inference(server),
+                               (example[0] if len(example) == 1 else tuple(example),))
+    return server, cfg
 
 
 def load_device(directory: str | os.PathLike) -> tuple[DevicePart, ExitPolicy, ServeConfig]:

@@ -46,7 +46,7 @@ class _Replica:
         from .modeldir import load_server
 
         sys.setswitchinterval(0.0005)  # see `splitexit serve --switch-interval-ms`
-        server, cfg = load_server(model_dir)
+        server, cfg = load_server(model_dir, settings.get("runtime", "eager"))
         self.app = create_app(server, cfg.payload, ServerSettings(**settings),
                               info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model,
                                     "replica_pid": os.getpid()})
