@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from splitexit.compress import (
+    SparseConv1d,
     SparseConv2d,
     SparseLinear,
     choose_kernels,
@@ -193,3 +194,95 @@ def test_sparse_halves_export_and_match(tmp_path):
         torch.testing.assert_close(
             OrtPiece(export_piece(server, mid, tmp_path / "s.onnx"))(mid), server(mid),
             atol=1e-4, rtol=1e-4)
+
+
+# block patterns: fixed fan-in and fan-out, run as one gather + grouped products ----------
+@pytest.mark.parametrize("out_units,in_units,density", [(1024, 784, 0.25), (12, 8, 0.5),
+                                                         (32, 16, 0.125)])
+def test_block_pattern_has_exact_fans_and_groups(out_units, in_units, density):
+    mask = fixed_fan_mask(out_units, in_units, density=density, pattern="block", seed=3)
+    groups = round(1 / density)
+    assert (mask.sum(1) == in_units // groups).all()
+    assert (mask.sum(0) == out_units // groups).all()
+    layer = SparseLinear(in_units, out_units, mask)
+    perm, g = layer.block_groups()
+    assert g == groups and sorted(perm.tolist()) == list(range(in_units))
+    # a cyclic pattern of the same density is not a block pattern: no grouped kernel
+    cyclic = SparseLinear(in_units, out_units, fixed_fan_mask(out_units, in_units, density))
+    assert cyclic.block_groups() is None
+    with pytest.raises(InputError, match="not a block pattern"):
+        cyclic.set_kernel("grouped")
+
+
+def test_block_pattern_that_does_not_divide_is_a_clear_error():
+    with pytest.raises(InputError, match="Densities that work: 0.5"):
+        fixed_fan_mask(10, 512, density=0.25, pattern="block")
+    # auto falls back to the cyclic pattern for such a layer
+    mask = fixed_fan_mask(10, 512, density=0.25, pattern="auto")
+    assert (mask.sum(1) == 128).all()
+    with pytest.raises(InputError, match="unknown pattern"):
+        sparsify(create_model("mlp", 10, (1, 8, 8)), 0.5, pattern="random")
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_grouped_kernel_equals_dense_masked(batch):
+    torch.manual_seed(0)
+    lin = SparseLinear(96, 64, fixed_fan_mask(64, 96, density=0.25, pattern="block")).eval()
+    conv = SparseConv2d(16, 32, 3, stride=2, padding=1,
+                        mask=fixed_fan_mask(32, 16, density=0.25, pattern="block")).eval()
+    conv1 = SparseConv1d(8, 16, 5, padding=2,
+                         mask=fixed_fan_mask(16, 8, density=0.5, pattern="block")).eval()
+    x, img, seq = torch.randn(batch, 96), torch.randn(batch, 16, 9, 9), torch.randn(batch, 8, 20)
+    with torch.no_grad():
+        expected = [nn.functional.linear(x, lin.masked_weight(), lin.bias),
+                    nn.functional.conv2d(img, conv.masked_weight(), conv.bias, 2, 1),
+                    nn.functional.conv1d(seq, conv1.masked_weight(), conv1.bias, 1, 2)]
+        for layer in (lin, conv, conv1):
+            layer.set_kernel("grouped")
+        for got, want in zip((lin(x), conv(img), conv1(seq)), expected):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # training still goes through the masked weight (gradients reach the kept weights only)
+    lin.train()
+    lin(x).sum().backward()
+    assert (lin.weight.grad[~lin.mask] == 0).all() and lin.weight.grad[lin.mask].abs().sum() > 0
+
+
+def test_block_model_stores_a_permutation_reloads_equal_and_exports(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mlp", 10, (1, 28, 28), hidden=(256, 128)).eval()
+    info = sparsify(model, 0.25, pattern="auto")
+    assert [v["pattern"] for v in info.values()] == ["block", "block", "cyclic"]
+    x = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+    chosen = choose_kernels(model, x[:1], repeats=3)
+    assert all("grouped_us" in c for c in list(chosen.values())[:2])
+    for layer in list(sparse_layers(model).values())[:2]:
+        layer.set_kernel("grouped")
+    size = save_sparse(model, tmp_path / "m.safetensors")
+    assert size < 0.27 * dense_weight_bytes(model)  # values + one permutation per layer
+    fresh = load_sparse(create_model("mlp", 10, (1, 28, 28), hidden=(256, 128)).eval(),
+                        tmp_path / "m.safetensors")
+    assert [m.kernel for m in sparse_layers(fresh).values()][:2] == ["grouped", "grouped"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ref, atol=1e-5, rtol=1e-5)
+    # the ONNX graph runs the grouped form (Gather + batched MatMul), same outputs
+    path = export_piece(fresh, x[:2], tmp_path / "m.onnx")
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Gather" in ops
+    torch.testing.assert_close(torch.as_tensor(OrtPiece(path)(x)), ref, atol=1e-4, rtol=1e-4)
+    # a forged permutation is refused
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    key = next(k for k in tensors if k.endswith(".perm"))
+    tensors[key] = torch.zeros_like(tensors[key])
+    save_file(tensors, str(tmp_path / "forged.safetensors"), metadata=meta)
+    with pytest.raises(CorruptFileError, match="permutation"):
+        load_sparse(create_model("mlp", 10, (1, 28, 28), hidden=(256, 128)),
+                    tmp_path / "forged.safetensors")

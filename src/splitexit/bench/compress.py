@@ -29,6 +29,7 @@ from ..compress.sparsity import (
     choose_kernels,
     dense_weight_bytes,
     effective_macs,
+    load_sparse,
     save_sparse,
     sparse_layers,
     sparsify,
@@ -54,8 +55,11 @@ class CompressSettings:
 
     Attributes:
         hidden: hidden sizes of the MLP compared dense vs sparse.
-        densities: predefined-sparsity densities of its layers (the output layer gets the
-            least density that still connects every input when this one cannot).
+        densities: predefined-sparsity densities of its layers with the published (cyclic)
+            pattern (the output layer gets the least density that still connects every input
+            when this one cannot).
+        block_densities: densities run with block patterns (``1 / groups``; layers whose
+            shape the groups do not divide, e.g. the 10-unit output layer, stay cyclic).
         published: also run the published 784-40-40-10 MLP with fan-outs 2/9/10.
         epochs: MLP training epochs (same for dense and sparse).
         train_samples: training samples (``None``: the whole training split).
@@ -76,6 +80,7 @@ class CompressSettings:
 
     hidden: tuple[int, ...] = (1024, 512)
     densities: tuple[float, ...] = (0.5, 0.25, 0.1)
+    block_densities: tuple[float, ...] = (0.25, 0.125)
     published: bool = True
     epochs: int = 6
     lr: float = 2e-3
@@ -136,11 +141,11 @@ def _dense_file_bytes(model: torch.nn.Module, path: Path) -> int:
 
 
 def _train_mlp(ds: Dataset, hidden, densities: Mapping[str, float] | None,
-               s: CompressSettings) -> tuple[torch.nn.Module, float]:
+               s: CompressSettings, pattern: str = "cyclic") -> tuple[torch.nn.Module, float]:
     torch.manual_seed(s.seed)
     model = _mlp(ds, hidden)
     if densities:
-        sparsify(model, densities, seed=s.seed)
+        sparsify(model, densities, seed=s.seed, pattern=pattern)
     data = ds.train if s.train_samples is None else ds.train.subset(s.train_samples, s.seed)
     history = train(model, data, Baseline(), epochs=s.epochs, lr=s.lr, seed=s.seed,
                     progress=s.progress)
@@ -154,21 +159,26 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
     variants: list[tuple[str, torch.nn.Module, dict]] = []
     train_seconds = {}
     shapes = [("mlp " + "-".join(map(str, (784, *s.hidden, 10))), s.hidden,
-               [None, *s.densities])]
+               [None, *s.densities, *((d, "auto") for d in s.block_densities)])]
     if s.published:
         shapes.append(("mlp 784-40-40-10", (40, 40), [None, "published"]))
     for label, hidden, dens_list in shapes:
         for d in dens_list:
             probe = _mlp(ds, hidden)
+            pattern = "cyclic"
+            if isinstance(d, tuple):
+                d, pattern = d
             if d is None:
                 densities, method = None, "dense"
             elif d == "published":
                 densities, method = _published_densities(probe), "predefined fan-out 2/9/10"
             else:
-                densities, method = _layer_densities(probe, d), f"predefined {100 * d:g}%"
-            model, seconds = _train_mlp(ds, hidden, densities, s)
+                densities = _layer_densities(probe, d)
+                method = f"predefined {100 * d:g}%" + (" block" if pattern != "cyclic" else "")
+            model, seconds = _train_mlp(ds, hidden, densities, s, pattern)
             train_seconds[f"{label} {method}"] = seconds
-            variants.append((label, model, {"method": method, "densities": densities}))
+            variants.append((label, model, {"method": method, "densities": densities,
+                                            "hidden": hidden}))
     rows: list[dict] = []
     torch_fns, ort_fns, torch_fns_b, ort_fns_b = {}, {}, {}, {}
     infos = {}
@@ -182,17 +192,16 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
         macs = effective_macs(model, example) if sparse else dense_macs
         stored = (save_sparse(model, path / "weights.safetensors") if sparse
                   else _dense_file_bytes(model, path / "weights.safetensors"))
+        with torch_threads(s.threads):  # before the export, which traces the chosen kernels
+            kernels_b1 = choose_kernels(model, example) if sparse else {}
         fp32 = export_piece(model, test_x[:2], path / "model.onnx")
         int8 = quantize_onnx(fp32, calib_x, path / "model.int8.onnx")
         q = check_quantized(fp32, int8, test_x, test_y, tolerance=s.tolerance,
                             on_collapse="warn")
-        int8_stored = (save_sparse(model, path / "weights.int8.safetensors", values="int8")
-                       if sparse else onnx_weight_bytes(int8))
-        with torch_threads(s.threads):
-            kernels_b1 = choose_kernels(model, example) if sparse else {}
         infos[key] = {"label": label, "method": info["method"], "accuracy": acc,
                       "macs": macs, "dense_macs": dense_macs, "stored": stored,
-                      "int8_stored": int8_stored, "quant": q.to_dict(), "sparse": sparse,
+                      "ort_int8_stored": onnx_weight_bytes(int8), "quant": q.to_dict(),
+                      "sparse": sparse,
                       "kernels_b1": {n: v["kernel"] for n, v in kernels_b1.items()},
                       "model": model, "densities": info["densities"]}
         ort32, ort8 = OrtPiece(fp32, s.threads), OrtPiece(int8, s.threads)
@@ -200,6 +209,15 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
         ort_fns[key] = ort32
         ort_fns[key + " | int8"] = ort8
         torch_fns_b[key], ort_fns_b[key], ort_fns_b[key + " | int8"] = model, ort32, ort8
+        if sparse:  # int8 weights on disk, dequantized when loaded: what a device would ship
+            disk = path / "weights.int8.safetensors"
+            infos[key]["int8_stored"] = save_sparse(model, disk, values="int8")
+            reloaded = load_sparse(_mlp(ds, info["hidden"]), disk).eval()
+            with torch_threads(s.threads):
+                choose_kernels(reloaded, example)
+            infos[key]["int8_disk_accuracy"] = _accuracy(_batched(reloaded, test_x), test_y)
+            infos[key]["reloaded"] = reloaded
+            torch_fns[key + " | int8 disk"] = torch_fns_b[key + " | int8 disk"] = reloaded
     lat_x = test_x[: s.latency_samples]
     with torch_threads(s.threads):
         torch_lat = interleaved_latency(torch_fns, lat_x)
@@ -209,6 +227,9 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
                                   choose_kernels(infos[key]["model"],
                                                  test_x[: s.throughput_batch]).items()}
                                  if infos[key]["sparse"] else {}) for key in infos}
+        for info in infos.values():
+            if "reloaded" in info:
+                choose_kernels(info["reloaded"], test_x[: s.throughput_batch])
         thr_x = test_x[: s.throughput_samples]
         torch_thr = interleaved_throughput(torch_fns_b, thr_x, s.throughput_batch)
         ort_thr = interleaved_throughput(ort_fns_b, thr_x, s.throughput_batch)
@@ -233,14 +254,28 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[d
                      "kernels_batch1": info["kernels_b1"],
                      "kernels_batched": kernels_batched[key],
                      "dense_weight_bytes_in_memory": dense_weight_bytes(info["model"])})
+        if "reloaded" in info:
+            disk_key = key + " | int8 disk"
+            rows.append({"method": f"{info['method']} + int8 weights on disk", **common,
+                         "accuracy": info["int8_disk_accuracy"],
+                         "accuracy_drop_pt": 100 * (base["accuracy"]
+                                                    - info["int8_disk_accuracy"]),
+                         "stored_bytes": info["int8_stored"],
+                         "bytes_ratio": info["int8_stored"] / base["stored"],
+                         "latency_ms": torch_lat[disk_key]["mean_ms"],
+                         "latency_p50_ms": torch_lat[disk_key]["median_ms"],
+                         "latency_ratio": torch_lat[disk_key]["mean_ms"]
+                         / torch_lat[base_key]["mean_ms"],
+                         "throughput_sps": torch_thr[disk_key],
+                         "throughput_ratio": torch_thr[disk_key] / torch_thr[base_key]})
         q = info["quant"]
         int8_key = key + " | int8"
         rows.append({"method": f"{info['method']} + int8 (ORT static)", **common,
                      "accuracy": q["int8_accuracy"],
                      "accuracy_drop_pt": 100 * (base["accuracy"] - q["int8_accuracy"]),
                      "int8_vs_fp32_drop_pt": 100 * q["accuracy_drop"],
-                     "stored_bytes": info["int8_stored"],
-                     "bytes_ratio": info["int8_stored"] / base["stored"],
+                     "stored_bytes": info["ort_int8_stored"],
+                     "bytes_ratio": info["ort_int8_stored"] / base["stored"],
                      "ort_latency_ms": ort_lat[int8_key]["mean_ms"],
                      "ort_latency_ratio": ort_lat[int8_key]["mean_ms"]
                      / ort_lat[base_key]["mean_ms"],
@@ -438,15 +473,18 @@ def run_compress_bench(out: str | Path, settings: CompressSettings | None = None
     notes = [
         "Stored bytes are the sizes of real files: dense = safetensors of the state dict; "
         "sparse = ELLPACK safetensors (uint8/int16 input indices + kept values, no mask, no "
-        "zeros); int8 dense = initializer bytes of the quantized ONNX graph; sparse + int8 = "
-        "ELLPACK safetensors with int8 values and one scale per output unit (its accuracy "
-        "column is the ONNX Runtime int8 graph's).",
+        "zeros; a block pattern stores one input permutation instead of the index table); "
+        "'+ int8 weights on disk' = the same with int8 values and one scale per output unit, "
+        "loaded back (dequantized) and run in PyTorch: its accuracy and timings are the "
+        "reloaded model's; '+ int8 (ORT static)' = initializer bytes of the statically "
+        "quantized ONNX graph (activations int8 too), with that graph's accuracy.",
         "mean_macs of sparse rows count only kept connections (effective MACs).",
-        "PyTorch latency uses, per layer, the kernel (dense on the masked weight or CSR) that "
-        "was faster at batch 1 on this machine (kernels_batch1); throughput re-chooses at the "
-        "throughput batch size (kernels_batched). ONNX Runtime runs the sparse models as "
-        "dense graphs (it has no sparse kernel for MatMul on CPU), so its speed-ups come "
-        "only from int8.",
+        "PyTorch latency uses, per layer, the kernel (dense on the masked weight, CSR, or the "
+        "grouped kernel of block patterns: one gather + a batched matmul) that was fastest at "
+        "batch 1 on this machine (kernels_batch1); throughput re-chooses at the throughput "
+        "batch size (kernels_batched). The ONNX graphs are exported with the batch-1 kernels: "
+        "block layers as Gather + batched MatMul, cyclic layers as dense MatMuls on the masked "
+        "weights (ONNX Runtime has no sparse MatMul kernel on CPU).",
         "Latencies are batch-1 means over the timed test samples with one thread, every method "
         "on the same samples in a shuffled order: sample by sample for the MLPs, in 20 groups "
         "for the early-exit part (a method runs warm within a group, as a deployed model "
@@ -509,7 +547,10 @@ def register(suites) -> None:
                           "pipeline on ONNX Runtime vs the full model")
     p.add_argument("--out", default="reports/compress", help="output directory")
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)))
-    p.add_argument("--densities", default=",".join(map(str, d.densities)))
+    p.add_argument("--densities", default=",".join(map(str, d.densities)),
+                   help="densities with the published (cyclic) pattern")
+    p.add_argument("--block-densities", default=",".join(map(str, d.block_densities)),
+                   help="densities with block patterns (1/groups; fast grouped kernel)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--train-samples", type=int, default=0, help="0: the whole training split")
     p.add_argument("--exit-widths", default=",".join(map(str, d.exit_widths)))
@@ -536,6 +577,7 @@ def _cmd(args) -> int:
     s = CompressSettings(
         hidden=tuple(int(v) for v in args.hidden.split(",") if v),
         densities=tuple(float(v) for v in args.densities.split(",") if v),
+        block_densities=tuple(float(v) for v in args.block_densities.split(",") if v),
         epochs=args.epochs, train_samples=args.train_samples or None,
         exit_widths=tuple(int(v) for v in args.exit_widths.split(",") if v),
         exit_epochs=args.exit_epochs, exit_train_samples=args.exit_train_samples or None,

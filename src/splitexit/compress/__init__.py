@@ -10,6 +10,7 @@ from .quantize import (
     quantize_piece,
 )
 from .sparsity import (
+    PATTERNS,
     SparseConv1d,
     SparseConv2d,
     SparseLinear,
@@ -24,7 +25,7 @@ from .sparsity import (
     sparsify,
 )
 
-__all__ = ["fixed_fan_mask", "SparseLinear", "SparseConv1d", "SparseConv2d", "sparsify",
+__all__ = ["PATTERNS", "fixed_fan_mask", "SparseLinear", "SparseConv1d", "SparseConv2d", "sparsify",
            "sparse_layers", "apply_masks_", "choose_kernels", "effective_macs", "save_sparse",
            "load_sparse", "dense_weight_bytes", "PayloadCalibrationReader", "quantize_onnx",
            "quantize_piece", "check_quantized", "QuantizationCollapseError", "QuantReport",

@@ -7,11 +7,24 @@ chosen once, before training, as a randomly permuted cyclic ("clash-free") patte
 by reparametrisation: layers compute with ``weight * mask``, so no optimiser step can grow a
 pruned connection, and the stored weights of pruned connections stay exactly zero.
 
+Two patterns (``pattern=``):
+
+- ``"cyclic"`` (default): a randomly permuted cyclic pattern, as in the published work; any
+  density the shape allows.
+- ``"block"``: inputs randomly permuted, then cut into ``g = 1 / density`` equal groups, and
+  the outputs into ``g`` contiguous groups; output group ``j`` sees input group ``j`` only.
+  Fan-in and fan-out are exactly fixed, as the published patterns require, and the next
+  layer's own input permutation mixes the groups. Its point is speed: the layer runs as one
+  gather plus ``g`` dense products (a batched matmul, or a grouped convolution), with
+  ``1 / g`` of the dense work and none of a sparse format's indexing. It needs ``g`` to
+  divide both the input and the output count.
+
 Because the fan-in is fixed, the weights are stored in ELLPACK form, with no row pointers:
 one ``(out, fan_in)`` table of input indices in the smallest integer type that fits plus the
-values (:func:`save_sparse`). At inference a layer runs either the dense kernel on its masked
-weight or a CSR sparse kernel (``torch.sparse``); :func:`choose_kernels` times both on the
-layer's real input and keeps the faster, per layer.
+values (:func:`save_sparse`); a block pattern stores only its input permutation instead of
+the table. At inference a layer runs the dense kernel on its masked weight, a CSR sparse
+kernel (``torch.sparse``) or, for block patterns, the grouped kernel; :func:`choose_kernels`
+times them on the layer's real input and keeps the fastest, per layer.
 """
 
 from __future__ import annotations
@@ -34,16 +47,18 @@ from torch import nn
 from ..cost import count_macs
 from ..errors import CorruptFileError, InputError
 
-__all__ = ["fixed_fan_mask", "SparseLinear", "SparseConv1d", "SparseConv2d", "sparsify",
+__all__ = ["PATTERNS", "fixed_fan_mask", "SparseLinear", "SparseConv1d", "SparseConv2d", "sparsify",
            "sparse_layers", "apply_masks_", "choose_kernels", "effective_macs", "save_sparse",
            "load_sparse", "dense_weight_bytes", "KERNELS"]
 
-KERNELS = ("dense", "csr")
+KERNELS = ("dense", "csr", "grouped")
+PATTERNS = ("cyclic", "block", "auto")
 _FORMAT = "splitexit-sparse-ell-v1"
 
 
 def fixed_fan_mask(out_units: int, in_units: int, density: float | None = None,
-                   fan_in: int | None = None, seed: int = 0) -> torch.Tensor:
+                   fan_in: int | None = None, seed: int = 0, pattern: str = "cyclic"
+                   ) -> torch.Tensor:
     """A ``(out_units, in_units)`` connectivity mask with fixed fan-in and balanced fan-out.
 
     Every row has exactly ``fan_in`` ones; every column has ``floor`` or ``ceil`` of
@@ -55,11 +70,16 @@ def fixed_fan_mask(out_units: int, in_units: int, density: float | None = None,
         density: fraction of connections kept; ``fan_in = round(density * in_units)``.
         fan_in: connections per output unit (instead of ``density``).
         seed: seed of the random permutations of inputs and outputs.
+        pattern: ``"cyclic"``, ``"block"`` (see the module docstring) or ``"auto"`` (block
+            where the shape allows it, else cyclic).
 
     Raises:
-        InputError: neither or both of ``density`` / ``fan_in``, or a density the shape
-            cannot meet (no input per output unit, or some input unit left unconnected).
+        InputError: neither or both of ``density`` / ``fan_in``, a density the shape
+            cannot meet (no input per output unit, or some input unit left unconnected), or
+            a block pattern whose group count does not divide the layer's shape.
     """
+    if pattern not in PATTERNS:
+        raise InputError(f"unknown pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
     if (density is None) == (fan_in is None):
         raise InputError("give exactly one of density= or fan_in=")
     if out_units < 1 or in_units < 1:
@@ -84,6 +104,22 @@ def fixed_fan_mask(out_units: int, in_units: int, density: float | None = None,
             f"fan-out >= 1); use fan-in >= {need} (density >= {need / in_units:.4g})")
     g = torch.Generator().manual_seed(seed)
     perm_in = torch.randperm(in_units, generator=g)
+    if pattern != "cyclic":
+        groups = in_units // fan_in
+        if in_units % fan_in == 0 and out_units % groups == 0:
+            k, o = fan_in, out_units // groups
+            mask = torch.zeros(out_units, in_units, dtype=torch.bool)
+            rows = torch.arange(out_units)[:, None]
+            mask[rows, perm_in.view(groups, k).repeat_interleave(o, 0)] = True
+            return mask
+        if pattern == "block":
+            options = [f"{1 / d:.4g} (fan-in {in_units // d})" for d in range(1, in_units + 1)
+                       if in_units % d == 0 and out_units % d == 0][1:6]
+            raise InputError(
+                f"a block pattern splits a {out_units}x{in_units} layer into 1/density equal "
+                f"groups of inputs and outputs; fan-in {fan_in} makes "
+                f"{in_units / fan_in:.4g} groups, which does not divide both. Densities that "
+                f"work: {', '.join(options) or 'none below 1'}; or use pattern='cyclic'")
     perm_out = torch.randperm(out_units, generator=g)
     # Row r takes the fan_in consecutive positions r*fan_in ... (mod in): all distinct within
     # a row, and every input is visited floor or ceil(out*fan_in/in) times in total.
@@ -130,15 +166,35 @@ class _SparseMixin:
         """Select ``"dense"`` (masked dense weight) or ``"csr"`` (torch.sparse) inference."""
         if kernel not in KERNELS:
             raise InputError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
-        if kernel == "csr" and not self._supports_csr():
-            raise InputError(f"{type(self).__name__} has no CSR kernel; use 'dense'")
+        if not self._supports(kernel):
+            why = ("its mask is not a block pattern (sparsify with pattern='block')"
+                   if kernel == "grouped" else "it has no CSR kernel")
+            raise InputError(f"{type(self).__name__} cannot run the {kernel!r} kernel: {why}; "
+                             "use 'dense'")
         self.kernel = kernel
         self._cache = None
 
     def _supports_csr(self) -> bool:
         return True
 
-    def _inference_weight(self, kind: str) -> torch.Tensor:
+    def _supports(self, kernel: str) -> bool:
+        if kernel == "csr":
+            return self._supports_csr()
+        if kernel == "grouped":
+            return self.block_groups() is not None
+        return kernel == "dense"
+
+    def block_groups(self) -> tuple[torch.Tensor, int] | None:
+        """``(input permutation, groups)`` when the mask is a block pattern (contiguous
+        output groups, each seeing its own equal share of the inputs), else ``None``."""
+        key = ("groups", self.mask._version)
+        cached = getattr(self, "_groups_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, _block_structure(self.mask))
+            self._groups_cache = cached
+        return cached[1]
+
+    def _inference_weight(self, kind: str):
         key = (kind, self.weight._version, self.mask._version, self.weight.data_ptr())
         if self._cache is None or self._cache[0] != key:
             w = self.masked_weight().detach()
@@ -146,12 +202,24 @@ class _SparseMixin:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
                     w = w.reshape(w.shape[0], -1).to_sparse_csr()
+            elif kind == "grouped":
+                perm, groups = self.block_groups()
+                o, k = w.shape[0] // groups, len(perm) // groups
+                index = perm.view(groups, 1, k, *([1] * (w.dim() - 2)))
+                w = torch.gather(w.view(groups, o, *w.shape[1:]), 2,
+                                 index.expand(groups, o, k, *w.shape[2:]))
+                w = (perm, w.reshape(groups * o, k, *w.shape[3:]).contiguous())
             self._cache = (key, w)
         return self._cache[1]
 
     def _fast_path(self) -> bool:
         return (not self.training and not torch.is_grad_enabled()
                 and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+
+    def _grouped_path(self) -> bool:
+        """The grouped kernel also runs while tracing (ONNX export), with frozen weights."""
+        return (self.kernel == "grouped" and not self.training
+                and (not torch.is_grad_enabled() or torch.jit.is_tracing()))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fan_in={self.fan_in}, kernel={self.kernel}"
@@ -173,6 +241,16 @@ class SparseLinear(_SparseMixin, nn.Linear):
         self._init_sparse(mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._grouped_path():
+            perm, w = self._inference_weight("grouped")  # w: (out, k), rows in groups
+            groups = len(perm) // w.shape[1]
+            flat = x.reshape(-1, x.shape[-1]).index_select(1, perm)
+            xg = flat.view(flat.shape[0], groups, -1).transpose(0, 1)  # (g, N, k)
+            out = torch.bmm(xg, w.view(groups, -1, w.shape[1]).transpose(1, 2))  # (g, N, o)
+            out = out.transpose(0, 1).reshape(flat.shape[0], self.out_features)
+            if self.bias is not None:
+                out = out + self.bias
+            return out.reshape(*x.shape[:-1], self.out_features)
         if not self._fast_path():
             return F.linear(x, self.masked_weight(), self.bias)
         if self.kernel == "dense":
@@ -197,6 +275,19 @@ class _SparseConvNd(_SparseMixin):
         if tuple(mask.shape) != want:
             raise InputError(f"mask shape {tuple(mask.shape)} != {want}")
 
+    def _supports(self, kernel: str) -> bool:
+        # the grouped convolution pads with zeros; other padding modes stay dense
+        if kernel == "grouped" and self.padding_mode != "zeros":
+            return False
+        return super()._supports(kernel)
+
+    def _grouped_conv(self, x: torch.Tensor, conv) -> torch.Tensor:
+        """The block pattern as a channel gather plus one grouped convolution."""
+        perm, w = self._inference_weight("grouped")
+        groups = len(perm) // w.shape[1]
+        return conv(x.index_select(1, perm), w, self.bias, self.stride, self.padding,
+                    self.dilation, groups)
+
 
 class SparseConv1d(_SparseConvNd, nn.Conv1d):
     """``nn.Conv1d`` with a fixed (output channel, input channel) connectivity mask."""
@@ -210,6 +301,8 @@ class SparseConv1d(_SparseConvNd, nn.Conv1d):
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._grouped_path():
+            return self._grouped_conv(x, F.conv1d)
         w = self._inference_weight("dense") if self._fast_path() else self.masked_weight()
         return self._conv_forward(x, w, self.bias)
 
@@ -226,6 +319,8 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
         return self.padding_mode == "zeros" and not isinstance(self.padding, str)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._grouped_path():
+            return self._grouped_conv(x, F.conv2d)
         if not self._fast_path():
             return self._conv_forward(x, self.masked_weight(), self.bias)
         if self.kernel == "dense":
@@ -244,6 +339,22 @@ class SparseConv2d(_SparseConvNd, nn.Conv2d):
 
 
 SparseLayer = SparseLinear | SparseConv1d | SparseConv2d
+
+
+def _block_structure(mask: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """``(input permutation, groups)`` of a block-pattern mask, or ``None``."""
+    out_units, in_units = mask.shape
+    fan_in = int(mask[0].sum())
+    if fan_in == 0 or in_units % fan_in:
+        return None
+    groups = in_units // fan_in
+    if groups == 1 or out_units % groups:
+        return None
+    blocks = mask.view(groups, out_units // groups, in_units)
+    heads = blocks[:, 0]
+    if not bool((blocks == heads[:, None]).all()) or not bool((heads.sum(0) == 1).all()):
+        return None
+    return heads.nonzero()[:, 1].contiguous(), groups
 
 
 def _make_sparse(layer: nn.Module, mask: torch.Tensor, rescale: bool = False) -> nn.Module:
@@ -287,8 +398,8 @@ def _units(layer: nn.Module) -> tuple[int, int]:
 
 
 def sparsify(module: nn.Module, density: float | Mapping[str, float],
-             exclude: Sequence[str] = (), seed: int = 0, rescale_init: bool = True
-             ) -> dict[str, dict]:
+             exclude: Sequence[str] = (), seed: int = 0, rescale_init: bool = True,
+             pattern: str = "cyclic") -> dict[str, dict]:
     """Give the Linear and Conv layers of ``module`` predefined sparse connectivity, in place.
 
     Call it before training. Works on any module: a whole :class:`MultiExitModel`, a zoo
@@ -304,19 +415,24 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
         rescale_init: scale the kept weights by ``sqrt(in / fan_in)``, the init a layer with
             that fan-in would get (for an untrained model; pass ``False`` to keep trained
             weights as they are).
+        pattern: ``"cyclic"``, ``"block"`` or ``"auto"`` (block where a layer's shape allows
+            it, cyclic elsewhere); see :func:`fixed_fan_mask`.
 
     Returns:
-        ``{layer_name: {"shape", "fan_in", "fan_out_min", "fan_out_max", "density"}}``.
+        ``{layer_name: {"shape", "fan_in", "fan_out_min", "fan_out_max", "density",
+        "pattern"}}``.
 
     Raises:
         InputError: a density some layer's shape cannot meet (the message names the layer),
             or a pattern in ``density`` that matches no layer.
     """
+    if pattern not in PATTERNS:
+        raise InputError(f"unknown pattern {pattern!r}; use one of {', '.join(PATTERNS)}")
     layers = _candidates(module)
     if isinstance(density, Mapping):
-        for pattern in density:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
-                raise InputError(f"{pattern!r} matches no Linear/Conv layer; layers: "
+        for glob in density:
+            if not any(fnmatch.fnmatchcase(n, glob) for n in layers):
+                raise InputError(f"{glob!r} matches no Linear/Conv layer; layers: "
                                  f"{', '.join(layers)}")
     summary = {}
     for i, (name, layer) in enumerate(layers.items()):
@@ -331,7 +447,8 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
             d = float(density)
         out_units, in_units = _units(layer)
         try:
-            mask = fixed_fan_mask(out_units, in_units, density=d, seed=seed + 7919 * i)
+            mask = fixed_fan_mask(out_units, in_units, density=d, seed=seed + 7919 * i,
+                                  pattern=pattern)
         except InputError as exc:
             raise InputError(f"layer {name!r} ({type(layer).__name__} {in_units}->"
                              f"{out_units}): {exc}; or keep it dense with exclude=[{name!r}]"
@@ -340,7 +457,8 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
         fan_out = mask.sum(0)
         summary[name] = {"shape": [out_units, in_units], "fan_in": int(mask[0].sum()),
                          "fan_out_min": int(fan_out.min()), "fan_out_max": int(fan_out.max()),
-                         "density": int(mask.sum()) / mask.numel()}
+                         "density": int(mask.sum()) / mask.numel(),
+                         "pattern": "block" if _block_structure(mask) else "cyclic"}
     return summary
 
 
@@ -369,10 +487,11 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
 @torch.inference_mode()
 def choose_kernels(module: nn.Module, example: object, repeats: int = 30,
                    min_speedup: float = 1.1) -> dict[str, dict]:
-    """Time the dense and CSR kernel of every sparse layer on its real input; keep the faster.
+    """Time every kernel a sparse layer supports (dense, CSR, grouped for block patterns) on
+    its real input; keep the fastest.
 
-    CSR is kept only when it is at least ``min_speedup`` times faster, so noise does not pick
-    the sparse path. Measure at the batch size you deploy at (1 for latency).
+    A sparse kernel is kept only when it is at least ``min_speedup`` times faster than dense,
+    so noise does not pick it. Measure at the batch size you deploy at (1 for latency).
 
     Args:
         module: a model containing sparse layers (run in eval mode).
@@ -381,7 +500,7 @@ def choose_kernels(module: nn.Module, example: object, repeats: int = 30,
         min_speedup: how much faster CSR must be to be chosen.
 
     Returns:
-        ``{layer: {"dense_us", "csr_us", "kernel"}}``.
+        ``{layer: {"dense_us", "kernel", and "csr_us" / "grouped_us" where supported}}``.
     """
     layers = sparse_layers(module)
     inputs: dict[str, torch.Tensor] = {}
@@ -402,15 +521,14 @@ def choose_kernels(module: nn.Module, example: object, repeats: int = 30,
         x = inputs[name]
         timings = {}
         for kernel in KERNELS:
-            if kernel == "csr" and not layer._supports_csr():
+            if not layer._supports(kernel):
                 continue
             layer.set_kernel(kernel)
             timings[kernel] = _time(lambda layer=layer, x=x: layer(x), repeats)
-        best = ("csr" if "csr" in timings and timings["csr"] * min_speedup < timings["dense"]
-                else "dense")
+        fastest = min(timings, key=timings.get)
+        best = fastest if timings[fastest] * min_speedup < timings["dense"] else "dense"
         layer.set_kernel(best)
-        chosen[name] = {"dense_us": 1e6 * timings["dense"], "kernel": best,
-                        **({"csr_us": 1e6 * timings["csr"]} if "csr" in timings else {})}
+        chosen[name] = {"kernel": best, **{f"{k}_us": 1e6 * v for k, v in timings.items()}}
     for m, mode in was_training:
         m.training = mode
     return chosen
@@ -465,7 +583,9 @@ def save_sparse(module: nn.Module, path: str | Path, values: str = "float32",
 
     A sparse layer stores ``<name>.cols`` (``(out, fan_in)`` input indices, uint8 / int16 /
     int32 as the input size allows) and ``<name>.values`` (the kept weights or whole kernels);
-    everything else is stored as usual. No mask and no zeros are written.
+    a block pattern stores ``<name>.perm`` (its input permutation, one index per input)
+    instead of the table. Everything else is stored as usual. No mask and no zeros are
+    written.
 
     Args:
         module: the model (with layers from :func:`sparsify`).
@@ -490,7 +610,10 @@ def save_sparse(module: nn.Module, path: str | Path, values: str = "float32",
                              "fan-in masks from fixed_fan_mask")
         cols = layer.mask.nonzero()[:, 1].reshape(out_units, fan_in)
         kept = layer.weight.detach()[torch.arange(out_units)[:, None], cols]
-        tensors[f"{name}.cols"] = cols.to(_index_dtype(layer.mask.shape[1])).contiguous()
+        block = layer.block_groups()
+        index = block[0] if block else cols  # block rows' columns (ascending) follow from perm
+        tensors[f"{name}.perm" if block else f"{name}.cols"] = index.to(
+            _index_dtype(layer.mask.shape[1])).contiguous()
         if values == "int8":
             scale = kept.abs().reshape(out_units, -1).amax(1).clamp_min(1e-12) / 127
             view = scale.view(-1, *([1] * (kept.dim() - 1)))
@@ -499,7 +622,8 @@ def save_sparse(module: nn.Module, path: str | Path, values: str = "float32",
         else:
             tensors[f"{name}.values"] = kept.to(getattr(torch, values)).contiguous()
         layout[name] = {"kind": type(layer).__name__, "shape": list(layer.weight.shape),
-                        "fan_in": fan_in, "kernel": layer.kernel}
+                        "fan_in": fan_in, "kernel": layer.kernel,
+                        **({"groups": block[1]} if block else {})}
     skip = {f"{n}.{k}" for n in layers for k in ("weight", "mask")}
     for key, t in module.state_dict().items():
         if key not in skip:
@@ -544,15 +668,19 @@ def load_sparse(module: nn.Module, path: str | Path) -> nn.Module:
         if list(layer.weight.shape) != info["shape"]:
             raise CorruptFileError(f"{path}: layer {name!r} has shape {info['shape']} in the "
                                    f"file but {list(layer.weight.shape)} in the module")
+        out_units, in_units = info["shape"][:2]
         try:
-            cols = tensors.pop(f"{name}.cols").long()
+            if info.get("groups"):
+                cols = _block_cols(tensors.pop(f"{name}.perm").long(), int(info["groups"]),
+                                   out_units, in_units, path, name)
+            else:
+                cols = tensors.pop(f"{name}.cols").long()
             kept = tensors.pop(f"{name}.values")
             if f"{name}.scale" in tensors:
                 scale = tensors.pop(f"{name}.scale")
                 kept = kept.float() * scale.view(-1, *([1] * (kept.dim() - 1)))
         except KeyError as exc:
             raise CorruptFileError(f"{path}: missing tensor {exc} of layer {name!r}") from exc
-        out_units, in_units = info["shape"][:2]
         if tuple(cols.shape) != (out_units, info["fan_in"]) or int(cols.max()) >= in_units:
             raise CorruptFileError(f"{path}: index table of {name!r} does not fit its shape")
         mask = torch.zeros(out_units, in_units, dtype=torch.bool)
@@ -576,6 +704,17 @@ def load_sparse(module: nn.Module, path: str | Path) -> nn.Module:
         raise CorruptFileError(f"{path} does not fit the module: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
     return module
+
+
+def _block_cols(perm: torch.Tensor, groups: int, out_units: int, in_units: int, path,
+                name: str) -> torch.Tensor:
+    """The ``(out, fan_in)`` column table of a block pattern from its input permutation."""
+    if (groups < 2 or in_units % groups or out_units % groups or perm.shape != (in_units,)
+            or not torch.equal(perm.sort().values, torch.arange(in_units))):
+        raise CorruptFileError(f"{path}: the input permutation of {name!r} does not fit "
+                               f"{groups} groups of a {out_units}x{in_units} layer")
+    cols = perm.view(groups, -1).sort(1).values
+    return cols.repeat_interleave(out_units // groups, 0)
 
 
 def _load_rest(module: nn.Module, tensors: dict[str, torch.Tensor], sparse: set[str]
