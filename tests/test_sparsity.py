@@ -274,8 +274,8 @@ def test_block_model_stores_a_permutation_reloads_equal_and_exports(tmp_path):
     assert "Gather" in ops
     torch.testing.assert_close(torch.as_tensor(OrtPiece(path)(x)), ref, atol=1e-4, rtol=1e-4)
     # a forged permutation is refused
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         meta = f.metadata()
