@@ -11,7 +11,7 @@ from splitexit.cli import main
 def test_demo_writes_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "3", "--models", "mlp",
-                 "--latency-samples", "40"]) == 0
+                 "--latency-samples", "40", "--control"]) == 0
     report = json.loads((out / "report.json").read_text())
     methods = [r["method"] for r in report["rows"]]
     assert methods[0] == "baseline" and "oracle (bound)" in methods
@@ -25,6 +25,18 @@ def test_demo_writes_reports(tmp_path, capsys):
     assert any("exits chosen for latency" in r["method"] for r in measured)
     overhead = [r for r in measured if r["method"].startswith("no exit fires")]
     assert len(overhead) == 2 and all(r["overhead_batch1"] > 0 for r in overhead)
+    # the policy runs at every exit there, but nothing leaves before the final exit
+    assert all(r["exit_fractions"][-1] == 1.0 for r in overhead)
+    # the control (baseline trained as long as the multi-exit model) is the reference when
+    # it is the stronger one, and every measured row reports its drop against it
+    control = next(r for r in report["rows"] if r["method"].startswith("control"))
+    assert (out / "models" / "mlp-control" / "model.json").is_file()
+    points = [r for r in measured if "calib_reference_accuracy" in r]
+    assert points and all(r["calib_reference_accuracy"] >= control["calib_accuracy"]
+                          for r in points)
+    for r in measured:
+        assert r["drop_vs_control_pt"] == pytest.approx(100 * (control["accuracy"]
+                                                               - r["accuracy"]))
     assert "| baseline |" in capsys.readouterr().out
 
 
