@@ -268,3 +268,19 @@ def test_full_queue_gets_503_not_unbounded_memory(small_model, model_dir, digits
         assert statuses.count(200) >= 2 and 503 in statuses, statuses
         r = _post(srv.url, body)
         assert r.status_code == 200
+
+
+def test_serve_bench_thresholds_are_chosen_against_the_unsplit_model(trained_resnet8, digits):
+    from splitexit.bench.serve import _choose_policy
+
+    with torch.inference_mode():
+        unsplit = float((trained_resnet8.backbone(digits.calib.x).argmax(1)
+                         == digits.calib.y).double().mean())
+    _, policy, info = _choose_policy(trained_resnet8, digits, 0.01, unsplit)
+    assert info["reference"] == "unsplit model" and info["reference_accuracy"] == unsplit
+    assert info["calib_accuracy"] >= unsplit - 0.01 - 1e-9
+    # a reference no exit configuration can reach falls back to the model's own final exit,
+    # and the report says so
+    _, _, info = _choose_policy(trained_resnet8, digits, 0.01, 1.5)
+    assert info["reference"].startswith("bottlenecked model's final exit")
+    assert info["calib_accuracy"] >= info["calib_final_accuracy"] - 0.01 - 1e-9
