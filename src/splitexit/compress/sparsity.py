@@ -163,7 +163,8 @@ class _SparseMixin:
         return self.weight * self._mask_full()
 
     def set_kernel(self, kernel: str) -> None:
-        """Select ``"dense"`` (masked dense weight) or ``"csr"`` (torch.sparse) inference."""
+        """Select ``"dense"`` (masked dense weight), ``"csr"`` (torch.sparse) or ``"grouped"``
+        (block patterns: a gather + batched matmul / grouped convolution) inference."""
         if kernel not in KERNELS:
             raise InputError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
         if not self._supports(kernel):
