@@ -60,7 +60,8 @@ class EarlyExitSettings:
             same learning rate as the multi-exit model's joint training (saved as
             ``<model>-control``). The multi-exit model has then had the same training as this
             control, so operating points are chosen against the more accurate of the two
-            references and every row reports its drop against both.
+            references and every row reports its drop against both. Joint strategy only
+            (heads-only training leaves the baseline's backbone as it is).
     """
 
     epochs: int = 12
