@@ -266,6 +266,13 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                                "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
                                "predicted_latency_ms": 1e3 * sel.point.mean_macs}))
         plans.append(("no exit fires (overhead)", all_exits, _never_fires(policy), {}))
+        # and what a deployment of a latency-chosen subset pays when nothing leaves early
+        subsets = dict.fromkeys(tuple(keep) for m, keep, _, _ in plans
+                                if "chosen for latency" in m and keep and keep != all_exits)
+        for keep in subsets:
+            names = ", ".join(multi.exit_names[e] for e in keep)
+            plans.append((f"no exit fires (overhead), exits {names} only", list(keep),
+                          _never_fires(policy), {}))
         base_fn = compile_model(baseline)
         fns = {"baseline": base_fn}
         for method, keep, pol, _ in plans:
@@ -304,7 +311,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                        torch.equal(result.predictions, replay.predictions)
                        and torch.equal(result.exit_index, replay.exit_index)),
                    **{k: v for k, v in extra.items() if k != "max_drop"}}
-            if method == "no exit fires (overhead)":
+            if method.startswith("no exit fires (overhead)"):
                 row["overhead_batch1"] = row.pop("latency_ratio")
                 row["overhead_batched"] = 1 / row.pop("throughput_ratio")
             rows.append(row)
