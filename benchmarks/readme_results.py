@@ -14,8 +14,9 @@ from splitexit.report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "accuracy_drop_pt", "macs_ratio",
-           "latency_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
+COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "full_test_accuracy",
+           "accuracy_drop_pt", "drop_vs_control_pt", "macs_ratio", "latency_ms",
+           "latency_p50_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
            "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "overhead_batch1",
            "overhead_batched", "exit_fractions"]
 MAX_ROWS = 28
