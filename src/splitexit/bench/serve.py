@@ -540,7 +540,8 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         f"{100 * s.max_drop:.0f} pt drop vs the unsplit model (report.json 'calibration' "
         "says when the bottleneck alone loses more and the reference falls back to it).",
         "accuracy is over the few samples of each link's latency run; full_test_accuracy is "
-        "the same method's accuracy on the whole test split, computed in process.",
+        "the same method's accuracy on the whole test split, computed in process (the models "
+        "and exit policy as deployed, without the wire codec's rounding).",
         f"The cut is after {s.cut} so that the device holds every exit up to it (ResNet-8 "
         "exits: stem, block1, block2); the exit fractions the policy reached on the "
         "calibration split are in report.json 'calibration'.",
