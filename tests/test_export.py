@@ -228,7 +228,12 @@ def test_pipeline_bad_input(tmp_path):
 
 
 # one graph with If nodes ------------------------------------------------------------------
-from splitexit.export import OrtExitGraph, export_exit_graph  # noqa: E402
+from splitexit.export import (  # noqa: E402
+    OrtExitChain,
+    OrtExitGraph,
+    export_exit_chain,
+    export_exit_graph,
+)
 from splitexit.policies import Entropy, Margin  # noqa: E402
 
 
@@ -256,12 +261,15 @@ def test_single_graph_matches_pytorch_infer(name, tmp_path):
                    _off_median(Entropy, model, x, temperature=(0.02, 0.03, 0.025)),
                    _off_median(Margin, model, x, temperature=0.02)):
         graph = OrtExitGraph(export_exit_graph(model, policy, tmp_path / "ee.onnx"))
-        got, ref = graph.infer(x), model.infer(x, policy)
-        assert torch.equal(got.exit_index, ref.exit_index), policy
-        assert torch.equal(got.predictions, ref.predictions)
-        torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
-        if isinstance(policy, MaxProb):  # an untrained model's max-prob still spreads
-            assert len(torch.unique(got.exit_index)) >= 2
+        # the same decisions as plain graphs chained from Python
+        chain = OrtExitChain(export_exit_chain(model, policy, tmp_path / "chain"))
+        ref = model.infer(x, policy)
+        for got in (graph.infer(x), chain.infer(x)):
+            assert torch.equal(got.exit_index, ref.exit_index), policy
+            assert torch.equal(got.predictions, ref.predictions)
+            torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
+            if isinstance(policy, MaxProb):  # an untrained model's max-prob still spreads
+                assert len(torch.unique(got.exit_index)) >= 2
 
 
 def test_single_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
@@ -271,6 +279,12 @@ def test_single_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
     plain = export_piece(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "l.onnx")
     with pytest.raises(InputError, match="export_exit_graph"):
         OrtExitGraph(plain)
+    with pytest.raises(InputError, match="OrtExitPipeline"):
+        export_exit_chain(model, Patience(patience=1), tmp_path / "c")
+    (tmp_path / "c2").mkdir()
+    (tmp_path / "c2" / "chain.json").write_text("{\"format\": \"other\"}")
+    with pytest.raises(InputError, match="export_exit_chain"):
+        OrtExitChain(tmp_path / "c2")
 
 
 @pytest.mark.parametrize("head", ["sdn", "pool", "linear", "depthwise"])

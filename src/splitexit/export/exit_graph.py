@@ -1,15 +1,24 @@
-"""One ONNX graph that exits early by itself: batch-1 early exits with ONNX ``If`` nodes.
+"""Batch-1 early exits on ONNX Runtime with the exit decision inside the graphs.
 
 At batch 1 the per-exit Python round trip of :class:`~splitexit.export.OrtExitPipeline`
-(one ONNX Runtime call and one policy call per exit) costs as much as a small stage. Here the
-segments between exits, the heads and the threshold test of a :class:`ThresholdPolicy`
-(max-prob, entropy or margin, with per-exit thresholds and temperatures) are composed into a
-single graph: segment 0, then ``If confident: return its logits else: segment 1, ...``. One
-call per sample; only the segments a sample needs are executed.
+(one ONNX Runtime call and one torch policy call per exit) costs as much as a small stage.
+Two faster forms put the threshold test of a :class:`ThresholdPolicy` (max-prob, entropy or
+margin, with per-exit thresholds and temperatures) into ONNX, after each exit's head:
+
+- :func:`export_exit_graph` / :class:`OrtExitGraph`: one graph, segment 0, then
+  ``If confident: return its logits else: segment 1, ...`` -- one call per sample.
+- :func:`export_exit_chain` / :class:`OrtExitChain`: one plain graph per segment, each
+  returning its payload, logits and the ``fire`` flag; Python only reads the flag. On ONNX
+  Runtime's CPU provider an ``If`` node costs about as much as an exit head (its subgraph
+  gets its own execution frame), so the chain is usually the faster of the two (measured in
+  ``splitexit bench compress --parts exits``).
+
+Both run only the segments a sample needs and give the PyTorch model's exits.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +34,9 @@ from ..policies import Entropy, Margin, MaxProb, ThresholdPolicy, _per_exit
 from ..stages import payload_tensors
 from .onnx import DEFAULT_OPSET, OrtPiece, export_piece
 
-__all__ = ["export_exit_graph", "OrtExitGraph"]
+__all__ = ["export_exit_graph", "OrtExitGraph", "export_exit_chain", "OrtExitChain"]
+
+CHAIN_FORMAT = "splitexit-exit-chain"
 
 
 class _Segment(nn.Module):
@@ -133,6 +144,52 @@ def _outputs(logits: str, exit_index: str, num_classes: int) -> list:
             helper.make_tensor_value_info(exit_index, TensorProto.INT64, [1])]
 
 
+def _checked(model: MultiExitModel, policy: ThresholdPolicy, example: torch.Tensor | None,
+             what: str) -> torch.Tensor:
+    """The batch-1 example, after checking that ``model`` and ``policy`` have a graph form."""
+    if example is None:
+        if model.input_shape is None:
+            raise InputError("the model has no input_shape; pass example=one input sample")
+        example = torch.zeros(1, *model.input_shape)
+    check_input(example, model.input_shape)
+    if not isinstance(policy, (MaxProb, Entropy, Margin)):
+        raise InputError(f"the {what} supports max-prob, entropy and margin policies, got "
+                         f"{policy.name!r}; use OrtExitPipeline for the others")
+    if any(getattr(h, "uses_previous", False) for h in model.heads):
+        raise InputError("cascading heads need the previous logits; export them with "
+                         "export_multiexit and run OrtExitPipeline")
+    return example[:1]
+
+
+def _export_segments(model: MultiExitModel, example: torch.Tensor, path: Path, opset: int
+                     ) -> tuple[list[onnx.ModelProto], int]:
+    """Each exit's segment (the stages since the previous exit, then its head) as an ONNX
+    model with outputs ``(*payload, logits)`` (the last: the final logits); and the class
+    count."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    segments = []
+    try:
+        with torch.no_grad():
+            payload = example
+            start = 0
+            for e, k in enumerate(model.exit_stages):
+                head = model.heads[e] if e < len(model.heads) else None
+                seg = _Segment(list(model.backbone.stages[start: k + 1]), head,
+                               len(payload_tensors(payload)))
+                file = path.with_name(f"{path.stem}.segment{e}.tmp.onnx")
+                export_piece(seg, payload, file, dynamic_batch=False, opset=opset,
+                             as_payload=False)
+                segments.append(onnx.load(str(file)))
+                file.unlink()
+                payload = model.backbone.run(payload, start, k + 1)
+                start = k + 1
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return segments, int(payload_tensors(payload)[0].shape[1])
+
+
 def export_exit_graph(model: MultiExitModel, policy: ThresholdPolicy, path: str | Path,
                       example: torch.Tensor | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``model`` with ``policy`` as one batch-1 ONNX graph that exits early by itself.
@@ -149,42 +206,11 @@ def export_exit_graph(model: MultiExitModel, policy: ThresholdPolicy, path: str 
     Raises:
         InputError: an unsupported policy or head, or a piece that does not export.
     """
-    if example is None:
-        if model.input_shape is None:
-            raise InputError("the model has no input_shape; pass example=one input sample")
-        example = torch.zeros(1, *model.input_shape)
-    check_input(example, model.input_shape)
-    example = example[:1]
-    if not isinstance(policy, (MaxProb, Entropy, Margin)):
-        raise InputError(f"the single-graph export supports max-prob, entropy and margin "
-                         f"policies, got {policy.name!r}; use OrtExitPipeline for the others")
-    if any(getattr(h, "uses_previous", False) for h in model.heads):
-        raise InputError("cascading heads need the previous logits; export them with "
-                         "export_multiexit and run OrtExitPipeline")
+    example = _checked(model, policy, example, "single-graph export")
     path = Path(path)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    segments = []
-    try:
-        with torch.no_grad():
-            payload = example
-            start = 0
-            for e, k in enumerate(model.exit_stages):
-                head = model.heads[e] if e < len(model.heads) else None
-                seg = _Segment(list(model.backbone.stages[start: k + 1]), head,
-                               len(payload_tensors(payload)))
-                file = path.with_name(f"{path.stem}.segment{e}.onnx")
-                export_piece(seg, payload, file, dynamic_batch=False, opset=opset,
-                             as_payload=False)
-                segments.append(onnx.load(str(file)))
-                file.unlink()
-                payload = model.backbone.run(payload, start, k + 1)
-                start = k + 1
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    segments, num_classes = _export_segments(model, example, path, opset)
     last = len(segments) - 1
-    num_classes = int(payload_tensors(payload)[0].shape[1])
+
     def build(e: int, inputs: list[str]) -> tuple[list, list, str, str]:
         """Nodes and initializers running segments ``e..last`` on ``inputs``."""
         prefix = f"e{e}_"
@@ -266,3 +292,100 @@ class OrtExitGraph:
             exits.append(ex)
         out = torch.from_numpy(np.concatenate(logits))
         return ExitResult(out.argmax(1), torch.from_numpy(np.concatenate(exits)), out)
+
+
+def export_exit_chain(model: MultiExitModel, policy: ThresholdPolicy, directory: str | Path,
+                      example: torch.Tensor | None = None, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model`` with ``policy`` as one batch-1 ONNX graph per exit segment.
+
+    Segment ``e`` (the stages since the previous exit and exit ``e``'s head) returns its
+    payload tensors, its logits and ``fire`` (bool, shape ``(1,)``: the policy's test, the same
+    nodes as :func:`export_exit_graph` uses); the last segment returns the final logits.
+    Run it with :class:`OrtExitChain`.
+
+    Args:
+        model: the multi-exit model (heads must not use the previous exit's logits).
+        policy: a max-prob, entropy or margin policy.
+        directory: written with ``segment<e>.onnx`` files and ``chain.json``.
+        example: one input sample batch ``(1, ...)``; zeros of the input shape if ``None``.
+        opset: ONNX opset version.
+
+    Raises:
+        InputError: an unsupported policy or head, or a piece that does not export.
+    """
+    example = _checked(model, policy, example, "exit chain")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    segments, num_classes = _export_segments(model, example, directory / "chain", opset)
+    files = []
+    for e, seg in enumerate(segments):
+        g = seg.graph
+        if e < len(segments) - 1:
+            logits = g.output[-1].name
+            nodes, inits, fire = _decision(policy, e, logits, "decision_")
+            g.node.extend(nodes)
+            g.initializer.extend(inits)
+            g.output.append(helper.make_tensor_value_info(fire, TensorProto.BOOL, [1]))
+        try:
+            onnx.checker.check_model(seg, full_check=True)
+        except Exception as exc:
+            raise InputError(f"exit segment {e} with its decision fails onnx.checker: "
+                             f"{exc}") from exc
+        files.append(f"segment{e}.onnx")
+        onnx.save(seg, str(directory / files[-1]))
+    meta = {"format": CHAIN_FORMAT, "version": 1, "segments": files,
+            "exit_names": list(model.exit_names), "num_classes": num_classes,
+            "input_shape": list(example.shape[1:]), "policy": policy.config()}
+    (directory / "chain.json").write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+class OrtExitChain:
+    """Runs an :func:`export_exit_chain` directory: per sample, segment after segment until
+    one's ``fire`` flag is set (the last always answers). Same exits as
+    ``MultiExitModel.infer`` and :class:`OrtExitGraph`.
+
+    Args:
+        directory: the exported directory.
+        threads: intra-op threads (1 for timing).
+    """
+
+    def __init__(self, directory: str | Path, threads: int | None = 1):
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "chain.json").read_text())
+            if meta.get("format") != CHAIN_FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}")
+            files = [directory / f for f in meta["segments"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{directory} is not an exit chain ({exc}); write one with "
+                             "export_exit_chain") from exc
+        self.pieces = [OrtPiece(f, threads) for f in files]
+        self.input_shape = tuple(meta["input_shape"])
+        self.exit_names = list(meta["exit_names"])
+        self._runs = [p.session.run for p in self.pieces]
+        self._inputs = [[i.name for i in p.session.get_inputs()] for p in self.pieces]
+
+    def _one(self, sample: np.ndarray) -> tuple[np.ndarray, int]:
+        tensors = [sample]
+        last = len(self._runs) - 1
+        for e, run in enumerate(self._runs):
+            outs = run(None, dict(zip(self._inputs[e], tensors)))
+            if e == last:
+                return outs[0], e
+            if outs[-1][0]:
+                return outs[-2], e
+            tensors = outs[:-2]
+        raise AssertionError("unreachable")
+
+    def infer(self, x: torch.Tensor) -> ExitResult:
+        """Early-exit inference, sample by sample; same result as ``MultiExitModel.infer``."""
+        check_input(x, self.input_shape)
+        arrays = x.detach().float().numpy()
+        logits, exits = [], []
+        for i in range(len(arrays)):
+            lg, e = self._one(arrays[i: i + 1])
+            logits.append(lg)
+            exits.append(e)
+        out = torch.from_numpy(np.concatenate(logits))
+        return ExitResult(out.argmax(1), torch.tensor(exits), out)
