@@ -302,3 +302,24 @@ def test_every_head_type_exports_and_runs_on_onnx_runtime(head, tmp_path):
                                            tmp_path / "ee.onnx"))
     ref = model.infer(x[:5], MaxProb(0.5, temperature=0.05))
     assert torch.equal(graph.infer(x[:5]).exit_index, ref.exit_index)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9])
+def test_sdn_head_mix_exports_as_its_lerp_branch(alpha, tmp_path):
+    """The exported SDN head writes only the branch torch.lerp takes for its (constant) mix
+    weight: few nodes, the same numbers."""
+    import onnx
+
+    from splitexit.heads import make_head
+
+    torch.manual_seed(5)
+    head = make_head("sdn", (8, 12, 12), 10).eval()
+    with torch.no_grad():
+        head.alpha.fill_(alpha)
+    x = torch.randn(3, 8, 12, 12)
+    path = export_piece(head, x, tmp_path / "h.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Where" not in ops and "Less" not in ops
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(OrtPiece(path)(x)), head(x), atol=1e-5,
+                                   rtol=1e-5)

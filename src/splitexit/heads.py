@@ -167,6 +167,13 @@ class SDNHead(ExitHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx, av = _grid_pool(x, self.out_spatial, self._kernel, "max"), \
             _grid_pool(x, self.out_spatial, self._kernel, "avg")
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has no lerp: the exporter writes both of lerp's branches and a Where (7
+            # nodes); the weight is a constant here, so write the one branch lerp takes for it
+            # (the same arithmetic, 3 nodes)
+            w = float(self.alpha.detach().clamp(0, 1))
+            mixed = av + w * (mx - av) if w < 0.5 else mx - (1 - w) * (mx - av)
+            return self.fc(mixed.flatten(1))
         # alpha * max + (1 - alpha) * avg in one op (fewer dispatches at batch 1)
         return self.fc(torch.lerp(av, mx, self.alpha.clamp(0, 1)).flatten(1))
 

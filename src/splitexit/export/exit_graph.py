@@ -10,8 +10,9 @@ margin, with per-exit thresholds and temperatures) into ONNX, after each exit's 
 - :func:`export_exit_chain` / :class:`OrtExitChain`: one plain graph per segment, each
   returning its payload, logits and the ``fire`` flag; Python only reads the flag. On ONNX
   Runtime's CPU provider an ``If`` node costs about as much as an exit head (its subgraph
-  gets its own execution frame), so the chain is usually the faster of the two (measured in
-  ``splitexit bench compress --parts exits``).
+  gets its own execution frame), and a chained call about as much as an ``If``; which form
+  is faster depends on the model and the machine, so ``splitexit bench compress --parts
+  exits`` times both (and every subset of exits) and keeps the faster.
 
 Both run only the segments a sample needs and give the PyTorch model's exits.
 """
@@ -262,6 +263,13 @@ def export_exit_graph(model: MultiExitModel, policy: ThresholdPolicy, path: str 
     return path
 
 
+def _result(logits: np.ndarray, exits: np.ndarray) -> ExitResult:
+    """An :class:`ExitResult` over ONNX Runtime's arrays (argmax in numpy: cheaper at batch 1
+    than a torch op)."""
+    return ExitResult(torch.from_numpy(logits.argmax(1)), torch.from_numpy(exits),
+                      torch.from_numpy(logits))
+
+
 class OrtExitGraph:
     """Runs a graph from :func:`export_exit_graph`: one ONNX Runtime call per sample.
 
@@ -285,13 +293,11 @@ class OrtExitGraph:
         """Early-exit inference, sample by sample; same result as ``MultiExitModel.infer``."""
         check_input(x, self.input_shape)
         arrays = x.detach().float().numpy()
-        logits, exits = [], []
-        for i in range(len(arrays)):
-            lg, ex = self._run(None, {"x": arrays[i: i + 1]})
-            logits.append(lg)
-            exits.append(ex)
-        out = torch.from_numpy(np.concatenate(logits))
-        return ExitResult(out.argmax(1), torch.from_numpy(np.concatenate(exits)), out)
+        if len(arrays) == 1:  # the deployed case: no per-sample lists
+            return _result(*self._run(None, {"x": arrays}))
+        outs = [self._run(None, {"x": arrays[i: i + 1]}) for i in range(len(arrays))]
+        return _result(np.concatenate([o[0] for o in outs]),
+                       np.concatenate([o[1] for o in outs]))
 
 
 def export_exit_chain(model: MultiExitModel, policy: ThresholdPolicy, directory: str | Path,
@@ -382,10 +388,6 @@ class OrtExitChain:
         """Early-exit inference, sample by sample; same result as ``MultiExitModel.infer``."""
         check_input(x, self.input_shape)
         arrays = x.detach().float().numpy()
-        logits, exits = [], []
-        for i in range(len(arrays)):
-            lg, e = self._one(arrays[i: i + 1])
-            logits.append(lg)
-            exits.append(e)
-        out = torch.from_numpy(np.concatenate(logits))
-        return ExitResult(out.argmax(1), torch.tensor(exits), out)
+        outs = [self._one(arrays[i: i + 1]) for i in range(len(arrays))]
+        logits = outs[0][0] if len(outs) == 1 else np.concatenate([o[0] for o in outs])
+        return _result(logits, np.array([o[1] for o in outs], dtype=np.int64))
