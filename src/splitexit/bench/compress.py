@@ -430,6 +430,18 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
                 "speedup": base["mean_ms"] / t["mean_ms"],
                 "speedup_p50": base["median_ms"] / t["median_ms"]}
 
+    def batch_one(method: str, result, name: str) -> dict:
+        """A batch-1 ONNX Runtime form's row, compared with PyTorch's exits sample by sample."""
+        macs = mean_macs(result.exit_index, costs.exit_macs)
+        return {"method": method, "model": "resnet8", "accuracy": result.accuracy(test_y),
+                "accuracy_drop_pt": 100 * (full_acc - result.accuracy(test_y)),
+                "mean_macs": macs, "macs_ratio": macs / full_macs, **timing(name),
+                "exit_fractions": result.exit_fractions(model.num_exits),
+                "same_predictions_as_pytorch": float(
+                    (result.predictions == torch_result.predictions).double().mean()),
+                "same_exits_as_pytorch": float(
+                    (result.exit_index == torch_result.exit_index).double().mean())}
+
     rows = [{"method": "ONNX Runtime: full model (one graph)", "model": "resnet8",
              "accuracy": full_acc, "mean_macs": full_macs, "macs_ratio": 1.0,
              "latency_ms": base["mean_ms"], "latency_p50_ms": base["median_ms"],
@@ -443,28 +455,10 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
                  (predictions == torch_result.predictions).double().mean()),
              "same_exits_as_pytorch": float(
                  (exit_index == torch_result.exit_index).double().mean())},
-            {"method": "ONNX Runtime: single-graph early exit (If nodes, batch 1)",
-             "model": "resnet8", "accuracy": graph_result.accuracy(test_y),
-             "accuracy_drop_pt": 100 * (full_acc - graph_result.accuracy(test_y)),
-             "mean_macs": mean_macs(graph_result.exit_index, costs.exit_macs),
-             "macs_ratio": mean_macs(graph_result.exit_index, costs.exit_macs) / full_macs,
-             **timing("ort single graph"),
-             "exit_fractions": graph_result.exit_fractions(model.num_exits),
-             "same_predictions_as_pytorch": float(
-                 (graph_result.predictions == torch_result.predictions).double().mean()),
-             "same_exits_as_pytorch": float(
-                 (graph_result.exit_index == torch_result.exit_index).double().mean())},
-            {"method": "ONNX Runtime: exit chain (plain graph per segment, batch 1)",
-             "model": "resnet8", "accuracy": chain_result.accuracy(test_y),
-             "accuracy_drop_pt": 100 * (full_acc - chain_result.accuracy(test_y)),
-             "mean_macs": mean_macs(chain_result.exit_index, costs.exit_macs),
-             "macs_ratio": mean_macs(chain_result.exit_index, costs.exit_macs) / full_macs,
-             **timing("ort exit chain"),
-             "exit_fractions": chain_result.exit_fractions(model.num_exits),
-             "same_predictions_as_pytorch": float(
-                 (chain_result.predictions == torch_result.predictions).double().mean()),
-             "same_exits_as_pytorch": float(
-                 (chain_result.exit_index == torch_result.exit_index).double().mean())},
+            batch_one("ONNX Runtime: single-graph early exit (If nodes, batch 1)",
+                      graph_result, "ort single graph"),
+            batch_one("ONNX Runtime: exit chain (plain graph per segment, batch 1)",
+                      chain_result, "ort exit chain"),
             {"method": "ONNX Runtime: exits and form chosen for latency",
              "model": "resnet8", "form": form, "accuracy": sel_result.accuracy(test_y),
              "accuracy_drop_pt": 100 * (full_acc - sel_result.accuracy(test_y)),
