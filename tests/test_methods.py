@@ -330,3 +330,16 @@ def test_heads_reject_bad_input(digits, backbone):
         binarize(torch.nn.ReLU())
     with pytest.raises(InputError, match="single-tensor|unknown|valid"):
         early_view_model(backbone, "nonexistent", 10, digits.input_shape)
+
+
+def test_final_decision_skips_the_test_only_where_the_decision_is_the_logits():
+    logits = [torch.randn(5, 3), torch.randn(5, 3)]
+    plain = MaxProb(0.9)
+    assert plain.final_decision(1, logits[1], plain.init_state(5, 3)) is logits[1]
+    # an ensemble decides on combined logits: the final decision is the ensemble's
+    ens = GeometricEnsemble(weights=((1.0,), (0.5, 1.0)))
+    state = ens.init_state(5, 3)
+    first = ens.decide(0, logits[0], state)[1]
+    final = ens.final_decision(1, logits[1], state)
+    assert final.shape == (5, 3) and not torch.equal(final, logits[1])
+    assert not torch.equal(first, final)

@@ -85,6 +85,12 @@ def _fixed_kernel(in_shape: Sequence[int], out_spatial: Sequence[int]) -> tuple[
     return tuple(s // o for s, o in zip(spatial, out_spatial))
 
 
+def _exporting_onnx() -> bool:
+    """Whether torch.onnx is exporting (it traces): the tracing-state test is a C call,
+    ``is_in_onnx_export`` alone costs microseconds on every batch-1 head call."""
+    return torch._C._get_tracing_state() is not None and torch.onnx.is_in_onnx_export()
+
+
 def _windows(size: int, out: int) -> list[tuple[int, int]]:
     """Adaptive pooling's windows: ``[floor(i * size / out), ceil((i + 1) * size / out))``."""
     return [(i * size // out, -(-(i + 1) * size // out)) for i in range(out)]
@@ -127,7 +133,7 @@ def _grid_pool(x: torch.Tensor, out: Sequence[int], kernel: tuple[int, ...] | No
     is_max = mode == "max"
     if x.dim() == 4 and kernel is not None:
         return F.max_pool2d(x, kernel) if is_max else F.avg_pool2d(x, kernel)
-    if x.dim() == 4 and torch.onnx.is_in_onnx_export():
+    if x.dim() == 4 and _exporting_onnx():
         return _adaptive_pool2d_sliced(x, out, mode)
     if x.dim() == 4:
         return F.adaptive_max_pool2d(x, out) if is_max else F.adaptive_avg_pool2d(x, out)
@@ -167,7 +173,7 @@ class SDNHead(ExitHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mx, av = _grid_pool(x, self.out_spatial, self._kernel, "max"), \
             _grid_pool(x, self.out_spatial, self._kernel, "avg")
-        if torch.onnx.is_in_onnx_export():
+        if _exporting_onnx():
             # ONNX has no lerp: the exporter writes both of lerp's branches and a Where (7
             # nodes); the weight is a constant here, so write the one branch lerp takes for it
             # (the same arithmetic, 3 nodes)

@@ -309,9 +309,13 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy: 
             logits = payload_tensors(payload)[0]
         if state is None:
             state = policy.init_state(len(active), logits.shape[1])
-        fire, decision = policy.decide(e, logits, state)
         m = len(active)
-        leaving = m if e == last else (int(fire.sum()) if m > 1 else int(fire))
+        if e == last:
+            fire, decision = None, policy.final_decision(e, logits, state)
+            leaving = m
+        else:
+            fire, decision = policy.decide(e, logits, state)
+            leaving = int(fire.sum()) if m > 1 else int(fire)
         if leaving == m:  # everyone left (always so at batch 1 once an exit fires)
             if m == n:  # nobody left before: whole-batch results, no scatter
                 result.predictions = decision.argmax(dim=1)
@@ -350,8 +354,11 @@ def simulate_exits(logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitRe
     out = torch.empty(n, c, dtype=logits[0].dtype)
     last = len(logits) - 1
     for e, lg in enumerate(logits):
-        fire, decision = policy.decide(e, lg, state)
-        new = ~decided if e == last else fire & ~decided
+        if e == last:
+            decision, new = policy.final_decision(e, lg, state), ~decided
+        else:
+            fire, decision = policy.decide(e, lg, state)
+            new = fire & ~decided
         predictions[new] = decision[new].argmax(dim=1)
         exit_index[new] = e
         out[new] = decision[new].to(out.dtype)

@@ -55,6 +55,12 @@ class ExitPolicy:
         """Return ``(exit_now, decision_logits)`` and update ``state`` in place."""
         raise NotImplementedError
 
+    def final_decision(self, exit_index: int, logits: torch.Tensor, state: State
+                       ) -> torch.Tensor:
+        """The decision logits at the final exit, where every remaining sample leaves (no
+        test needed). Policies whose decision is the exit's own logits skip the statistic."""
+        return self.decide(exit_index, logits, state)[1]
+
     def scaled(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
         t = _per_exit(self.temperature, exit_index)
         return logits if t == 1.0 else logits / t
@@ -96,6 +102,11 @@ class ThresholdPolicy(ExitPolicy):
         t = _per_exit(self.threshold, exit_index)
         fire = stat >= t if self.higher_is_confident else stat <= t
         return fire, logits
+
+    def final_decision(self, exit_index, logits, state):
+        if type(self).decide is ThresholdPolicy.decide:  # decision = the logits themselves
+            return logits
+        return super().final_decision(exit_index, logits, state)  # e.g. ensembles, gates
 
     def with_threshold(self, threshold) -> ThresholdPolicy:
         return replace(self, threshold=threshold)
