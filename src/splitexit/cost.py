@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .stages import Payload, StagedModel, payload_nbytes
 
 __all__ = ["CostTable", "count_macs", "param_bytes", "measure_latency", "cost_table",
-           "mean_macs", "measure_exit_latency"]
+           "mean_macs", "measure_exit_latency", "per_sample_seconds"]
 
 
 def count_macs(fn: Callable[[], object]) -> float:
@@ -196,6 +196,21 @@ def _num_classes(model, features: torch.Tensor, e: int) -> int:
 
 
 
+def per_sample_seconds(fn: Callable[[torch.Tensor], object], xs: torch.Tensor,
+                       warmup: int = 10) -> list[float]:
+    """Wall seconds of ``fn`` on each sample of ``xs``, one sample per call (batch 1), after
+    ``warmup`` untimed calls: the primitive every batch-1 latency figure is built on."""
+    times = []
+    with torch.inference_mode():
+        for i in range(min(warmup, len(xs))):
+            fn(xs[i: i + 1])
+        for i in range(len(xs)):
+            t0 = time.perf_counter()
+            fn(xs[i: i + 1])
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: torch.Tensor,
                          num_exits: int, samples: int = 200) -> list[float]:
     """Measured batch-1 seconds to leave at each exit, on the runtime that will serve.
@@ -207,17 +222,8 @@ def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: tor
     """
     from .policies import FixedExit
 
-    xs = x[:samples]
-    out = []
-    for e in range(num_exits):
+    def leave_at(e: int) -> float:
         policy = FixedExit(e)
-        times = []
-        with torch.inference_mode():
-            for i in range(min(10, len(xs))):
-                infer(xs[i: i + 1], policy)
-            for i in range(len(xs)):
-                t0 = time.perf_counter()
-                infer(xs[i: i + 1], policy)
-                times.append(time.perf_counter() - t0)
-        out.append(statistics.median(times))
-    return out
+        return statistics.median(per_sample_seconds(lambda s: infer(s, policy), x[:samples]))
+
+    return [leave_at(e) for e in range(num_exits)]

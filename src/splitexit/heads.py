@@ -115,15 +115,24 @@ def _adaptive_pool2d_sliced(x: torch.Tensor, out: Sequence[int], mode: str) -> t
     return torch.cat([reduce(rows[..., a:b], -1) for a, b in wins[1]], -1)
 
 
-def _init_grid(head: ExitHead, pool_size: int, num_classes: int) -> None:
-    """Pool to at most ``pool_size`` per spatial side, then one linear layer (SDN, pool)."""
-    head.pool_size = pool_size
-    head.out_spatial = tuple(min(pool_size, s) for s in head.in_shape[1:])
-    head._kernel = _fixed_kernel(head.in_shape, head.out_spatial)
-    features = head.in_shape[0]
-    for s in head.out_spatial:
-        features *= s
-    head.fc = nn.Linear(features, num_classes)
+class _GridHead(ExitHead):
+    """Pools to at most ``pool_size`` per spatial side, then one linear layer (SDN, pool)."""
+
+    def __init__(self, in_shape, num_classes, pool_size: int = 4):
+        super().__init__(in_shape, num_classes)
+        self.pool_size = pool_size
+        self.out_spatial = tuple(min(pool_size, s) for s in self.in_shape[1:])
+        self._kernel = _fixed_kernel(self.in_shape, self.out_spatial)
+        features = self.in_shape[0]
+        for s in self.out_spatial:
+            features *= s
+        self.fc = nn.Linear(features, num_classes)
+
+    def extra_config(self) -> dict:
+        return {"pool_size": self.pool_size}
+
+    def _pool(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return _grid_pool(x, self.out_spatial, self._kernel, mode)
 
 
 def _grid_pool(x: torch.Tensor, out: Sequence[int], kernel: tuple[int, ...] | None,
@@ -155,7 +164,7 @@ class LinearHead(ExitHead):
 
 
 @register_head("sdn")
-class SDNHead(ExitHead):
+class SDNHead(_GridHead):
     """Shallow-Deep Networks' internal classifier: a learned mix of max and average pooling.
 
     Feature maps larger than ``pool_size`` are pooled down to it; the mix weight ``alpha``
@@ -163,16 +172,11 @@ class SDNHead(ExitHead):
     """
 
     def __init__(self, in_shape, num_classes, pool_size: int = 4):
-        super().__init__(in_shape, num_classes)
+        super().__init__(in_shape, num_classes, pool_size)
         self.alpha = nn.Parameter(torch.tensor(0.5))
-        _init_grid(self, pool_size, num_classes)
-
-    def extra_config(self) -> dict:
-        return {"pool_size": self.pool_size}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mx, av = _grid_pool(x, self.out_spatial, self._kernel, "max"), \
-            _grid_pool(x, self.out_spatial, self._kernel, "avg")
+        mx, av = self._pool(x, "max"), self._pool(x, "avg")
         if _exporting_onnx():
             # ONNX has no lerp: the exporter writes both of lerp's branches and a Where (7
             # nodes); the weight is a constant here, so write the one branch lerp takes for it
@@ -185,7 +189,7 @@ class SDNHead(ExitHead):
 
 
 @register_head("pool")
-class PoolHead(ExitHead):
+class PoolHead(_GridHead):
     """Average pooling to a small grid (at most ``pool_size`` per side), then one linear layer.
 
     SDN's head without the max branch: max pooling is the slowest part of an SDN head on CPU
@@ -194,15 +198,8 @@ class PoolHead(ExitHead):
     that reaches it.
     """
 
-    def __init__(self, in_shape, num_classes, pool_size: int = 4):
-        super().__init__(in_shape, num_classes)
-        _init_grid(self, pool_size, num_classes)
-
-    def extra_config(self) -> dict:
-        return {"pool_size": self.pool_size}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(_grid_pool(x, self.out_spatial, self._kernel, "avg").flatten(1))
+        return self.fc(self._pool(x, "avg").flatten(1))
 
 
 @register_head("conv")

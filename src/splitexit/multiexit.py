@@ -18,8 +18,8 @@ from .errors import InputError
 from .policies import ExitPolicy
 from .stages import Payload, StagedModel, payload_select, payload_tensors
 
-__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "check_input",
-           "StageWithHead"]
+__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "all_exit_logits",
+           "check_input", "StageWithHead"]
 
 
 def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> None:
@@ -342,6 +342,22 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy: 
         previous, fallback, fallback_exit = logits, decision, e
         e += 1
     return ExitRun(result, active, payload, state, previous, fallback, fallback_exit, end, e)
+
+
+def all_exit_logits(step: Step, exit_stages: Sequence[int], end: int, x: Payload
+                    ) -> list[torch.Tensor]:
+    """Every exit's logits for the whole batch, nobody leaving (what ``forward`` returns),
+    through the same ``step`` a backend gives :func:`advance_exits`."""
+    outs: list[torch.Tensor] = []
+    payload, e, heads = x, 0, len(exit_stages) - 1
+    for k in range(end):
+        at_head = e < heads and exit_stages[e] == k
+        payload, logits = step(k, e if at_head else None, payload, outs[-1] if outs else None)
+        if at_head:
+            outs.append(logits)
+            e += 1
+    outs.append(payload_tensors(payload)[0])
+    return outs
 
 
 def simulate_exits(logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:

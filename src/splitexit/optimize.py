@@ -28,6 +28,7 @@ from .multiexit import (
     MultiExitModel,
     StageWithHead,
     advance_exits,
+    all_exit_logits,
     check_input,
 )
 from .policies import ExitPolicy, _per_exit, is_plain_threshold
@@ -184,7 +185,7 @@ class TracedMultiExit:
         self.exit_names = model.exit_names
         self.input_shape = model.input_shape
         self.pieces: list[torch.jit.ScriptModule] = []
-        self._traced: list[torch.jit.ScriptModule] = []
+        traced_pieces: list[torch.jit.ScriptModule] = []
         self.has_head: list[bool] = []
         self.takes_previous: list[bool] = []
         payload: Payload = example
@@ -198,7 +199,7 @@ class TracedMultiExit:
                 if piece.takes_previous:
                     args = (*args, previous)
                 traced = _trace(piece, tuple(args))
-                self._traced.append(traced)
+                traced_pieces.append(traced)
                 self.pieces.append(_freeze(traced))
                 self.has_head.append(at_head)
                 self.takes_previous.append(piece.takes_previous)
@@ -206,16 +207,17 @@ class TracedMultiExit:
                 if at_head:
                     previous = logits
                     e += 1
-        self._batch_one = self._compose_batch_one()
-        self._traced = []  # only needed to compose that program; the frozen pieces serve the rest
+        # the unfrozen traces only compose that program; the frozen pieces serve the rest
+        self._batch_one = self._compose_batch_one(traced_pieces)
 
-    def _compose_batch_one(self) -> torch.jit.ScriptModule | None:
+    def _compose_batch_one(self, traced_pieces: list[torch.jit.ScriptModule]
+                           ) -> torch.jit.ScriptModule | None:
         """One TorchScript program for batch-1 early exits, when every payload is one tensor
         and no head takes the previous logits (else batch 1 uses the exit loop)."""
         if any(self.takes_previous):
             return None
         wrapped = []
-        for k, traced in enumerate(self._traced):
+        for k, traced in enumerate(traced_pieces):
             out = next(traced.graph.outputs()).type()
             sizes = len(out.elements()) if isinstance(out, torch._C.TupleType) else 0
             if sizes != (2 if self.has_head[k] else 1):
@@ -259,14 +261,7 @@ class TracedMultiExit:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits for the whole batch, as ``MultiExitModel.forward``."""
         check_input(x, self.input_shape)
-        outs: list[torch.Tensor] = []
-        payload: Payload = x
-        for k in range(len(self.pieces)):
-            payload, logits = self.step(k, None, payload, outs[-1] if outs else None)
-            if logits is not None:
-                outs.append(logits)
-        outs.append(payload_tensors(payload)[0])
-        return outs
+        return all_exit_logits(self.step, self.exit_stages, len(self.pieces), x)
 
 
 def trace_for_inference(model: nn.Module, example: torch.Tensor | None = None, fuse: bool = True

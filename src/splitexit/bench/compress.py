@@ -577,29 +577,15 @@ def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> di
     if not exit_rows:
         return out
     by = {r["method"].split(" (")[0]: r for r in exit_rows}
-    pipe = by["ONNX Runtime: early-exit pipeline"]
-    graph = by["ONNX Runtime: single-graph early exit"]
-    chain = by["ONNX Runtime: exit chain"]
-    chosen = by["ONNX Runtime: exits and form chosen for latency"]
-    return {
-        **out,
-        "early_exit_chain_speedup": chain["speedup"],
-        "early_exit_chain_accuracy_drop_pt": chain["accuracy_drop_pt"],
-        "early_exit_chain_1.8x_at_0.5pt": (chain["speedup"] >= 1.8
-                                           and chain["accuracy_drop_pt"] <= 0.5),
-        "early_exit_chosen_exits_speedup": chosen["speedup"],
-        "early_exit_chosen_exits_accuracy_drop_pt": chosen["accuracy_drop_pt"],
-        "early_exit_chosen_exits_1.8x_at_0.5pt": (chosen["speedup"] >= 1.8
-                                                  and chosen["accuracy_drop_pt"] <= 0.5),
-        "early_exit_pipeline_speedup": pipe["speedup"],
-        "early_exit_pipeline_accuracy_drop_pt": pipe["accuracy_drop_pt"],
-        "early_exit_pipeline_1.8x_at_0.5pt": (pipe["speedup"] >= 1.8
-                                              and pipe["accuracy_drop_pt"] <= 0.5),
-        "early_exit_single_graph_speedup": graph["speedup"],
-        "early_exit_single_graph_accuracy_drop_pt": graph["accuracy_drop_pt"],
-        "early_exit_single_graph_1.8x_at_0.5pt": (graph["speedup"] >= 1.8
-                                                  and graph["accuracy_drop_pt"] <= 0.5),
-    }
+    forms = {"chain": "exit chain", "chosen_exits": "exits and form chosen for latency",
+             "pipeline": "early-exit pipeline", "single_graph": "single-graph early exit"}
+    for key, method in forms.items():
+        row = by[f"ONNX Runtime: {method}"]
+        out[f"early_exit_{key}_speedup"] = row["speedup"]
+        out[f"early_exit_{key}_accuracy_drop_pt"] = row["accuracy_drop_pt"]
+        out[f"early_exit_{key}_1.8x_at_0.5pt"] = (row["speedup"] >= 1.8
+                                                  and row["accuracy_drop_pt"] <= 0.5)
+    return out
 
 
 def register(suites) -> None:

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ..cost import per_sample_seconds
+
 __all__ = ["latency_batch1", "throughput", "torch_threads", "interleaved_latency",
            "interleaved_throughput"]
 
@@ -35,16 +37,11 @@ def latency_batch1(fn: Callable[[torch.Tensor], object], x: torch.Tensor, limit:
     Returns:
         ``{"median_ms", "mean_ms", "p95_ms", "total_s", "samples"}``.
     """
-    xs = x[:limit] if limit else x
-    times = []
-    with torch.inference_mode():
-        for i in range(min(warmup, len(xs))):
-            fn(xs[i: i + 1])
-        for i in range(len(xs)):
-            t0 = time.perf_counter()
-            fn(xs[i: i + 1])
-            times.append(time.perf_counter() - t0)
-    times.sort()
+    return _latency_summary(per_sample_seconds(fn, x[:limit] if limit else x, warmup))
+
+
+def _latency_summary(times: list[float]) -> dict:
+    times = sorted(times)
     return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
             "p95_ms": 1e3 * times[int(0.95 * (len(times) - 1))], "total_s": sum(times),
             "samples": len(times)}
@@ -53,15 +50,7 @@ def latency_batch1(fn: Callable[[torch.Tensor], object], x: torch.Tensor, limit:
 def throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch_size: int = 256,
                repeats: int = 3) -> float:
     """Samples per second of ``fn`` over ``x`` in batches (median of ``repeats`` passes)."""
-    rates = []
-    with torch.inference_mode():
-        fn(x[:batch_size])
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(0, len(x), batch_size):
-                fn(x[i: i + batch_size])
-            rates.append(len(x) / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return interleaved_throughput({"fn": fn}, x, batch_size, repeats)["fn"]
 
 
 def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20,
@@ -89,23 +78,12 @@ def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: i
         for i in range(min(warmup, n)):
             for fn in fns.values():
                 fn(xs[i: i + 1])
-        for a in range(0, n, step):
-            if shuffle:
-                order.shuffle(names)
-            for name in names:
-                fn = fns[name]
-                for i in range(a, min(n, a + step)):
-                    t0 = time.perf_counter()
-                    fn(xs[i: i + 1])
-                    times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = {"median_ms": 1e3 * statistics.median(ts),
-                     "mean_ms": 1e3 * statistics.fmean(ts),
-                     "p95_ms": 1e3 * ts[int(0.95 * (len(ts) - 1))], "total_s": sum(ts),
-                     "samples": len(ts)}
-    return out
+    for a in range(0, n, step):
+        if shuffle:
+            order.shuffle(names)
+        for name in names:
+            times[name] += per_sample_seconds(fns[name], xs[a: a + step], warmup=0)
+    return {name: _latency_summary(ts) for name, ts in times.items()}
 
 
 def interleaved_throughput(fns: Mapping[str, Callable], x: torch.Tensor, batch: int,

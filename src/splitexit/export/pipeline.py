@@ -24,6 +24,7 @@ from ..multiexit import (
     MultiExitModel,
     StageWithHead,
     advance_exits,
+    all_exit_logits,
     check_input,
 )
 from ..policies import ExitPolicy
@@ -204,18 +205,7 @@ class OrtExitPipeline:
 
     def forward(self, x) -> list[torch.Tensor]:
         """Every exit's logits for the whole batch (no exiting), like ``MultiExitModel.forward``."""
-        payload: Payload = self._input(x)
-        outs: list[torch.Tensor] = []
-        e = 0
-        for k in range(len(self.stages)):
-            at_exit = e < len(self.heads) and self.exit_stages[e] == k
-            payload, logits = self.step(k, e if at_exit else None, payload,
-                                        outs[-1] if outs else None)
-            if logits is not None:
-                outs.append(logits)
-                e += 1
-        outs.append(payload_tensors(payload)[0])
-        return outs
+        return all_exit_logits(self.step, self.exit_stages, len(self.stages), self._input(x))
 
     def run_full(self, x) -> torch.Tensor:
         """Final logits of the whole backbone exported as one graph (the no-exit baseline)."""
