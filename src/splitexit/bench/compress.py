@@ -245,9 +245,8 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path, models: Path | 
             # device would ship, loaded and run like the float model
             disk = path / f"weights.{values}.safetensors"
             stored_bytes = save_sparse(model, disk, values=values)
+            # the file records each layer's kernel (chosen above); load_sparse restores it
             reloaded = load_sparse(_mlp(ds, info["hidden"]), disk).eval()
-            with torch_threads(s.threads):
-                choose_kernels(reloaded, example)
             infos[key]["disk"][values] = {
                 "stored": stored_bytes, "model": reloaded,
                 "accuracy": _accuracy(_batched(reloaded, test_x), test_y)}
@@ -262,9 +261,10 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path, models: Path | 
                                   choose_kernels(infos[key]["model"],
                                                  test_x[: s.throughput_batch]).items()}
                                  if infos[key]["sparse"] else {}) for key in infos}
-        for info in infos.values():
+        for key, info in infos.items():  # the reloaded copies run the same kernels
             for disk in info["disk"].values():
-                choose_kernels(disk["model"], test_x[: s.throughput_batch])
+                for name, layer in sparse_layers(disk["model"]).items():
+                    layer.set_kernel(kernels_batched[key][name])
         thr_x = test_x[: s.throughput_samples]
         torch_thr = interleaved_throughput(torch_fns_b, thr_x, s.throughput_batch)
         ort_thr = interleaved_throughput(ort_fns_b, thr_x, s.throughput_batch)
