@@ -9,7 +9,7 @@ from splitexit.cost import measure_exit_latency
 from splitexit.heads import SDNHead
 from splitexit.multiexit import ExitRun, advance_exits
 from splitexit.optimize import TracedMultiExit, trace_for_inference
-from splitexit.policies import Entropy, FixedExit
+from splitexit.policies import Entropy, FixedExit, Margin, leave_at
 
 POLICIES = [MaxProb(0.9), Entropy(0.3), Patience(2), NeverExit(), FixedExit(exit_index=1)]
 
@@ -181,3 +181,47 @@ def test_batch_one_runs_as_one_torchscript_program(trained_resnet8, digits, one_
             assert torch.equal(got.exit_index, want.exit_index), (policy, i)
             assert torch.equal(got.predictions, want.predictions)
             assert torch.allclose(got.logits, want.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", [MaxProb(0.9), Entropy(0.3), Margin(0.5), Patience(2)],
+                         ids=lambda p: p.name)
+def test_leave_at_forces_the_exit_on_every_runtime(trained_resnet8, digits, policy, one_thread):
+    """The timing policy leaves exactly where asked, eager and TorchScript, at batch 1 and
+    batched; the last exit is the no-exit case."""
+    traced = trace_for_inference(trained_resnet8, digits.calib.x[:4])
+    n = trained_resnet8.num_exits
+    for e in range(n):
+        forced = leave_at(policy, e, n)
+        assert type(forced) is (type(policy) if policy.name != "patience" else FixedExit)
+        for runner in (trained_resnet8, traced):
+            assert runner.infer(digits.test.x[:1], forced).exit_index.tolist() == [e]
+            assert set(runner.infer(digits.test.x[:64], forced).exit_index.tolist()) == {e}
+    with pytest.raises(InputError, match="exit_index"):
+        leave_at(policy, n, n)
+
+
+def test_select_exits_respects_a_bound_on_the_no_exit_cost():
+    """With the final-exit cost bounded, a subset whose heads make the no-exit case too
+    expensive is not chosen, even when its expected cost is the lowest."""
+    torch.manual_seed(0)
+    n, c = 400, 5
+    labels = torch.randint(0, c, (n,))
+    good = torch.nn.functional.one_hot(labels, c).float() * 6
+    easy = torch.arange(n) < n // 2
+    early = torch.where(easy[:, None], good, torch.zeros(n, c))
+    logits = [early, early.clone(), good]
+
+    def costs(keep):
+        return exit_costs([1.0, 1.0, 1.0], [0.2, 0.1], [0, 1, 2], keep)
+
+    free = select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0,
+                        max_drop=0.0)
+    assert free.exits == [0]  # leaving after one stage is the cheapest on average
+    bounded = select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0,
+                           max_drop=0.0, max_final_cost=3.15)
+    assert bounded.exits == [1]  # head 0 costs 0.2 on every sample that runs to the end
+    assert [c["exits"] for c in bounded.candidates if c.get("over_final_cost")] == [[0], [0, 1]]
+    assert costs(bounded.exits)[-1] <= 3.15
+    with pytest.raises(InputError, match="final-exit cost"):
+        select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0,
+                     max_drop=0.0, max_final_cost=2.9)

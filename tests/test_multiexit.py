@@ -129,3 +129,20 @@ def test_backbone_is_the_baseline_architecture():
     multi.eval()
     x = torch.rand(3, 1, 28, 28)
     assert torch.equal(multi(x)[-1], base(x))
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}")
+def test_batch_one_path_equals_the_shared_loop(trained_resnet8, digits, policy):
+    """A single sample skips the batch bookkeeping; its exit, prediction and logits are the
+    ones the shared exit loop (what split and server runtimes use) gives."""
+    from splitexit.multiexit import ExitRun, advance_exits
+
+    model = trained_resnet8
+    for i in range(24):
+        x = digits.test.x[i: i + 1]
+        fast = model.infer(x, policy)
+        loop = advance_exits(ExitRun.start(x), model.step, model.exit_stages, policy,
+                             model.backbone.num_stages).result
+        assert torch.equal(fast.predictions, loop.predictions)
+        assert torch.equal(fast.exit_index, loop.exit_index)
+        assert torch.equal(fast.logits, loop.logits)

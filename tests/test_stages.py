@@ -110,3 +110,23 @@ def test_backward_through_stages(resnet, x):
     staged = StagedModel.from_module(resnet, ["block1.conv1", "block2"]).train()
     staged(x).sum().backward()
     assert all(p.grad is not None for p in staged.parameters() if p.requires_grad)
+
+
+def test_hooks_on_a_stage_graph_still_run(resnet, x):
+    """Stages call their traced graph directly for speed; a hook on the graph module itself
+    takes the full call again, and hooks inside the graph always run."""
+    staged = StagedModel.from_module(resnet, ["block1"])
+    graph = staged.stages[0].module
+    with torch.no_grad():
+        want = resnet(x)
+    seen = []
+    handle = graph.register_forward_hook(lambda m, i, o: seen.append("graph"))
+    inner = resnet.stem[0].register_forward_hook(lambda m, i, o: seen.append("conv"))
+    with torch.no_grad():
+        assert torch.equal(staged(x), want)
+    assert seen == ["conv", "graph"]
+    handle.remove()
+    with torch.no_grad():
+        assert torch.equal(staged(x), want)
+    assert seen == ["conv", "graph", "conv"]
+    inner.remove()

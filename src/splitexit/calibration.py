@@ -203,7 +203,8 @@ class ExitSelection:
 
 def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
                  costs_for: Callable[[list[int]], Sequence[float]], policy: ExitPolicy, *,
-                 reference_accuracy: float, max_drop: float, num: int = 100) -> ExitSelection:
+                 reference_accuracy: float, max_drop: float, num: int = 100,
+                 max_final_cost: float | None = None) -> ExitSelection:
     """Choose the exit heads and threshold that minimise expected cost within ``max_drop``.
 
     A head costs time on every sample that reaches it, also when nothing exits there; where
@@ -211,7 +212,10 @@ def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     of a head is often far above its MAC count). This tries every subset of heads (the final
     exit always kept), sweeps the threshold on each with the costs ``costs_for(keep)`` of
     leaving at each kept exit and at the final one, and returns the cheapest point within
-    ``max_drop`` of ``reference_accuracy``.
+    ``max_drop`` of ``reference_accuracy``. With ``max_final_cost``, subsets whose final-exit
+    cost (what a sample pays when no exit fires: every kept head and decision, then the whole
+    backbone) exceeds it are not considered: a bound on the worst case, e.g. 1.1x the
+    plain backbone's latency.
 
     Args:
         logits: every exit's calibration logits (the last is the final exit).
@@ -238,6 +242,10 @@ def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
         if len(costs) != len(keep) + 1:
             raise InputError(f"costs_for({keep}) returned {len(costs)} costs, expected "
                              f"{len(keep) + 1} (one per kept exit plus the final exit)")
+        if max_final_cost is not None and costs[-1] > max_final_cost:
+            candidates.append({"exits": keep, "exit_costs": costs, "expected_cost": None,
+                               "accuracy": None, "over_final_cost": True})
+            continue
         if not keep:  # no head: every sample runs to the final exit
             final = logits[-1].argmax(1) == labels
             points = [OperatingPoint(policy, float(final.double().mean()), costs[0], [1.0])]
@@ -256,8 +264,11 @@ def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
         if best is None or op.mean_macs < best[0].mean_macs:
             best = (op, keep)
     if best is None:
+        bound = ("" if max_final_cost is None else
+                 f" at a final-exit cost <= {max_final_cost:.4g}")
         raise InputError(f"no subset of exits keeps accuracy within {max_drop:.4f} of "
-                         f"{reference_accuracy:.4f}; relax max_drop or train better exits")
+                         f"{reference_accuracy:.4f}{bound}; relax max_drop"
+                         f"{' or max_final_cost' if bound else ''} or train better exits")
     return ExitSelection(best[1], best[0], candidates)
 
 

@@ -58,6 +58,10 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
                         "(frozen graphs; each runtime has its own baseline)")
     p.add_argument("--no-select-exits", action="store_true",
                    help="skip choosing the subset of exit heads with the lowest predicted latency")
+    p.add_argument("--max-overhead", type=float, default=1.10,
+                   help="when choosing exit heads for latency, keep only subsets whose measured "
+                        "no-exit latency is at most this times the baseline's (default 1.10; "
+                        "0 = no bound)")
     p.add_argument("--control", action="store_true",
                    help="also train the baseline as long as the multi-exit model, without exits, "
                         "and choose operating points against the better of the two")
@@ -75,6 +79,7 @@ def _run_early_exit(args, suite: str) -> int:
                                  threads=args.threads, seed=args.seed,
                                  runtimes=tuple(args.runtimes.split(",")),
                                  select_exits=not args.no_select_exits,
+                                 max_overhead=args.max_overhead or None,
                                  control=args.control)
     report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
                             suite=suite, command=_command_line())

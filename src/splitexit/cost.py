@@ -212,18 +212,21 @@ def per_sample_seconds(fn: Callable[[torch.Tensor], object], xs: torch.Tensor,
 
 
 def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: torch.Tensor,
-                         num_exits: int, samples: int = 200) -> list[float]:
+                         num_exits: int, samples: int = 200, policy=None) -> list[float]:
     """Measured batch-1 seconds to leave at each exit, on the runtime that will serve.
 
     ``infer(x, policy)`` is any early-exit runner (``MultiExitModel.infer``,
-    ``TracedMultiExit.infer``, ONNX Runtime); each exit ``e`` is timed with
-    :class:`~splitexit.policies.FixedExit` ``(e)`` over ``samples`` inputs (median), so every
-    overhead the runner has (heads, decisions, bookkeeping) is in the figure.
+    ``TracedMultiExit.infer``, ONNX Runtime); each exit ``e`` is timed over ``samples``
+    inputs (median) with ``policy`` forced to leave there
+    (:func:`~splitexit.policies.leave_at`: its statistic computed at every exit on the way,
+    as in deployment) or, without a policy, with :class:`~splitexit.policies.FixedExit`, so
+    every overhead the runner has (heads, decisions, bookkeeping) is in the figure. The last
+    figure is what a sample pays when no exit fires.
     """
-    from .policies import FixedExit
+    from .policies import FixedExit, leave_at
 
-    def leave_at(e: int) -> float:
-        policy = FixedExit(e)
-        return statistics.median(per_sample_seconds(lambda s: infer(s, policy), x[:samples]))
+    def seconds(e: int) -> float:
+        p = FixedExit(e) if policy is None else leave_at(policy, e, num_exits)
+        return statistics.median(per_sample_seconds(lambda s: infer(s, p), x[:samples]))
 
-    return [leave_at(e) for e in range(num_exits)]
+    return [seconds(e) for e in range(num_exits)]

@@ -166,9 +166,35 @@ class MultiExitModel(nn.Module):
             InputError: wrong type, dtype, shape, or non-finite input.
         """
         check_input(x, self.input_shape)
+        if x.shape[0] == 1:
+            return self._infer_one(x, policy)
         run = advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
                             self.backbone.num_stages)
         return run.result
+
+    def _infer_one(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
+        """Batch 1: the decisions :func:`advance_exits` makes, without its bookkeeping (there
+        is no batch to shrink: the sample leaves at the first exit that fires)."""
+        stops, heads = self.exit_stages, len(self.heads)
+        state: dict | None = None
+        previous: torch.Tensor | None = None
+        payload: Payload = x
+        e = 0
+        for k, stage in enumerate(self.backbone.stages):
+            payload = stage(payload)
+            if e < heads and stops[e] == k:
+                logits = self.run_head(e, payload, previous)
+                if state is None:
+                    state = policy.init_state(1, logits.shape[1])
+                fire, decision = policy.decide(e, logits, state)
+                if bool(fire):
+                    return _one_sample(decision, e)
+                previous = logits
+                e += 1
+        logits = payload_tensors(payload)[0]
+        if state is None:
+            state = policy.init_state(1, logits.shape[1])
+        return _one_sample(policy.final_decision(heads, logits, state), heads)
 
     @torch.no_grad()
     def simulate(self, logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:
@@ -185,6 +211,10 @@ class MultiExitModel(nn.Module):
         chunks = [self(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]
         self.train(was_training)
         return [torch.cat([c[e] for c in chunks]) for e in range(self.num_exits)]
+
+
+def _one_sample(decision: torch.Tensor, e: int) -> ExitResult:
+    return ExitResult(decision.argmax(dim=1), torch.full((1,), e, dtype=torch.long), decision)
 
 
 class FirstCascadeHead(nn.Module):

@@ -19,7 +19,7 @@ from .errors import InputError
 
 __all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
            "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
-           "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits"]
+           "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits", "leave_at"]
 
 State = dict[str, torch.Tensor]
 
@@ -200,6 +200,27 @@ class FixedExit(ExitPolicy):
     def decide(self, exit_index, logits, state):
         fire = torch.full((logits.shape[0],), exit_index >= self.exit_index, dtype=torch.bool)
         return fire, logits
+
+
+def leave_at(policy: ExitPolicy, exit_index: int, num_exits: int) -> ExitPolicy:
+    """``policy`` with every decision still computed, forced to leave at ``exit_index``.
+
+    What a sample that leaves there costs under ``policy`` on any runtime: a plain threshold
+    policy gets thresholds it cannot reach before that exit (and a temperature that flattens
+    the softmax to uniform there, so a maximum probability of exactly 1 cannot fire) and one
+    it always reaches at it; ``exit_index = num_exits - 1`` never fires (the no-exit overhead).
+    Any other policy becomes :class:`FixedExit`, which skips the decisions.
+    """
+    if not 0 <= exit_index < num_exits:
+        raise InputError(f"exit_index must lie in 0..{num_exits - 1}, got {exit_index}")
+    if not is_plain_threshold(policy):
+        return FixedExit(exit_index)
+    lo, hi = policy.valid_range
+    never, always = (hi, lo) if policy.higher_is_confident else (lo, hi)
+    heads = num_exits - 1
+    thresholds = tuple(never if e < exit_index else always for e in range(max(1, heads)))
+    temperatures = tuple(1e9 if e < exit_index else 1.0 for e in range(max(1, heads)))
+    return replace(policy, threshold=thresholds, temperature=temperatures)
 
 
 @dataclass(frozen=True)

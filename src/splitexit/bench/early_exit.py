@@ -8,6 +8,7 @@ split in the same run, with ratios to the baseline. The demo is this suite on a 
 from __future__ import annotations
 
 import copy
+import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +23,12 @@ from ..calibration import (
     select_exits,
     sweep,
 )
-from ..cost import cost_table, measure_exit_latency
+from ..cost import cost_table, measure_exit_latency, per_sample_seconds
 from ..data import Dataset, load_dataset
 from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..optimize import fuse_for_inference, trace_for_inference
-from ..policies import NeverExit, ThresholdPolicy, make_policy
+from ..policies import leave_at, make_policy
 from ..report import plot_pareto, write_report
 from ..training import Baseline, HeadsOnly, JointWeighted, train
 from ..zoo import create_model, create_multiexit
@@ -83,6 +84,7 @@ class EarlyExitSettings:
     fuse: bool = True
     runtimes: tuple[str, ...] = ("eager", "torchscript")
     select_exits: bool = True
+    max_overhead: float | None = 1.10
     control: bool = False
     selection_samples: int = 300
     timing_chunks: int = 20
@@ -150,14 +152,10 @@ def train_control(ds: Dataset, baseline: torch.nn.Module, s: EarlyExitSettings
     return control, h.seconds
 
 
-def _never_fires(policy):
-    """The suite's policy with every decision still computed but none able to fire: the
-    highest threshold and a temperature that flattens every softmax to uniform (costs one
-    division per exit more than temperature 1). Heads-and-loop cost alone is NeverExit."""
-    if not isinstance(policy, ThresholdPolicy):
-        return NeverExit()
-    hi = policy.valid_range[1] if policy.higher_is_confident else policy.valid_range[0]
-    return replace(policy, threshold=hi, temperature=1e9)
+def _never_fires(policy, heads: int):
+    """The suite's policy over ``heads`` exit heads with every decision still computed but
+    none able to fire (:func:`~splitexit.policies.leave_at` the final exit)."""
+    return leave_at(policy, heads, heads + 1)
 
 
 def _head_for(model_name: str, spec: str | None) -> str | None:
@@ -250,30 +248,54 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
             if tuple(keep) not in measured:
                 with torch_threads(s.threads):
                     measured[tuple(keep)] = measure_exit_latency(
-                        fast_for(keep).infer, ds.calib.x, len(keep) + 1, s.selection_samples)
+                        fast_for(keep).infer, ds.calib.x, len(keep) + 1, s.selection_samples,
+                        policy=policy)
             return measured[tuple(keep)]
+
+        base_fn = compile_model(baseline)
+        bound = None  # the no-exit cost a chosen subset may have (x the baseline's latency)
+        if s.select_exits and s.max_overhead is not None:
+            with torch_threads(s.threads):
+                base_b1 = statistics.median(per_sample_seconds(
+                    base_fn, ds.calib.x[: s.selection_samples]))
+            bound = s.max_overhead * base_b1
+        chosen_label = ("exits chosen for latency" if bound is None else
+                        f"exits chosen for latency, no-exit cost <= {s.max_overhead:g}x")
 
         plans = []  # (method, kept exits, policy, extra columns)
         for method, keep, pol, extra in chosen:
             plans.append((method, keep, pol, extra))
             if s.select_exits:
-                sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
-                                   reference_accuracy=ref_calib_acc, max_drop=extra["max_drop"])
-                plans.append((f"{method[:-1]}, exits chosen for latency)", sel.exits,
+                label = f"{method[:-1]}, {chosen_label})"
+                try:
+                    sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
+                                       reference_accuracy=ref_calib_acc,
+                                       max_drop=extra["max_drop"], max_final_cost=bound)
+                except InputError as exc:
+                    if bound is None:
+                        raise
+                    # no subset within the bound: say so, and choose without it
+                    notes.append({"method": label, "model": model_name, "runtime": runtime,
+                                  "note": str(exc)})
+                    label = f"{method[:-1]}, exits chosen for latency)"
+                    sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
+                                       reference_accuracy=ref_calib_acc,
+                                       max_drop=extra["max_drop"])
+                plans.append((label, sel.exits,
                               sel.point.policy,
                               {"calib_accuracy": sel.point.accuracy,
                                "calib_reference_accuracy": ref_calib_acc,
                                "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
                                "predicted_latency_ms": 1e3 * sel.point.mean_macs}))
-        plans.append(("no exit fires (overhead)", all_exits, _never_fires(policy), {}))
+        plans.append(("no exit fires (overhead)", all_exits,
+                      _never_fires(policy, len(all_exits)), {}))
         # and what a deployment of a latency-chosen subset pays when nothing leaves early
         subsets = dict.fromkeys(tuple(keep) for m, keep, _, _ in plans
-                                if "chosen for latency" in m and keep and keep != all_exits)
+                                if "chosen for latency" in m and keep != all_exits)
         for keep in subsets:
-            names = ", ".join(multi.exit_names[e] for e in keep)
+            names = ", ".join(multi.exit_names[e] for e in keep) or "no heads"
             plans.append((f"no exit fires (overhead), exits {names} only", list(keep),
-                          _never_fires(policy), {}))
-        base_fn = compile_model(baseline)
+                          _never_fires(policy, len(keep)), {}))
         fns = {"baseline": base_fn}
         for method, keep, pol, _ in plans:
             fns[method] = (lambda f, p: lambda x: f.infer(x, p))(fast_for(keep), pol)
@@ -394,7 +416,12 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
              "'exits chosen for latency': the subset of exit heads and threshold with the "
              "lowest expected batch-1 latency on the calibration split "
              "(splitexit.calibration.select_exits), from the measured latency of leaving at "
-             "each exit on that runtime; predicted_latency_ms is that expectation.",
+             "each exit on that runtime (the policy's statistic computed at every exit on "
+             "the way); predicted_latency_ms is that expectation."
+             + ("" if not s.select_exits or s.max_overhead is None else
+                f" Only subsets whose measured no-exit latency is at most {s.max_overhead:g}x "
+                "the baseline's (both measured on the calibration inputs) are considered: a "
+                "bound on what a sample pays when no exit fires."),
              "no exit fires: every head and every exit decision runs (the policy with "
              "thresholds it cannot reach), nothing leaves; overhead_batch1 = its batch-1 "
              "latency / the baseline's; overhead_batched = the baseline's batched throughput "
