@@ -23,6 +23,10 @@ def test_demo_writes_reports(tmp_path, capsys):
     assert [r["runtime"] for r in report["rows"] if r["method"] == "baseline"] == [
         "eager", "torchscript"]
     assert any("exits chosen for latency" in r["method"] for r in measured)
+    # a bounded choice either keeps its predicted no-exit cost within 1.1x or says why not
+    bounded = [r for r in report["rows"] if "no-exit cost <= 1.1x" in r["method"]]
+    assert bounded and all(r.get("note") or r["predicted_no_exit_ratio"] <= 1.1
+                           for r in bounded)
     overhead = [r for r in measured if r["method"].startswith("no exit fires")]
     assert [r["method"] for r in overhead].count("no exit fires (overhead)") == 2
     assert all(r["overhead_batch1"] > 0 for r in overhead)
