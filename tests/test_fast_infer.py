@@ -109,6 +109,17 @@ def test_measured_exit_latency_grows_with_depth(trained_resnet8, digits, one_thr
     assert lat[0] < lat[3]  # leaving after the stem is cheaper than running every stage
 
 
+def test_exit_latency_relative_to_a_reference(trained_resnet8, digits, one_thread):
+    """With a reference timed alongside, the figures are ratios to it: the no-exit case of a
+    model is about the model itself (loose bounds: this is a timing, not a benchmark)."""
+    model = trained_resnet8
+    never = leave_at(MaxProb(0.9), 3, 4)
+    ratios = measure_exit_latency(model.infer, digits.test.x, 4, samples=40, policy=MaxProb(0.9),
+                                  reference=lambda s: model.infer(s, never))
+    assert len(ratios) == 4 and 0.5 < ratios[-1] < 2.0
+    assert ratios[0] < ratios[-1]
+
+
 def test_sdn_head_fixed_and_adaptive_pooling_agree():
     head = SDNHead((8, 28, 28), 10)
     x = torch.randn(3, 8, 28, 28)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .stages import Payload, StagedModel, payload_nbytes
 
 __all__ = ["CostTable", "count_macs", "param_bytes", "measure_latency", "cost_table",
-           "mean_macs", "measure_exit_latency", "per_sample_seconds"]
+           "mean_macs", "measure_exit_latency", "per_sample_seconds", "interleaved_seconds"]
 
 
 def count_macs(fn: Callable[[], object]) -> float:
@@ -211,8 +211,40 @@ def per_sample_seconds(fn: Callable[[torch.Tensor], object], xs: torch.Tensor,
     return times
 
 
+def interleaved_seconds(fns: Mapping[object, Callable[[torch.Tensor], object]],
+                        xs: torch.Tensor, warmup: int = 20, chunks: int | None = None,
+                        shuffle: bool = True, seed: int = 0) -> dict[object, list[float]]:
+    """Batch-1 seconds of several functions over the same samples, interleaved.
+
+    The samples are cut into ``chunks`` consecutive groups (``None``: one sample per group);
+    every function runs a whole group before the next one does, and their order is shuffled
+    per group. Slow phases of a shared machine so hit every function alike, no function always
+    runs right after the same other one, and within a group a function runs warm, as a
+    deployed model serving a stream does. Compare only figures measured together.
+    """
+    import random
+
+    times: dict[object, list[float]] = {n: [] for n in fns}
+    names = list(fns)
+    order = random.Random(seed)
+    n = len(xs)
+    step = 1 if not chunks else max(1, -(-n // chunks))
+    with torch.inference_mode():
+        for i in range(min(warmup, n)):
+            for fn in fns.values():
+                fn(xs[i: i + 1])
+    for a in range(0, n, step):
+        if shuffle:
+            order.shuffle(names)
+        for name in names:
+            times[name] += per_sample_seconds(fns[name], xs[a: a + step], warmup=0)
+    return times
+
+
 def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: torch.Tensor,
-                         num_exits: int, samples: int = 200, policy=None) -> list[float]:
+                         num_exits: int, samples: int = 200, policy=None,
+                         reference: Callable[[torch.Tensor], object] | None = None,
+                         chunks: int = 10) -> list[float]:
     """Measured batch-1 seconds to leave at each exit, on the runtime that will serve.
 
     ``infer(x, policy)`` is any early-exit runner (``MultiExitModel.infer``,
@@ -221,12 +253,22 @@ def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: tor
     (:func:`~splitexit.policies.leave_at`: its statistic computed at every exit on the way,
     as in deployment) or, without a policy, with :class:`~splitexit.policies.FixedExit`, so
     every overhead the runner has (heads, decisions, bookkeeping) is in the figure. The last
-    figure is what a sample pays when no exit fires.
+    figure is what a sample pays when no exit fires. The exits are timed interleaved
+    (:func:`interleaved_seconds`, ``chunks`` groups).
+
+    With ``reference`` (e.g. the plain backbone on the same runtime), it is timed interleaved
+    with the exits and the figures are ratios to its median: free of the drift between
+    measurements made at different times, so costs of different subsets of exits compare.
     """
     from .policies import FixedExit, leave_at
 
-    def seconds(e: int) -> float:
+    def runner(e: int):
         p = FixedExit(e) if policy is None else leave_at(policy, e, num_exits)
-        return statistics.median(per_sample_seconds(lambda s: infer(s, p), x[:samples]))
+        return lambda s: infer(s, p)
 
-    return [seconds(e) for e in range(num_exits)]
+    fns: dict[object, Callable] = {e: runner(e) for e in range(num_exits)}
+    if reference is not None:
+        fns["reference"] = reference
+    times = interleaved_seconds(fns, x[:samples], warmup=min(10, samples), chunks=chunks)
+    unit = statistics.median(times["reference"]) if reference is not None else 1.0
+    return [statistics.median(times[e]) / unit for e in range(num_exits)]

@@ -7,6 +7,7 @@ exactly with ``simulate``, which replays the same policy over ``forward``'s logi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,21 @@ from .stages import Payload, StagedModel, payload_select, payload_tensors
 
 __all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "all_exit_logits",
            "check_input", "StageWithHead"]
+
+
+def inference(fn):
+    """``torch.inference_mode`` for an inference entry point, entered only when it is not on
+    already: re-entering it costs about 14 us at batch 1 (the dispatcher's state is switched
+    and restored even when nothing changes), a serving loop usually runs inside it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> None:
@@ -158,7 +174,7 @@ class MultiExitModel(nn.Module):
         payload = self.backbone.stages[k](payload)
         return payload, (None if e is None else self.run_head(e, payload, previous))
 
-    @torch.inference_mode()
+    @inference
     def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
         """Early-exit inference for real: exited samples leave the batch.
 

@@ -30,6 +30,7 @@ from .multiexit import (
     advance_exits,
     all_exit_logits,
     check_input,
+    inference,
 )
 from .policies import ExitPolicy, _per_exit, is_plain_threshold
 from .stages import Payload, Stage, StagedModel, payload_tensors
@@ -239,7 +240,7 @@ class TracedMultiExit:
             return (outs[0] if len(outs) == 2 else tuple(outs[:-1])), outs[-1]
         return (outs[0] if len(outs) == 1 else tuple(outs)), None
 
-    @torch.inference_mode()
+    @inference
     def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
         """Early-exit inference, as :meth:`MultiExitModel.infer`.
 
@@ -257,7 +258,7 @@ class TracedMultiExit:
         return advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
                              len(self.pieces)).result
 
-    @torch.inference_mode()
+    @inference
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits for the whole batch, as ``MultiExitModel.forward``."""
         check_input(x, self.input_shape)

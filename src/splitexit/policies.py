@@ -112,6 +112,12 @@ class ThresholdPolicy(ExitPolicy):
         return replace(self, threshold=threshold)
 
 
+def _fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 for the statistic (no call when they are already: at batch 1 an exit
+    decision is a handful of ops and each costs microseconds)."""
+    return logits if logits.dtype == torch.float32 else logits.float()
+
+
 def is_plain_threshold(policy: ExitPolicy) -> bool:
     """Whether ``policy`` is exactly max-prob, entropy or margin: a stateless threshold test
     on the exit's own logits (no ensemble, gate or state), so it can be compiled into a graph."""
@@ -127,7 +133,7 @@ class MaxProb(ThresholdPolicy):
     valid_range = (0.0, 1.0)
 
     def statistic(self, logits):
-        return F.softmax(logits.float(), dim=1).amax(dim=1)
+        return _fp32(logits).softmax(1).amax(1)
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ class Entropy(ThresholdPolicy):
     valid_range = (0.0, math.inf)
 
     def statistic(self, logits):
-        logp = F.log_softmax(logits.float(), dim=1)
+        logp = _fp32(logits).log_softmax(1)
         return -(logp.exp() * logp).sum(dim=1)
 
 
@@ -153,7 +159,7 @@ class Margin(ThresholdPolicy):
     valid_range = (0.0, 1.0)
 
     def statistic(self, logits):
-        top2 = F.softmax(logits.float(), dim=1).topk(2, dim=1).values
+        top2 = _fp32(logits).softmax(1).topk(2, dim=1).values
         return top2[:, 0] - top2[:, 1]
 
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..cost import per_sample_seconds
+from ..cost import interleaved_seconds, per_sample_seconds
 
 __all__ = ["latency_batch1", "throughput", "torch_threads", "interleaved_latency",
            "interleaved_throughput"]
@@ -56,33 +56,14 @@ def throughput(fn: Callable[[torch.Tensor], object], x: torch.Tensor, batch_size
 def interleaved_latency(fns: Mapping[str, Callable], xs: torch.Tensor, warmup: int = 20,
                         chunks: int | None = None, shuffle: bool = True, seed: int = 0
                         ) -> dict[str, dict]:
-    """Batch-1 latency of several functions over the same samples, interleaved.
-
-    The samples are cut into ``chunks`` consecutive groups (``None``: one sample per group);
-    every method runs a whole group before the next method does, and the methods' order is
-    shuffled per group. Slow phases of a shared machine so hit every method alike, no method
-    always runs right after the same other one, and within a group a method runs warm, as a
-    deployed model serving a stream does.
+    """Batch-1 latency of several functions over the same samples, interleaved
+    (:func:`splitexit.cost.interleaved_seconds`).
 
     Returns:
         ``{name: {"median_ms", "mean_ms", "p95_ms", "total_s", "samples"}}``.
     """
-    import random
-
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    order = random.Random(seed)
-    n = len(xs)
-    step = 1 if not chunks else max(1, -(-n // chunks))
-    with torch.inference_mode():
-        for i in range(min(warmup, n)):
-            for fn in fns.values():
-                fn(xs[i: i + 1])
-    for a in range(0, n, step):
-        if shuffle:
-            order.shuffle(names)
-        for name in names:
-            times[name] += per_sample_seconds(fns[name], xs[a: a + step], warmup=0)
+    times = interleaved_seconds(fns, xs, warmup=warmup, chunks=chunks, shuffle=shuffle,
+                                seed=seed)
     return {name: _latency_summary(ts) for name, ts in times.items()}
 
 
