@@ -131,6 +131,21 @@ def test_sdn_head_fixed_and_adaptive_pooling_agree():
     assert odd(torch.randn(2, 8, 14, 14)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_sdn_max_pooling_is_bitwise_max_pool2d(batch):
+    """Above batch 1 the SDN head's max pooling runs as two reductions: the same values bit
+    for bit as F.max_pool2d, ties included (ReLU maps are full of zeros), so exits do not
+    depend on the batch size."""
+    from splitexit.heads import _grid_pool
+
+    torch.manual_seed(batch)
+    x = torch.relu(torch.randn(batch, 8, 28, 28))
+    assert torch.equal(_grid_pool(x, (4, 4), (7, 7), "max"), torch.nn.functional.max_pool2d(x, 7))
+    head = SDNHead((8, 28, 28), 10).eval()
+    one_by_one = torch.cat([head(x[i: i + 1]) for i in range(batch)])
+    assert torch.equal(head(x).argmax(1), one_by_one.argmax(1))
+
+
 def test_traced_cascading_heads_match_eager(digits):
     torch.manual_seed(0)
     model = create_multiexit("resnet8", digits.num_classes, digits.input_shape,

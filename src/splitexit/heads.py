@@ -140,12 +140,25 @@ class _GridHead(ExitHead):
         return F.linear(pooled.flatten(1), self.fc.weight, self.fc.bias)
 
 
+def _max_rows_then_columns(x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+    """``F.max_pool2d(x, kernel)`` (non-overlapping windows that tile the map) as two
+    reductions, rows then columns: the same values bit for bit (a maximum does not round)
+    and about twice as fast on CPU above batch 1, where max pooling is an SDN head's
+    slowest op; at batch 1 the single pooling call is faster."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    rows = x.view(n, c, h // kh, kh, w).amax(3)
+    return rows.view(n, c, h // kh, w // kw, kw).amax(4)
+
+
 def _grid_pool(x: torch.Tensor, out: Sequence[int], kernel: tuple[int, ...] | None,
                mode: str) -> torch.Tensor:
     """Max or average pooling of ``x`` to the grid ``out``: a fixed kernel when the sizes
     divide (faster, same windows), slices while exporting to ONNX, else adaptive pooling."""
     is_max = mode == "max"
     if x.dim() == 4 and kernel is not None:
+        if is_max and x.shape[0] > 1 and x.is_contiguous() and not _exporting_onnx():
+            return _max_rows_then_columns(x, kernel)
         return F.max_pool2d(x, kernel) if is_max else F.avg_pool2d(x, kernel)
     if x.dim() == 4 and _exporting_onnx():
         return _adaptive_pool2d_sliced(x, out, mode)
