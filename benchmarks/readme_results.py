@@ -18,8 +18,8 @@ COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "full_te
            "accuracy_drop_pt", "drop_vs_control_pt", "macs_ratio", "latency_ms",
            "latency_p50_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
            "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "overhead_batch1",
-           "overhead_batched", "exit_fractions"]
-MAX_ROWS = 28
+           "overhead_batched", "predicted_no_exit_ratio", "exit_fractions"]
+MAX_ROWS = 40
 
 
 def _compact(row: dict) -> dict:
