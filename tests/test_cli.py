@@ -27,6 +27,10 @@ def test_demo_writes_reports(tmp_path, capsys):
     bounded = [r for r in report["rows"] if "no-exit cost <= 1.1x" in r["method"]]
     assert bounded and all(r.get("note") or r["predicted_no_exit_ratio"] <= 1.1
                            for r in bounded)
+    # every subset the selection tried is in the report, the chosen ones marked
+    subsets = report["sections"]["exit subsets (latency selection, calibration split)"]
+    assert len(subsets) == 2 * 2 * 2 ** 3  # runtimes x drops x subsets of 3 heads
+    assert sum(r["chosen"] for r in subsets) == 4
     overhead = [r for r in measured if r["method"].startswith("no exit fires")]
     assert [r["method"] for r in overhead].count("no exit fires (overhead)") == 2
     assert all(r["overhead_batch1"] > 0 for r in overhead)

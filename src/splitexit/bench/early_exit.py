@@ -195,6 +195,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
 
     ref_calib_acc, base_test_acc = accuracies(baseline)
     control_rows: list[dict] = []
+    subsets: list[dict] = []  # every subset of exits the latency selection tried
     control_test_acc = None
     if control is not None:
         control_calib_acc, control_test_acc = accuracies(control)
@@ -268,6 +269,14 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                 notes.append({"method": label, "model": model_name, "runtime": runtime,
                               "note": str(exc)})
                 return None
+            if bound is None:  # every subset tried: mean latency against the worst case
+                subsets.extend(
+                    {"model": model_name, "runtime": runtime, "max_drop_pt": 100 * extra["max_drop"],
+                     "exits": [multi.exit_names[e] for e in c["exits"]] + ["final"],
+                     "calib_accuracy": c["accuracy"],
+                     "predicted_latency_ratio": c["expected_cost"],
+                     "predicted_no_exit_ratio": c["exit_costs"][-1],
+                     "chosen": c["exits"] == sel.exits} for c in sel.candidates)
             return (label, sel.exits, sel.point.policy,
                     {"calib_accuracy": sel.point.accuracy,
                      "calib_reference_accuracy": ref_calib_acc,
@@ -286,9 +295,9 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         plans.append(("no exit fires (overhead)", all_exits,
                       _never_fires(policy, len(all_exits)), {}))
         # and what a deployment of a latency-chosen subset pays when nothing leaves early
-        subsets = dict.fromkeys(tuple(keep) for m, keep, _, _ in plans
-                                if "chosen for latency" in m and keep != all_exits)
-        for keep in subsets:
+        kept_subsets = dict.fromkeys(tuple(keep) for m, keep, _, _ in plans
+                                     if "chosen for latency" in m and keep != all_exits)
+        for keep in kept_subsets:
             names = ", ".join(multi.exit_names[e] for e in keep) or "no heads"
             plans.append((f"no exit fires (overhead), exits {names} only", list(keep),
                           _never_fires(policy, len(keep)), {}))
@@ -354,7 +363,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                pareto_front(sweep(test_logits, test_y, costs.exit_macs, policy))]}
     marks = {f"{model_name} baseline": (1.0, base_test_acc),
              f"{model_name} oracle": (orc["mean_macs"] / base_macs, orc["accuracy"])}
-    return rows, {"anytime": anytime, "curves": curves, "points": marks}
+    return rows, {"anytime": anytime, "curves": curves, "points": marks, "subsets": subsets}
 
 
 def run_early_exit(dataset: str, models: list[str], out: str | Path,
@@ -366,7 +375,7 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
     ds = load_dataset(dataset, seed=s.seed)
     if s.train_samples and s.train_samples < len(ds.train):
         ds = replace(ds, train=ds.train.subset(s.train_samples, seed=s.seed))
-    rows, anytime, curves, points, timings = [], [], {}, {}, {}
+    rows, anytime, subsets, curves, points, timings = [], [], [], {}, {}, {}
     for name in models:
         saved = [out / "models" / f"{name}-{kind}" for kind in ("baseline", "multiexit")]
         have = [s.reuse_models and (p / "model.json").is_file() for p in saved]
@@ -397,6 +406,7 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
             r, extra = evaluate_pair(ds, name, baseline, multi, s, control=control)
         rows += r
         anytime += extra["anytime"]
+        subsets += extra["subsets"]
         curves.update(extra["curves"])
         points.update(extra["points"])
     plot = plot_pareto(out / "pareto.png", curves, points, xlabel="mean MACs / baseline MACs",
@@ -433,7 +443,9 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
                if s.control else []),
              *s.extra_notes]
     return write_report(out, suite, rows, dataset=dataset, model=", ".join(models),
-                        sections={"anytime (stop at exit k)": anytime}, notes=notes,
+                        sections={"anytime (stop at exit k)": anytime,
+                                  "exit subsets (latency selection, calibration split)": subsets},
+                        notes=notes,
                         command=command, settings={k: v for k, v in vars(s).items()},
                         train_seconds=timings, train_samples=len(ds.train),
                         calib_samples=len(ds.calib), test_samples=len(ds.test),
