@@ -75,15 +75,21 @@ def test_exit_costs_count_only_kept_heads():
     assert exit_costs([1, 2, 3, 4], [10, 20, 30], [0, 1, 2, 3], []) == [10]
 
 
-def test_select_exits_drops_heads_that_do_not_pay():
-    """Exit 1 is as confident as exit 0 on the same samples but costs a lot: it goes."""
+def _two_heads_same_samples():
+    """Two heads, both confident and right on the same half of the samples; a final exit
+    right on all."""
     torch.manual_seed(0)
     n, c = 400, 5
     labels = torch.randint(0, c, (n,))
     good = torch.nn.functional.one_hot(labels, c).float() * 6
     easy = torch.arange(n) < n // 2
     early = torch.where(easy[:, None], good, torch.zeros(n, c))
-    logits = [early, early.clone(), good]
+    return [early, early.clone(), good], labels
+
+
+def test_select_exits_drops_heads_that_do_not_pay():
+    """Exit 1 is as confident as exit 0 on the same samples but costs a lot: it goes."""
+    logits, labels = _two_heads_same_samples()
 
     def costs(keep):
         return exit_costs([1.0, 1.0, 1.0], [0.1, 5.0], [0, 1, 2], keep)
@@ -229,13 +235,7 @@ def test_leave_at_forces_the_exit_on_every_runtime(trained_resnet8, digits, poli
 def test_select_exits_respects_a_bound_on_the_no_exit_cost():
     """With the final-exit cost bounded, a subset whose heads make the no-exit case too
     expensive is not chosen, even when its expected cost is the lowest."""
-    torch.manual_seed(0)
-    n, c = 400, 5
-    labels = torch.randint(0, c, (n,))
-    good = torch.nn.functional.one_hot(labels, c).float() * 6
-    easy = torch.arange(n) < n // 2
-    early = torch.where(easy[:, None], good, torch.zeros(n, c))
-    logits = [early, early.clone(), good]
+    logits, labels = _two_heads_same_samples()
 
     def costs(keep):
         return exit_costs([1.0, 1.0, 1.0], [0.2, 0.1], [0, 1, 2], keep)
