@@ -251,3 +251,24 @@ def test_select_exits_respects_a_bound_on_the_no_exit_cost():
     with pytest.raises(InputError, match="final-exit cost"):
         select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0,
                      max_drop=0.0, max_final_cost=2.9)
+
+
+def test_sdn_heads_exit_alike_at_every_batch_size_and_runtime(digits, one_thread):
+    """SDN heads pool differently at batch 1 and above (one call vs two reductions): the
+    exits still equal the offline replay at batch 1, 7 and 64, eager and TorchScript."""
+    torch.manual_seed(0)
+    model = create_multiexit("resnet8", digits.num_classes, digits.input_shape,
+                             head="sdn").eval()
+    x = digits.test.x[:64]
+    logits = model.collect_logits(x)
+    traced = trace_for_inference(model, digits.calib.x[:4])
+    # untrained heads are barely confident: thresholds at observed confidences (exact ties)
+    confidence = torch.softmax(logits[0], 1).amax(1).sort().values
+    for policy in (MaxProb(float(confidence[32])), MaxProb(float(confidence[50]))):
+        offline = model.simulate(logits, policy)
+        assert 0 < int((offline.exit_index < 3).sum()) < len(x)  # some leave early, some not
+        for runner in (model, traced):
+            for b in (1, 7, 64):
+                got = torch.cat([runner.infer(x[i: i + b], policy).exit_index
+                                 for i in range(0, len(x), b)])
+                assert torch.equal(got, offline.exit_index)
