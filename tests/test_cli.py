@@ -92,3 +92,16 @@ def test_early_exit_bench_control_is_the_stricter_reference(trained_resnet8, dig
         if "drop_vs_control_pt" in r:
             assert r["drop_vs_control_pt"] == pytest.approx(100 * (control["accuracy"]
                                                                    - r["accuracy"]))
+
+
+def test_benchmarks_time_in_a_steady_allocator_state():
+    """glibc keeps freed blocks in the process (no mmap per batch), and servers a benchmark
+    starts inherit it through the environment."""
+    import subprocess
+    import sys
+
+    code = ("import os; from splitexit.bench.measure import steady_allocator; "
+            "print(steady_allocator(), os.environ['MALLOC_MMAP_MAX_'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "0"]

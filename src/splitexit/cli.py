@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("bench", "demo"):  # every method timed in the same allocator state
+        from .bench.measure import steady_allocator
+
+        steady_allocator()
     try:
         return args.func(args)
     except SplitexitError as exc:
