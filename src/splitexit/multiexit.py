@@ -19,8 +19,8 @@ from .errors import InputError
 from .policies import ExitPolicy
 from .stages import Payload, StagedModel, payload_select, payload_tensors
 
-__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "all_exit_logits",
-           "check_input", "StageWithHead"]
+__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "infer_exits",
+           "all_exit_logits", "check_input", "StageWithHead"]
 
 
 def inference(fn):
@@ -182,35 +182,7 @@ class MultiExitModel(nn.Module):
             InputError: wrong type, dtype, shape, or non-finite input.
         """
         check_input(x, self.input_shape)
-        if x.shape[0] == 1:
-            return self._infer_one(x, policy)
-        run = advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
-                            self.backbone.num_stages)
-        return run.result
-
-    def _infer_one(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
-        """Batch 1: the decisions :func:`advance_exits` makes, without its bookkeeping (there
-        is no batch to shrink: the sample leaves at the first exit that fires)."""
-        stops, heads = self.exit_stages, len(self.heads)
-        state: dict | None = None
-        previous: torch.Tensor | None = None
-        payload: Payload = x
-        e = 0
-        for k, stage in enumerate(self.backbone.stages):
-            payload = stage(payload)
-            if e < heads and stops[e] == k:
-                logits = self.run_head(e, payload, previous)
-                if state is None:
-                    state = policy.init_state(1, logits.shape[1])
-                fire, decision = policy.decide(e, logits, state)
-                if bool(fire):
-                    return _one_sample(decision, e)
-                previous = logits
-                e += 1
-        logits = payload_tensors(payload)[0]
-        if state is None:
-            state = policy.init_state(1, logits.shape[1])
-        return _one_sample(policy.final_decision(heads, logits, state), heads)
+        return infer_exits(self.step, self.exit_stages, policy, self.backbone.num_stages, x)
 
     @torch.no_grad()
     def simulate(self, logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:
@@ -388,6 +360,38 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy: 
         previous, fallback, fallback_exit = logits, decision, e
         e += 1
     return ExitRun(result, active, payload, state, previous, fallback, fallback_exit, end, e)
+
+
+def infer_exits(step: Step, exit_stages: Sequence[int], policy: ExitPolicy, end: int,
+                x: torch.Tensor) -> ExitResult:
+    """Early-exit inference over a whole model (every backend's ``infer``).
+
+    A batch runs :func:`advance_exits`. A single sample makes the same decisions without the
+    loop's bookkeeping (no indices, no scatter, no run state: it leaves at the first exit
+    that fires), which is worth tens of microseconds per call at batch 1.
+    """
+    if x.shape[0] != 1:
+        return advance_exits(ExitRun.start(x), step, exit_stages, policy, end).result
+    last = len(exit_stages) - 1
+    state: dict | None = None
+    previous: torch.Tensor | None = None
+    payload: Payload = x
+    e = 0
+    for k in range(end):
+        at_head = e < last and exit_stages[e] == k
+        payload, logits = step(k, e if at_head else None, payload, previous)
+        if at_head:
+            if state is None:
+                state = policy.init_state(1, logits.shape[1])
+            fire, decision = policy.decide(e, logits, state)
+            if bool(fire):
+                return _one_sample(decision, e)
+            previous = logits
+            e += 1
+    logits = payload_tensors(payload)[0]
+    if state is None:
+        state = policy.init_state(1, logits.shape[1])
+    return _one_sample(policy.final_decision(last, logits, state), last)
 
 
 def all_exit_logits(step: Step, exit_stages: Sequence[int], end: int, x: Payload

@@ -24,12 +24,11 @@ from torch.fx.experimental.optimization import fuse
 from .errors import InputError
 from .multiexit import (
     ExitResult,
-    ExitRun,
     MultiExitModel,
     StageWithHead,
-    advance_exits,
     all_exit_logits,
     check_input,
+    infer_exits,
     inference,
 )
 from .policies import ExitPolicy, _per_exit, is_plain_threshold
@@ -255,8 +254,7 @@ class TracedMultiExit:
                 x, [_per_exit(policy.threshold, i) for i in range(heads)],
                 [_per_exit(policy.temperature, i) for i in range(heads)], _KINDS[policy.name])
             return ExitResult(logits.argmax(1), torch.tensor([e]), logits)
-        return advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy,
-                             len(self.pieces)).result
+        return infer_exits(self.step, self.exit_stages, policy, len(self.pieces), x)
 
     @inference
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:

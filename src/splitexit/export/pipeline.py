@@ -26,6 +26,7 @@ from ..multiexit import (
     advance_exits,
     all_exit_logits,
     check_input,
+    infer_exits,
 )
 from ..policies import ExitPolicy
 from ..stages import Payload, payload_tensors
@@ -231,7 +232,8 @@ class OrtExitPipeline:
             InputError: wrong type, dtype, shape, non-finite input, or an unknown cut.
         """
         if cut is None:
-            return self._finish(self._start(x, policy), policy, len(self.stages))
+            return infer_exits(self.step, self.exit_stages, policy, len(self.stages),
+                               self._input(x))
         return self.run_server(self.run_device(x, policy, cut), policy)
 
     def run_device(self, x, policy: ExitPolicy, cut: str | int) -> DeviceOutcome:

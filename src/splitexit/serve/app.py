@@ -50,6 +50,9 @@ INFER_PATH = "/v1/infer"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+RUNTIMES = ("eager", "torchscript")  # how a server half can run (see load_server)
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """How the server batches and what it accepts.
@@ -94,9 +97,9 @@ class ServerSettings:
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InputError(f"ServerSettings.threads must be a positive int or None, got "
                              f"{self.threads!r}")
-        if self.runtime not in ("eager", "torchscript"):
-            raise InputError(f"ServerSettings.runtime must be 'eager' or 'torchscript', got "
-                             f"{self.runtime!r}")
+        if self.runtime not in RUNTIMES:
+            raise InputError(f"ServerSettings.runtime must be one of {', '.join(RUNTIMES)}, "
+                             f"got {self.runtime!r}")
 
 
 @dataclass(frozen=True)

@@ -167,9 +167,10 @@ def register(sub) -> None:
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--max-request-samples", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads for inference")
-    p.add_argument("--runtime", default="eager", choices=["eager", "torchscript"],
-                   help="run the server half eagerly or as one frozen TorchScript graph (no GIL "
-                        "between ops: steadier under concurrent requests)")
+    p.add_argument("--runtime", default="eager",
+                   help="eager or torchscript: run the server half eagerly or as one frozen "
+                        "TorchScript graph (no GIL between ops: steadier under concurrent "
+                        "requests)")
     p.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="Python thread switch interval (lower: the inference thread waits "
                    "less for the GIL behind request handling)")

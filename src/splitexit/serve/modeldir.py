@@ -29,7 +29,7 @@ from splitexit.policies import ExitPolicy, NeverExit, make_policy
 from splitexit.split.codec import Codec
 from splitexit.stages import StagedModel
 
-from .app import PayloadSpec
+from .app import RUNTIMES, PayloadSpec
 from .device import DevicePart
 
 __all__ = ["ServeConfig", "export_model_dir", "load_server", "load_device", "server_half",
@@ -155,9 +155,6 @@ def _rebuild(cfg: ServeConfig) -> MultiExitModel:
     except KeyError as exc:
         raise CorruptFileError(f"serve.json model spec lacks {exc}; export the model directory "
                                "again") from exc
-
-
-RUNTIMES = ("eager", "torchscript")
 
 
 def load_server(directory: str | os.PathLike, runtime: str = "eager"
