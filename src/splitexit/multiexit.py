@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .errors import InputError
 from .policies import ExitPolicy
-from .stages import Payload, StagedModel, payload_select, payload_tensors
+from .runtime.loop import (
+    ExitResult,
+    ExitRun,
+    Step,
+    advance_exits,
+    all_exit_logits,
+    infer_exits,
+    simulate_exits,
+)
+from .stages import Payload, StagedModel, payload_tensors
 
-__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "advance_exits", "infer_exits",
-           "all_exit_logits", "check_input", "StageWithHead"]
+__all__ = ["MultiExitModel", "ExitResult", "ExitRun", "Step", "advance_exits", "infer_exits",
+           "all_exit_logits", "simulate_exits", "check_input", "StageWithHead"]
 
 
 def inference(fn):
@@ -60,28 +68,6 @@ def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> No
     # NaN/inf element, or an overflow of huge finite values) needs the element-wise check
     if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise InputError("input contains NaN or infinite values; clean or impute them first")
-
-
-@dataclass
-class ExitResult:
-    """Per-sample outcome of early-exit inference.
-
-    Attributes:
-        predictions: predicted class per sample.
-        exit_index: index of the exit each sample left at (``num_exits - 1`` is the final one).
-        logits: the logits each prediction came from.
-    """
-
-    predictions: torch.Tensor
-    exit_index: torch.Tensor
-    logits: torch.Tensor
-
-    def exit_fractions(self, num_exits: int) -> list[float]:
-        counts = torch.bincount(self.exit_index, minlength=num_exits).double()
-        return (counts / max(1, len(self.exit_index))).tolist()
-
-    def accuracy(self, labels: torch.Tensor) -> float:
-        return float((self.predictions == labels).double().mean())
 
 
 class MultiExitModel(nn.Module):
@@ -201,10 +187,6 @@ class MultiExitModel(nn.Module):
         return [torch.cat([c[e] for c in chunks]) for e in range(self.num_exits)]
 
 
-def _one_sample(decision: torch.Tensor, e: int) -> ExitResult:
-    return ExitResult(decision.argmax(dim=1), torch.full((1,), e, dtype=torch.long), decision)
-
-
 class FirstCascadeHead(nn.Module):
     """A cascading head at the first exit, which has no previous logits to take."""
 
@@ -255,180 +237,3 @@ class StageWithHead(nn.Module):
                              "single-tensor cuts (after a whole block)")
         logits = self.head(outs[0], tensors[-1]) if self.takes_previous else self.head(outs[0])
         return (*outs, logits)
-
-
-@dataclass
-class ExitRun:
-    """A batch part-way through early-exit inference: what a device half hands to a server.
-
-    Attributes:
-        result: the batch's result so far; rows of samples still ``active`` are not yet set.
-        active: original batch indices of the samples that have not exited.
-        payload: their payload at the next stage's input (what a split sends on the wire).
-        state: their policy state rows (``None`` before the first exit).
-        previous: their raw logits at the last exit evaluated (cascading heads take them).
-        fallback: their decision logits at that exit (the answer to give when the rest of
-            the network cannot run, e.g. the link to the server is down).
-        fallback_exit: index of that exit (-1 before the first exit).
-        next_stage: first stage still to run.
-        next_exit: first exit still to evaluate.
-    """
-
-    result: ExitResult
-    active: torch.Tensor
-    payload: Payload | None
-    state: dict | None
-    previous: torch.Tensor | None
-    fallback: torch.Tensor | None
-    fallback_exit: int
-    next_stage: int
-    next_exit: int
-
-    @classmethod
-    def start(cls, x: torch.Tensor) -> ExitRun:
-        """A run over batch ``x`` (already checked) before any stage."""
-        n = x.shape[0]
-        result = ExitResult(torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long),
-                            torch.empty(0))
-        return cls(result, torch.arange(n), x, None, None, None, -1, 0, 0)
-
-    @property
-    def done(self) -> bool:
-        """Whether every sample has exited."""
-        return len(self.active) == 0
-
-
-Step = Callable[[int, "int | None", Payload, "torch.Tensor | None"],
-                tuple[Payload, "torch.Tensor | None"]]
-
-
-def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy: ExitPolicy,
-                  end: int) -> ExitRun:
-    """The early-exit loop every backend shares (PyTorch, TorchScript, ONNX Runtime, split).
-
-    Runs stages ``run.next_stage .. end - 1`` through ``step(k, e, payload, previous)``, which
-    returns the stage's output payload and, when ``e`` is not ``None``, exit ``e``'s logits.
-    At each exit the policy decides per sample; the samples that leave are written to the
-    result and removed from the batch, together with their payload and policy state rows.
-    The final exit (the backbone's output, at stage ``exit_stages[-1]``) takes every sample
-    left. One host synchronisation per exit (how many leave).
-    """
-    result, active, payload = run.result, run.active, run.payload
-    state, previous = run.state, run.previous
-    fallback, fallback_exit, e = run.fallback, run.fallback_exit, run.next_exit
-    last = len(exit_stages) - 1
-    n = len(result.predictions)
-    for k in range(run.next_stage, end):
-        at_exit = e <= last and exit_stages[e] == k
-        payload, logits = step(k, e if at_exit and e < last else None, payload, previous)
-        if not at_exit:
-            continue
-        if e == last:
-            logits = payload_tensors(payload)[0]
-        if state is None:
-            state = policy.init_state(len(active), logits.shape[1])
-        m = len(active)
-        if e == last:
-            fire, decision = None, policy.final_decision(e, logits, state)
-            leaving = m
-        else:
-            fire, decision = policy.decide(e, logits, state)
-            leaving = int(fire.sum()) if m > 1 else int(fire)
-        if leaving == m:  # everyone left (always so at batch 1 once an exit fires)
-            if m == n:  # nobody left before: whole-batch results, no scatter
-                result.predictions = decision.argmax(dim=1)
-                result.exit_index.fill_(e)
-                result.logits = decision if result.logits.numel() == 0 else decision.to(
-                    result.logits.dtype)
-            else:
-                result.predictions[active] = decision.argmax(dim=1)
-                result.exit_index[active] = e
-                result.logits[active] = decision.to(result.logits.dtype)
-            return ExitRun(result, active[:0], None, None, None, None, e, k + 1, e + 1)
-        if result.logits.numel() == 0:
-            result.logits = torch.empty(n, logits.shape[1], dtype=logits.dtype)
-        if leaving:
-            rows = active[fire]
-            result.predictions[rows] = decision[fire].argmax(dim=1)
-            result.exit_index[rows] = e
-            result.logits[rows] = decision[fire].to(result.logits.dtype)
-            keep = ~fire
-            active = active[keep]
-            payload = payload_select(payload, keep)
-            state = {name: v[keep] for name, v in state.items()}
-            logits, decision = logits[keep], decision[keep]
-        previous, fallback, fallback_exit = logits, decision, e
-        e += 1
-    return ExitRun(result, active, payload, state, previous, fallback, fallback_exit, end, e)
-
-
-def infer_exits(step: Step, exit_stages: Sequence[int], policy: ExitPolicy, end: int,
-                x: torch.Tensor) -> ExitResult:
-    """Early-exit inference over a whole model (every backend's ``infer``).
-
-    A batch runs :func:`advance_exits`. A single sample makes the same decisions without the
-    loop's bookkeeping (no indices, no scatter, no run state: it leaves at the first exit
-    that fires), which is worth tens of microseconds per call at batch 1.
-    """
-    if x.shape[0] != 1:
-        return advance_exits(ExitRun.start(x), step, exit_stages, policy, end).result
-    last = len(exit_stages) - 1
-    state: dict | None = None
-    previous: torch.Tensor | None = None
-    payload: Payload = x
-    e = 0
-    for k in range(end):
-        at_head = e < last and exit_stages[e] == k
-        payload, logits = step(k, e if at_head else None, payload, previous)
-        if at_head:
-            if state is None:
-                state = policy.init_state(1, logits.shape[1])
-            fire, decision = policy.decide(e, logits, state)
-            if bool(fire):
-                return _one_sample(decision, e)
-            previous = logits
-            e += 1
-    logits = payload_tensors(payload)[0]
-    if state is None:
-        state = policy.init_state(1, logits.shape[1])
-    return _one_sample(policy.final_decision(last, logits, state), last)
-
-
-def all_exit_logits(step: Step, exit_stages: Sequence[int], end: int, x: Payload
-                    ) -> list[torch.Tensor]:
-    """Every exit's logits for the whole batch, nobody leaving (what ``forward`` returns),
-    through the same ``step`` a backend gives :func:`advance_exits`."""
-    outs: list[torch.Tensor] = []
-    payload, e, heads = x, 0, len(exit_stages) - 1
-    for k in range(end):
-        at_head = e < heads and exit_stages[e] == k
-        payload, logits = step(k, e if at_head else None, payload, outs[-1] if outs else None)
-        if at_head:
-            outs.append(logits)
-            e += 1
-    outs.append(payload_tensors(payload)[0])
-    return outs
-
-
-def simulate_exits(logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:
-    """Offline replay of a policy over per-exit logits ``[(N, C), ...]``."""
-    n, c = logits[0].shape
-    state = policy.init_state(n, c)
-    decided = torch.zeros(n, dtype=torch.bool)
-    predictions = torch.empty(n, dtype=torch.long)
-    exit_index = torch.empty(n, dtype=torch.long)
-    out = torch.empty(n, c, dtype=logits[0].dtype)
-    last = len(logits) - 1
-    for e, lg in enumerate(logits):
-        if e == last:
-            decision, new = policy.final_decision(e, lg, state), ~decided
-        else:
-            fire, decision = policy.decide(e, lg, state)
-            new = fire & ~decided
-        predictions[new] = decision[new].argmax(dim=1)
-        exit_index[new] = e
-        out[new] = decision[new].to(out.dtype)
-        decided |= new
-        if bool(decided.all()):
-            break
-    return ExitResult(predictions, exit_index, out)

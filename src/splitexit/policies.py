@@ -12,16 +12,35 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
-import torch.nn.functional as F
-
 from .errors import InputError
+from .runtime.arrays import TORCH, ops_of
 
 __all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
            "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
-           "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits", "leave_at"]
+           "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits", "leave_at",
+           "maxprob_statistic", "entropy_statistic", "margin_statistic"]
 
-State = dict[str, torch.Tensor]
+# Policies run on torch tensors and on numpy arrays alike: every array operation goes through
+# the ops of splitexit.runtime.arrays (picked from the logits), so this module imports no torch
+# and the edge runs the very same policy code. State is a dict of arrays, batch first.
+State = dict
+
+
+def maxprob_statistic(F, z):
+    """Top softmax probability per row, in the primitives ``F`` (numpy, torch or ONNX)."""
+    return F.amax(F.softmax(z))
+
+
+def entropy_statistic(F, z):
+    """Softmax entropy (nats) per row."""
+    logp = F.log_softmax(z)
+    return F.neg(F.sum(F.mul(F.exp(logp), logp)))
+
+
+def margin_statistic(F, z):
+    """Gap between the two top softmax probabilities per row."""
+    first, second = F.top2(F.softmax(z))
+    return F.sub(first, second)
 
 
 def _per_exit(value: float | Sequence[float], exit_index: int) -> float:
@@ -46,22 +65,23 @@ class ExitPolicy:
 
     name = "policy"
 
-    def init_state(self, n: int, num_classes: int) -> State:
-        """Per-sample state for a batch of ``n``; every tensor's first dimension is ``n``."""
+    def init_state(self, n: int, num_classes: int, ops=TORCH) -> State:
+        """Per-sample state for a batch of ``n``; every array's first dimension is ``n``.
+
+        ``ops`` (:mod:`splitexit.runtime.arrays`) says which arrays: torch by default, numpy
+        on runtimes without PyTorch."""
         return {}
 
-    def decide(self, exit_index: int, logits: torch.Tensor, state: State
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def decide(self, exit_index: int, logits, state: State) -> tuple:
         """Return ``(exit_now, decision_logits)`` and update ``state`` in place."""
         raise NotImplementedError
 
-    def final_decision(self, exit_index: int, logits: torch.Tensor, state: State
-                       ) -> torch.Tensor:
+    def final_decision(self, exit_index: int, logits, state: State):
         """The decision logits at the final exit, where every remaining sample leaves (no
         test needed). Policies whose decision is the exit's own logits skip the statistic."""
         return self.decide(exit_index, logits, state)[1]
 
-    def scaled(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+    def scaled(self, exit_index: int, logits):
         t = _per_exit(self.temperature, exit_index)
         return logits if t == 1.0 else logits / t
 
@@ -94,8 +114,15 @@ class ThresholdPolicy(ExitPolicy):
         if any(not t > 0 for t in temps):
             raise InputError(f"temperature must be > 0, got {self.temperature}")
 
-    def statistic(self, logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    #: the statistic, written once over array primitives (see :func:`maxprob_statistic`)
+    statistic_fn = None
+
+    def statistic(self, logits):
+        """The per-sample statistic compared with the threshold (float32)."""
+        if type(self).statistic_fn is None:
+            raise NotImplementedError(f"{type(self).__name__} defines no statistic_fn")
+        ops = ops_of(logits)
+        return type(self).statistic_fn(ops, ops.float32(logits))
 
     def decide(self, exit_index, logits, state):
         stat = self.statistic(self.scaled(exit_index, logits))
@@ -112,12 +139,6 @@ class ThresholdPolicy(ExitPolicy):
         return replace(self, threshold=threshold)
 
 
-def _fp32(logits: torch.Tensor) -> torch.Tensor:
-    """Logits in float32 for the statistic (no call when they are already: at batch 1 an exit
-    decision is a handful of ops and each costs microseconds)."""
-    return logits if logits.dtype == torch.float32 else logits.float()
-
-
 def is_plain_threshold(policy: ExitPolicy) -> bool:
     """Whether ``policy`` is exactly max-prob, entropy or margin: a stateless threshold test
     on the exit's own logits (no ensemble, gate or state), so it can be compiled into a graph."""
@@ -131,9 +152,7 @@ class MaxProb(ThresholdPolicy):
     threshold: float | tuple[float, ...] = 0.9
     name = "maxprob"
     valid_range = (0.0, 1.0)
-
-    def statistic(self, logits):
-        return _fp32(logits).softmax(1).amax(1)
+    statistic_fn = staticmethod(maxprob_statistic)
 
 
 @dataclass(frozen=True)
@@ -144,10 +163,7 @@ class Entropy(ThresholdPolicy):
     name = "entropy"
     higher_is_confident = False
     valid_range = (0.0, math.inf)
-
-    def statistic(self, logits):
-        logp = _fp32(logits).log_softmax(1)
-        return -(logp.exp() * logp).sum(dim=1)
+    statistic_fn = staticmethod(entropy_statistic)
 
 
 @dataclass(frozen=True)
@@ -157,10 +173,7 @@ class Margin(ThresholdPolicy):
     threshold: float | tuple[float, ...] = 0.5
     name = "margin"
     valid_range = (0.0, 1.0)
-
-    def statistic(self, logits):
-        top2 = _fp32(logits).softmax(1).topk(2, dim=1).values
-        return top2[:, 0] - top2[:, 1]
+    statistic_fn = staticmethod(margin_statistic)
 
 
 @dataclass(frozen=True)
@@ -174,14 +187,14 @@ class Patience(ExitPolicy):
         if int(self.patience) != self.patience or self.patience < 1:
             raise InputError(f"patience must be an integer >= 1, got {self.patience}")
 
-    def init_state(self, n, num_classes):
-        return {"last": torch.full((n,), -1, dtype=torch.long),
-                "count": torch.zeros(n, dtype=torch.long)}
+    def init_state(self, n, num_classes, ops=TORCH):
+        return {"last": ops.full_long(n, -1), "count": ops.zeros_long(n)}
 
     def decide(self, exit_index, logits, state):
-        pred = logits.argmax(dim=1)
+        ops = ops_of(logits)
+        pred = logits.argmax(1)
         same = pred == state["last"]
-        state["count"] = torch.where(same, state["count"] + 1, torch.zeros_like(state["count"]))
+        state["count"] = ops.where(same, state["count"] + 1, ops.zeros_like(state["count"]))
         state["last"] = pred
         return state["count"] >= self.patience, logits
 
@@ -193,7 +206,7 @@ class NeverExit(ExitPolicy):
     name = "never"
 
     def decide(self, exit_index, logits, state):
-        return torch.zeros(logits.shape[0], dtype=torch.bool), logits
+        return ops_of(logits).full_bool(logits.shape[0], False), logits
 
 
 @dataclass(frozen=True)
@@ -204,7 +217,7 @@ class FixedExit(ExitPolicy):
     name = "fixed"
 
     def decide(self, exit_index, logits, state):
-        fire = torch.full((logits.shape[0],), exit_index >= self.exit_index, dtype=torch.bool)
+        fire = ops_of(logits).full_bool(logits.shape[0], exit_index >= self.exit_index)
         return fire, logits
 
 
@@ -261,12 +274,13 @@ class GeometricEnsemble(MaxProb):
                 raise InputError(f"ensemble weights of exit {k} need {k + 1} entries (exits "
                                  f"0..{k}), got {len(row)}")
 
-    def term(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+    def term(self, exit_index: int, logits):
         """One head's unweighted contribution (log-probabilities, or raw logits)."""
-        z = self.scaled(exit_index, logits).float()
-        return F.log_softmax(z, dim=1) if self.combine == "log_softmax" else z
+        ops = ops_of(logits)
+        z = ops.float32(self.scaled(exit_index, logits))
+        return ops.log_softmax(z) if self.combine == "log_softmax" else z
 
-    def combine_terms(self, exit_index: int, terms: torch.Tensor) -> torch.Tensor:
+    def combine_terms(self, exit_index: int, terms):
         """Decision logits at ``exit_index`` from the terms ``(N, exit_index + 1, C)``."""
         if not self.weights:
             out = terms.sum(1)
@@ -274,14 +288,14 @@ class GeometricEnsemble(MaxProb):
             raise InputError(f"the ensemble has weights for {len(self.weights)} exits but the "
                              f"model has more; fit it on this model's logits")
         else:
-            w = torch.tensor(self.weights[exit_index], dtype=terms.dtype)
+            w = ops_of(terms).constant(self.weights[exit_index], terms)
             out = (terms * w[None, :, None]).sum(1)
         if exit_index < len(self.biases):
-            out = out + torch.tensor(self.biases[exit_index], dtype=out.dtype)
+            out = out + ops_of(out).constant(self.biases[exit_index], out)
         return out
 
-    def init_state(self, n, num_classes):
-        return {"terms": torch.zeros(n, max(1, len(self.weights)), num_classes)}
+    def init_state(self, n, num_classes, ops=TORCH):
+        return {"terms": ops.zeros((n, max(1, len(self.weights)), num_classes))}
 
     def decide(self, exit_index, logits, state):
         term = self.term(exit_index, logits)
@@ -306,14 +320,13 @@ class AdditiveEnsemble(GeometricEnsemble):
     combine = "logits"
 
 
-def ensemble_logits(policy: GeometricEnsemble, logits: Sequence[torch.Tensor]
-                    ) -> list[torch.Tensor]:
+def ensemble_logits(policy: GeometricEnsemble, logits: Sequence) -> list:
     """The decision logits ``policy`` forms at every exit for whole (offline) logit lists."""
-    terms = torch.stack([policy.term(e, lg) for e, lg in enumerate(logits)], dim=1)
+    terms = ops_of(logits[0]).stack([policy.term(e, lg) for e, lg in enumerate(logits)], 1)
     return [policy.combine_terms(e, terms[:, : e + 1]) for e in range(len(logits))]
 
 
-def fit_ensemble_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+def fit_ensemble_weights(logits: Sequence, labels,
                          steps: int = 300, lr: float = 0.05,
                          policy: GeometricEnsemble | None = None) -> GeometricEnsemble:
     """Fit ZTW's ensembles: for every exit ``k`` separately, the weights of heads ``0..k`` and a
@@ -327,6 +340,9 @@ def fit_ensemble_weights(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     Returns:
         ``policy`` with fitted ``weights`` and ``biases``.
     """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
     if len(logits) < 2:
         raise InputError("an ensemble needs at least two exits' logits")
     if any(lg.shape != logits[0].shape for lg in logits) or len(labels) != len(logits[0]):
@@ -367,7 +383,7 @@ class GatedMaxProb(MaxProb):
     def decide(self, exit_index, logits, state):
         fire, decision = super().decide(exit_index, logits, state)
         if exit_index >= len(self.enabled) or not self.enabled[exit_index]:
-            fire = torch.zeros_like(fire)
+            fire = ops_of(fire).zeros_like(fire)
         return fire, decision
 
 
@@ -402,11 +418,14 @@ def make_policy(config: dict | str, **kwargs) -> ExitPolicy:
         raise InputError(f"bad fields for policy {name!r}: {exc}") from exc
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, steps: int = 200) -> float:
+def fit_temperature(logits, labels, steps: int = 200) -> float:
     """Temperature scaling (Guo et al. 2017): the T minimising NLL of ``logits / T``.
 
     Fit on the calibration split, one exit at a time.
     """
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
     logits = logits.detach().float()

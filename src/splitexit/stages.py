@@ -14,23 +14,12 @@ import torch
 from torch import fx, nn
 
 from .errors import CutError, InputError
+from .runtime.loop import payload_select, payload_tensors
 
 Payload = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = ["Payload", "Stage", "StagedModel", "list_cuts", "payload_tensors", "payload_nbytes",
            "payload_select", "payload_batch_size"]
-
-
-def payload_tensors(payload: Payload) -> tuple[torch.Tensor, ...]:
-    """The tensors of a payload, as a tuple."""
-    return payload if isinstance(payload, tuple) else (payload,)
-
-
-def payload_select(payload: Payload, index: torch.Tensor) -> Payload:
-    """Rows ``index`` (bool mask or indices) of every tensor in the payload."""
-    if isinstance(payload, tuple):
-        return tuple(t[index] for t in payload)
-    return payload[index]
 
 
 def payload_batch_size(payload: Payload) -> int:

@@ -132,7 +132,7 @@ class DevicePart(nn.Module):
         result = run.result
         result.predictions[undecided] = -1
         result.exit_index[undecided] = -1
-        logits = result.logits.float() if result.logits.numel() else None
+        logits = result.logits.float() if result.logits is not None else None
         if logits is not None:
             logits[undecided] = 0
         payload = run.payload

@@ -1,0 +1,292 @@
+"""The few array operations the exit loop and the policies need, for numpy and for torch.
+
+The exit loop (:mod:`splitexit.runtime.loop`) and the exit policies (:mod:`splitexit.policies`)
+are written once against these operations; :func:`ops_of` picks the backend from the arrays
+themselves. Nothing here imports torch: the torch operations are tensor methods, and the
+torch module is looked up only when a torch tensor is already in hand. So an edge device runs
+the same loop and the same policy code on numpy with ONNX Runtime, and no PyTorch installed.
+
+A threshold statistic (max-prob, entropy, margin) is written once in :mod:`splitexit.policies`
+over the primitives ``softmax``, ``log_softmax``, ``amax``, ``sum``, ``exp``, ``mul``,
+``neg``, ``top2``, ``sub``; :class:`~splitexit.export.exit_graph.OnnxOps` gives the same
+primitives as ONNX nodes, so the graph form of a statistic comes from the same definition.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+__all__ = ["NumpyOps", "TorchOps", "ops_of", "NUMPY", "TORCH", "is_torch", "to_numpy"]
+
+
+def is_torch(a: object) -> bool:
+    """Whether ``a`` is a torch tensor (without importing torch)."""
+    return type(a).__module__.startswith("torch") and hasattr(a, "detach")
+
+
+def to_numpy(a) -> np.ndarray:
+    """A numpy view (or copy) of a torch tensor or array-like."""
+    if is_torch(a):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+class NumpyOps:
+    """Array operations on numpy arrays (rows are samples, columns classes)."""
+
+    name = "numpy"
+    long = np.int64
+
+    # statistic primitives (axis 1 = classes)
+    @staticmethod
+    def softmax(z):
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def log_softmax(z):
+        shifted = z - z.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+    @staticmethod
+    def amax(z):
+        return z.max(axis=1)
+
+    @staticmethod
+    def sum(z):
+        return z.sum(axis=1)
+
+    @staticmethod
+    def exp(z):
+        return np.exp(z)
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def neg(a):
+        return -a
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def top2(z):
+        part = np.partition(z, z.shape[1] - 2, axis=1)
+        return part[:, -1], part[:, -2]
+
+    # everything else the loop and the policies use
+    @staticmethod
+    def float32(z):
+        return z if z.dtype == np.float32 else z.astype(np.float32)
+
+    @staticmethod
+    def empty_long(n: int):
+        return np.empty(n, dtype=np.int64)
+
+    @staticmethod
+    def full_long(n: int, value: int):
+        return np.full(n, value, dtype=np.int64)
+
+    @staticmethod
+    def full_bool(n: int, value: bool):
+        return np.full(n, bool(value), dtype=np.bool_)
+
+    @staticmethod
+    def zeros(shape, like=None):
+        return np.zeros(shape, dtype=np.float32 if like is None else like.dtype)
+
+    @staticmethod
+    def zeros_long(n: int):
+        return np.zeros(n, dtype=np.int64)
+
+    @staticmethod
+    def arange(n: int):
+        return np.arange(n)
+
+    @staticmethod
+    def empty_like_rows(n: int, row):
+        return np.empty((n, row.shape[1]), dtype=row.dtype)
+
+    @staticmethod
+    def where(cond, a, b):
+        return np.where(cond, a, b)
+
+    @staticmethod
+    def zeros_like(a):
+        return np.zeros_like(a)
+
+    @staticmethod
+    def constant(values, like):
+        return np.asarray(values, dtype=like.dtype)
+
+    @staticmethod
+    def stack(arrays, axis: int):
+        return np.stack(arrays, axis=axis)
+
+    @staticmethod
+    def cast_like(a, like):
+        return a if a.dtype == like.dtype else a.astype(like.dtype)
+
+    @staticmethod
+    def count(mask) -> int:
+        return int(np.count_nonzero(mask))
+
+    @staticmethod
+    def fill(a, value) -> None:
+        a.fill(value)
+
+    @staticmethod
+    def bincount(a, minlength: int):
+        return np.bincount(a, minlength=minlength).astype(np.float64)
+
+    @staticmethod
+    def all(mask) -> bool:
+        return bool(mask.all())
+
+    @staticmethod
+    def is_finite(a) -> bool:
+        return bool(np.isfinite(a).all())
+
+
+class TorchOps:
+    """The same operations on torch tensors, as tensor methods (torch imported lazily)."""
+
+    name = "torch"
+
+    @staticmethod
+    def _torch():
+        return sys.modules.get("torch") or __import__("torch")
+
+    @property
+    def long(self):
+        return self._torch().long
+
+    @staticmethod
+    def softmax(z):
+        return z.softmax(1)
+
+    @staticmethod
+    def log_softmax(z):
+        return z.log_softmax(1)
+
+    @staticmethod
+    def amax(z):
+        return z.amax(1)
+
+    @staticmethod
+    def sum(z):
+        return z.sum(dim=1)
+
+    @staticmethod
+    def exp(z):
+        return z.exp()
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def neg(a):
+        return -a
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def top2(z):
+        top = z.topk(2, dim=1).values
+        return top[:, 0], top[:, 1]
+
+    @staticmethod
+    def float32(z):
+        return z if z.dtype == TorchOps._torch().float32 else z.float()
+
+    @staticmethod
+    def empty_long(n: int):
+        torch = TorchOps._torch()
+        return torch.empty(n, dtype=torch.long)
+
+    @staticmethod
+    def full_long(n: int, value: int):
+        torch = TorchOps._torch()
+        return torch.full((n,), value, dtype=torch.long)
+
+    @staticmethod
+    def full_bool(n: int, value: bool):
+        torch = TorchOps._torch()
+        return torch.full((n,), bool(value), dtype=torch.bool)
+
+    @staticmethod
+    def zeros(shape, like=None):
+        torch = TorchOps._torch()
+        return torch.zeros(shape, dtype=torch.float32 if like is None else like.dtype)
+
+    @staticmethod
+    def zeros_long(n: int):
+        torch = TorchOps._torch()
+        return torch.zeros(n, dtype=torch.long)
+
+    @staticmethod
+    def arange(n: int):
+        return TorchOps._torch().arange(n)
+
+    @staticmethod
+    def empty_like_rows(n: int, row):
+        return TorchOps._torch().empty(n, row.shape[1], dtype=row.dtype)
+
+    @staticmethod
+    def where(cond, a, b):
+        return TorchOps._torch().where(cond, a, b)
+
+    @staticmethod
+    def zeros_like(a):
+        return TorchOps._torch().zeros_like(a)
+
+    @staticmethod
+    def constant(values, like):
+        return TorchOps._torch().tensor(values, dtype=like.dtype)
+
+    @staticmethod
+    def stack(arrays, axis: int):
+        return TorchOps._torch().stack(list(arrays), dim=axis)
+
+    @staticmethod
+    def cast_like(a, like):
+        return a if a.dtype == like.dtype else a.to(like.dtype)
+
+    @staticmethod
+    def count(mask) -> int:
+        return int(mask.sum()) if mask.shape[0] > 1 else int(mask)
+
+    @staticmethod
+    def fill(a, value) -> None:
+        a.fill_(value)
+
+    @staticmethod
+    def bincount(a, minlength: int):
+        return TorchOps._torch().bincount(a, minlength=minlength).double()
+
+    @staticmethod
+    def all(mask) -> bool:
+        return bool(mask.all())
+
+    @staticmethod
+    def is_finite(a) -> bool:
+        return bool(TorchOps._torch().isfinite(a).all())
+
+
+NUMPY = NumpyOps()
+TORCH = TorchOps()
+
+
+def ops_of(a) -> NumpyOps | TorchOps:
+    """The operations for the kind of ``a`` (a payload tensor, logits or a tuple of them)."""
+    if isinstance(a, tuple):
+        a = a[0]
+    return NUMPY if isinstance(a, np.ndarray) else TORCH
