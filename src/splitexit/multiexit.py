@@ -8,7 +8,6 @@ exactly with ``simulate``, which replays the same policy over ``forward``'s logi
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -22,6 +21,7 @@ from .runtime.loop import (
     Step,
     advance_exits,
     all_exit_logits,
+    check_batch,
     infer_exits,
     simulate_exits,
 )
@@ -46,28 +46,10 @@ def inference(fn):
     return wrapper
 
 
-def check_input(x: torch.Tensor, input_shape: Sequence[int] | None = None) -> None:
-    """Raise a clear :class:`InputError` for a wrong type, dtype, shape or non-finite input."""
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"expected a torch.Tensor batch, got {type(x).__name__}; "
-                         "convert with torch.as_tensor(x, dtype=torch.float32)")
-    if not x.is_floating_point():
-        raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; scale images "
-                         "to [0, 1] and convert with x.float() / 255")
-    if input_shape is not None:
-        want = tuple(input_shape)
-        if x.dim() == len(want):
-            raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), got "
-                             f"{tuple(x.shape)}; add the batch dimension with x.unsqueeze(0)")
-        if tuple(x.shape[1:]) != want:
-            raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), "
-                             f"got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise InputError("empty batch: pass at least one sample")
-    # a finite sum proves every element finite (one reduction); only a non-finite sum (a
-    # NaN/inf element, or an overflow of huge finite values) needs the element-wise check
-    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise InputError("input contains NaN or infinite values; clean or impute them first")
+def check_input(x, input_shape: Sequence[int] | None = None) -> None:
+    """Raise a clear :class:`InputError` for a wrong type, dtype, shape or non-finite input
+    (torch tensors or numpy arrays; :func:`splitexit.runtime.loop.check_batch`)."""
+    check_batch(x, input_shape)
 
 
 class MultiExitModel(nn.Module):

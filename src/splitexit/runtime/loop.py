@@ -10,13 +10,17 @@ imports no torch, so an edge device runs it with ONNX Runtime alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .arrays import ops_of
+import numpy as np
+
+from ..errors import InputError
+from .arrays import is_torch, ops_of
 
 __all__ = ["ExitResult", "ExitRun", "Step", "advance_exits", "infer_exits", "all_exit_logits",
-           "simulate_exits", "payload_tensors", "payload_select", "init_state"]
+           "simulate_exits", "payload_tensors", "payload_select", "init_state", "check_batch"]
 
 
 def payload_tensors(payload) -> tuple:
@@ -31,6 +35,40 @@ def payload_select(payload, index):
     return payload[index]
 
 
+def check_batch(x, input_shape: Sequence[int] | None = None) -> None:
+    """Raise a clear :class:`InputError` for a wrong type, dtype, shape or non-finite batch.
+
+    Works on numpy arrays and torch tensors alike (one definition for every runtime).
+    """
+    torch_in = is_torch(x)
+    if not torch_in and not isinstance(x, np.ndarray):
+        raise InputError(f"expected a torch.Tensor or numpy batch, got {type(x).__name__}; "
+                         "convert with np.asarray(x, dtype=np.float32)")
+    if torch_in:
+        if not x.is_floating_point():
+            raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert "
+                             "with x.float() (and scale it as the model was trained, e.g. "
+                             "images to [0, 1])")
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert with "
+                         "x.astype(np.float32) (and scale it as the model was trained)")
+    if input_shape is not None:
+        want = tuple(input_shape)
+        if x.ndim == len(want):
+            raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), got "
+                             f"{tuple(x.shape)}; add the batch dimension with "
+                             f"{'x.unsqueeze(0)' if torch_in else 'x[None]'}")
+        if tuple(x.shape[1:]) != want:
+            raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), "
+                             f"got {tuple(x.shape)}")
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise InputError("empty batch: pass at least one sample")
+    # a finite sum proves every element finite (one reduction); only a non-finite sum (a
+    # NaN/inf element, or an overflow of huge finite values) needs the element-wise check
+    if not math.isfinite(float(x.sum())) and not ops_of(x).is_finite(x):
+        raise InputError("input contains NaN or infinite values; clean or impute them first")
+
+
 def init_state(policy, n: int, num_classes: int, ops) -> dict:
     """``policy``'s per-sample state for ``n`` samples, in the arrays of ``ops``."""
     if ops.name == "torch":
@@ -38,8 +76,6 @@ def init_state(policy, n: int, num_classes: int, ops) -> dict:
     try:
         return policy.init_state(n, num_classes, ops=ops)
     except TypeError as exc:
-        from ..errors import InputError
-
         raise InputError(f"the policy {getattr(policy, 'name', policy)!r} has no numpy form "
                          "(its init_state takes no ops=); run it on a PyTorch runtime") from exc
 

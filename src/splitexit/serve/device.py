@@ -10,47 +10,16 @@ the fallback answer when the server or the link fails.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from splitexit.errors import InputError
 from splitexit.multiexit import ExitRun, MultiExitModel, advance_exits, check_input
 from splitexit.policies import ExitPolicy
+from splitexit.runtime.device import DeviceOutput, device_output
 from splitexit.stages import Payload, payload_tensors
 
 __all__ = ["DevicePart", "DeviceOutput"]
-
-
-@dataclass
-class DeviceOutput:
-    """Result of the device pass over a batch of ``n`` samples.
-
-    Attributes:
-        decided: bool ``(n,)``: the sample left at a local exit.
-        predictions: ``(n,)`` class of decided samples (-1 for undecided ones).
-        exit_index: ``(n,)`` exit of decided samples (-1 for undecided ones).
-        logits: ``(n, C)`` decision logits of decided samples (zeros elsewhere; ``None`` when
-            the device part has no exit).
-        undecided: indices of the samples to offload, in batch order.
-        payload: what to send for them (the cut payload, encoded by the bottleneck encoder
-            when there is one); ``None`` when every sample decided.
-        state: the policy state rows of the undecided samples.
-        fallback_logits: ``(len(undecided), C)`` decision logits of the deepest local exit for
-            the undecided samples (``None`` without local exits).
-        fallback_exit: index of that exit (-1 without local exits).
-    """
-
-    decided: torch.Tensor
-    predictions: torch.Tensor
-    exit_index: torch.Tensor
-    logits: torch.Tensor | None
-    undecided: torch.Tensor
-    payload: Payload | None
-    state: dict
-    fallback_logits: torch.Tensor | None
-    fallback_exit: int
 
 
 class DevicePart(nn.Module):
@@ -126,19 +95,4 @@ class DevicePart(nn.Module):
         check_input(x, self.input_shape)
         run = advance_exits(ExitRun.start(x), self.step, self._model_exit_stages, policy,
                             len(self.stages))
-        undecided = run.active
-        decided = torch.ones(len(x), dtype=torch.bool)
-        decided[undecided] = False
-        result = run.result
-        result.predictions[undecided] = -1
-        result.exit_index[undecided] = -1
-        logits = result.logits.float() if result.logits is not None else None
-        if logits is not None:
-            logits[undecided] = 0
-        payload = run.payload
-        if payload is not None and self.encoder is not None:
-            payload = self.encoder(payload)
-        return DeviceOutput(decided, result.predictions, result.exit_index, logits, undecided,
-                            payload, run.state or {},
-                            None if run.fallback is None else run.fallback.float(),
-                            run.fallback_exit)
+        return device_output(run, len(x), self.encoder)
