@@ -117,8 +117,30 @@ def test_heads_at_unknown_or_tuple_cuts_rejected():
     with pytest.raises(CutError):
         MultiExitModel(staged, {"nope": LinearHead((16,), 10)})
     model = MultiExitModel(staged, {"block1.conv1": LinearHead((16, 8, 8), 10)})
-    with pytest.raises(InputError, match="single-tensor cuts"):
+    with pytest.raises(InputError, match="carries 2 tensors.*block1.conv1@<index>"):
         model(torch.rand(2, 1, 8, 8))
+
+
+def test_head_fed_by_one_tensor_of_a_multi_tensor_cut():
+    from splitexit import StagedModel
+    from splitexit.runtime.loop import simulate_exits
+    from splitexit.zoo import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet(10, 1).eval()
+    staged = StagedModel.from_module(net, ["block1.conv1", "block2"])
+    x = torch.rand(5, 1, 8, 8)
+    shapes = staged.payload_shapes(x)["block1.conv1"]
+    assert len(shapes) == 2
+    model = MultiExitModel(staged, {"block1.conv1@1": LinearHead(shapes[1], 10)}).eval()
+    outs = model(x)
+    payload = staged.stages[0](x)
+    assert torch.equal(outs[0], model.heads[0](payload[1]))
+    assert torch.equal(outs[-1], net(x))
+    policy = MaxProb(float(outs[0].softmax(1).amax(1).median()))
+    got, want = model.infer(x, policy), simulate_exits(outs, policy)
+    assert torch.equal(got.exit_index, want.exit_index)
+    assert torch.equal(got.predictions, want.predictions)
 
 
 def test_backbone_is_the_baseline_architecture():

@@ -89,24 +89,73 @@ def _run_early_exit(args, suite: str) -> int:
 
 
 # train / calibrate / evaluate ------------------------------------------------------------------
+MODEL_FILE_HELP = ("your own model as path/to/file.py:function: runs code from that file (it is "
+                   "imported from that path only); the function returns an nn.Module and may "
+                   "take num_classes= and input_shape=")
+
+
+def _build_model(args, ds):
+    """The model ``train`` starts from: a zoo model by name, or ``--model file.py:fn`` cut at
+    ``--cuts`` with ``--head`` exit heads."""
+    from .errors import InputError
+    from .usermodel import build_backbone, build_multiexit, is_model_file, user_model_source
+    from .zoo import create_model, create_multiexit, list_models
+
+    if is_model_file(args.model):
+        user_model_source(args.model)  # a missing file or ':function' first (no code runs)
+        if args.exits:
+            raise InputError("--exits names the exit cuts of a zoo model; with --model "
+                             "file.py:function give them as --cuts a,b")
+        if args.strategy == "baseline":
+            return build_backbone(args.model, args.cuts or [], ds.num_classes, ds.input_shape)
+        if not args.cuts:
+            raise InputError("--model file.py:function needs --cuts a,b: the cut names where "
+                             "exit heads go (splitexit.list_cuts(model) lists them)")
+        return build_multiexit(args.model, args.cuts, ds.num_classes, ds.input_shape,
+                               head=args.head or "linear")
+    if args.model not in list_models():
+        raise InputError(f"unknown model {args.model!r}: use a zoo model "
+                         f"({', '.join(list_models())}) or {MODEL_FILE_HELP}")
+    if args.cuts:
+        raise InputError("--cuts goes with --model file.py:function; a zoo model takes its "
+                         "exit cuts as --exits a,b")
+    if args.strategy == "baseline":
+        return create_model(args.model, ds.num_classes, ds.input_shape)
+    exits = args.exits.split(",") if args.exits else None
+    return create_multiexit(args.model, ds.num_classes, ds.input_shape, exits=exits,
+                            head=args.head)
+
+
+def _load_checkpoint(directory, model_arg: str | None, if_needed: bool = False):
+    """A checkpoint's model, rebuilt with ``--model path.py:fn`` for one of user code.
+
+    With ``if_needed``, ``model_arg`` is passed only to a checkpoint that needs one (``--init``
+    may name a zoo checkpoint while ``--model`` names a file)."""
+    from . import checkpoint
+
+    if if_needed:
+        spec = checkpoint.read_meta(directory).get("spec")
+        if isinstance(spec, dict) and "model" in spec:
+            model_arg = None
+    return checkpoint.load(directory, model=model_arg)
+
+
 def _cmd_train(args) -> int:
     from . import checkpoint
     from .data import load_dataset
     from .training import Baseline, HeadsOnly, JointWeighted, evaluate_exits, train
-    from .zoo import create_model, create_multiexit
+    from .usermodel import is_model_file
 
     ds = load_dataset(args.dataset, seed=args.seed)
-    if args.strategy == "baseline":
-        model = create_model(args.model, ds.num_classes, ds.input_shape)
-    else:
-        exits = args.exits.split(",") if args.exits else None
-        model = create_multiexit(args.model, ds.num_classes, ds.input_shape, exits=exits,
-                                 head=args.head)
+    model = _build_model(args, ds)
     if args.init:
-        init = checkpoint.load(args.init)
+        init = _load_checkpoint(args.init, args.model if is_model_file(args.model) else None,
+                                if_needed=True)
         target = model.backbone if hasattr(model, "backbone") else model
-        target.load_state_dict((init.backbone if hasattr(init, "backbone") else init)
-                               .state_dict())
+        # canonical keys: the initial backbone may be staged at other cuts
+        checkpoint.load_canonical_state_dict(
+            target, checkpoint.canonical_state_dict(getattr(init, "backbone", init)),
+            str(args.init))
     strategy = {"baseline": Baseline, "joint": JointWeighted, "heads-only": HeadsOnly}[
         args.strategy]()
     history = train(model, ds.train, strategy, epochs=args.epochs, lr=args.lr,
@@ -127,7 +176,7 @@ def _checkpoint_and_data(args):
     from . import checkpoint
     from .data import load_dataset
 
-    model = checkpoint.load(args.checkpoint)
+    model = _load_checkpoint(args.checkpoint, args.model)
     meta = checkpoint.read_meta(args.checkpoint)
     return model, load_dataset(args.dataset or meta.get("dataset", "digits"), seed=args.seed)
 
@@ -194,6 +243,13 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _checkpoint_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="for a checkpoint trained from your own code: the model again as "
+                        "path/to/file.py:function; runs code from that file (a checkpoint "
+                        "never imports code by itself)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitexit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -203,12 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     _early_exit_args(p, "digits", "resnet8,b-lenet", "runs/demo", 30)
     p.set_defaults(func=lambda a: _run_early_exit(a, "demo"))
 
-    p = sub.add_parser("train", help="train a zoo model and save a checkpoint")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("train", help="train a zoo model or your own and save a checkpoint")
+    p.add_argument("--model", required=True,
+                   help=f"a zoo model (`splitexit list models`), or {MODEL_FILE_HELP}")
+    p.add_argument("--cuts", default=None,
+                   help="with --model file.py:function: comma-separated cut names where exit "
+                        "heads go (splitexit.list_cuts(model) lists them); with --strategy "
+                        "baseline, where the model is staged (optional)")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--strategy", default="joint", choices=["baseline", "joint", "heads-only"])
-    p.add_argument("--exits", default=None, help="comma-separated cut names for exit heads")
-    p.add_argument("--head", default=None)
+    p.add_argument("--exits", default=None,
+                   help="zoo model: comma-separated cut names for exit heads (default: the "
+                        "model's own)")
+    p.add_argument("--head", default=None,
+                   help="exit head type (linear, sdn, conv, depthwise, ...; default: the zoo "
+                        "model's own, linear for your own model)")
     p.add_argument("--init", default=None, help="checkpoint whose backbone initialises this one")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -219,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="choose exit thresholds on the calibration split")
     p.add_argument("checkpoint")
+    _checkpoint_model_arg(p)
     p.add_argument("--dataset", default=None)
     p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin",
                                                            "patience"])
@@ -231,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="real early-exit inference on the test split")
     p.add_argument("checkpoint")
+    _checkpoint_model_arg(p)
     p.add_argument("--dataset", default=None)
     p.add_argument("--policy", default=None, help="policy name or JSON (default: calibrated)")
     p.add_argument("--latency-samples", type=int, default=500)

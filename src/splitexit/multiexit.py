@@ -28,7 +28,7 @@ from .runtime.loop import (
 from .stages import Payload, StagedModel, payload_tensors
 
 __all__ = ["MultiExitModel", "ExitResult", "ExitRun", "Step", "advance_exits", "infer_exits",
-           "all_exit_logits", "simulate_exits", "check_input", "StageWithHead"]
+           "all_exit_logits", "simulate_exits", "check_input", "Piece"]
 
 
 def inference(fn):
@@ -52,6 +52,15 @@ def check_input(x, input_shape: Sequence[int] | None = None) -> None:
     check_batch(x, input_shape)
 
 
+def head_cut(key: str) -> tuple[str, int]:
+    """``"cut@i"`` -> ``("cut", i)``: a head fed by tensor ``i`` of a multi-tensor cut;
+    a plain cut name -> ``(name, 0)``."""
+    name, sep, index = str(key).rpartition("@")
+    if sep and index.isdigit():
+        return name, int(index)
+    return str(key), 0
+
+
 class MultiExitModel(nn.Module):
     """A :class:`StagedModel` backbone plus exit heads at some of its cuts.
 
@@ -73,13 +82,15 @@ class MultiExitModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         items = list(heads.items()) if isinstance(heads, Mapping) else list(heads)
-        items.sort(key=lambda kv: backbone.cut_index(kv[0]))
+        items.sort(key=lambda kv: backbone.cut_index(head_cut(kv[0])[0]))
         cuts = [c for c, _ in items]
-        if len(set(cuts)) != len(cuts):
+        if len({head_cut(c)[0] for c in cuts}) != len(cuts):
             raise InputError(f"one head per cut, got {cuts}")
         self.head_cuts: list[str] = cuts
         self.heads = nn.ModuleList([h for _, h in items])
-        self.exit_stages = [backbone.cut_index(c) for c in cuts] + [backbone.num_stages - 1]
+        self.head_tensors: list[int] = [head_cut(c)[1] for c in cuts]
+        self.exit_stages = [backbone.cut_index(head_cut(c)[0]) for c in cuts] + [
+            backbone.num_stages - 1]
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
     def keep_exits(self, exits: Sequence[int]) -> MultiExitModel:
@@ -109,11 +120,12 @@ class MultiExitModel(nn.Module):
 
     def _features(self, e: int, payload: Payload) -> torch.Tensor:
         if isinstance(payload, tuple):
-            if len(payload) == 1:
-                return payload[0]
+            if len(payload) == 1 or "@" in self.head_cuts[e]:
+                return payload[self.head_tensors[e]]
             raise InputError(
                 f"the cut {self.head_cuts[e]!r} carries {len(payload)} tensors (it lies inside "
-                "a block); attach exit heads at single-tensor cuts, e.g. after a whole block")
+                "a block); attach the head after a whole block, or name the tensor that feeds "
+                f"it as '{self.head_cuts[e]}@<index>' (0..{len(payload) - 1})")
         return payload
 
     def run_head(self, e: int, payload: Payload, previous: torch.Tensor | None) -> torch.Tensor:
@@ -180,42 +192,50 @@ class FirstCascadeHead(nn.Module):
         return self.head(features, None)
 
 
-class StageWithHead(nn.Module):
-    """A stage and the exit head at its end as one module: tensors in, ``(*payload, logits)`` out.
+class Piece(nn.Module):
+    """Stages of a backbone and the exit head at their end as one module: tensors in,
+    ``(*payload, logits)`` out (the payload alone without a head).
 
-    The unit exported to ONNX and traced to TorchScript: one call per exit instead of two,
-    which matters at batch 1. Without a head it returns the stage's payload tensors. When
-    ``takes_previous`` the last input is the previous exit's logits (cascading heads).
+    The unit of an exit program (:mod:`splitexit.program`): exported to ONNX, traced to
+    TorchScript, run by every runtime. One call per exit instead of one per stage and head,
+    which matters at batch 1. When ``takes_previous`` the last input is the previous exit's
+    logits (cascading heads). ``head_tensor`` picks the payload tensor that feeds the head at
+    a cut that carries several.
     """
 
-    def __init__(self, stage: nn.Module, head: nn.Module | None, num_inputs: int,
-                 takes_previous: bool = False):
+    def __init__(self, stages: Sequence[nn.Module] | nn.Module, head: nn.Module | None,
+                 num_inputs: int, takes_previous: bool = False, head_tensor: int = 0):
         super().__init__()
-        self.stage, self.head = stage, head
+        stages = [stages] if isinstance(stages, nn.Module) else list(stages)
+        self.stages = nn.ModuleList(stages)
+        self._calls = stages
+        self.head = head
         self.num_inputs, self.takes_previous = num_inputs, takes_previous
+        self.head_tensor = head_tensor
 
     @classmethod
-    def of(cls, model: MultiExitModel, k: int, e: int | None, has_previous: bool
-           ) -> StageWithHead:
-        """Stage ``k`` of ``model`` with exit head ``e`` (``None``: the stage alone)."""
-        stage = model.backbone.stages[k]
-        num_inputs = getattr(stage, "num_inputs", 1)
+    def of(cls, model: MultiExitModel, start: int, end: int, e: int | None,
+           has_previous: bool) -> Piece:
+        """Stages ``start..end`` of ``model`` with exit head ``e`` (``None``: no head)."""
+        stages = list(model.backbone.stages)[start: end + 1]
+        num_inputs = getattr(stages[0], "num_inputs", 1)
         if e is None:
-            return cls(stage, None, num_inputs)
+            return cls(stages, None, num_inputs)
         head = model.heads[e]
+        index = model.head_tensors[e]
         uses_previous = bool(getattr(head, "uses_previous", False))
         if uses_previous and not has_previous:
-            return cls(stage, FirstCascadeHead(head), num_inputs)
-        return cls(stage, head, num_inputs, takes_previous=uses_previous)
+            return cls(stages, FirstCascadeHead(head), num_inputs, head_tensor=index)
+        return cls(stages, head, num_inputs, takes_previous=uses_previous, head_tensor=index)
 
     def forward(self, *tensors: torch.Tensor):
         inputs = tensors[: self.num_inputs]
-        out = self.stage(inputs[0] if self.num_inputs == 1 else tuple(inputs))
+        out = inputs[0] if self.num_inputs == 1 else tuple(inputs)
+        for stage in self._calls:
+            out = stage(out)
         outs = payload_tensors(out)
         if self.head is None:
             return outs
-        if len(outs) != 1:
-            raise InputError(f"this cut carries {len(outs)} tensors; exit heads attach at "
-                             "single-tensor cuts (after a whole block)")
-        logits = self.head(outs[0], tensors[-1]) if self.takes_previous else self.head(outs[0])
+        features = outs[self.head_tensor]
+        logits = self.head(features, tensors[-1]) if self.takes_previous else self.head(features)
         return (*outs, logits)

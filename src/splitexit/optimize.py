@@ -25,7 +25,7 @@ from .errors import InputError
 from .multiexit import (
     ExitResult,
     MultiExitModel,
-    StageWithHead,
+    Piece,
     all_exit_logits,
     check_input,
     infer_exits,
@@ -194,7 +194,7 @@ class TracedMultiExit:
         with torch.no_grad():
             for k in range(model.backbone.num_stages):
                 at_head = e < len(model.heads) and self.exit_stages[e] == k
-                piece = StageWithHead.of(model, k, e if at_head else None, previous is not None)
+                piece = Piece.of(model, k, k, e if at_head else None, previous is not None)
                 args = payload_tensors(payload)
                 if piece.takes_previous:
                     args = (*args, previous)

@@ -22,7 +22,7 @@ from ..multiexit import (
     ExitRun,
     FirstCascadeHead,
     MultiExitModel,
-    StageWithHead,
+    Piece,
     advance_exits,
     all_exit_logits,
     check_input,
@@ -104,7 +104,7 @@ def export_multiexit(model: MultiExitModel, directory: str | Path,
                     if fused:
                         stage_in = payload_tensors(stage_input)
                         takes_previous = uses_previous and previous is not None
-                        both = StageWithHead(stage, piece, len(stage_in), takes_previous)
+                        both = Piece(stage, piece, len(stage_in), takes_previous)
                         path = export_piece(both, (*stage_in, previous) if takes_previous
                                             else stage_in, directory / f"stage{k}+head{e}.onnx",
                                             opset=opset, as_payload=False)
