@@ -15,21 +15,17 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from ..errors import CorruptFileError, InputError
+from ..errors import InputError
+from ..runtime.ort import OrtSession
 from ..stages import Payload, Stage, StagedModel, payload_tensors
 
 __all__ = ["export_piece", "OrtPiece", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17
-
-ArrayPayload = np.ndarray | tuple[np.ndarray, ...]
-
 
 class _PieceAdapter(nn.Module):
     """Presents a piece as ``forward(*tensors) -> tensor | tuple`` for the exporter."""
@@ -160,93 +156,6 @@ def export_piece(module: nn.Module, example_input: Payload, path: str | Path,
     return path
 
 
-class OrtPiece:
-    """An exported piece run by ONNX Runtime: payload in, payload out.
-
-    Takes numpy arrays or torch tensors (one, or a tuple for a multi-tensor payload) and
-    returns the same kind: a torch payload in gives a torch payload out.
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: intra-op threads (1 for single-threaded, reproducible timing; ``None`` lets
-            ONNX Runtime decide).
-        optimization: ONNX Runtime graph optimisation level (``"all"``, ``"extended"``,
-            ``"basic"`` or ``"disable"``).
-
-    Example:
-        >>> piece = OrtPiece("device.onnx", threads=1)
-        >>> features = piece(torch.randn(4, 1, 28, 28))
-    """
-
-    _LEVELS = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-               "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-
-    def __init__(self, path: str | Path, threads: int | None = 1, optimization: str = "all"):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"no ONNX file at {self.path}; export the piece first with "
-                             "splitexit.export.export_piece")
-        if optimization not in self._LEVELS:
-            raise InputError(f"unknown optimization {optimization!r}; use one of "
-                             f"{', '.join(self._LEVELS)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = self._LEVELS[optimization]
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise CorruptFileError(f"ONNX Runtime cannot load {self.path} ({exc}); re-export "
-                                   "the piece") from exc
-        self.inputs = self.session.get_inputs()
-        self.outputs = self.session.get_outputs()
-        self.input_names = [i.name for i in self.inputs]
-        self.output_names = [o.name for o in self.outputs]
-        self._input_dtypes = [_ORT_DTYPES.get(i.type) for i in self.inputs]
-
-    def __repr__(self) -> str:
-        return f"OrtPiece({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
-
-    def run_arrays(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Run on numpy arrays, one per graph input; returns one array per graph output."""
-        if len(arrays) != len(self.inputs):
-            raise InputError(f"{self.path.name} takes {len(self.inputs)} input tensor(s) "
-                             f"({', '.join(self.input_names)}), got {len(arrays)}")
-        feed = {}
-        for spec, dtype, a in zip(self.inputs, self._input_dtypes, arrays):
-            a = np.asarray(a)
-            if dtype is not None and a.dtype != dtype:
-                if not (np.issubdtype(a.dtype, np.floating) and np.issubdtype(dtype, np.floating)):
-                    raise InputError(f"input {spec.name!r} of {self.path.name} needs dtype "
-                                     f"{np.dtype(dtype).name}, got {a.dtype}")
-                a = a.astype(dtype)
-            if a.ndim != len(spec.shape):
-                raise InputError(f"input {spec.name!r} of {self.path.name} needs {len(spec.shape)} "
-                                 f"dimensions {spec.shape}, got shape {a.shape}")
-            feed[spec.name] = np.ascontiguousarray(a)
-        try:
-            return self.session.run(None, feed)
-        except Exception as exc:
-            raise InputError(f"ONNX Runtime failed on {self.path.name}: {exc}") from exc
-
-    def __call__(self, payload: Payload | ArrayPayload) -> Payload | ArrayPayload:
-        """Run on a payload (numpy or torch; one tensor or a tuple); returns the same kind."""
-        items = payload if isinstance(payload, tuple) else (payload,)
-        as_torch = isinstance(items[0], torch.Tensor)
-        arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t for t in items]
-        outs = self.run_arrays(arrays)
-        if as_torch:
-            outs = [torch.from_numpy(o) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-               "tensor(double)": np.float64, "tensor(int64)": np.int64,
-               "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
-               "tensor(bool)": np.bool_}
+#: One ONNX graph on ONNX Runtime, payload in, payload out: the runtime's
+#: :class:`~splitexit.runtime.ort.OrtSession` (kept under this name for the export API).
+OrtPiece = OrtSession

@@ -1,0 +1,289 @@
+"""Bundles: what leaves the training machine, for any model that can be cut.
+
+:func:`bundle` lowers a model to its exit program (:func:`splitexit.program.lower`), exports
+every piece to ONNX, adds the batch-1 exit graph where the policy has a graph form, measures
+batch-1 latency on ONNX Runtime against the full model, and writes a self-describing
+directory with a checksum of every file (layout: :mod:`splitexit.runtime.bundle`).
+:func:`load_bundle` reads one back in any process, without PyTorch and without user code.
+
+Example:
+    >>> bundle(model, "bundle/", policy=MaxProb(0.9), example=calib_x[:256])
+    >>> b = load_bundle("bundle/")
+    >>> b.program().infer(x_numpy, b.policy)          # same exits as model.infer
+    >>> bundle(model, "split/", cut="layer1", codec="int8", policy=MaxProb(0.9))
+    >>> # splitexit serve split/   and   splitexit edge split/ --server URL
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import statistics
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, checkpoint
+from .errors import InputError
+from .export.exit_graph import export_exit_graph
+from .export.onnx import DEFAULT_OPSET, export_piece
+from .multiexit import MultiExitModel
+from .policies import ExitPolicy, NeverExit, is_plain_threshold, leave_at
+from .program import ExitProgram, as_multiexit, export_pieces, lower
+from .runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, load_bundle, sha256_of
+from .runtime.ort import OrtSession
+
+__all__ = ["bundle", "load_bundle", "Bundle"]
+
+
+def _policy_subset(policy: ExitPolicy, keep: Sequence[int]) -> ExitPolicy:
+    """``policy`` for a model keeping heads ``keep``: per-exit values follow their exits."""
+    changes = {}
+    for name in ("threshold", "temperature"):
+        value = getattr(policy, name, None)
+        if isinstance(value, tuple):
+            changes[name] = tuple(value[min(e, len(value) - 1)] for e in keep) or value[-1:]
+    return replace(policy, **changes) if changes else policy
+
+
+def _write_exit_graph(program: ExitProgram, path: Path, opset: int) -> bool:
+    """The batch-1 exit graph, when the program and its policy have one."""
+    if program.has_server or not is_plain_threshold(program.policy) or len(program.pieces) < 2 \
+            or any(p.takes_previous for p in program.pieces):
+        return False
+    export_exit_graph(program, None, path, opset=opset)
+    return True
+
+
+def _latencies(fns: dict, xs: np.ndarray, warmup: int = 20) -> dict[str, list[float]]:
+    from .cost import interleaved_seconds
+
+    return interleaved_seconds(fns, xs, warmup=warmup)
+
+
+def _summary(times: list[float]) -> dict:
+    ms = [1e3 * t for t in times]
+    return {"mean_ms": statistics.fmean(ms), "p50_ms": statistics.median(ms)}
+
+
+def _graph_infer(session: OrtSession):
+    run = session._run
+
+    def call(x):
+        return run(None, {"x": x})
+
+    return call
+
+
+def _full_graph(model: MultiExitModel, example: torch.Tensor, path: Path, opset: int):
+    export_piece(model.backbone, example[:2], path, opset=opset)
+    return OrtSession(path)
+
+
+def _measure(work: Path, program: ExitProgram, samples: np.ndarray, threads: int | None,
+             opset: int) -> dict:
+    """Batch-1 latency on ONNX Runtime, interleaved: the full model as one graph, the bundle
+    as deployed (exit graph or pieces) and the bundle with no exit firing."""
+    from .runtime.ort import OrtProgram
+
+    full = _full_graph(program.model, torch.from_numpy(samples[:2]), work / "full.onnx", opset)
+    files = export_pieces(program, work / "pieces", opset)
+    graph = None
+    if _write_exit_graph(program, work / "exits.onnx", opset):
+        graph = OrtSession(work / "exits.onnx", threads)
+    ort_program = OrtProgram([OrtSession(f, threads) for f in files], program.exit_stages,
+                             program.exit_names, [p.takes_previous for p in program.pieces],
+                             program.input_shape, graph, program.policy.config())
+    never = leave_at(program.policy, program.num_exits - 1, program.num_exits)
+    fns = {"full": lambda x: full.run_arrays([x]),
+           "bundle": lambda x: ort_program.infer(x, program.policy)}
+    if graph is not None:
+        never_graph = work / "never.onnx"
+        export_exit_graph(program, never, never_graph, opset=opset)
+        fns["no_exit"] = _graph_infer(OrtSession(never_graph, threads))
+    else:
+        fns["no_exit"] = lambda x: ort_program.infer(x, never)
+    times = _latencies(fns, samples)
+    out = {name: _summary(t) for name, t in times.items()}
+    full_mean, full_p50 = out["full"]["mean_ms"], out["full"]["p50_ms"]
+    return {"runtime": "onnxruntime", "threads": threads, "samples": int(len(samples)),
+            "full_model": out["full"], "bundle": out["bundle"], "no_exit": out["no_exit"],
+            "speedup_mean": full_mean / out["bundle"]["mean_ms"],
+            "speedup_p50": full_p50 / out["bundle"]["p50_ms"],
+            "no_exit_ratio": out["no_exit"]["mean_ms"] / full_mean,
+            "form": "exit graph" if graph is not None else "pieces"}
+
+
+def _select(model: MultiExitModel, policy: ExitPolicy, samples: np.ndarray, example,
+            max_overhead: float, threads: int | None, opset: int, work: Path
+            ) -> tuple[list[int], list[dict]]:
+    """The exit subset with the lowest measured mean latency among those whose no-exit
+    latency is at most ``max_overhead`` times the full model's (measured together)."""
+    heads = len(model.heads)
+    if heads > 6:
+        raise InputError(f"{heads} exit heads give {2 ** heads} subsets to time; pass a model "
+                         "with at most 6 heads (model.keep_exits(...)) or no max_overhead")
+    rows = []
+    best = None
+    for r in range(heads, -1, -1):
+        for keep in itertools.combinations(range(heads), r):
+            sub = model.keep_exits(list(keep))
+            program = lower(sub, _policy_subset(policy, keep), None, example)
+            m = _measure(work / f"subset{len(rows)}", program, samples, threads, opset)
+            row = {"exits": [model.head_cuts[e] for e in keep],
+                   "no_exit_ratio": m["no_exit_ratio"], "mean_ms": m["bundle"]["mean_ms"],
+                   "speedup_mean": m["speedup_mean"], "speedup_p50": m["speedup_p50"],
+                   "meets_bound": m["no_exit_ratio"] <= max_overhead}
+            rows.append(row)
+            if row["meets_bound"] and (best is None or row["speedup_mean"] > best[1]):
+                best = (list(keep), row["speedup_mean"])
+    if best is None:
+        raise InputError(f"no exit subset keeps the no-exit latency within {max_overhead:g}x "
+                         "the full model's (not even no heads at all); raise max_overhead")
+    for row in rows:
+        row["chosen"] = row["exits"] == [model.head_cuts[e] for e in best[0]]
+    return best[0], rows
+
+
+def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None,
+           policy: ExitPolicy | None = None, codec: str = "fp32",
+           example: torch.Tensor | None = None, *, classes: Sequence[str] | None = None,
+           normalisation: dict | None = None, max_overhead: float | None = None,
+           measure: bool = True, threads: int | None = 1, opset: int = DEFAULT_OPSET,
+           overwrite: bool = True) -> Path:
+    """Write a deployment bundle of ``model``.
+
+    Args:
+        model: a :class:`MultiExitModel` (any backbone: zoo or a user's module cut by name,
+            ``keep_exits`` subsets, T-RECX), a CBNet pipeline, or a plain module.
+        directory: the bundle directory (created; replaced when ``overwrite``).
+        cut: ``None``: the whole model runs on the device; a cut name of the backbone: device
+            pieces up to it with the exits at or before it, the rest on the server;
+            ``"input"``: the device sends the raw input (full offload).
+        policy: the exit policy (calibrated thresholds); ``NeverExit()`` when ``None``.
+        codec: wire codec of a split bundle (``splitexit.split.codec.Codec`` spelling).
+        example: input samples ``(N, *input_shape)``: shapes for export and, with
+            ``measure``, the samples timed (use real held-out data: the mean latency depends
+            on where they exit). Zeros of ``model.input_shape`` when ``None``.
+        classes: class names (``"0"``, ``"1"``, ... when ``None``).
+        normalisation: ``{"mean": [...], "std": [...]}`` the caller applies to raw inputs,
+            recorded for the device side (the bundle's graphs take normalised inputs).
+        max_overhead: keep only exit subsets whose no-exit batch-1 latency on ONNX Runtime is
+            at most this times the full model's; the fastest such subset is bundled (device
+            bundles only; the subsets tried are recorded in the manifest).
+        measure: time batch-1 latency on ONNX Runtime at bundling (full model, bundle, no
+            exit firing), interleaved, and record it in the manifest.
+        threads: ONNX Runtime intra-op threads while timing.
+        opset: ONNX opset.
+        overwrite: replace an existing directory.
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        InputError: an unknown cut, a model or piece that cannot be exported, a bad policy,
+            or no exit subset within ``max_overhead``.
+    """
+    from .split.codec import Codec
+
+    model = as_multiexit(model, None if example is None else tuple(example.shape[1:]))
+    policy = policy or NeverExit()
+    if example is None:
+        if model.input_shape is None:
+            raise InputError("the model has no input_shape; pass example=input samples")
+        example = torch.zeros(2, *model.input_shape)
+    if not isinstance(example, torch.Tensor):
+        example = torch.as_tensor(np.asarray(example))
+    if len(example) < 2:
+        example = torch.cat([example, example])
+    codec_spec = Codec.parse(codec).spec() if cut is not None else None
+    out = Path(directory)
+    if out.exists():
+        if not overwrite:
+            raise InputError(f"{out} exists; pass overwrite=True or choose another directory")
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise InputError(f"{out} exists and is not a bundle; refusing to replace it")
+    samples = example.detach().float().numpy()
+    selection = None
+    with tempfile.TemporaryDirectory(prefix="splitexit-bundle-") as tmp:
+        work = Path(tmp)
+        was_training = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            if max_overhead is not None and cut is None and len(model.heads) > 0:
+                keep, selection = _select(model, policy, samples, example, max_overhead,
+                                          threads, opset, work / "select")
+                policy = _policy_subset(policy, keep)
+                model = model.keep_exits(keep)
+            program = lower(model, policy, cut, example)
+            stage = work / "bundle"
+            manifest = _write(program, stage, example, codec_spec, classes, normalisation,
+                              opset)
+            if selection is not None:
+                manifest["selection"] = {"max_overhead": max_overhead, "subsets": selection}
+            if measure:
+                manifest["latency"] = _measure(work / "measure", lower(model, policy, None,
+                                                                       example),
+                                               samples, threads, opset)
+                manifest["latency"]["of"] = "the whole model on one side (ONNX Runtime)"
+        finally:
+            for m, mode in was_training:
+                m.training = mode
+        manifest["files"] = {p.relative_to(stage).as_posix(): sha256_of(p)
+                             for p in sorted(stage.rglob("*")) if p.is_file()}
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(stage, out)
+    return out
+
+
+def _write(program: ExitProgram, stage: Path, example: torch.Tensor, codec: str | None,
+           classes: Sequence[str] | None, normalisation: dict | None, opset: int) -> dict:
+    """Export the pieces, the exit graph and the weights into ``stage``; the manifest."""
+    files = export_pieces(program, stage / "device", opset)
+    names = []
+    for j, f in enumerate(files):
+        if program.pieces[j].part == "server":
+            target = stage / "server.onnx"
+            f.rename(target)
+            names.append(target.name)
+        else:
+            names.append(f"device/{f.name}")
+    graph = None
+    if _write_exit_graph(program, stage / "device" / "exits.onnx", opset):
+        graph = "device/exits.onnx"
+    checkpoint.save(program.model, stage / "weights", cut=program.cut)
+    n = program.num_classes
+    if classes is not None and len(classes) != n:
+        raise InputError(f"{len(classes)} class names for a model with {n} classes")
+    if normalisation is not None and not {"mean", "std"} <= set(normalisation):
+        raise InputError("normalisation is {'mean': [...], 'std': [...]}")
+    cum = []
+    total = 0.0
+    for p in program.pieces:
+        total += p.macs
+        cum.append(total)
+    spec = getattr(program.model, "spec", None)
+    return {
+        "format": FORMAT, "version": VERSION, "created_by": f"splitexit {__version__}",
+        "input": {"dtype": "float32", "shape": list(program.input_shape),
+                  "normalisation": normalisation},
+        "classes": [str(c) for c in (classes if classes is not None else range(n))],
+        "exits": [{"name": name, "piece": k, "model_exit": int(i), "macs": cum[k]}
+                  for name, k, i in zip(program.exit_names, program.exit_stages,
+                                        program.exit_ids)],
+        "cut": program.cut, "policy": program.policy.config(), "codec": codec,
+        "pieces": [{"file": name, **p.to_json()} for name, p in zip(names, program.pieces)],
+        "device": {"pieces": program.device_pieces, "exit_graph": graph},
+        "server": {"file": "server.onnx"} if program.has_server else None,
+        "weights": {"directory": "weights", "model": spec},
+        "opset": opset,
+    }
