@@ -371,8 +371,10 @@ def test_unrepresentable_values_and_payloads_are_rejected_on_encode():
         Codec().encode(torch.ones(2, dtype=torch.complex64))
     with pytest.raises(InputError, match="dims"):
         Codec().encode(torch.ones([1] * 9))
-    with pytest.raises(InputError, match="not a torch.Tensor"):
-        Codec().encode((torch.ones(1), np.ones(1)))
+    with pytest.raises(InputError, match="not a numpy array or torch.Tensor"):
+        Codec().encode((torch.ones(1), [1.0]))
+    with pytest.raises(InputError, match="numpy array"):
+        Codec().encode(1.0)
 
 
 # --------------------------------------------------------------------------- hostile input

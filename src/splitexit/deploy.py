@@ -136,10 +136,12 @@ def _select(model: MultiExitModel, policy: ExitPolicy, samples: np.ndarray, exam
             sub = model.keep_exits(list(keep))
             program = lower(sub, _policy_subset(policy, keep), None, example)
             m = _measure(work / f"subset{len(rows)}", program, samples, threads, opset)
-            row = {"exits": [model.head_cuts[e] for e in keep],
-                   "no_exit_ratio": m["no_exit_ratio"], "mean_ms": m["bundle"]["mean_ms"],
-                   "speedup_mean": m["speedup_mean"], "speedup_p50": m["speedup_p50"],
-                   "meets_bound": m["no_exit_ratio"] <= max_overhead}
+            # without heads the bundle is the full model's graph: its ratio is 1 by definition
+            ratio = m["no_exit_ratio"] if keep else 1.0
+            speedup = (m["speedup_mean"], m["speedup_p50"]) if keep else (1.0, 1.0)
+            row = {"exits": [model.head_cuts[e] for e in keep], "no_exit_ratio": ratio,
+                   "mean_ms": m["bundle"]["mean_ms"], "speedup_mean": speedup[0],
+                   "speedup_p50": speedup[1], "meets_bound": ratio <= max_overhead}
             rows.append(row)
             if row["meets_bound"] and (best is None or row["speedup_mean"] > best[1]):
                 best = (list(keep), row["speedup_mean"])

@@ -91,6 +91,19 @@ class ExitPolicy:
                                       for k, v in cfg.items()}}
 
 
+def _check_numbers(policy: str, field_name: str, value) -> None:
+    """A number, or a non-empty list of numbers (one per exit); else a clear error."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value):
+        return
+    if isinstance(value, (list, tuple)) and value and all(number(v) for v in value):
+        return
+    raise InputError(f"{policy} {field_name} must be a number or a list of numbers (one per "
+                     f"exit), got {value!r}")
+
+
 @dataclass(frozen=True)
 class ThresholdPolicy(ExitPolicy):
     """A policy that compares a per-sample statistic with a threshold (one, or one per exit)."""
@@ -100,6 +113,8 @@ class ThresholdPolicy(ExitPolicy):
     valid_range = (-math.inf, math.inf)
 
     def __post_init__(self):
+        _check_numbers(self.name, "threshold", self.threshold)
+        _check_numbers(self.name, "temperature", self.temperature)
         values = (self.threshold,) if isinstance(self.threshold, (int, float)) else self.threshold
         if isinstance(self.threshold, list):
             object.__setattr__(self, "threshold", tuple(self.threshold))

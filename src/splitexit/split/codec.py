@@ -5,6 +5,12 @@ residual block carries several). :class:`Codec` turns a payload into a self-desc
 string and back. The receiver needs no configuration: the module-level :func:`decode` reads the
 codec from the header.
 
+The codec needs only numpy and zstandard; PyTorch is imported only to return tensors. An edge
+device without PyTorch encodes numpy arrays (:meth:`Codec.encode` takes arrays and tensors alike
+and writes the same bytes for the same values) and :func:`decode_arrays` decodes to numpy.
+:func:`decode` is :func:`decode_arrays` plus the conversion to tensors (and bfloat16, which
+numpy lacks).
+
 Codecs (``Codec.parse`` / ``Codec.spec`` spelling)::
 
     fp32        every tensor sent bitwise, in its own dtype (lossless; the name is the common case)
@@ -96,8 +102,8 @@ scale`` would overflow), ``q = clamp(round_half_even((x - minimum) / scale), 0, 
 (in float32; in float64 if ``max(x) - min(x)`` of some channel exceeds the float32 range).
 The round-trip error is at most ``scale / 2`` plus float rounding; see :meth:`Codec.error_bound`.
 
-Safety: :func:`decode` reads the whole header with bounds checks and validates magic,
-version, kind, flags, counts, dtype codes, ndim, parameters, body lengths (exact, against the
+Safety: :func:`decode` (and :func:`decode_arrays`: one decoder) reads the whole header with
+bounds checks and validates magic, version, kind, flags, counts, dtype codes, ndim, parameters, body lengths (exact, against the
 dims), sizes against ``max_bytes`` and the absence of trailing bytes *before* allocating
 anything sized by the message. ``max_bytes`` bounds the message length, its length with the
 bodies decompressed, and the total size of the decoded tensors (elements times the original
@@ -108,7 +114,8 @@ of the message and passes its checksum. Decoded floating tensors are checked to 
 Every failure raises :class:`~splitexit.errors.PayloadError`.
 
 Determinism: encoding uses only exact min/max, IEEE-754 float32 elementwise operations
-(numpy, and torch casts in single-thread chunks, independent of the thread count),
+(numpy, and for tensors torch casts in single-thread chunks, independent of the thread count;
+a numpy array and a tensor holding the same values give the same bytes),
 round-half-even and single-threaded zstd at a fixed level, and writes no timestamps, so the same payload gives the
 same bytes on any machine with the same zstd library version (zstd output may change between zstd
 releases; decoding does not depend on it). Decoding gives the same tensors on every machine
@@ -123,12 +130,15 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import numpy as np
-import torch
 import zstandard
 
 from splitexit.errors import InputError, PayloadError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "COMPACT_VERSION",
@@ -138,14 +148,18 @@ __all__ = [
     "MAX_NDIM",
     "MAX_TENSORS",
     "SUPPORTED_VERSIONS",
+    "ArrayPayload",
     "Codec",
     "Payload",
     "codec_of",
     "decode",
+    "decode_arrays",
 ]
 
-Payload = torch.Tensor | tuple[torch.Tensor, ...]
+Payload: TypeAlias = "torch.Tensor | tuple[torch.Tensor, ...]"
 """What crosses a cut: one tensor, or a tuple of tensors."""
+ArrayPayload: TypeAlias = "np.ndarray | tuple[np.ndarray, ...]"
+"""A payload as numpy arrays (what :func:`decode_arrays` returns; :meth:`Codec.encode` takes it)."""
 
 MAGIC = b"SPX1"
 FORMAT_VERSION = 1
@@ -183,47 +197,68 @@ _WIDE = 2.0**127  # above this levels * scale, dequantization works at half scal
 @dataclass(frozen=True)
 class _DType:
     code: int
-    torch_dtype: torch.dtype
+    name: str  # the torch dtype's name, torch.<name> (resolved only when torch is in use)
     wire: np.dtype  # little-endian numpy dtype of the bitwise body
     floating: bool
+    array: np.dtype | None  # numpy dtype of an array of this dtype (None: numpy has none)
+    view: str | None = None  # dtype the elements are viewed as for numpy and the wire, if any
 
 
 _DTYPES = (
-    _DType(0, torch.float32, np.dtype("<f4"), True),
-    _DType(1, torch.float16, np.dtype("<f2"), True),
-    _DType(2, torch.bfloat16, np.dtype("<i2"), True),  # 16-bit pattern; numpy has no bfloat16
-    _DType(3, torch.float64, np.dtype("<f8"), True),
-    _DType(4, torch.uint8, np.dtype("u1"), False),
-    _DType(5, torch.int8, np.dtype("i1"), False),
-    _DType(6, torch.int16, np.dtype("<i2"), False),
-    _DType(7, torch.int32, np.dtype("<i4"), False),
-    _DType(8, torch.int64, np.dtype("<i8"), False),
-    _DType(9, torch.bool, np.dtype("u1"), False),
+    _DType(0, "float32", np.dtype("<f4"), True, np.dtype(np.float32)),
+    _DType(1, "float16", np.dtype("<f2"), True, np.dtype(np.float16)),
+    _DType(2, "bfloat16", np.dtype("<i2"), True, None, "int16"),  # numpy has no bfloat16
+    _DType(3, "float64", np.dtype("<f8"), True, np.dtype(np.float64)),
+    _DType(4, "uint8", np.dtype("u1"), False, np.dtype(np.uint8)),
+    _DType(5, "int8", np.dtype("i1"), False, np.dtype(np.int8)),
+    _DType(6, "int16", np.dtype("<i2"), False, np.dtype(np.int16)),
+    _DType(7, "int32", np.dtype("<i4"), False, np.dtype(np.int32)),
+    _DType(8, "int64", np.dtype("<i8"), False, np.dtype(np.int64)),
+    _DType(9, "bool", np.dtype("u1"), False, np.dtype(np.bool_), "uint8"),
 )
 _BY_CODE = {d.code: d for d in _DTYPES}
-_BY_TORCH = {d.torch_dtype: d for d in _DTYPES}
+_BY_ARRAY = {d.array: d for d in _DTYPES if d.array is not None}
+_BY_TORCH: dict[Any, _DType] = {}  # torch.dtype -> _DType, filled on first use of a tensor
+_BF16 = _DTYPES[2]
 
 # Largest finite value of the dtype the dequantized values are cast to (quantization
 # parameters are float32, so float64 tensors are quantized in float32 range).
 _FMAX = {
-    torch.float32: _F32_MAX,
-    torch.float64: _F32_MAX,
-    torch.float16: float(torch.finfo(torch.float16).max),
-    torch.bfloat16: float(torch.finfo(torch.bfloat16).max),
+    "float32": _F32_MAX,
+    "float64": _F32_MAX,
+    "float16": float(np.finfo(np.float16).max),
+    "bfloat16": (2 - 2.0**-7) * 2.0**127,
 }
 # Relative and absolute rounding of the final cast to the original dtype (generous).
-_CAST_REL = {
-    torch.float32: 0.0,
-    torch.float64: 0.0,
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-}
-_CAST_ABS = {
-    torch.float32: 1e-35,
-    torch.float64: 1e-35,
-    torch.float16: 2.0**-24,
-    torch.bfloat16: 1e-35,
-}
+_CAST_REL = {"float32": 0.0, "float64": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+_CAST_ABS = {"float32": 1e-35, "float64": 1e-35, "float16": 2.0**-24, "bfloat16": 1e-35}
+
+
+def _torch() -> Any:
+    """The torch module, or None when PyTorch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _require_torch(what: str) -> Any:
+    torch = _torch()
+    if torch is None:
+        raise ModuleNotFoundError(
+            f"{what} returns torch tensors and needs PyTorch, which is not installed; use "
+            "splitexit.split.codec.decode_arrays for numpy arrays, or install torch"
+        )
+    return torch
+
+
+def _torch_dtypes(torch: Any) -> dict[Any, _DType]:
+    """torch.dtype -> wire dtype (built once, on the first tensor seen)."""
+    if not _BY_TORCH:
+        _BY_TORCH.update({getattr(torch, d.name): d for d in _DTYPES})
+    return _BY_TORCH
+
 
 _VALID_SPECS = (
     "fp32, fp16, int8, int8-ch, int4, int4-ch, each optionally followed by +zstd "
@@ -238,7 +273,7 @@ _RAW, _HALF, _QUANT = "raw", "fp16", "quant"
 
 def _storage(kind: str, dt: _DType) -> str:
     """How a tensor of dtype ``dt`` is stored by codec ``kind`` (the decoder derives it too)."""
-    if kind == "fp16" and dt.torch_dtype in (torch.float32, torch.float64):
+    if kind == "fp16" and dt.name in ("float32", "float64"):
         return _HALF
     if kind in _LEVELS and dt.floating:
         return _QUANT
@@ -375,23 +410,24 @@ class Codec:
         return self.spec()
 
     # ------------------------------------------------------------------ encode
-    def encode(self, payload: Payload) -> bytes:
+    def encode(self, payload: Payload | ArrayPayload) -> bytes:
         """Serialize a payload.
 
         Args:
-            payload: a CPU (or any-device; copied to CPU) tensor or a tuple of 1..16 tensors,
-                each with at most 8 dims, dtype float32/float16/bfloat16/float64/uint8/int8/
-                int16/int32/int64/bool, and only finite values.
+            payload: a CPU (or any-device; copied to CPU) tensor or numpy array, or a tuple of
+                1..16 of them, each with at most 8 dims, dtype float32/float16/bfloat16 (torch
+                only)/float64/uint8/int8/int16/int32/int64/bool, and only finite values. An
+                array and a tensor with the same values encode to the same bytes.
 
         Returns:
             The message; deterministic for a given payload and codec.
 
         Raises:
-            InputError: the payload is not a tensor or tuple of tensors, has an unsupported
+            InputError: the payload is not a tensor/array or tuple of them, has an unsupported
                 dtype, too many tensors or dims, NaN/inf values, or values outside the
                 float16 range for ``fp16``.
         """
-        tensors, is_tuple = _as_tensors(payload)
+        items, is_tuple = _as_items(payload)
         flags = (
             (_FLAG_PER_CHANNEL if self.per_channel else 0)
             | (_FLAG_ZSTD if self.lossless == "zstd" else 0)
@@ -399,21 +435,20 @@ class Codec:
         )
         compact = self.version == COMPACT_VERSION
         parts: list[bytes | memoryview] = [
-            _FIXED.pack(MAGIC, self.version, _KIND_CODE[self.kind], flags, len(tensors))
+            _FIXED.pack(MAGIC, self.version, _KIND_CODE[self.kind], flags, len(items))
         ]
         bodies: list[bytes | memoryview] = []
-        for i, t in enumerate(tensors):
-            dt = _BY_TORCH[t.dtype]
+        for i, (x, dt) in enumerate(items):
             storage = _storage(self.kind, dt)
-            dims = tuple(t.shape)
+            dims = tuple(x.shape)
             quant: _Quant | None = None
             if storage == _RAW:
-                body = _raw_body(t, dt, i)
+                body = _raw_body(x, dt, i)
             elif storage == _HALF:
-                body = _half_body(t, i)
+                body = _half_body(x, dt, i)
             else:
-                quant, body = self._quantize(t, i)
-            parts.append(_U8.pack(dt.code) + _U8.pack(t.dim()))
+                quant, body = self._quantize(x, dt, i)
+            parts.append(_U8.pack(dt.code) + _U8.pack(len(dims)))
             if compact:
                 parts.append(b"".join(_varint(d) for d in dims))
             else:
@@ -441,12 +476,12 @@ class Codec:
             parts.extend(bodies)
         return b"".join(parts)
 
-    def _quantize(self, t: torch.Tensor, index: int) -> tuple[_Quant, bytes]:
+    def _quantize(self, x: _Source, dt: _DType, index: int) -> tuple[_Quant, bytes]:
         levels = _LEVELS[self.kind]
-        if t.numel() == 0:
+        a = _as_f32(x, dt, index)
+        if a.size == 0:
             return _Quant(np.zeros(0, np.float32), np.zeros(0, np.float32)), b""
-        a = _as_f32(t, index)
-        q, lo64, hi64 = _quant_params(a, self.per_channel, levels, _FMAX[t.dtype], index)
+        q, lo64, hi64 = _quant_params(a, self.per_channel, levels, _FMAX[dt.name], index)
         span = float(np.max(hi64 - lo64))
         bshape = _bshape(a.ndim, len(q.scale))
         minimum = q.minimum.reshape(bshape)
@@ -488,29 +523,37 @@ class Codec:
             PayloadError: the message is malformed, forged, too large, or was encoded with a
                 different codec (use the module-level :func:`decode` to accept any codec).
         """
-        return _decode(data, max_bytes, expect=self)
+        return _to_torch(_decode(data, max_bytes, expect=self))
+
+    def decode_arrays(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ArrayPayload:
+        """:meth:`decode` to numpy arrays (no PyTorch needed); see :func:`decode_arrays`.
+
+        Raises:
+            PayloadError: as :meth:`decode`, and for bfloat16 tensors, which numpy lacks.
+        """
+        return _to_arrays(_decode(data, max_bytes, expect=self))
 
     # ------------------------------------------------------------------ sizes and bounds
-    def payload_bytes(self, payload: Payload) -> int:
+    def payload_bytes(self, payload: Payload | ArrayPayload) -> int:
         """Size in bytes of the encoded payload, ``len(self.encode(payload))``."""
         return len(self.encode(payload))
 
-    def bytes_per_sample(self, payload: Payload) -> float:
+    def bytes_per_sample(self, payload: Payload | ArrayPayload) -> float:
         """Encoded size divided by the batch size (dim 0 of the first tensor).
 
         Raises:
             InputError: the first tensor has no batch dimension or an empty batch.
         """
-        tensors, _ = _as_tensors(payload)
-        first = tensors[0]
-        if first.dim() == 0 or first.shape[0] == 0:
+        items, _ = _as_items(payload)
+        first = items[0][0]
+        if first.ndim == 0 or first.shape[0] == 0:
             raise InputError(
                 "bytes_per_sample needs a batch dimension (dim 0, size >= 1) on the first "
                 f"payload tensor, got shape {tuple(first.shape)}; use payload_bytes instead"
             )
         return self.payload_bytes(payload) / first.shape[0]
 
-    def error_bound(self, payload: Payload) -> float:
+    def error_bound(self, payload: Payload | ArrayPayload) -> float:
         """Largest absolute round-trip error this codec guarantees for ``payload``.
 
         ``fp32`` and non-floating tensors: 0. ``fp16``: each element is within
@@ -520,7 +563,7 @@ class Codec:
         rounding to float16/bfloat16 for those dtypes).
 
         Args:
-            payload: a tensor or tuple of tensors, as for :meth:`encode`.
+            payload: a tensor/array or tuple of them, as for :meth:`encode`.
 
         Returns:
             The bound over all elements of all tensors.
@@ -528,91 +571,151 @@ class Codec:
         Raises:
             InputError: as :meth:`encode`.
         """
-        tensors, _ = _as_tensors(payload)
+        items, _ = _as_items(payload)
         bound = 0.0
-        for i, t in enumerate(tensors):
-            dt = _BY_TORCH[t.dtype]
+        for i, (x, dt) in enumerate(items):
             storage = _storage(self.kind, dt)
-            if t.numel() == 0:
+            if _numel(x) == 0:
                 continue
             if storage == _RAW:
-                if dt.floating and not _np_finite(_np_view(t, dt), t.dtype):
+                if dt.floating and not _np_finite(_np_of(x, dt), dt):
                     raise _nan_error(i)
                 continue
             if storage == _HALF:
-                _half_body(t, i)  # same checks as encode
-                maxabs = float(np.max(np.abs(_as_f32(t, i))))
+                _half_body(x, dt, i)  # same checks as encode
+                maxabs = float(np.max(np.abs(_as_f32(x, dt, i))))
                 b = maxabs * 2.0**-11 * (1 + 2.0**-10) + 2.0**-25
             else:
                 levels = _LEVELS[self.kind]
-                a = _as_f32(t, i)
-                q, lo64, hi64 = _quant_params(a, self.per_channel, levels, _FMAX[t.dtype], i)
+                a = _as_f32(x, dt, i)
+                q, lo64, hi64 = _quant_params(a, self.per_channel, levels, _FMAX[dt.name], i)
                 maxabs = float(max(np.max(np.abs(lo64)), np.max(np.abs(hi64))))
                 b = (
                     float(np.max(q.scale)) / 2
-                    + (8 * _EPS32 + _CAST_REL[t.dtype]) * maxabs
-                    + _CAST_ABS[t.dtype]
+                    + (8 * _EPS32 + _CAST_REL[dt.name]) * maxabs
+                    + _CAST_ABS[dt.name]
                 )
             bound = max(bound, b)
         return bound
 
 
 # ---------------------------------------------------------------------- encode helpers
-def _as_tensors(payload: object) -> tuple[list[torch.Tensor], bool]:
-    if isinstance(payload, torch.Tensor):
-        tensors, is_tuple = [payload], False
-    elif isinstance(payload, tuple):
-        tensors, is_tuple = list(payload), True
-        if not 1 <= len(tensors) <= MAX_TENSORS:
-            raise InputError(
-                f"a payload tuple must hold 1..{MAX_TENSORS} tensors, got {len(tensors)}"
-            )
+_Source: TypeAlias = "np.ndarray | torch.Tensor"
+
+
+def _as_items(payload: object) -> tuple[list[tuple[_Source, _DType]], bool]:
+    """Validate a payload: each tensor or array with its wire dtype.
+
+    Arrays come back C-contiguous in native byte order; tensors detached, on the CPU and
+    contiguous. Tensors stay tensors (their casts run in torch, and :func:`_np_of` views them
+    only where numpy needs them); arrays are never converted to tensors.
+    """
+    torch = sys.modules.get("torch")  # a tensor exists only once torch has been imported
+    tensor_type = torch.Tensor if torch is not None else ()  # () matches nothing
+    if isinstance(payload, tuple):
+        xs, is_tuple = payload, True
+        if not 1 <= len(xs) <= MAX_TENSORS:
+            raise InputError(f"a payload tuple must hold 1..{MAX_TENSORS} tensors, got {len(xs)}")
+    elif isinstance(payload, (np.ndarray, tensor_type)):
+        xs, is_tuple = (payload,), False
     else:
         raise InputError(
-            f"a payload is a torch.Tensor or a tuple of tensors, got {type(payload).__name__}"
+            "a payload is a torch.Tensor or numpy array, or a tuple of them, got "
+            + type(payload).__name__
             + ("; pass tuple(...)" if isinstance(payload, list) else "")
         )
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"payload item {i} is a {type(t).__name__}, not a torch.Tensor")
-        if t.layout != torch.strided:
+    items: list[tuple[_Source, _DType]] = []
+    for i, x in enumerate(xs):
+        if isinstance(x, tensor_type):
+            items.append(_tensor_item(torch, x, i))
+        elif isinstance(x, np.ndarray):
+            items.append(_array_item(x, i))
+        else:
             raise InputError(
-                f"payload tensor {i} has layout {t.layout}; convert it with .to_dense()"
+                f"payload item {i} is a {type(x).__name__}, not a numpy array or torch.Tensor"
             )
-        if t.dtype not in _BY_TORCH:
-            valid = ", ".join(str(d.torch_dtype).replace("torch.", "") for d in _DTYPES)
-            raise InputError(
-                f"payload tensor {i} has unsupported dtype {t.dtype}; supported: {valid}"
-            )
-        if t.dim() > MAX_NDIM:
-            raise InputError(
-                f"payload tensor {i} has {t.dim()} dims; the wire format allows at most "
-                f"{MAX_NDIM}; reshape it"
-            )
-        if any(s > _U32_MAX for s in t.shape):
-            raise InputError(f"payload tensor {i} has a dim larger than 2**32 - 1")
-        tensors[i] = t.detach().cpu().contiguous()
-    return tensors, is_tuple
+    return items, is_tuple
+
+
+def _dims_error(shape: tuple[int, ...], index: int) -> NoReturn:
+    """Raise for a shape with more than MAX_NDIM dims or a dim beyond u32."""
+    if len(shape) > MAX_NDIM:
+        raise InputError(
+            f"payload tensor {index} has {len(shape)} dims; the wire format allows at most "
+            f"{MAX_NDIM}; reshape it"
+        )
+    raise InputError(f"payload tensor {index} has a dim larger than 2**32 - 1")
+
+
+def _tensor_item(torch: Any, t: torch.Tensor, index: int) -> tuple[torch.Tensor, _DType]:
+    if t.layout != torch.strided:
+        raise InputError(
+            f"payload tensor {index} has layout {t.layout}; convert it with .to_dense()"
+        )
+    dt = (_BY_TORCH or _torch_dtypes(torch)).get(t.dtype)
+    if dt is None:
+        raise InputError(
+            f"payload tensor {index} has unsupported dtype {t.dtype}; supported: "
+            + ", ".join(d.name for d in _DTYPES)
+        )
+    shape = t.shape
+    if len(shape) > MAX_NDIM or (shape and max(shape) > _U32_MAX):
+        _dims_error(shape, index)
+    return t.detach().cpu().contiguous(), dt
+
+
+def _array_item(a: np.ndarray, index: int) -> tuple[np.ndarray, _DType]:
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    dt = _BY_ARRAY.get(a.dtype)
+    if dt is None:
+        raise InputError(
+            f"payload array {index} has unsupported dtype {a.dtype}; supported: "
+            + ", ".join(str(d.array) for d in _DTYPES if d.array is not None)
+            + " (bfloat16 only as a torch.Tensor)"
+        )
+    shape = a.shape
+    if len(shape) > MAX_NDIM or (shape and max(shape) > _U32_MAX):
+        _dims_error(shape, index)
+    if type(a) is not np.ndarray:  # a subclass (np.matrix, ...): its plain data
+        a = np.asarray(a)
+    if not a.flags.c_contiguous:
+        a = a.copy(order="C")
+    return a, dt
+
+
+def _numel(x: _Source) -> int:
+    return x.size if isinstance(x, np.ndarray) else x.numel()
+
+
+def _np_of(x: _Source, dt: _DType) -> np.ndarray:
+    """The elements as a numpy array (a view): bfloat16 as int16 bits, bool as uint8."""
+    if dt.view is None:
+        return x if isinstance(x, np.ndarray) else x.numpy()
+    if isinstance(x, np.ndarray):
+        return x.view(dt.view)
+    return x.view(getattr(sys.modules["torch"], dt.view)).numpy()
 
 
 def _nan_error(index: int) -> InputError:
     return InputError(
         f"payload contains NaN/inf (tensor {index}); the wire format carries finite values "
-        "only: fix the model or input producing them (e.g. torch.nan_to_num)"
+        "only: fix the model or input producing them (e.g. torch.nan_to_num / np.nan_to_num)"
     )
 
 
 _SERIAL_CHUNK = 32768  # torch's intra-op grain size: chunks this size run on one thread
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` (flattened), one thread-sized chunk at a time.
+def _cast(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``t.to(torch.<dtype>)`` (flattened), one thread-sized chunk at a time.
 
     Elementwise casts are exact IEEE roundings either way; running them in chunks keeps them
     off torch's thread pool, whose synchronisation costs milliseconds on a busy small CPU.
     """
+    torch = sys.modules["torch"]  # only called with tensors
     flat = t.reshape(-1)
-    out = torch.empty(flat.numel(), dtype=dtype)
+    out = torch.empty(flat.numel(), dtype=getattr(torch, dtype))
     for i in range(0, flat.numel(), _SERIAL_CHUNK):
         out[i : i + _SERIAL_CHUNK].copy_(flat[i : i + _SERIAL_CHUNK])
     return out
@@ -623,10 +726,11 @@ def _bits_finite(bits: np.ndarray, exp_mask: int) -> bool:
     return not bool(np.any((bits & exp_mask) == exp_mask))
 
 
-def _np_finite(arr: np.ndarray, dtype: torch.dtype) -> bool:
-    if dtype == torch.float16:
+def _np_finite(arr: np.ndarray, dt: _DType) -> bool:
+    """All elements finite; ``arr`` as :func:`_np_of` gives it (bfloat16 as bits)."""
+    if dt.name == "float16":
         return _bits_finite(arr.view(np.uint16), 0x7C00)
-    if dtype == torch.bfloat16:
+    if dt is _BF16:
         return _bits_finite(arr.view(np.uint16), 0x7F80)
     return bool(np.isfinite(arr).all())
 
@@ -637,30 +741,30 @@ def _le_bytes(arr: np.ndarray, wire: np.dtype) -> bytes | memoryview:
     return memoryview(np.ascontiguousarray(arr)).cast("B")
 
 
-def _np_view(t: torch.Tensor, dt: _DType) -> np.ndarray:
-    """The tensor's elements as a numpy array (bfloat16 as int16 bits, bool as uint8)."""
-    if dt.torch_dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy()
-    if dt.torch_dtype == torch.bool:
-        return t.view(torch.uint8).numpy()
-    return t.numpy()
-
-
-def _raw_body(t: torch.Tensor, dt: _DType, index: int) -> bytes | memoryview:
-    if t.numel() == 0:
+def _raw_body(x: _Source, dt: _DType, index: int) -> bytes | memoryview:
+    arr = _np_of(x, dt)
+    if arr.size == 0:
         return b""
-    arr = _np_view(t, dt)
-    if dt.floating and not _np_finite(arr, dt.torch_dtype):
+    if dt.floating and not _np_finite(arr, dt):
         raise _nan_error(index)
     return _le_bytes(arr, dt.wire)
 
 
-def _half_body(t: torch.Tensor, index: int) -> bytes | memoryview:
-    if t.numel() == 0:
-        return b""
-    h = _cast(t, torch.float16).view(torch.int16).numpy()
+def _half_body(x: _Source, dt: _DType, index: int) -> bytes | memoryview:
+    """float32/float64 values as float16 bit patterns (int16)."""
+    if isinstance(x, np.ndarray):
+        if x.size == 0:
+            return b""
+        with np.errstate(over="ignore", invalid="ignore"):
+            # torch casts float64 to float16 through float32 (two roundings): do the same
+            a = x.astype(np.float32) if dt.name == "float64" else x
+            h = a.astype(np.float16).view(np.int16)
+    else:
+        if x.numel() == 0:
+            return b""
+        h = _cast(x, "float16").numpy().view(np.int16)
     if not _bits_finite(h.view(np.uint16), 0x7C00):
-        if not bool(np.isfinite(t.numpy()).all()):
+        if not bool(np.isfinite(_np_of(x, dt)).all()):
             raise _nan_error(index)
         raise InputError(
             f"payload tensor {index} has values beyond the float16 range (|x| > 65504); "
@@ -669,12 +773,12 @@ def _half_body(t: torch.Tensor, index: int) -> bytes | memoryview:
     return _le_bytes(h, np.dtype("<i2"))
 
 
-def _as_f32(t: torch.Tensor, index: int) -> np.ndarray:
-    """A non-empty floating tensor as a float32 numpy array (no copy for float32)."""
-    if t.dtype == torch.float32:
-        return t.numpy()
-    if t.dtype == torch.float64:
-        a64 = t.numpy()
+def _as_f32(x: _Source, dt: _DType, index: int) -> np.ndarray:
+    """A non-empty floating tensor or array as a float32 array (no copy for float32)."""
+    if dt.name == "float32":
+        return _np_of(x, dt)
+    if dt.name == "float64":
+        a64 = _np_of(x, dt)
         if not bool(np.isfinite(a64).all()):
             raise _nan_error(index)
         with np.errstate(over="ignore"):
@@ -686,7 +790,9 @@ def _as_f32(t: torch.Tensor, index: int) -> np.ndarray:
                 "rescale it or use the 'fp32' codec"
             )
         return a
-    return _cast(t, torch.float32).numpy().reshape(t.shape)
+    if isinstance(x, np.ndarray):  # float16 (exact)
+        return x.astype(np.float32)
+    return _cast(x, "float32").numpy().reshape(x.shape)  # float16 / bfloat16 tensor
 
 
 def _quant_params(
@@ -827,7 +933,10 @@ def codec_of(data: bytes) -> Codec:
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
-    """Decode any message, reading the codec from its header.
+    """Decode any message to torch tensors, reading the codec from its header.
+
+    This is :func:`decode_arrays` followed by ``torch.from_numpy`` (no copy), which also
+    returns bfloat16 tensors.
 
     Args:
         data: the message (bytes, bytearray or memoryview).
@@ -839,11 +948,57 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Payload:
 
     Raises:
         PayloadError: anything about the message is wrong; the message says what.
+        ModuleNotFoundError: PyTorch is not installed (use :func:`decode_arrays`).
     """
-    return _decode(data, max_bytes, expect=None)
+    return _to_torch(_decode(data, max_bytes, expect=None))
 
 
-def _decode(data: object, max_bytes: int, expect: Codec | None) -> Payload:
+def decode_arrays(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> ArrayPayload:
+    """Decode any message to numpy arrays, reading the codec from its header; needs no PyTorch.
+
+    The validation is that of :func:`decode` (the same decoder) and the values are bit for bit
+    those of its tensors; dtypes are numpy's (torch.bool as ``np.bool_``).
+
+    Args:
+        data: the message (bytes, bytearray or memoryview).
+        max_bytes: as for :func:`decode`.
+
+    Returns:
+        An array or a tuple of arrays, the same structure, dtypes and shapes as encoded.
+
+    Raises:
+        PayloadError: anything about the message is wrong, or it holds a bfloat16 tensor,
+            which numpy has no dtype for (decode that with :func:`decode`, with PyTorch).
+    """
+    return _to_arrays(_decode(data, max_bytes, expect=None))
+
+
+_Decoded: TypeAlias = "tuple[list[np.ndarray], list[_DType], bool]"
+
+
+def _to_arrays(decoded: _Decoded) -> ArrayPayload:
+    arrays, dts, is_tuple = decoded
+    for i, dt in enumerate(dts):
+        if dt is _BF16:
+            raise PayloadError(
+                f"tensor {i} of the payload is bfloat16, which numpy has no dtype for: decode "
+                "it with splitexit.split.codec.decode (needs PyTorch), or have the sender "
+                "send float32/float16"
+            )
+    return tuple(arrays) if is_tuple else arrays[0]
+
+
+def _to_torch(decoded: _Decoded) -> Payload:
+    torch = _require_torch("splitexit.split.codec.decode")
+    arrays, dts, is_tuple = decoded
+    out = []
+    for a, dt in zip(arrays, dts, strict=True):
+        t = torch.from_numpy(a)
+        out.append(t.view(torch.bfloat16) if dt is _BF16 else t)
+    return tuple(out) if is_tuple else out[0]
+
+
+def _decode(data: object, max_bytes: int, expect: Codec | None) -> _Decoded:
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
         raise InputError(f"max_bytes must be a positive int, got {max_bytes!r}")
     try:
@@ -854,7 +1009,7 @@ def _decode(data: object, max_bytes: int, expect: Codec | None) -> Payload:
         raise PayloadError(f"malformed payload ({type(e).__name__}: {e})") from e
 
 
-def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Payload:
+def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> _Decoded:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"a payload message is bytes, got {type(data).__name__}")
     buf = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
@@ -894,10 +1049,10 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
                 f"<{ndim}I", buf, r.take(4 * ndim, f"dims of tensor {i}")
             )
         numel = math.prod(dims)
-        out_bytes += numel * dt.torch_dtype.itemsize
+        out_bytes += numel * dt.wire.itemsize
         if out_bytes > max_bytes:
             raise PayloadError(
-                f"tensor {i}: shape {dims} ({dt.torch_dtype}) brings the decoded tensors to "
+                f"tensor {i}: shape {dims} ({dt.name}) brings the decoded tensors to "
                 f"{out_bytes} bytes, over the limit max_bytes={max_bytes}; pass a larger "
                 "max_bytes if this size is expected"
             )
@@ -910,7 +1065,7 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
         if n_params != want_params:
             raise PayloadError(
                 f"tensor {i}: {n_params} quantization parameters, expected {want_params} for "
-                f"codec {codec.spec()!r}, dtype {dt.torch_dtype} and shape {dims}"
+                f"codec {codec.spec()!r}, dtype {dt.name} and shape {dims}"
             )
         quant = None
         if storage == _QUANT:
@@ -920,7 +1075,7 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
                 scale=vals[:n_params].astype(np.float32),
                 minimum=vals[n_params:].astype(np.float32),
             )
-            _check_quant(quant, _LEVELS[codec.kind], _FMAX[dt.torch_dtype], i)
+            _check_quant(quant, _LEVELS[codec.kind], _FMAX[dt.name], i)
         want_len = _body_len(storage, codec.kind, dt, numel)
         if codec.version == COMPACT_VERSION:
             body_len = want_len
@@ -929,7 +1084,7 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
         if body_len != want_len:
             raise PayloadError(
                 f"tensor {i}: body length {body_len} does not match shape {dims} "
-                f"({dt.torch_dtype}, codec {codec.spec()!r}), which needs exactly {want_len}"
+                f"({dt.name}, codec {codec.spec()!r}), which needs exactly {want_len}"
             )
         descs.append(_Desc(dt, dims, numel, storage, quant, body_len))
 
@@ -970,12 +1125,12 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> Paylo
             )
         bodies = buf[r.pos :]
 
-    out: list[torch.Tensor] = []
+    out: list[np.ndarray] = []
     off = 0
     for i, d in enumerate(descs):
         out.append(_build(bodies, off, d, codec.kind, i))
         off += d.body_len
-    return tuple(out) if is_tuple else out[0]
+    return out, [d.dt for d in descs], is_tuple
 
 
 def _check_quant(q: _Quant, levels: int, fmax: float, index: int) -> None:
@@ -1016,27 +1171,26 @@ def _unzstd(frame: memoryview, raw_size: int) -> bytes:
     return out
 
 
-def _build(bodies: memoryview, off: int, d: _Desc, kind: str, index: int) -> torch.Tensor:
-    tdt = d.dt.torch_dtype
+def _build(bodies: memoryview, off: int, d: _Desc, kind: str, index: int) -> np.ndarray:
+    """One decoded array: native byte order, bool as ``np.bool_``, bfloat16 as int16 bits."""
+    dt = d.dt
     if d.numel == 0:
-        return torch.empty(d.dims, dtype=tdt)
+        return np.empty(d.dims, dtype=dt.array if dt.array is not None else np.int16)
     if d.storage == _RAW:
-        arr = np.frombuffer(bodies, dtype=d.dt.wire, count=d.numel, offset=off)
-        arr = arr.astype(d.dt.wire.newbyteorder("="), copy=True)
-        if d.dt.floating and not _np_finite(arr, tdt):
+        arr = np.frombuffer(bodies, dtype=dt.wire, count=d.numel, offset=off)
+        arr = arr.astype(dt.wire.newbyteorder("="), copy=True)
+        if dt.floating and not _np_finite(arr, dt):
             raise PayloadError(f"tensor {index}: body contains NaN/inf")
-        if tdt == torch.bool:
+        if dt.name == "bool":
             if arr.max() > 1:
                 raise PayloadError(f"tensor {index}: bool body holds bytes other than 0/1")
-            return torch.from_numpy(arr).view(torch.bool).reshape(d.dims)
-        if tdt == torch.bfloat16:
-            return torch.from_numpy(arr).view(torch.bfloat16).reshape(d.dims)
-        return torch.from_numpy(arr).reshape(d.dims)
+            return arr.view(np.bool_).reshape(d.dims)
+        return arr.reshape(d.dims)
     if d.storage == _HALF:
-        bits = np.frombuffer(bodies, dtype="<i2", count=d.numel, offset=off).astype(np.int16)
-        if not _bits_finite(bits.view(np.uint16), 0x7C00):
+        bits = np.frombuffer(bodies, dtype="<u2", count=d.numel, offset=off)
+        if not _bits_finite(bits, 0x7C00):
             raise PayloadError(f"tensor {index}: float16 body contains NaN/inf")
-        return _cast(torch.from_numpy(bits).view(torch.float16), tdt).reshape(d.dims)
+        return bits.view("<f2").astype(dt.array).reshape(d.dims)  # exact
     # quantized
     assert d.quant is not None
     raw = np.frombuffer(bodies, dtype=np.uint8, count=d.body_len, offset=off)
@@ -1055,7 +1209,7 @@ def _build(bodies: memoryview, off: int, d: _Desc, kind: str, index: int) -> tor
     scale = d.quant.scale.reshape(bshape)
     minimum = d.quant.minimum.reshape(bshape)
     levels = _LEVELS[kind]
-    fmax = _FMAX[tdt]
+    fmax = _FMAX[dt.name]
     scale64 = d.quant.scale.astype(np.float64)
     with np.errstate(over="ignore"):  # overflow only rounds past the largest finite: clamped
         if float(np.max(levels * scale64)) <= _WIDE:
@@ -1068,8 +1222,21 @@ def _build(bodies: memoryview, off: int, d: _Desc, kind: str, index: int) -> tor
         top = d.quant.minimum.astype(np.float64) + levels * scale64
         if float(np.max(top)) > fmax / 2:  # float32 rounding could step past the largest finite
             np.minimum(x, np.float32(min(fmax, _F32_MAX)), out=x)
-    if tdt == torch.float32:
-        return torch.from_numpy(x)
-    if tdt == torch.float64:
-        return torch.from_numpy(x.astype(np.float64))
-    return _cast(torch.from_numpy(x), tdt).reshape(d.dims)
+    if dt.name == "float32":
+        return x
+    if dt.name == "float64":
+        return x.astype(np.float64)
+    if dt.name == "float16":
+        return x.astype(np.float16)  # |x| <= 65504 here: no overflow
+    return _bf16_bits(x)
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Finite float32 values rounded to bfloat16 (to nearest, ties to even) as int16 bits."""
+    u = x.reshape(-1).view(np.uint32)  # 1-d: 0-d arithmetic would give numpy scalars
+    r = u >> 16
+    r &= 1
+    r += 0x7FFF
+    r += u  # no wrap-around: the largest finite magnitude 0x7F7FFFFF + 0x8000 < 2**31
+    r >>= 16
+    return r.astype(np.uint16).view(np.int16).reshape(x.shape)
