@@ -311,3 +311,35 @@ def test_bad_bundle_arguments(user_model, tmp_path):
     with pytest.raises(InputError, match="not a bundle"):
         bundle(user_model, tmp_path / "notabundle", measure=False)
     assert (tmp_path / "notabundle" / "keep.txt").is_file()
+
+
+def test_gated_model_lowers_with_the_gate_as_exit_zero(digits, tmp_path, trained_resnet8):
+    from splitexit.gate import GatedMultiExitModel
+
+    torch.manual_seed(0)
+    gated = GatedMultiExitModel.from_multiexit(trained_resnet8).eval()
+    x = digits.test.x[:150]
+    gated.gate_threshold = float(gated.hard_probability(x).median())  # half the samples hard
+    hard = gated.is_hard(gated.hard_probability(x))
+    assert 0 < int(hard.sum()) < len(x)
+    for policy in (MaxProb(0.7), Patience(1)):
+        ref = gated.infer(x, policy)
+        b = load_bundle(bundle(gated, tmp_path / policy.name, policy=policy, measure=False))
+        assert b.exit_names[0] == "gate" and b.policy.name == "gated"
+        got = b.program().infer(x.numpy(), b.policy)
+        assert np.array_equal(got.exit_index - 1, ref.exit_index.numpy())  # exit 0: the gate
+        assert (got.predictions == ref.predictions.numpy()).mean() >= 0.99
+        assert (got.exit_index[hard.numpy()] == b.num_exits - 1).all()
+
+
+def test_splitexit_load_rebuilds_a_zoo_model_from_its_bundle(trained_resnet8, digits, tmp_path):
+    import splitexit
+
+    b = bundle(trained_resnet8, tmp_path / "z", policy=MaxProb(0.8), measure=False)
+    model = splitexit.load(b)
+    x = digits.test.x[:16]
+    for a, c in zip(model(x), trained_resnet8(x)):
+        assert torch.equal(a, c)
+    (b / "weights" / "weights.safetensors").write_bytes(b"broken")
+    with pytest.raises(CorruptFileError, match="checksum"):
+        splitexit.load(b)

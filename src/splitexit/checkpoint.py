@@ -322,10 +322,20 @@ def load(directory: str | os.PathLike, model: nn.Module | str | None = None) -> 
             ``"path/to/file.py:function"`` (runs code from that file). A zoo checkpoint needs
             none; given a module, its weights load into that module.
 
+        directory: a checkpoint directory, or a bundle (``splitexit.deploy.bundle``): its
+            weights, checked against the bundle's checksums first.
+
     Raises:
         InputError: a checkpoint of user code without ``model``, or ``model`` of the wrong
             kind.
+        CorruptFileError: a bundle whose files do not match their checksums.
     """
+    if (Path(directory) / "manifest.json").is_file():  # a bundle: its weights, once verified
+        from .runtime.bundle import load_bundle
+
+        bundled = load_bundle(directory)
+        directory = bundled.directory / bundled.manifest.get("weights", {}).get(
+            "directory", "weights")
     meta = read_meta(directory)
     spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
     if "model" in spec:  # zoo

@@ -18,7 +18,7 @@ from .runtime.arrays import TORCH, ops_of
 __all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
            "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
            "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits", "leave_at",
-           "maxprob_statistic", "entropy_statistic", "margin_statistic"]
+           "maxprob_statistic", "entropy_statistic", "margin_statistic", "Gated"]
 
 # Policies run on torch tensors and on numpy arrays alike: every array operation goes through
 # the ops of splitexit.runtime.arrays (picked from the logits), so this module imports no torch
@@ -402,9 +402,84 @@ class GatedMaxProb(MaxProb):
         return fire, decision
 
 
+@dataclass(frozen=True)
+class Gated(ExitPolicy):
+    """An exit gate's routing as an exit policy (a gated model lowered to an exit program).
+
+    Exit 0 is the gate: its "logits" are the gate's one logit per sample, and it never
+    answers; a sample whose ``sigmoid(logit)`` reaches ``gate_threshold`` is hard and runs to
+    the final exit without leaving early. Every other sample follows ``inner`` at the later
+    exits (exit ``e`` here is the gated model's exit ``e - 1``). A threshold of 1 never gates.
+    """
+
+    inner: ExitPolicy | dict = field(default_factory=lambda: MaxProb())
+    gate_threshold: float = 0.5
+    name = "gated"
+
+    def __post_init__(self):
+        inner = self.inner
+        if isinstance(inner, dict):
+            inner = make_policy(inner)
+        if not isinstance(inner, ExitPolicy):
+            raise InputError(f"gated: inner must be a policy or its config, got {inner!r}")
+        object.__setattr__(self, "inner", inner)
+        _check_numbers(self.name, "gate_threshold", self.gate_threshold)
+        if not 0.0 <= float(self.gate_threshold) <= 1.0:
+            raise InputError(f"gate_threshold is a probability in [0, 1], got "
+                             f"{self.gate_threshold}")
+
+    def config(self) -> dict:
+        return {"name": self.name, "inner": self.inner.config(),
+                "gate_threshold": float(self.gate_threshold)}
+
+    def init_state(self, n, num_classes, ops=TORCH):
+        return {"gate.hard": ops.full_bool(n, False)}
+
+    @staticmethod
+    def _inner_state(state: State) -> State:
+        return {k[len("inner."):]: v for k, v in state.items() if k.startswith("inner.")}
+
+    def _with_inner(self, state: State, logits) -> State:
+        inner = self._inner_state(state)
+        if not inner:
+            ops = ops_of(logits)
+            n, c = logits.shape
+            created = (self.inner.init_state(n, c) if ops.name == "torch"
+                       else self.inner.init_state(n, c, ops=ops))
+            for k, v in created.items():
+                state["inner." + k] = v
+            inner = created
+        return inner
+
+    def _store(self, state: State, inner: State) -> None:
+        for k, v in inner.items():
+            state["inner." + k] = v
+
+    def decide(self, exit_index, logits, state):
+        ops = ops_of(logits)
+        if exit_index == 0:  # the gate
+            if self.gate_threshold >= 1.0:
+                hard = ops.full_bool(logits.shape[0], False)
+            else:
+                probability = ops.sigmoid(logits[:, 0])
+                hard = probability >= self.gate_threshold
+            state["gate.hard"] = hard
+            return ops.full_bool(logits.shape[0], False), logits
+        inner = self._with_inner(state, logits)
+        fire, decision = self.inner.decide(exit_index - 1, logits, inner)
+        self._store(state, inner)
+        return fire & ~state["gate.hard"], decision
+
+    def final_decision(self, exit_index, logits, state):
+        inner = self._with_inner(state, logits)
+        decision = self.inner.final_decision(exit_index - 1, logits, inner)
+        self._store(state, inner)
+        return decision
+
+
 _POLICIES: dict[str, type[ExitPolicy]] = {
     p.name: p for p in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit,
-                        GeometricEnsemble, AdditiveEnsemble, GatedMaxProb)}
+                        GeometricEnsemble, AdditiveEnsemble, GatedMaxProb, Gated)}
 _POLICY_FIELDS = {"maxprob": "threshold", "entropy": "threshold", "margin": "threshold",
                   "patience": "patience", "fixed": "exit_index"}
 

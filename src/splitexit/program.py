@@ -30,7 +30,7 @@ from torch import nn
 from .cost import count_macs
 from .errors import InputError
 from .multiexit import MultiExitModel, Piece, check_input, inference
-from .policies import ExitPolicy, NeverExit
+from .policies import ExitPolicy, Gated, NeverExit
 from .runtime.loop import ExitResult, all_exit_logits, infer_exits
 from .stages import Payload, StagedModel, payload_tensors
 
@@ -185,11 +185,6 @@ def as_multiexit(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
     heads (one exit: its output).
     """
     if isinstance(model, MultiExitModel):
-        if getattr(model, "gate", None) is not None:
-            raise InputError("a gated model decides per sample before the first stage, which "
-                             "an exit program has no place for yet; bundle the model without "
-                             "its gate (MultiExitModel(model.backbone, dict(zip(model.head_cuts, "
-                             "model.heads)), model.input_shape)) and a calibrated policy")
         return model
     shape = input_shape or getattr(model, "input_shape", None)
     if hasattr(model, "converter") and hasattr(model, "classifier"):  # a CBNet pipeline
@@ -198,6 +193,18 @@ def as_multiexit(model: nn.Module, input_shape: Sequence[int] | None = None) -> 
     if isinstance(model, StagedModel):
         return MultiExitModel(model, {}, shape).train(model.training)
     return MultiExitModel(StagedModel([model], []), {}, shape).train(model.training)
+
+
+class GateHead(nn.Module):
+    """An exit gate as the head of a piece without stages: one logit per sample, as ``(N, 1)``
+    (the gate's exit never answers; :class:`~splitexit.policies.Gated` reads it)."""
+
+    def __init__(self, gate: nn.Module):
+        super().__init__()
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(x).reshape(-1, 1)
 
 
 def _boundaries(model: MultiExitModel, heads: list[int], cut_stage: int | None) -> list[int]:
@@ -232,6 +239,9 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
     check_input(example, model.input_shape)
     input_shape = tuple(int(d) for d in example.shape[1:])
     policy = policy or NeverExit()
+    gate = getattr(model, "gate", None)
+    if gate is not None and not isinstance(policy, Gated):
+        policy = Gated(policy, float(model.gate_threshold))
     backbone = model.backbone
     last_stage = backbone.num_stages - 1
     if cut is None:
@@ -258,6 +268,14 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
             payload: Payload = example[:2]
             previous = None
             start = 0
+            if gate is not None:  # exit 0: the gate on the raw input (it never answers)
+                module = Piece([], GateHead(gate), 1)
+                inputs = _specs(payload)
+                macs = count_macs(lambda m=module, a=payload: m(a)) / len(payload)
+                pieces.append(PieceSpec(0, -1, 0, False, inputs, inputs, "device",
+                                        float(macs), sum(p.numel() for p in gate.parameters())))
+                modules.append(module)
+                exit_stages.append(0)
             for end in ends:
                 e = head_at.get(end)
                 module = Piece.of(model, start, end, e, previous is not None)
@@ -280,7 +298,8 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
                 macs = count_macs(lambda m=module, a=args, p=previous: (
                     m(*a, p) if m.takes_previous else m(*a))) / len(args[0])
                 params = sum(p.numel() for p in module.parameters())
-                pieces.append(PieceSpec(start, end, e, module.takes_previous, inputs,
+                program_exit = None if e is None else e + (gate is not None)
+                pieces.append(PieceSpec(start, end, program_exit, module.takes_previous, inputs,
                                         _specs(payload), part, float(macs), int(params)))
                 modules.append(module)
                 start = end + 1
@@ -298,7 +317,10 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
         raise InputError(f"cut {cut!r} leaves no stage for the server; valid cuts: "
                          f"{backbone.cut_names}")
     names = [model.head_cuts[e] for e in heads] + ["final"]
-    return ExitProgram(model, pieces, exit_stages, names, heads + [model.num_exits - 1],
+    ids = heads + [model.num_exits - 1]
+    if gate is not None:
+        names, ids = ["gate", *names], [-1, *ids]
+    return ExitProgram(model, pieces, exit_stages, names, ids,
                        cut_name, device_pieces, policy, input_shape, int(final.shape[1]),
                        modules)
 

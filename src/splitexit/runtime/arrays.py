@@ -75,6 +75,10 @@ class NumpyOps:
         return a - b
 
     @staticmethod
+    def sigmoid(z):
+        return 1.0 / (1.0 + np.exp(-z))
+
+    @staticmethod
     def top2(z):
         part = np.partition(z, z.shape[1] - 2, axis=1)
         return part[:, -1], part[:, -2]
@@ -197,6 +201,10 @@ class TorchOps:
     @staticmethod
     def sub(a, b):
         return a - b
+
+    @staticmethod
+    def sigmoid(z):
+        return z.sigmoid()
 
     @staticmethod
     def top2(z):

@@ -49,7 +49,7 @@ def check_batch(x, input_shape: Sequence[int] | None = None) -> None:
             raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert "
                              "with x.float() (and scale it as the model was trained, e.g. "
                              "images to [0, 1])")
-    elif not np.issubdtype(x.dtype, np.floating):
+    elif x.dtype.kind != "f":
         raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert with "
                          "x.astype(np.float32) (and scale it as the model was trained)")
     if input_shape is not None:
@@ -190,9 +190,9 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy,
                 result.exit_index[active] = e
                 result.logits[active] = ops.cast_like(decision, result.logits)
             return ExitRun(result, active[:0], None, None, None, None, e, k + 1, e + 1)
-        if result.logits is None:
-            result.logits = ops.empty_like_rows(n, logits)
         if leaving:
+            if result.logits is None:  # sized by the first decision written (an exit gate's
+                result.logits = ops.empty_like_rows(n, decision)  # logits are not classes)
             rows = active[fire]
             result.predictions[rows] = decision[fire].argmax(1)
             result.exit_index[rows] = e

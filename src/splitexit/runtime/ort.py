@@ -158,6 +158,8 @@ class OrtProgram:
             self._has_exit[k] = True
         self._runs = [p.run_arrays for p in self.pieces]
         self._graph_run = exit_graph._run if exit_graph is not None else None
+        self._graph_checked = None
+        self._graph_matches = False
 
     @property
     def num_exits(self) -> int:
@@ -178,8 +180,12 @@ class OrtProgram:
         return (outs[0] if len(outs) == 1 else tuple(outs)), None
 
     def _uses_graph(self, x, policy) -> bool:
-        return (self._graph_run is not None and x.shape[0] == 1 and policy is not None
-                and policy.config() == self.graph_policy)
+        if self._graph_run is None or x.shape[0] != 1 or policy is None:
+            return False
+        if policy is not self._graph_checked:  # config() costs microseconds: once per policy
+            self._graph_checked = policy
+            self._graph_matches = policy.config() == self.graph_policy
+        return self._graph_matches
 
     def infer(self, x, policy) -> ExitResult:
         """Early-exit inference; the same exits as the PyTorch model.
