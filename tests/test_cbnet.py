@@ -8,7 +8,9 @@ from splitexit import cbnet, checkpoint
 from splitexit.bench.measure import torch_threads
 from splitexit.cli import main
 from splitexit.data import Split, load_dataset
+from splitexit.deploy import bundle, load_bundle
 from splitexit.errors import CorruptFileError, InputError
+from splitexit.runtime.ort import OrtSession
 from splitexit.zoo import create_multiexit
 
 
@@ -248,6 +250,31 @@ def test_onnx_parity_and_checks(tmp_path, mnist, trained):
         cbnet.OnnxPipeline(path)
     with pytest.raises(InputError, match="no ONNX file"):
         cbnet.OnnxPipeline(tmp_path / "missing.onnx", ds.input_shape)
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CorruptFileError):
+        cbnet.OnnxPipeline(tmp_path / "bad.onnx", ds.input_shape)
+    assert isinstance(session.session, OrtSession)  # the one ONNX Runtime session type
+
+
+def test_pipeline_bundles_like_any_model(tmp_path, mnist, trained):
+    """A CBNet pipeline lowers to converter -> classifier and bundles; the bundle's program
+    gives the pipeline's logits, whole or split at the converted image."""
+    ds, _ = mnist
+    _, _, pipeline = trained
+    x = ds.test.x[:64]
+    with torch.inference_mode():
+        expected = pipeline(x)
+    b = load_bundle(bundle(pipeline, tmp_path / "b", example=x[:8], measure=False))
+    assert b.exit_names == ["final"] and b.input_shape == tuple(ds.input_shape)
+    got = b.program().infer(x.numpy(), b.policy)
+    np.testing.assert_allclose(got.logits, expected.numpy(), atol=1e-4)
+    split = load_bundle(bundle(pipeline, tmp_path / "s", cut="converted", example=x[:8],
+                               measure=False))
+    program = split.program()
+    run = program.run_until(x.numpy(), split.policy, split.device_pieces)
+    assert run.payload.shape == (64, *ds.input_shape)  # the converted images cross the cut
+    np.testing.assert_allclose(program.finish(run, split.policy).logits, expected.numpy(),
+                               atol=1e-4)
 
 
 def test_cli_export(tmp_path, trained, capsys):

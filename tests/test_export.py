@@ -9,6 +9,7 @@ from torch import nn
 
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.export import OrtPiece, export_piece
+from splitexit.runtime.ort import OrtSession
 from splitexit.stages import StagedModel, payload_tensors
 from splitexit.zoo import ResNet, create_multiexit, list_models
 
@@ -142,9 +143,14 @@ def test_bad_inputs(tmp_path):
         OrtPiece(tmp_path / "bad.onnx")
 
 
-# ONNX Runtime early-exit pipeline ---------------------------------------------------------
-from splitexit.export import OrtExitPipeline, export_multiexit, parity  # noqa: E402
-from splitexit.policies import MaxProb, NeverExit, Patience  # noqa: E402
+# exit programs on ONNX Runtime: the pieces and the batch-1 exit graph ---------------------
+from splitexit.deploy import bundle, load_bundle  # noqa: E402
+from splitexit.export import export_exit_graph, parity  # noqa: E402
+from splitexit.heads import make_head  # noqa: E402
+from splitexit.multiexit import MultiExitModel  # noqa: E402
+from splitexit.policies import Entropy, Margin, MaxProb, NeverExit, Patience  # noqa: E402
+from splitexit.program import export_pieces, lower  # noqa: E402
+from splitexit.runtime.ort import OrtProgram  # noqa: E402
 
 
 def _median_policy(model, x) -> MaxProb:
@@ -155,86 +161,154 @@ def _median_policy(model, x) -> MaxProb:
     return MaxProb(threshold=tuple(stats))
 
 
+def _ort(model, directory, policy=None, cut=None, exit_graph=False, example=None):
+    """``model`` lowered to its exit program, every piece exported, run on ONNX Runtime;
+    with ``exit_graph``, also the batch-1 exit graph of ``policy``."""
+    program = lower(model, policy, cut, example)
+    sessions = [OrtSession(f) for f in export_pieces(program, directory)]
+    graph = (OrtSession(export_exit_graph(program, None, directory / "exits.onnx"))
+             if exit_graph else None)
+    return OrtProgram(sessions, program.exit_stages, program.exit_names,
+                      [p.takes_previous for p in program.pieces], program.input_shape, graph,
+                      program.policy.config() if exit_graph else None), program
+
+
+def _assert_same(got, ref, logits=True) -> None:
+    assert torch.equal(got.exit_index, ref.exit_index)
+    assert torch.equal(got.predictions, ref.predictions)
+    if logits:
+        torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_pipeline_matches_pytorch_infer(name, tmp_path):
+def test_pieces_match_pytorch_infer(name, tmp_path):
     torch.manual_seed(1)
     model = create_multiexit(name, 10, _shape(name)).eval()
     x = torch.rand(24, *_shape(name))
-    export_multiexit(model, tmp_path)
-    pipe = OrtExitPipeline(tmp_path)
-    unfused = OrtExitPipeline(tmp_path, fused=False)
-    assert any(f is not None for f in pipe.fused) and not any(unfused.fused)
+    runtime, _ = _ort(model, tmp_path)
     for policy in (_median_policy(model, x), Patience(patience=1), NeverExit()):
-        assert parity(model, unfused, x, policy)["same_exits"] == 1.0
-        report = parity(model, pipe, x, policy)
+        report = parity(model, runtime, x, policy)
         assert report["same_predictions"] == 1.0 and report["same_exits"] == 1.0, policy
         assert report["max_abs_logit_diff"] < ATOL
-        ref = model.infer(x, policy)
-        got = pipe.infer(x, policy)
-        torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
-    counts = torch.bincount(pipe.infer(x, _median_policy(model, x)).exit_index)
+        _assert_same(runtime.infer(x, policy), model.infer(x, policy))
+    # numpy in, numpy out: the same decisions (the statistic on numpy arrays); thresholds
+    # between two samples' statistics, as a median one may tie to the last float bit
+    for policy in (_off_median(MaxProb, model, x, temperature=0.02), Patience(patience=1)):
+        got = runtime.infer(x.numpy(), policy)
+        assert isinstance(got.exit_index, np.ndarray)
+        np.testing.assert_array_equal(got.exit_index, model.infer(x, policy).exit_index.numpy())
+    counts = torch.bincount(runtime.infer(x, _median_policy(model, x)).exit_index)
     assert (counts > 0).sum() >= 2  # the batch really shrank at an early exit
-    torch.testing.assert_close(pipe.run_full(x), model.backbone(x), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(runtime.forward(x)[-1], model.backbone(x), atol=ATOL, rtol=1e-4)
 
 
-def test_pipeline_split_at_every_cut_equals_unsplit(tmp_path):
-    torch.manual_seed(2)
-    model = create_multiexit("resnet8", 10, (1, 12, 12)).eval()
+def test_cascading_heads_and_patience_on_pieces(tmp_path):
+    torch.manual_seed(6)
+    model = create_multiexit("resnet8", 10, (1, 12, 12), head="cascading").eval()
+    with torch.no_grad():
+        for head in model.heads[1:]:
+            head.previous.weight.normal_(0, 0.5)  # the previous logits really matter
+    x = torch.rand(20, 1, 12, 12)
+    runtime, program = _ort(model, tmp_path)
+    assert any(p.takes_previous for p in program.pieces)
+    for policy in (_median_policy(model, x), Patience(patience=1), Patience(patience=2),
+                   _off_median(Entropy, model, x, temperature=0.02)):
+        report = parity(model, runtime, x, policy)
+        assert report["same_exits"] == 1.0 and report["same_predictions"] == 1.0, policy
+        assert report["max_abs_logit_diff"] < ATOL
+    # no batch-1 exit graph for cascading heads: the error says what to run instead
+    with pytest.raises(InputError, match="OrtProgram"):
+        export_exit_graph(model, MaxProb(0.5), tmp_path / "ee.onnx")
+
+
+def test_tuple_payload_pieces_match_pytorch(tmp_path):
+    """A head on one tensor of a two-tensor cut inside a residual block: the pieces carry the
+    tuple payload between them."""
+    torch.manual_seed(7)
+    staged = StagedModel.from_module(ResNet(10, 1), ["stem", "block1.conv1", "block1"])
+    shapes = staged.payload_shapes(torch.zeros(1, 1, 12, 12))
+    heads = {"stem": make_head("linear", shapes["stem"][0], 10),
+             "block1.conv1@1": make_head("linear", shapes["block1.conv1"][1], 10)}
+    model = MultiExitModel(staged, heads, (1, 12, 12)).eval()
     x = torch.rand(16, 1, 12, 12)
-    export_multiexit(model, tmp_path)
-    pipe = OrtExitPipeline(tmp_path, threads=1)
-    policy = _median_policy(model, x)
-    ref = model.infer(x, policy)
-    for cut in pipe.cut_names:
-        outcome = pipe.run_device(x, policy, cut)
-        device_exits = [e for e, k in enumerate(pipe.exit_stages)
-                        if k <= pipe.cut_names.index(cut)]
-        # exactly the samples PyTorch exits on the device side have left
-        assert len(outcome.active) == int((~torch.isin(ref.exit_index,
-                                                       torch.tensor(device_exits))).sum())
-        result = pipe.run_server(outcome, policy)
-        assert torch.equal(result.predictions, ref.predictions)
-        assert torch.equal(result.exit_index, ref.exit_index)
-        assert torch.equal(pipe.infer(x, policy, cut=cut).exit_index, ref.exit_index)
-
-
-def test_pipeline_batch_of_one_and_numpy(tmp_path):
-    model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
-    export_multiexit(model, tmp_path)
-    pipe = OrtExitPipeline(tmp_path)
-    x = torch.rand(5, 1, 8, 8)
-    ref = model.infer(x, MaxProb(0.12))
-    for i in range(5):
-        got = pipe.infer(x[i: i + 1].numpy(), MaxProb(0.12))
+    runtime, program = _ort(model, tmp_path, exit_graph=True,
+                            policy=_off_median(MaxProb, model, x, temperature=0.02))
+    assert max(len(p.outputs) for p in program.pieces) == 2
+    assert len(runtime.pieces[2].input_names) == 2
+    for policy in (program.policy, Patience(patience=1), NeverExit()):
+        report = parity(model, runtime, x, policy)
+        assert report["same_exits"] == 1.0 and report["max_abs_logit_diff"] < ATOL, policy
+    ref = model.infer(x, program.policy)
+    for i in range(len(x)):  # batch 1 through the exit graph
+        got = runtime.infer(x[i: i + 1], program.policy)
         assert got.exit_index.item() == ref.exit_index[i].item()
         assert got.predictions.item() == ref.predictions[i].item()
 
 
-def test_pipeline_bad_input(tmp_path):
+def test_split_run_until_and_finish_equal_unsplit(tmp_path):
+    torch.manual_seed(2)
+    model = create_multiexit("resnet8", 10, (1, 12, 12)).eval()
+    x = torch.rand(16, 1, 12, 12)
+    policy = _median_policy(model, x)
+    ref = model.infer(x, policy)
+    runtime, program = _ort(model, tmp_path / "whole")
+    # the one loop cut after every piece: device half, then server half
+    for end in range(len(program.pieces) + 1):
+        run = runtime.run_until(x, policy, end)
+        device_exits = [e for e, k in enumerate(runtime.exit_stages) if k < end]
+        # exactly the samples PyTorch exits on the device side have left
+        assert len(run.active) == int((~torch.isin(ref.exit_index,
+                                                   torch.tensor(device_exits))).sum())
+        _assert_same(runtime.finish(run, policy), ref, logits=False)
+    # a program lowered with a cut: the device pieces keep their local exits, the server
+    # piece ends at the final exit; the split run equals the unsplit one of the same program
+    scalar = MaxProb(threshold=float(min(policy.threshold)))
+    for cut in model.backbone.cut_names[:-1]:
+        split, lowered = _ort(model, tmp_path / cut, scalar, cut)
+        assert lowered.cut == cut and lowered.device_pieces < len(lowered.pieces)
+        local = model.keep_exits([e for e in range(len(model.heads))
+                                  if model.exit_stages[e] <= model.backbone.cut_index(cut)])
+        want = local.infer(x, scalar)
+        run = split.run_until(x, scalar, lowered.device_pieces)
+        _assert_same(split.finish(run, scalar), want, logits=False)
+        _assert_same(split.infer(x, scalar), want, logits=False)
+
+
+def test_batch_of_one_and_numpy(tmp_path):
     model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
-    export_multiexit(model, tmp_path)
-    pipe = OrtExitPipeline(tmp_path)
+    runtime, _ = _ort(model, tmp_path)
+    x = torch.rand(5, 1, 8, 8)
+    ref = model.infer(x, MaxProb(0.12))
+    for i in range(5):
+        got = runtime.infer(x[i: i + 1].numpy(), MaxProb(0.12))
+        assert got.exit_index.item() == ref.exit_index[i].item()
+        assert got.predictions.item() == ref.predictions[i].item()
+
+
+def test_bad_input_unknown_cut_and_missing_or_corrupt_files(tmp_path):
+    model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
+    runtime, _ = _ort(model, tmp_path / "p")
     with pytest.raises(InputError, match="shape"):
-        pipe.infer(torch.rand(2, 1, 9, 9), MaxProb(0.5))
+        runtime.infer(torch.rand(2, 1, 9, 9), MaxProb(0.5))
     with pytest.raises(InputError, match="NaN"):
-        pipe.infer(torch.full((2, 1, 8, 8), float("nan")), MaxProb(0.5))
+        runtime.infer(torch.full((2, 1, 8, 8), float("nan")), MaxProb(0.5))
     with pytest.raises(InputError, match="unknown cut"):
-        pipe.run_device(torch.rand(2, 1, 8, 8), MaxProb(0.5), "nope")
-    with pytest.raises(InputError, match="export_multiexit"):
-        OrtExitPipeline(tmp_path / "empty")
-    (tmp_path / "pipeline.json").write_text("{\"format\": 1}")
+        lower(model, MaxProb(0.5), "nope")
+    with pytest.raises(InputError, match="unknown cut"):
+        bundle(model, tmp_path / "b0", cut="nope", measure=False)
+    with pytest.raises(InputError, match="export the piece first"):
+        OrtSession(tmp_path / "p" / "missing.onnx")
+    (tmp_path / "p" / "piece0.onnx").write_bytes(b"not a graph")
     with pytest.raises(CorruptFileError):
-        OrtExitPipeline(tmp_path)
-
-
-# one graph with If nodes ------------------------------------------------------------------
-from splitexit.export import (  # noqa: E402
-    OrtExitChain,
-    OrtExitGraph,
-    export_exit_chain,
-    export_exit_graph,
-)
-from splitexit.policies import Entropy, Margin  # noqa: E402
+        OrtSession(tmp_path / "p" / "piece0.onnx")
+    # a bundle: a missing or altered file is refused before anything runs
+    b = bundle(model, tmp_path / "b", policy=MaxProb(0.5), measure=False)
+    (b / "device" / "piece0.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CorruptFileError, match="checksum"):
+        load_bundle(b)
+    (b / "device" / "piece0.onnx").unlink()
+    with pytest.raises(CorruptFileError, match="missing"):
+        load_bundle(b)
 
 
 def _off_median(policy_cls, model, x, **kw):
@@ -252,39 +326,48 @@ def _off_median(policy_cls, model, x, **kw):
 
 
 @pytest.mark.parametrize("name", ["resnet8", "mlp", "mobilenet"])
-def test_single_graph_matches_pytorch_infer(name, tmp_path):
+def test_exit_graph_matches_pytorch_infer(name, tmp_path):
     torch.manual_seed(3)
     model = create_multiexit(name, 10, (1, 12, 12)).eval()
     x = torch.rand(30, 1, 12, 12)
     # sharp temperatures spread the near-uniform softmax of an untrained model
-    for policy in (_off_median(MaxProb, model, x, temperature=0.02),
-                   _off_median(Entropy, model, x, temperature=(0.02, 0.03, 0.025)),
-                   _off_median(Margin, model, x, temperature=0.02)):
-        graph = OrtExitGraph(export_exit_graph(model, policy, tmp_path / "ee.onnx"))
-        # the same decisions as plain graphs chained from Python
-        chain = OrtExitChain(export_exit_chain(model, policy, tmp_path / "chain"))
+    for k, policy in enumerate((_off_median(MaxProb, model, x, temperature=0.02),
+                                _off_median(Entropy, model, x, temperature=(0.02, 0.03, 0.025)),
+                                _off_median(Margin, model, x, temperature=0.02))):
+        runtime, _ = _ort(model, tmp_path / str(k), policy, exit_graph=True)
         ref = model.infer(x, policy)
-        for got in (graph.infer(x), chain.infer(x)):
-            assert torch.equal(got.exit_index, ref.exit_index), policy
-            assert torch.equal(got.predictions, ref.predictions)
-            torch.testing.assert_close(got.logits, ref.logits, atol=ATOL, rtol=1e-4)
+        # batch 1 runs the exit graph (the statistic lowered to ONNX); the batch runs the
+        # pieces with the statistic on numpy: the same decisions
+        assert runtime._uses_graph(x[:1].numpy(), policy)
+        singles = [runtime.infer(x[i: i + 1].numpy(), policy) for i in range(len(x))]
+        graph = type(ref)(torch.from_numpy(np.concatenate([r.predictions for r in singles])),
+                          torch.from_numpy(np.concatenate([r.exit_index for r in singles])),
+                          torch.from_numpy(np.concatenate([r.logits for r in singles])))
+        for got in (graph, runtime.infer(x, policy)):
+            _assert_same(got, ref)
             if isinstance(policy, MaxProb):  # an untrained model's max-prob still spreads
                 assert len(torch.unique(got.exit_index)) >= 2
 
 
-def test_single_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
+def test_exit_graph_rejects_stateful_policies_and_foreign_files(tmp_path):
     model = create_multiexit("mlp", 10, (1, 8, 8)).eval()
-    with pytest.raises(InputError, match="OrtExitPipeline"):
+    with pytest.raises(InputError, match="OrtProgram"):
         export_exit_graph(model, Patience(patience=1), tmp_path / "p.onnx")
-    plain = export_piece(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "l.onnx")
-    with pytest.raises(InputError, match="export_exit_graph"):
-        OrtExitGraph(plain)
-    with pytest.raises(InputError, match="OrtExitPipeline"):
-        export_exit_chain(model, Patience(patience=1), tmp_path / "c")
-    (tmp_path / "c2").mkdir()
-    (tmp_path / "c2" / "chain.json").write_text("{\"format\": \"other\"}")
-    with pytest.raises(InputError, match="export_exit_chain"):
-        OrtExitChain(tmp_path / "c2")
+    with pytest.raises(InputError, match="without a cut"):
+        export_exit_graph(lower(model, MaxProb(0.5), "fc1"), None, tmp_path / "c.onnx")
+    # a bundle whose exit graph is some other graph is refused when its program is built
+    b = bundle(model, tmp_path / "b", policy=MaxProb(0.5), measure=False)
+    export_piece(nn.Linear(4, 2), torch.randn(2, 4), b / "device" / "exits.onnx")
+    with pytest.raises(CorruptFileError, match="exits.onnx"):
+        load_bundle(b, verify=False).program()
+    # a policy other than the exit graph's runs the pieces
+    runtime, _ = _ort(model, tmp_path / "g", MaxProb(0.5), exit_graph=True)
+    assert not runtime._uses_graph(torch.rand(1, 1, 8, 8), MaxProb(0.4))
+    x = torch.rand(4, 1, 8, 8)
+    for i in range(4):
+        got = runtime.infer(x[i: i + 1], Patience(patience=1))
+        assert got.exit_index.item() == model.infer(x[i: i + 1], Patience(patience=1)
+                                                    ).exit_index.item()
 
 
 @pytest.mark.parametrize("head", ["sdn", "pool", "linear", "depthwise"])
@@ -293,15 +376,16 @@ def test_every_head_type_exports_and_runs_on_onnx_runtime(head, tmp_path):
     torch.manual_seed(4)
     model = create_multiexit("resnet8", 10, (1, 28, 28), head=head).eval()
     x = torch.rand(9, 1, 28, 28)
-    export_multiexit(model, tmp_path)
-    pipe = OrtExitPipeline(tmp_path)
-    policy = _median_policy(model, x)
-    report = parity(model, pipe, x, policy)
+    b = load_bundle(bundle(model, tmp_path / "b", policy=MaxProb(0.5, temperature=0.05),
+                           example=x[:2], measure=False))
+    report = parity(model, b.program(exit_graph=False), x, _median_policy(model, x))
     assert report["same_exits"] == 1.0 and report["max_abs_logit_diff"] < ATOL
-    graph = OrtExitGraph(export_exit_graph(model, MaxProb(0.5, temperature=0.05),
-                                           tmp_path / "ee.onnx"))
-    ref = model.infer(x[:5], MaxProb(0.5, temperature=0.05))
-    assert torch.equal(graph.infer(x[:5]).exit_index, ref.exit_index)
+    graph = b.program()
+    assert graph.exit_graph is not None
+    ref = model.infer(x[:5], b.policy)
+    for i in range(5):
+        assert graph.infer(x[i: i + 1].numpy(), b.policy).exit_index.item() == \
+            ref.exit_index[i].item()
 
 
 @pytest.mark.parametrize("alpha", [0.2, 0.5, 0.9])
@@ -309,8 +393,6 @@ def test_sdn_head_mix_exports_as_its_lerp_branch(alpha, tmp_path):
     """The exported SDN head writes only the branch torch.lerp takes for its (constant) mix
     weight: few nodes, the same numbers."""
     import onnx
-
-    from splitexit.heads import make_head
 
     torch.manual_seed(5)
     head = make_head("sdn", (8, 12, 12), 10).eval()

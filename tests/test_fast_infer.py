@@ -215,6 +215,30 @@ def test_batch_one_runs_as_one_torchscript_program(trained_resnet8, digits, one_
             assert torch.allclose(got.logits, want.logits, atol=1e-4)
 
 
+def test_batch_one_program_uses_the_policies_own_statistic(trained_resnet8, digits):
+    """The scripted batch-1 program computes each statistic by tracing the policy's
+    ``statistic`` (no copy): equal bit for bit to the eager statistic; and it runs the pieces
+    of the exit program (stages between exits merged with the head ending them)."""
+    from splitexit.optimize import _PLAIN, _Statistic, _trace
+    from splitexit.program import lower
+
+    logits = trained_resnet8(digits.test.x[:50])[0] * 0.7
+    for cls in _PLAIN:
+        traced = _trace(_Statistic(cls()), (logits[:1],))
+        assert torch.equal(traced(logits), cls().statistic(logits)), cls.__name__
+    sub = trained_resnet8.keep_exits([1])  # exit after block1: stem and block1 in one piece
+    traced = trace_for_inference(sub)
+    assert traced._batch_one is not None
+    assert len(traced.pieces) == len(lower(sub).pieces) == 2
+    assert traced.exit_stages == [0, 1]
+    x = digits.test.x[:30]
+    for policy in (MaxProb(0.9), Entropy(0.3), Margin(0.5)):
+        for i in range(len(x)):
+            want, got = sub.infer(x[i: i + 1], policy), traced.infer(x[i: i + 1], policy)
+            assert torch.equal(got.exit_index, want.exit_index), (policy, i)
+            assert torch.equal(got.predictions, want.predictions)
+
+
 @pytest.mark.parametrize("policy", [MaxProb(0.9), Entropy(0.3), Margin(0.5), Patience(2)],
                          ids=lambda p: p.name)
 def test_leave_at_forces_the_exit_on_every_runtime(trained_resnet8, digits, policy, one_thread):

@@ -16,7 +16,9 @@ The method (Dogra et al., CBNet; TECHNIQUES.md section 3), step by step:
    :func:`finetune_classifier` optionally adapts it to converted images.
 6. :class:`CBNetPipeline` = converter + light classifier, with input validation; it saves and
    loads as safetensors + JSON (:func:`save_pipeline`, :func:`load_pipeline`) and exports to
-   ONNX (:func:`export_onnx`, run with :class:`OnnxPipeline`).
+   ONNX (:func:`export_onnx`, run with :class:`OnnxPipeline`); as an exit program
+   (:func:`splitexit.program.as_multiexit`) it also bundles like any model
+   (:func:`splitexit.deploy.bundle`).
 
 :func:`train_cbnet` runs steps 1 to 6 from a data set.
 
@@ -59,7 +61,7 @@ __all__ = [
     "BRANCHYNET_WEIGHTS", "CBNetSettings", "CBNetRun", "CBNetTargets", "CBNetPipeline",
     "ConvertingAutoencoder", "OnnxPipeline", "choose_threshold", "convert", "export_onnx",
     "finetune_classifier", "first_exit_entropy", "first_exit_logits", "light_classifier",
-    "load_pipeline", "onnx_session", "save_pipeline", "select_targets", "train_branchynet",
+    "load_pipeline", "save_pipeline", "select_targets", "train_branchynet",
     "train_cbnet", "train_converter",
 ]
 
@@ -533,35 +535,24 @@ def export_onnx(module: nn.Module, path: str | os.PathLike, input_shape: Sequenc
                         output_names=list(output_names), as_payload=False)
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = 1):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (``None``: ORT default)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if not Path(path).is_file():
-        raise InputError(f"no ONNX file at {path}; export one with splitexit.cbnet.export_onnx "
-                         "or `splitexit cbnet export`")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own untyped errors for bad files
-        raise CorruptFileError(f"ONNX Runtime cannot load {path}: {exc}") from exc
-
-
 class OnnxPipeline:
-    """An exported CBNet pipeline run by ONNX Runtime, with the same input checks.
+    """An exported CBNet pipeline on ONNX Runtime (an :class:`~splitexit.runtime.OrtSession`)
+    with the pipeline's own input checks (shape, finite, values in ``[0, 1]``).
 
     Args:
         path: the ``.onnx`` file (:func:`export_onnx` of a :class:`CBNetPipeline`).
         input_shape: per-sample input shape; read from ``<path>.json`` when omitted.
-        threads: ONNX Runtime intra-op threads.
+        threads: ONNX Runtime intra-op threads (``None``: ONNX Runtime decides).
     """
 
     def __init__(self, path: str | os.PathLike, input_shape: Sequence[int] | None = None,
                  threads: int | None = 1):
+        from .runtime.ort import OrtSession
+
         self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"no ONNX file at {self.path}; export one with "
+                             "splitexit.cbnet.export_onnx or `splitexit cbnet export`")
         if input_shape is None:
             sidecar = self.path.with_suffix(".json")
             if not sidecar.is_file():
@@ -572,8 +563,7 @@ class OnnxPipeline:
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CorruptFileError(f"{sidecar} is not a valid export description") from exc
         self.input_shape = tuple(int(d) for d in input_shape)
-        self.session = onnx_session(self.path, threads)
-        self._input = self.session.get_inputs()[0].name
+        self.session = OrtSession(self.path, threads)
 
     def run(self, x: np.ndarray | torch.Tensor, check: bool = True) -> np.ndarray:
         """Logits for images ``(N, *input_shape)`` in ``[0, 1]``.
@@ -586,7 +576,7 @@ class OnnxPipeline:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if check:
             _check_images(torch.from_numpy(x), self.input_shape)
-        return self.session.run(None, {self._input: x})[0]
+        return self.session.run_arrays([x])[0]
 
     def predict(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Predicted class per image."""

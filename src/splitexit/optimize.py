@@ -2,9 +2,10 @@
 
 :func:`fuse_for_inference` folds BatchNorm into the preceding convolution.
 :func:`trace_for_inference` compiles a model to frozen TorchScript: a plain model becomes one
-graph; a :class:`~splitexit.multiexit.MultiExitModel` becomes one graph per stage (with the
-exit head at its end fused in), run by the same exit loop as ``infer``, so a sample that
-exits early still skips the later graphs. At batch 1 this removes most of PyTorch's per-op
+graph; a :class:`~splitexit.multiexit.MultiExitModel` becomes one graph per piece of its exit
+program (the stages up to an exit, with its head), run by the same exit loop as ``infer``, so
+a sample that exits early still skips the later graphs; at batch 1 the pieces and the policy's
+threshold test (its statistic traced from its one definition) run as one scripted program. At batch 1 this removes most of PyTorch's per-op
 Python overhead, which on small networks costs as much as the arithmetic.
 
 Benchmarks apply the same optimisation to the baseline and to the multi-exit model, so ratios
@@ -25,13 +26,20 @@ from .errors import InputError
 from .multiexit import (
     ExitResult,
     MultiExitModel,
-    Piece,
     all_exit_logits,
     check_input,
     infer_exits,
     inference,
 )
-from .policies import ExitPolicy, _per_exit, is_plain_threshold
+from .policies import (
+    Entropy,
+    ExitPolicy,
+    Margin,
+    MaxProb,
+    ThresholdPolicy,
+    _per_exit,
+    is_plain_threshold,
+)
 from .stages import Payload, Stage, StagedModel, payload_tensors
 
 __all__ = ["fuse_for_inference", "trace_for_inference", "script_module", "TracedMultiExit"]
@@ -107,132 +115,121 @@ def _example(model: nn.Module, example: torch.Tensor | None) -> torch.Tensor:
     return torch.zeros(2, *shape)
 
 
-# Two adapters, not one with a flag: TorchScript type-checks every branch, and ``out[1]`` does
-# not compile for a stage piece, whose output is a 1-tuple.
-class _HeadPiece(nn.Module):
-    def __init__(self, piece: nn.Module):
+class _Statistic(nn.Module):
+    """``policy.statistic``: the policy's own definition (:mod:`splitexit.policies`), traced
+    to the tensor operations it records; not a copy."""
+
+    def __init__(self, policy: ThresholdPolicy):
         super().__init__()
-        self.piece = piece
+        self.policy = policy
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.piece(x)
-        return out[0], out[1]
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.policy.statistic(logits)
 
 
-class _StagePiece(nn.Module):
-    def __init__(self, piece: nn.Module):
-        super().__init__()
-        self.piece = piece
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.piece(x)
-        return out[0], out[0]
+#: the policies with a compiled batch-1 form (:func:`~splitexit.policies.is_plain_threshold`)
+_PLAIN = (MaxProb, Entropy, Margin)
 
 
 class _BatchOneExits(nn.Module):
     """The traced pieces and the threshold test in one TorchScript program: batch 1, one call.
 
-    The statistic is computed exactly as :mod:`splitexit.policies` does (same ops, same order),
-    so the exits equal the eager ones.
+    ``exits`` are the pieces that end at an exit (payload in, ``(payload, logits)`` out),
+    ``final`` the last one; ``statistics[kind]`` is the traced statistic of ``_PLAIN[kind]``,
+    compared as the policy does (``higher[kind]``: at least, else at most the threshold), so
+    the exits equal the eager ones.
     """
 
-    def __init__(self, pieces: list[nn.Module], has_head: list[bool]):
+    def __init__(self, exits: list[nn.Module], final: nn.Module, statistics: list[nn.Module],
+                 higher: list[bool]):
         super().__init__()
-        self.pieces = nn.ModuleList(pieces)
-        self.has_head: list[bool] = has_head
-
-    def fires(self, logits: torch.Tensor, threshold: float, temperature: float,
-              kind: int) -> bool:
-        z = logits if temperature == 1.0 else logits / temperature
-        z = z.float()
-        if kind == 0:
-            return bool(torch.softmax(z, 1).amax(1) >= threshold)
-        if kind == 1:
-            logp = torch.log_softmax(z, 1)
-            return bool(-(logp.exp() * logp).sum(1) <= threshold)
-        top2 = torch.softmax(z, 1).topk(2, 1)[0]
-        return bool(top2[:, 0] - top2[:, 1] >= threshold)
+        self.exits = nn.ModuleList(exits)
+        self.final = final
+        self.statistics = nn.ModuleList(statistics)
+        self.higher: list[bool] = higher
 
     def forward(self, x: torch.Tensor, thresholds: list[float], temperatures: list[float],
                 kind: int) -> tuple[torch.Tensor, int]:
-        payload, logits = x, x
-        e, k = 0, 0
-        for piece in self.pieces:
+        payload = x
+        e = 0
+        for piece in self.exits:
             payload, logits = piece(payload)
-            if self.has_head[k]:
-                if self.fires(logits, thresholds[e], temperatures[e], kind):
-                    return logits, e
-                e += 1
-            k += 1
-        return logits, e
-
-
-_KINDS = {"maxprob": 0, "entropy": 1, "margin": 2}
+            t = temperatures[e]
+            z = logits if t == 1.0 else logits / t
+            fire = False
+            for i, statistic in enumerate(self.statistics):
+                if i == kind:
+                    stat = statistic(z)
+                    fire = bool(stat >= thresholds[e]) if self.higher[i] else bool(
+                        stat <= thresholds[e])
+            if fire:
+                return logits, e
+            e += 1
+        return self.final(payload)[0], e
 
 
 class TracedMultiExit:
-    """A :class:`MultiExitModel` compiled to one frozen TorchScript graph per stage.
+    """A :class:`MultiExitModel` compiled to frozen TorchScript, one graph per piece of its
+    exit program (:func:`splitexit.program.lower`: the stages up to an exit with its head).
 
-    Each stage that ends at an exit is traced together with its head, so one call per exit.
-    :meth:`infer` runs the shared exit loop (:func:`~splitexit.multiexit.advance_exits`):
-    same predictions and exits as ``model.infer``, with outputs equal up to float rounding.
-    Build it with :func:`trace_for_inference`.
+    :meth:`infer` runs the shared exit loop: same predictions and exits as ``model.infer``,
+    with outputs equal up to float rounding. Build it with :func:`trace_for_inference`.
+
+    Attributes:
+        exit_stages: the piece of every exit (the runtime protocol's unit).
     """
 
     def __init__(self, model: MultiExitModel, example: torch.Tensor):
-        self.exit_stages = list(model.exit_stages)
-        self.num_exits = model.num_exits
-        self.exit_names = model.exit_names
+        from .program import lower
+
+        program = lower(model, None, None, example)
+        self.exit_stages = list(program.exit_stages)
+        self.num_exits = program.num_exits
+        self.exit_names = list(program.exit_names)
         self.input_shape = model.input_shape
+        self.has_head = [p.exit is not None for p in program.pieces]
+        self.takes_previous = [p.takes_previous for p in program.pieces]
         self.pieces: list[torch.jit.ScriptModule] = []
         traced_pieces: list[torch.jit.ScriptModule] = []
-        self.has_head: list[bool] = []
-        self.takes_previous: list[bool] = []
         payload: Payload = example
         previous: torch.Tensor | None = None
-        e = 0
         with torch.no_grad():
-            for k in range(model.backbone.num_stages):
-                at_head = e < len(model.heads) and self.exit_stages[e] == k
-                piece = Piece.of(model, k, k, e if at_head else None, previous is not None)
+            for k, spec in enumerate(program.pieces):
                 args = payload_tensors(payload)
-                if piece.takes_previous:
+                if spec.takes_previous:
                     args = (*args, previous)
-                traced = _trace(piece, tuple(args))
+                traced = _trace(program.module(k), tuple(args))
                 traced_pieces.append(traced)
                 self.pieces.append(_freeze(traced))
-                self.has_head.append(at_head)
-                self.takes_previous.append(piece.takes_previous)
-                payload, logits = model.step(k, e if at_head else None, payload, previous)
-                if at_head:
+                payload, logits = program.step(k, spec.exit, payload, previous)
+                if logits is not None:
                     previous = logits
-                    e += 1
         # the unfrozen traces only compose that program; the frozen pieces serve the rest
-        self._batch_one = self._compose_batch_one(traced_pieces)
+        self._batch_one = self._compose_batch_one(program, traced_pieces, previous)
 
-    def _compose_batch_one(self, traced_pieces: list[torch.jit.ScriptModule]
-                           ) -> torch.jit.ScriptModule | None:
-        """One TorchScript program for batch-1 early exits, when every payload is one tensor
-        and no head takes the previous logits (else batch 1 uses the exit loop)."""
-        if any(self.takes_previous):
+    def _compose_batch_one(self, program, traced_pieces: list[torch.jit.ScriptModule],
+                           logits: torch.Tensor | None) -> torch.jit.ScriptModule | None:
+        """One TorchScript program for batch-1 early exits, when every payload is one tensor,
+        every piece but the last ends at an exit and no head takes the previous logits (else
+        batch 1 uses the exit loop)."""
+        specs = program.pieces
+        if (logits is None or any(self.takes_previous) or not all(self.has_head[:-1])
+                or self.has_head[-1]
+                or any(len(p.inputs) != 1 or len(p.outputs) != 1 for p in specs)):
             return None
-        wrapped = []
-        for k, traced in enumerate(traced_pieces):
-            out = next(traced.graph.outputs()).type()
-            sizes = len(out.elements()) if isinstance(out, torch._C.TupleType) else 0
-            if sizes != (2 if self.has_head[k] else 1):
-                return None  # a tuple payload
-            wrapped.append(_HeadPiece(traced) if self.has_head[k] else _StagePiece(traced))
+        statistics = [_trace(_Statistic(cls()), (logits[:1],)) for cls in _PLAIN]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _freeze(torch.jit.script(_BatchOneExits(wrapped, list(self.has_head))))
+                return _freeze(torch.jit.script(_BatchOneExits(
+                    traced_pieces[:-1], traced_pieces[-1], statistics,
+                    [cls.higher_is_confident for cls in _PLAIN])))
         except Exception:  # noqa: BLE001 - the exit loop serves batch 1 as well
             return None
 
     def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None
              ) -> tuple[Payload, torch.Tensor | None]:
-        """Stage ``k`` (and its exit head, computed whenever the stage has one)."""
+        """Piece ``k`` (and its exit head, computed whenever the piece has one)."""
         args = payload_tensors(payload)
         outs = self.pieces[k](*args, previous) if self.takes_previous[k] else self.pieces[k](*args)
         if self.has_head[k]:
@@ -244,15 +241,16 @@ class TracedMultiExit:
         """Early-exit inference, as :meth:`MultiExitModel.infer`.
 
         A single sample under a max-prob, entropy or margin policy runs as one TorchScript
-        call (stages, heads and threshold tests in one program); anything else runs the
-        shared exit loop. Both give the eager model's exits.
+        call (pieces and threshold tests); anything else runs the shared exit loop. Both give
+        the eager model's exits.
         """
         check_input(x, self.input_shape)
         if x.shape[0] == 1 and self._batch_one is not None and is_plain_threshold(policy):
             heads = self.num_exits - 1
             logits, e = self._batch_one(
                 x, [_per_exit(policy.threshold, i) for i in range(heads)],
-                [_per_exit(policy.temperature, i) for i in range(heads)], _KINDS[policy.name])
+                [_per_exit(policy.temperature, i) for i in range(heads)],
+                _PLAIN.index(type(policy)))
             return ExitResult(logits.argmax(1), torch.tensor([e]), logits)
         return infer_exits(self.step, self.exit_stages, policy, len(self.pieces), x)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from .. import cbnet
 from ..cost import count_macs, param_bytes
@@ -30,11 +29,12 @@ from ..devices import DeviceProfile, get_device, measure_host_profile
 from ..multiexit import MultiExitModel
 from ..policies import Entropy
 from ..report import write_report
+from ..runtime.ort import OrtSession
 from ..training import Baseline, train
 from ..zoo import create_model
 from .measure import interleaved_latency, throughput, torch_threads
 
-__all__ = ["CBNetBenchSettings", "run_cbnet_bench", "OnnxBranchyNet", "register"]
+__all__ = ["CBNetBenchSettings", "run_cbnet_bench", "onnx_branchynet", "register"]
 
 
 @dataclass
@@ -80,63 +80,20 @@ class CBNetBenchSettings:
     progress: bool | None = None
 
 
-class _Front(nn.Module):
-    """B-LeNet up to its first exit: returns the cut's features and the exit's logits."""
+def onnx_branchynet(model: MultiExitModel, policy: Entropy, directory: Path,
+                    example: torch.Tensor, threads: int = 1) -> Callable:
+    """B-LeNet with real early exits on ONNX Runtime: its bundle's pieces (up to exit 0 with
+    the branch; the rest) run by :class:`~splitexit.runtime.OrtProgram`, the policy's entropy
+    statistic on numpy between them; only hard samples run the second piece.
 
-    def __init__(self, model: MultiExitModel):
-        super().__init__()
-        self.stages = nn.ModuleList(model.backbone.stages[: model.exit_stages[0] + 1])
-        self.head = model.heads[0]
-
-    def forward(self, x):
-        for stage in self.stages:
-            x = stage(x)
-        return x, self.head(x)
-
-
-class _Back(nn.Module):
-    """B-LeNet from the first exit's cut to the final logits."""
-
-    def __init__(self, model: MultiExitModel):
-        super().__init__()
-        self.stages = nn.ModuleList(model.backbone.stages[model.exit_stages[0] + 1:])
-
-    def forward(self, x):
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-
-class OnnxBranchyNet:
-    """B-LeNet with real early exits in ONNX Runtime: two graphs, entropy test in between.
-
-    Samples whose first-exit entropy is at most ``threshold`` leave after the first graph;
-    only the others run the second one (the same rule as :class:`splitexit.policies.Entropy`).
+    Returns:
+        numpy images in, predicted class per image out.
     """
+    from ..deploy import bundle, load_bundle
 
-    def __init__(self, model: MultiExitModel, threshold: float, directory: Path,
-                 input_shape: tuple[int, ...], threads: int = 1):
-        model.eval()
-        front, back = _Front(model), _Back(model)
-        feature_shape = tuple(front(torch.zeros(1, *input_shape))[0].shape[1:])
-        self.front = cbnet.onnx_session(cbnet.export_onnx(
-            front, directory / "branchynet_front.onnx", input_shape, ("features", "logits")),
-            threads)
-        self.back = cbnet.onnx_session(cbnet.export_onnx(
-            back, directory / "branchynet_back.onnx", feature_shape), threads)
-        self.threshold = float(threshold)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Predicted class per sample, with real exits."""
-        features, logits = self.front.run(None, {"input": x})
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        entropy = -(np.exp(logp) * logp).sum(axis=1)
-        predictions = logits.argmax(axis=1)
-        hard = entropy > self.threshold
-        if hard.any():
-            predictions[hard] = self.back.run(None, {"input": features[hard]})[0].argmax(axis=1)
-        return predictions
+    b = load_bundle(bundle(model, directory, policy=policy, example=example, measure=False))
+    program = b.program(threads, exit_graph=False)
+    return lambda x: program.infer(x, b.policy).predictions
 
 
 def _accuracy(pred, y: torch.Tensor) -> float:
@@ -217,13 +174,12 @@ def _dataset_rows(ds: Dataset, s: CBNetBenchSettings, host: DeviceProfile, rpi: 
     onnx_dir = work / ds.name
     for i, m in enumerate(methods.values()):
         if m.get("branchy"):
-            runner = OnnxBranchyNet(branchy, threshold, onnx_dir, ds.input_shape, s.threads)
-            m["onnx"] = runner.predict
+            m["onnx"] = onnx_branchynet(branchy, policy, onnx_dir / "branchynet",
+                                        ds.calib.x[:2], s.threads)
         else:
-            session = cbnet.onnx_session(cbnet.export_onnx(
+            session = OrtSession(cbnet.export_onnx(
                 m["torch"], onnx_dir / f"method{i}.onnx", ds.input_shape), s.threads)
-            m["onnx"] = (lambda sess: lambda x: sess.run(None, {"input": x})[0].argmax(1))(
-                session)
+            m["onnx"] = (lambda sess: lambda x: sess.run_arrays([x])[0].argmax(1))(session)
 
     x, y = ds.test.x, ds.test.y
     x_np = x.numpy()
@@ -374,8 +330,9 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "PyTorch CBNet and BranchyNet validate their input on every call (CBNetPipeline's "
         "range check, MultiExitModel.infer's check_input); LeNet and the truncated B-LeNet "
         "do not. In ONNX Runtime no method validates.",
-        "BranchyNet in ONNX Runtime: two graphs (up to exit 0 with the branch; the rest), the "
-        "entropy test in NumPy between them; only hard samples run the second graph.",
+        "BranchyNet in ONNX Runtime: its bundle's two pieces (up to exit 0 with the branch; "
+        "the rest) run by splitexit.runtime.OrtProgram, the Entropy policy's statistic in "
+        "NumPy between them; only hard samples run the second piece.",
         "rpi4_* are ESTIMATES, not measurements: host latency x (host GMAC/s / Raspberry Pi 4 "
         "GMAC/s) from splitexit.devices (host rate measured by measure_host_profile, Pi rate "
         "an estimate), energy = Pi active power x estimated time; rpi4_latency_ms_from_macs_est "

@@ -5,8 +5,9 @@ several densities (plus the published 784-40-40-10 shape with fan-outs 2/9/10), 
 optionally quantized to int8 with ONNX Runtime: accuracy, stored bytes (the real files),
 effective MACs, and latency / throughput measured in PyTorch and ONNX Runtime in the same run.
 
-Part 2, deployment: a multi-exit ResNet-8 exported stage by stage and run by the ONNX Runtime
-early-exit pipeline, against the whole model as one ONNX Runtime graph. Thresholds are chosen
+Part 2, deployment: a multi-exit ResNet-8 bundled (:func:`splitexit.deploy.bundle`) and run on
+ONNX Runtime in the bundle's two forms (the pieces with numpy decisions; the batch-1 exit
+graph), against the whole model as one ONNX Runtime graph. Thresholds are chosen
 on the calibration split; accuracy on the test split; batch-1 latency interleaved sample by
 sample so that load on the machine hits both alike.
 """
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -36,17 +38,14 @@ from ..compress.sparsity import (
 )
 from ..cost import cost_table, count_macs, mean_macs
 from ..data import Dataset, load_dataset
+from ..deploy import bundle, load_bundle
 from ..errors import InputError
-from ..export import OrtExitPipeline, OrtPiece, export_multiexit, export_piece
-from ..export.exit_graph import (
-    OrtExitChain,
-    OrtExitGraph,
-    export_exit_chain,
-    export_exit_graph,
-)
+from ..export import export_piece
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb
 from ..report import plot_pareto, write_report
+from ..runtime.loop import ExitResult
+from ..runtime.ort import OrtProgram, OrtSession
 from ..training import Baseline, JointWeighted, train
 from ..zoo import create_model, create_multiexit
 from .measure import interleaved_latency, interleaved_throughput, torch_threads
@@ -234,7 +233,7 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path, models: Path | 
                       "sparse": sparse,
                       "kernels_b1": {n: v["kernel"] for n, v in kernels_b1.items()},
                       "model": model, "densities": info["densities"]}
-        ort32, ort8 = OrtPiece(fp32, s.threads), OrtPiece(int8, s.threads)
+        ort32, ort8 = OrtSession(fp32, s.threads), OrtSession(int8, s.threads)
         torch_fns[key] = model
         ort_fns[key] = ort32
         ort_fns[key + " | int8"] = ort8
@@ -339,15 +338,46 @@ def _exit_model(ds: Dataset, s: CompressSettings) -> tuple[MultiExitModel, float
     return model, history.seconds
 
 
-FORMS = {"single graph": (export_exit_graph, OrtExitGraph),
-         "exit chain": (export_exit_chain, OrtExitChain)}
+FORMS = ("exit graph", "pieces")
+
+
+def _bundled(model: MultiExitModel, policy, directory: Path, example: torch.Tensor,
+             threads: int) -> tuple[dict[str, OrtProgram], object]:
+    """The bundle of ``model`` with ``policy`` in its two ONNX Runtime forms: ``"exit graph"``
+    (the batch-1 exit graph: pieces and threshold test in one graph with If nodes) and
+    ``"pieces"`` (one graph per piece, the decisions in numpy between them); and the policy
+    as the bundle records it."""
+    b = load_bundle(bundle(model, directory, policy=policy, example=example, measure=False))
+    return ({"exit graph": b.program(threads, exit_graph=True),
+             "pieces": b.program(threads, exit_graph=False)}, b.policy)
+
+
+def _numpy_fn(program: OrtProgram, policy) -> Callable:
+    """Batch-1 early exit on a program, as a deployed device calls it (numpy in)."""
+    return lambda x: program.infer(x.numpy(), policy)
+
+
+def _one_by_one(program: OrtProgram, policy, x: torch.Tensor) -> ExitResult:
+    """Every sample of ``x`` run alone (batch 1: the exit graph's form), results joined."""
+    results = [program.infer(x[i: i + 1].numpy(), policy) for i in range(len(x))]
+    return ExitResult(torch.from_numpy(np.concatenate([r.predictions for r in results])),
+                      torch.from_numpy(np.concatenate([r.exit_index for r in results])),
+                      torch.from_numpy(np.concatenate([r.logits for r in results])))
+
+
+def _batched_result(program: OrtProgram, policy, x: torch.Tensor, batch: int = 1000
+                    ) -> ExitResult:
+    results = [program.infer(x[i: i + batch].numpy(), policy) for i in range(0, len(x), batch)]
+    return ExitResult(torch.from_numpy(np.concatenate([r.predictions for r in results])),
+                      torch.from_numpy(np.concatenate([r.exit_index for r in results])),
+                      torch.from_numpy(np.concatenate([r.logits for r in results])))
 
 
 def _fastest_graph(model: MultiExitModel, calib_logits: list[torch.Tensor], calib_x, calib_y,
                    reference: float, s: CompressSettings, work: Path
                    ) -> tuple[list[int], object, str, list[dict]]:
-    """Per subset of exit heads: the cheapest threshold within the drop, exported in both
-    batch-1 forms (one graph with If nodes; a chain of plain graphs) and timed on calibration
+    """Per subset of exit heads: the cheapest threshold within the drop, bundled and timed in
+    both batch-1 forms (the exit graph; the pieces with numpy decisions) on calibration
     inputs; the fastest (subset, form) wins."""
     heads = model.num_exits - 1
     tried = []
@@ -355,7 +385,9 @@ def _fastest_graph(model: MultiExitModel, calib_logits: list[torch.Tensor], cali
     xs = calib_x[: s.selection_samples]
     for mask in range(1, 2 ** heads):
         keep = [e for e in range(heads) if mask >> e & 1]
-        sub = model.keep_exits(keep)
+        # eval(): keep_exits' wrapper starts in train mode, and a forward pass in train mode
+        # (cost_table) would update the shared BatchNorm statistics
+        sub = model.keep_exits(keep).eval()
         costs = cost_table(sub, calib_x[:2], measure=False)
         logits = [calib_logits[e] for e in keep] + [calib_logits[-1]]
         try:
@@ -363,10 +395,9 @@ def _fastest_graph(model: MultiExitModel, calib_logits: list[torch.Tensor], cali
                                         reference_accuracy=reference, max_drop=s.max_drop)
         except InputError:
             continue
-        runners = {form: load(export(sub, op.policy, work / f"subset{mask}-{form}.onnx"),
-                              threads=s.threads)
-                   for form, (export, load) in FORMS.items()}
-        lats = interleaved_latency({f: r.infer for f, r in runners.items()}, xs)
+        forms, policy = _bundled(sub, op.policy, work / f"subset{mask}", calib_x[:2],
+                                 s.threads)
+        lats = interleaved_latency({f: _numpy_fn(p, policy) for f, p in forms.items()}, xs)
         for form, lat in lats.items():
             tried.append({"exits": [model.exit_names[e] for e in keep], "form": form,
                           "calib_latency_ms": lat["mean_ms"], "calib_accuracy": op.accuracy})
@@ -385,42 +416,35 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
     reference = _accuracy(calib_logits[-1], ds.calib.y)
     points = sweep(calib_logits, ds.calib.y, costs.exit_macs, MaxProb())
     op = choose_operating_point(points, reference_accuracy=reference, max_drop=s.max_drop)
-    policy = op.policy
-    export_multiexit(model, work / "exits")
-    pipe = OrtExitPipeline(work / "exits", threads=s.threads)
     test_x, test_y = ds.test.x, ds.test.y
-    full_logits = torch.cat([pipe.run_full(test_x[i: i + 1000])
-                             for i in range(0, len(test_x), 1000)])
+    forms, policy = _bundled(model, op.policy, work / "exits", ds.calib.x[:2], s.threads)
+    graph, pieces = forms["exit graph"], forms["pieces"]
+    full = OrtSession(export_piece(model.backbone, test_x[:2], work / "full.onnx"), s.threads)
+    full_logits = torch.cat([full(test_x[i: i + 1000]) for i in range(0, len(test_x), 1000)])
     full_acc = _accuracy(full_logits, test_y)
-    results = [pipe.infer(test_x[i: i + 1000], policy) for i in range(0, len(test_x), 1000)]
-    exit_index = torch.cat([r.exit_index for r in results])
-    predictions = torch.cat([r.predictions for r in results])
-    pipe_acc = float((predictions == test_y).double().mean())
+    pieces_result = _batched_result(pieces, policy, test_x)
     torch_result = model.infer(test_x, policy)
-    graph = OrtExitGraph(export_exit_graph(model, policy, work / "early_exit.onnx"),
-                         threads=s.threads)
-    graph_result = graph.infer(test_x)
-    chain = OrtExitChain(export_exit_chain(model, policy, work / "chain"), threads=s.threads)
-    chain_result = chain.infer(test_x)
+    graph_result = _one_by_one(graph, policy, test_x)
     keep, sel_policy, form, tried = _fastest_graph(model, calib_logits, ds.calib.x,
                                                    ds.calib.y, reference, s, work)
-    chosen = model.keep_exits(keep)
-    export, load = FORMS[form]
-    sel_graph = load(export(chosen, sel_policy, work / "chosen.onnx"), threads=s.threads)
-    sel_result = sel_graph.infer(test_x)
+    chosen = model.keep_exits(keep).eval()
+    sel_forms, sel_policy = _bundled(chosen, sel_policy, work / "chosen", ds.calib.x[:2],
+                                     s.threads)
+    sel_program = sel_forms[form]
+    sel_result = _one_by_one(sel_program, sel_policy, test_x)
     sel_macs = mean_macs(sel_result.exit_index,
                          cost_table(chosen, ds.calib.x[:2], measure=False).exit_macs)
     lat_x = test_x[: s.latency_samples]
     with torch_threads(s.threads):
         lat = interleaved_latency({
-            "ort full": pipe.run_full, "ort early-exit": lambda x: pipe.infer(x, policy),
-            "ort single graph": graph.infer, "ort exit chain": chain.infer,
-            "ort chosen exits": sel_graph.infer,
+            "ort full": lambda x: full.run_arrays([x.numpy()]),
+            "ort pieces": _numpy_fn(pieces, policy),
+            "ort exit graph": _numpy_fn(graph, policy),
+            "ort chosen exits": _numpy_fn(sel_program, sel_policy),
             "torch full": model.backbone, "torch early-exit": lambda x: model.infer(x, policy)},
             lat_x, chunks=20)
     full_macs = costs.backbone_macs
-    exit_macs = mean_macs(exit_index, costs.exit_macs)
-    fractions = torch.bincount(exit_index, minlength=model.num_exits).double() / len(exit_index)
+    exit_macs = mean_macs(pieces_result.exit_index, costs.exit_macs)
     base = lat["ort full"]
 
     def timing(name: str) -> dict:
@@ -430,13 +454,14 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
                 "speedup": base["mean_ms"] / t["mean_ms"],
                 "speedup_p50": base["median_ms"] / t["median_ms"]}
 
-    def batch_one(method: str, result, name: str) -> dict:
-        """A batch-1 ONNX Runtime form's row, compared with PyTorch's exits sample by sample."""
+    def form_row(method: str, result, name: str) -> dict:
+        """An ONNX Runtime form's row, compared with PyTorch's exits sample by sample."""
         macs = mean_macs(result.exit_index, costs.exit_macs)
         return {"method": method, "model": "resnet8", "accuracy": result.accuracy(test_y),
                 "accuracy_drop_pt": 100 * (full_acc - result.accuracy(test_y)),
                 "mean_macs": macs, "macs_ratio": macs / full_macs, **timing(name),
                 "exit_fractions": result.exit_fractions(model.num_exits),
+                "policy": policy.config(),
                 "same_predictions_as_pytorch": float(
                     (result.predictions == torch_result.predictions).double().mean()),
                 "same_exits_as_pytorch": float(
@@ -446,19 +471,10 @@ def _exit_rows(ds: Dataset, s: CompressSettings, work: Path) -> tuple[list[dict]
              "accuracy": full_acc, "mean_macs": full_macs, "macs_ratio": 1.0,
              "latency_ms": base["mean_ms"], "latency_p50_ms": base["median_ms"],
              "latency_ratio": 1.0, "speedup": 1.0},
-            {"method": "ONNX Runtime: early-exit pipeline", "model": "resnet8",
-             "accuracy": pipe_acc, "accuracy_drop_pt": 100 * (full_acc - pipe_acc),
-             "mean_macs": exit_macs, "macs_ratio": exit_macs / full_macs,
-             **timing("ort early-exit"),
-             "exit_fractions": fractions.tolist(), "policy": policy.config(),
-             "same_predictions_as_pytorch": float(
-                 (predictions == torch_result.predictions).double().mean()),
-             "same_exits_as_pytorch": float(
-                 (exit_index == torch_result.exit_index).double().mean())},
-            batch_one("ONNX Runtime: single-graph early exit (If nodes, batch 1)",
-                      graph_result, "ort single graph"),
-            batch_one("ONNX Runtime: exit chain (plain graph per segment, batch 1)",
-                      chain_result, "ort exit chain"),
+            form_row("ONNX Runtime: early-exit pieces (a graph per piece, numpy decisions)",
+                     pieces_result, "ort pieces"),
+            form_row("ONNX Runtime: exit graph (If nodes, batch 1)", graph_result,
+                     "ort exit graph"),
             {"method": "ONNX Runtime: exits and form chosen for latency",
              "model": "resnet8", "form": form, "accuracy": sel_result.accuracy(test_y),
              "accuracy_drop_pt": 100 * (full_acc - sel_result.accuracy(test_y)),
@@ -538,14 +554,14 @@ def run_compress_bench(out: str | Path, settings: CompressSettings | None = None
         "on the same samples in a shuffled order: sample by sample for the MLPs, in 20 groups "
         "for the early-exit part (a method runs warm within a group, as a deployed model "
         "does); ratios are to the dense model / the full model timed in the same loop.",
-        "The early-exit pipeline runs every stage (with its head) as its own graph and the "
-        "splitexit policy in Python between them, with per-sample exits that shrink the "
-        "batch; the single graph composes the same segments and the same max-prob test with "
-        "ONNX If nodes, one call per sample (batch 1 only); the exit chain runs one plain "
-        "graph per segment, each computing that test itself, and Python only reads its flag "
-        "(batch 1). 'exits and form chosen for latency': the subset of exits and the form "
-        "(single graph or chain) fastest on calibration inputs (report.json "
-        "'exit_subsets_tried').",
+        "The early-exit pieces are the bundle's (splitexit.deploy.bundle): one ONNX graph "
+        "per piece (stages up to an exit, with its head) and the policy's statistic in numpy "
+        "between them (splitexit.runtime.OrtProgram), with per-sample exits that shrink the "
+        "batch; the exit graph is the bundle's batch-1 form, the same pieces and the same "
+        "statistic (lowered to ONNX from its one definition) composed with If nodes, one call "
+        "per sample. Both are timed at batch 1 on numpy inputs, as a device runs them. 'exits "
+        "and form chosen for latency': the subset of exits and the form (exit graph or "
+        "pieces) fastest on calibration inputs (report.json 'exit_subsets_tried').",
         "Early-exit thresholds are chosen on the calibration split (max drop "
         f"{100 * s.max_drop:g} pt vs the final exit's calibration accuracy); accuracy and "
         "latency on the test split.",
@@ -577,8 +593,8 @@ def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> di
     if not exit_rows:
         return out
     by = {r["method"].split(" (")[0]: r for r in exit_rows}
-    forms = {"chain": "exit chain", "chosen_exits": "exits and form chosen for latency",
-             "pipeline": "early-exit pipeline", "single_graph": "single-graph early exit"}
+    forms = {"pieces": "early-exit pieces", "exit_graph": "exit graph",
+             "chosen_exits": "exits and form chosen for latency"}
     for key, method in forms.items():
         row = by[f"ONNX Runtime: {method}"]
         out[f"early_exit_{key}_speedup"] = row["speedup"]
@@ -592,7 +608,7 @@ def register(suites) -> None:
     """Add ``splitexit bench compress`` to the bench sub-commands."""
     d = CompressSettings()
     p = suites.add_parser("compress", help="predefined sparsity and int8 vs dense; early-exit "
-                          "pipeline on ONNX Runtime vs the full model")
+                          "bundle on ONNX Runtime vs the full model")
     p.add_argument("--out", default="reports/compress", help="output directory")
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)))
     p.add_argument("--densities", default=",".join(map(str, d.densities)),
