@@ -1,12 +1,16 @@
-"""Helpers shared by the serve / edge / load tests: model directories, servers, slow modules."""
+"""Helpers shared by the serve / edge / load tests: model directories, bundles of a model of
+our own (not from the zoo), servers, slow modules."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -21,7 +25,7 @@ from splitexit.serve import (
     ServerSettings,
     create_app,
     export_model_dir,
-    load_server,
+    load_serving,
 )
 from splitexit.serve.app import free_port, wait_until_healthy  # noqa: F401 (re-exported for tests)
 from splitexit.zoo import create_multiexit
@@ -69,13 +73,20 @@ class SlowModule(nn.Module):
         return self.inner(payload)
 
 
+def server_module(path: Path, runtime: str | None = None):
+    """The server half of a model directory (PyTorch) or a bundle (ONNX Runtime by default)."""
+    return load_serving(path, runtime, threads=1)[0]
+
+
 @contextmanager
 def running_server(model_dir: Path, module: nn.Module | None = None, **settings):
-    """A server of ``model_dir`` (or of ``module`` with its payload spec) in a thread."""
-    server, cfg = load_server(model_dir)
+    """A server of ``model_dir`` or a bundle (or of ``module`` with its payload spec) in a
+    thread."""
+    server, spec, info = load_serving(model_dir, threads=1)
     settings.setdefault("threads", 1)
-    app = create_app(module if module is not None else server, cfg.payload,
-                     ServerSettings(**settings), info={"cut": cfg.cut})
+    settings.setdefault("runtime", info["runtime"])
+    app = create_app(module if module is not None else server, spec,
+                     ServerSettings(**settings), info=info)
     srv = BackgroundServer(app).start()
     try:
         yield srv
@@ -84,10 +95,11 @@ def running_server(model_dir: Path, module: nn.Module | None = None, **settings)
 
 
 @contextmanager
-def server_process(model_dir: Path, *extra: str):
-    """``splitexit serve MODEL_DIR`` as a real subprocess on a free loopback port."""
+def server_process(model_dir: Path, *extra: str, env: dict | None = None):
+    """``splitexit serve MODEL_DIR_OR_BUNDLE`` as a real subprocess on a free loopback port
+    (``env``: extra environment variables, e.g. ``SPLITEXIT_TOKEN``)."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "serve", str(model_dir),
                              "--port", str(port), "--threads", "1", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -106,3 +118,124 @@ def device_payload(model, x: torch.Tensor, cut: str = CUT):
     device, _ = model.backbone.split(cut)
     with torch.inference_mode():
         return device(x)
+
+
+# ------------------------------------------------------------------ a model of our own
+#: a small residual network written here (not from the zoo), loaded as user code from a file
+OWN_NET_SOURCE = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(y)))
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.block1 = Block(16)
+        self.block2 = Block(16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def net(num_classes=10):
+    return Net(num_classes)
+"""
+#: exits at the stem, inside block1 (tensor 1 of the two its cut carries) and after block2
+OWN_CUTS = "stem,relu@1,block2"
+#: the split: inside block1, where the payload is two tensors (the skip and the branch)
+OWN_SPLIT = "relu"
+OWN_CODEC = "int8"
+
+
+@functools.cache
+def _scratch() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="splitexit-test-own-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def own_model_file() -> str:
+    """``path.py:net`` of the residual network above, written to a scratch directory."""
+    path = _scratch() / "own_net.py"
+    if not path.is_file():
+        path.write_text(OWN_NET_SOURCE)
+    return f"{path}:net"
+
+
+def separated_policy(model, x: torch.Tensor, exits: tuple[int, ...] = (0,)) -> MaxProb:
+    """Max-prob thresholds, one per exit in ``exits``, midway between the two confidences
+    around that exit's median: about half the samples that reach it would leave there, and
+    no sample sits at a threshold (float differences between runtimes cannot flip a
+    decision)."""
+    thresholds = []
+    with torch.inference_mode():
+        logits = model(x)
+    for e in exits:
+        conf, _ = logits[e].softmax(1).amax(1).sort()
+        mid = len(conf) // 2
+        thresholds.append(float((conf[mid - 1] + conf[mid]) / 2))
+    return MaxProb(thresholds[0] if len(thresholds) == 1 else tuple(thresholds))
+
+
+@functools.cache
+def own_model():
+    """The residual network with exits (splitexit.usermodel.build_multiexit from the file),
+    trained briefly on digits so its exits mean something (~3 s on one thread)."""
+    from splitexit.bench.measure import torch_threads
+    from splitexit.data import load_dataset
+    from splitexit.training import JointWeighted, train
+    from splitexit.usermodel import build_multiexit
+
+    ds = load_dataset("digits")
+    with torch_threads(1):
+        torch.manual_seed(0)
+        model = build_multiexit(own_model_file(), OWN_CUTS, ds.num_classes, ds.input_shape,
+                                head="sdn")
+        train(model, ds.train, JointWeighted(), epochs=5, lr=1e-2, progress=False)
+    return model.eval()
+
+
+@functools.cache
+def own_bundle() -> tuple[Path, MaxProb]:
+    """The model above bundled split inside block1 with the int8 codec, and its policy."""
+    from splitexit.data import load_dataset
+    from splitexit.deploy import bundle
+
+    ds = load_dataset("digits")
+    model = own_model()
+    policy = separated_policy(model, ds.calib.x, exits=(0, 1))
+    path = bundle(model, _scratch() / "own-bundle", cut=OWN_SPLIT, policy=policy,
+                  codec=OWN_CODEC, example=ds.calib.x[:32], classes=ds.class_names,
+                  measure=False)
+    return path, policy
+
+
+@functools.cache
+def zoo_bundle() -> tuple[Path, MaxProb]:
+    """The untrained zoo ResNet-8 of :func:`small_model` bundled split at ``CUT`` (fp32)."""
+    from splitexit.data import load_dataset
+    from splitexit.deploy import bundle
+
+    ds = load_dataset("digits")
+    model = small_model()
+    policy = median_policy(model, ds.calib.x)
+    path = bundle(model, _scratch() / "zoo-bundle", cut=CUT, policy=policy, codec="fp32",
+                  example=ds.calib.x[:8], measure=False)
+    return path, policy

@@ -1,5 +1,7 @@
 """Edge runtime against real servers: local exits, deadline, server killed mid-stream, link
-outages through the shaping proxy, slow server, retries, circuit breaker."""
+outages through the shaping proxy, slow server, retries, circuit breaker. The fault scenarios
+run on a zoo model directory (PyTorch device part) and on a bundle of a residual network of
+our own, split inside a block (ONNX Runtime device part, int8 wire codec)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from serve_helpers import (
     SlowModule,
     make_model_dir,
     median_policy,
+    own_bundle,
     running_server,
+    server_module,
     server_process,
 )
 from serve_helpers import small_model as _small_model
@@ -29,6 +33,7 @@ from splitexit.serve import (
     load_device,
     load_server,
 )
+from splitexit.serve.cli import load_edge_device
 
 SOURCES = {"exit", "server", "fallback", "failed"}
 
@@ -50,9 +55,16 @@ def model_dir(small_model, digits, tmp_path_factory):
     return make_model_dir(small_model, tmp_path_factory.mktemp("edge") / "model", policy)
 
 
+@pytest.fixture(scope="module", params=["model_dir", "bundle"])
+def target(request, model_dir):
+    """Where the fault scenarios run: the zoo model directory, or our own model's bundle."""
+    return model_dir if request.param == "model_dir" else own_bundle()[0]
+
+
 def _edge(model_dir, url, **settings) -> EdgeRuntime:
-    device, policy, cfg = load_device(model_dir)
-    return EdgeRuntime(device, policy, url, cfg.codec, EdgeSettings(**settings))
+    """The edge runtime of a model directory (PyTorch) or a bundle (ONNX Runtime)."""
+    device, policy, codec = load_edge_device(model_dir)
+    return EdgeRuntime(device, policy, url, codec, EdgeSettings(**settings))
 
 
 def _check_once(answers, n):
@@ -98,8 +110,9 @@ def test_full_offload_and_no_server(small_model, model_dir, digits, tmp_path):
         assert {a.source for a in edge.classify(x)} <= {"exit", "fallback"}
 
 
-def test_deadline_respected_with_slow_server(model_dir, digits):
-    server, _ = load_server(model_dir)
+def test_deadline_respected_with_slow_server(target, digits):
+    model_dir = target
+    server = server_module(model_dir)
     x = digits.test.x[:32]
     with running_server(model_dir, module=SlowModule(server, delay_s=0.6)) as srv:
         with _edge(model_dir, srv.url, deadline_s=0.25, retries=3) as edge:
@@ -132,7 +145,8 @@ def test_retry_with_backoff_recovers_from_a_failed_request(model_dir, digits):
 
 
 @pytest.mark.slow
-def test_server_killed_mid_stream(model_dir, digits):
+def test_server_killed_mid_stream(target, digits):
+    model_dir = target
     x = digits.test.x[:40]
     with server_process(model_dir) as (proc, url):
         with _edge(model_dir, url, deadline_s=1.0, retries=1, breaker_failures=2,
@@ -156,7 +170,8 @@ def test_server_killed_mid_stream(model_dir, digits):
     assert all(a.latency_ms < 1000 + 100 for a in answers)
 
 
-def test_link_outage_through_proxy_and_recovery(model_dir, digits):
+def test_link_outage_through_proxy_and_recovery(target, digits):
+    model_dir = target
     x = digits.test.x[:32]
     with running_server(model_dir) as srv:
         with NetemProxy("127.0.0.1", srv.port, LinkConditions(delay_ms=5)) as proxy, \
@@ -254,6 +269,10 @@ def test_bad_edge_input(model_dir, small_model):
         EdgeSettings(retries=-1)
     with pytest.raises(InputError, match="MultiExitModel"):
         DevicePart(small_model.backbone, "block1")
+    with pytest.raises(InputError, match="device runtime"):
+        EdgeRuntime(small_model, NeverExit(), None)
+    with pytest.raises(InputError, match="ExitPolicy"):
+        EdgeRuntime(load_device(model_dir)[0], "maxprob", None)
     with pytest.raises(InputError, match="probability"):
         LinkConditions(loss=2)
     with pytest.raises(InputError, match="outage"):

@@ -16,10 +16,12 @@ from pathlib import Path
 from .errors import SplitexitError
 
 # Modules adding top-level commands / benchmark suites; each has register(subparsers).
-COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli", "splitexit.cbnet_cli"]
+COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli", "splitexit.cbnet_cli",
+                              "splitexit.deploy_cli"]
 BENCH_MODULES: list[str] = ["splitexit.bench.split", "splitexit.bench.cbnet",
                             "splitexit.bench.catalogue", "splitexit.bench.serve",
-                            "splitexit.bench.compress"]
+                            "splitexit.bench.compress",
+                            "splitexit.bench.deploy"]
 
 
 def _command_line() -> str:

@@ -108,7 +108,7 @@ class MultiExitModel(nn.Module):
             raise InputError("cascading heads take the previous head's logits; they cannot be "
                              "dropped one by one")
         return MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits},
-                              self.input_shape)
+                              self.input_shape).train(self.training)
 
     @property
     def num_exits(self) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .cost import cost_table
 from .errors import InputError
 from .multiexit import ExitResult, MultiExitModel, check_input
-from .policies import GatedMaxProb
+from .policies import GatedMaxProb, MaxProb
 
 __all__ = ["OnlineCache", "OnlineStats"]
 
@@ -166,7 +166,7 @@ class OnlineCache:
         # score first (these probes are unseen by the caches), then train on them
         with torch.no_grad():
             for e, logits in enumerate(outs):
-                conf, pred = F.softmax(logits.float(), 1).max(1)
+                conf, pred = MaxProb().statistic(logits), logits.argmax(1)
                 self._windows[e].extend(zip((conf >= self.threshold).tolist(),
                                             (pred == target).tolist()))
             agree = (served == target)

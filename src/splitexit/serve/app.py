@@ -42,15 +42,18 @@ from torch import nn
 from splitexit.errors import InputError, PayloadError
 from splitexit.split import codec as wire
 
+from .protocol import HEALTH_PATH, INFER_PATH, LEGACY_INFER_PATH, METRICS_PATH
+
 __all__ = ["ServerSettings", "PayloadSpec", "MicroBatcher", "ServerMetrics", "create_app",
            "BackgroundServer",
            "serve", "INFER_PATH"]
 
-INFER_PATH = "/v1/infer"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-RUNTIMES = ("eager", "torchscript")  # how a server half can run (see load_server)
+#: how a server half can run: PyTorch eagerly, one frozen TorchScript graph, or (bundles) the
+#: bundle's ``server.onnx`` on ONNX Runtime (see :func:`splitexit.serve.load_serving`)
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ class ServerSettings:
         max_request_samples: largest number of samples in one request (413 above it).
         max_queue_samples: samples waiting at most; further requests get 503 (retry later).
         threads: torch intra-op threads of the inference thread (unchanged when ``None``).
-        runtime: how the server half runs: ``"eager"`` PyTorch or ``"torchscript"`` (one
-            frozen graph; see :func:`~splitexit.serve.load_server`). Read by ``splitexit
-            serve`` and the Ray replicas when they load the model directory.
+        runtime: how the server half runs: ``"eager"`` PyTorch, ``"torchscript"`` (one
+            frozen graph; see :func:`~splitexit.serve.load_server`) or ``"onnxruntime"`` (a
+            bundle's ``server.onnx``). Read by ``splitexit serve`` and the Ray replicas when
+            they load the model directory or bundle.
     """
 
     max_batch: int = 32
@@ -163,6 +167,20 @@ class PayloadSpec:
             raise InputError(f"unknown payload dtype {doc.get('dtype')!r} in serve.json")
         return cls(tuple(tuple(int(d) for d in s) for s in doc["shapes"]), dtype,
                    bool(doc.get("is_tuple", False)))
+
+    @classmethod
+    def from_tensors(cls, tensors: Sequence[dict]) -> PayloadSpec:
+        """From a bundle manifest's payload: ``[{"shape": [...], "dtype": "float32"}, ...]``
+        (one entry: a plain tensor; several: a tuple, as the device sends it)."""
+        dtypes = {str(t["dtype"]) for t in tensors}
+        if len(dtypes) != 1:
+            raise InputError(f"the payload mixes dtypes {sorted(dtypes)}; a server takes one "
+                             "dtype for every tensor of its payload")
+        dtype = getattr(torch, dtypes.pop(), None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"unknown payload dtype {tensors[0]['dtype']!r}")
+        return cls(tuple(tuple(int(d) for d in t["shape"]) for t in tensors), dtype,
+                   len(tensors) > 1)
 
     @classmethod
     def of(cls, payload: wire.Payload) -> PayloadSpec:
@@ -509,7 +527,7 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
             value.strip().encode(), settings.token.encode())
 
     @app.post(INFER_PATH)
-    @app.post("/infer")
+    @app.post(LEGACY_INFER_PATH)
     async def infer(request: Request):
         t0 = time.perf_counter()
         rid = _request_id(request)
@@ -551,13 +569,13 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
                              "queue_ms": queue_ms, "compute_ms": compute_ms},
                             headers={"X-Request-ID": rid})
 
-    @app.get("/health")
+    @app.get(HEALTH_PATH)
     async def health():
         status = "draining" if app.state.draining else "ok"
         return JSONResponse({"status": status, **public_info},
                             status_code=503 if app.state.draining else 200)
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def metrics_endpoint(request: Request):
         if not authorized(request):
             return _error(401, "missing or wrong bearer token", _request_id(request),

@@ -1,8 +1,11 @@
-"""Commands ``splitexit prepare``, ``splitexit serve`` and ``splitexit edge``.
+"""Commands ``splitexit serve``, ``splitexit edge`` and ``splitexit prepare``.
 
-Each wraps a public function: :func:`~splitexit.serve.export_model_dir`,
+Each wraps a public function: :func:`~splitexit.serve.load_serving` +
 :func:`~splitexit.serve.create_app` + :func:`~splitexit.serve.serve` (or
-:func:`splitexit.serve.ray_app.deploy`) and :class:`~splitexit.serve.EdgeRuntime`.
+:func:`splitexit.serve.ray_app.deploy`), :class:`~splitexit.serve.EdgeRuntime` and
+:func:`~splitexit.serve.export_model_dir`. ``serve`` and ``edge`` take a bundle
+(``splitexit bundle``) or an older model directory (``splitexit prepare``). This module
+imports no PyTorch: ``edge BUNDLE --inputs x.npy`` runs on a device without it.
 The bearer token may come from the ``SPLITEXIT_TOKEN`` environment variable instead of the
 command line (which other users of the machine can read).
 """
@@ -13,8 +16,9 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-__all__ = ["register", "run_edge"]
+__all__ = ["register", "run_edge", "load_edge_device", "main"]
 
 
 def _token(args) -> str | None:
@@ -41,13 +45,21 @@ def _cmd_prepare(args) -> int:
     return 0
 
 
+def _runtime(args) -> str:
+    from .bundled import is_bundle
+
+    if args.runtime:
+        return args.runtime
+    return "onnxruntime" if is_bundle(args.model_dir) else "eager"
+
+
 def _settings(args):
     from .app import ServerSettings
 
     return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           token=_token(args), max_request_bytes=args.max_request_bytes,
                           max_request_samples=args.max_request_samples, threads=args.threads,
-                          runtime=args.runtime)
+                          runtime=_runtime(args))
 
 
 def _cmd_serve(args) -> int:
@@ -55,7 +67,8 @@ def _cmd_serve(args) -> int:
     if args.ray:
         from . import ray_app
 
-        url = ray_app.deploy(args.model_dir, args.replicas, settings, args.host, args.port)
+        url = ray_app.deploy(args.model_dir, args.replicas, settings, args.host, args.port,
+                             model=args.model)
         print(f"Ray Serve: {args.replicas} replica(s) of {args.model_dir} at {url}; Ctrl-C stops")
         try:
             while True:
@@ -68,32 +81,51 @@ def _cmd_serve(args) -> int:
     import torch
 
     from .app import create_app, serve
-    from .modeldir import load_server
+    from .bundled import load_serving
 
     if args.threads:
         torch.set_num_threads(args.threads)
     # the inference thread re-takes the GIL between torch ops; with the default 5 ms switch
     # interval it waits behind the event loop's Python work (request parsing, decoding)
     sys.setswitchinterval(args.switch_interval_ms / 1e3)
-    server, cfg = load_server(args.model_dir, settings.runtime)
-    app = create_app(server, cfg.payload, settings,
-                     info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model})
-    print(f"serving {args.model_dir} (cut {cfg.cut or 'input'}) on http://{args.host}:"
-          f"{args.port}{' with a bearer token' if settings.token else ''}", flush=True)
+    server, spec, info = load_serving(args.model_dir, settings.runtime, args.model,
+                                      args.threads)
+    app = create_app(server, spec, settings, info=info)
+    what = "bundle" if info["bundle"] else "model directory"
+    print(f"serving {what} {args.model_dir} (cut {info['cut'] or 'input'}, runtime "
+          f"{settings.runtime}) on http://{args.host}:{args.port}"
+          f"{' with a bearer token' if settings.token else ''}", flush=True)
     serve(app, args.host, args.port)
     return 0
 
 
+def load_edge_device(path: str | os.PathLike, threads: int | None = 1):
+    """``(device runtime, policy, codec)`` of a bundle (ONNX Runtime, no torch) or of a model
+    directory (PyTorch)."""
+    from splitexit.runtime.bundle import MANIFEST, load_bundle
+
+    if (Path(path) / MANIFEST).is_file():
+        b = load_bundle(path)
+        return b.device(threads), b.policy, b.codec
+    from .modeldir import load_device
+
+    device, policy, cfg = load_device(path)
+    return device, policy, cfg.codec
+
+
 def run_edge(model_dir: str | os.PathLike, server_url: str | None, x, settings=None,
-             codec: str | None = None, batch_size: int = 1, workers: int = 1):
-    """Run the edge runtime of ``model_dir`` over the inputs ``x`` against ``server_url``.
+             codec: str | None = None, batch_size: int = 1, workers: int = 1,
+             threads: int | None = 1):
+    """Run the edge runtime of a bundle (or model directory) over the inputs ``x``.
 
     Args:
-        x: inputs ``(N, *input_shape)``.
+        model_dir: a bundle (runs on ONNX Runtime, no torch needed) or a model directory.
+        x: inputs ``(N, *input_shape)``: a numpy array (or a torch tensor).
         settings: :class:`~splitexit.serve.EdgeSettings` (defaults when ``None``).
-        codec: wire codec (the directory's when ``None``).
+        codec: wire codec (the bundle's / directory's when ``None``).
         batch_size: samples per :meth:`EdgeRuntime.classify` call.
         workers: concurrent callers (threads), each taking whole batches.
+        threads: ONNX Runtime intra-op threads of a bundle's device part.
 
     Returns:
         ``(answers in input order, stats snapshot)``.
@@ -101,11 +133,10 @@ def run_edge(model_dir: str | os.PathLike, server_url: str | None, x, settings=N
     from concurrent.futures import ThreadPoolExecutor
 
     from .edge import EdgeRuntime
-    from .modeldir import load_device
 
-    device, policy, cfg = load_device(model_dir)
+    device, policy, own_codec = load_edge_device(model_dir, threads)
     starts = list(range(0, len(x), batch_size))
-    with EdgeRuntime(device, policy, server_url, codec or cfg.codec, settings) as edge:
+    with EdgeRuntime(device, policy, server_url, codec or own_codec, settings) as edge:
         def call(start: int):
             answers = edge.classify(x[start: start + batch_size])
             for a in answers:
@@ -117,26 +148,63 @@ def run_edge(model_dir: str | os.PathLike, server_url: str | None, x, settings=N
         return [a for b in batches for a in b], edge.stats.snapshot()
 
 
-def _cmd_edge(args) -> int:
-    from splitexit.data import load_dataset
+def _load_npy(path: str, what: str):
+    import numpy as np
 
+    from splitexit.errors import InputError
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {what} {path} ({exc}); give a .npy file written by "
+                         "numpy.save (object arrays are refused)") from exc
+
+
+def _edge_inputs(args):
+    """``(x, y or None)``: a .npy file (no torch) or the test split of a data set."""
+    if args.inputs:
+        import numpy as np
+
+        from splitexit.errors import InputError
+
+        x = _load_npy(args.inputs, "--inputs")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"--inputs {args.inputs} holds {x.dtype} values; save the inputs "
+                             "as float32, scaled as the model was trained")
+        x = x.astype(np.float32, copy=False)
+        y = _load_npy(args.labels, "--labels") if args.labels else None
+        if y is not None and (y.ndim != 1 or len(y) != len(x)):
+            raise InputError(f"--labels holds shape {y.shape}; give one label per input "
+                             f"({len(x)})")
+    else:
+        from splitexit.data import load_dataset
+
+        ds = load_dataset(args.dataset, seed=args.seed)
+        x, y = ds.test.x, ds.test.y
+    if args.limit:
+        x = x[: args.limit]
+        y = None if y is None else y[: args.limit]
+    return x, y
+
+
+def _cmd_edge(args) -> int:
     from .edge import EdgeSettings
 
-    ds = load_dataset(args.dataset, seed=args.seed)
-    x, y = ds.test.x, ds.test.y
-    if args.limit:
-        x, y = x[: args.limit], y[: args.limit]
+    x, y = _edge_inputs(args)
     settings = EdgeSettings(deadline_s=args.deadline_ms / 1e3, retries=args.retries,
                             token=_token(args))
     answers, stats = run_edge(args.model_dir, args.server, x, settings, args.codec,
                               args.batch_size, args.workers)
-    correct = sum(int(a.prediction == int(y[a.index])) for a in answers)
-    stats["accuracy"] = correct / len(answers)
+    if y is not None:
+        correct = sum(int(a.prediction == int(y[a.index])) for a in answers)
+        stats["accuracy"] = correct / len(answers)
     if args.out:
         with open(args.out, "w") as f:
             for a in answers:
-                f.write(json.dumps({**a.to_json(), "logits": None, "label": a.label,
-                                    "target": int(y[a.index])}) + "\n")
+                row = {**a.to_json(), "logits": None, "label": a.label}
+                if y is not None:
+                    row["target"] = int(y[a.index])
+                f.write(json.dumps(row) + "\n")
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -144,8 +212,9 @@ def _cmd_edge(args) -> int:
 def register(sub) -> None:
     """Add ``prepare``, ``serve`` and ``edge`` to the ``splitexit`` command line."""
     p = sub.add_parser("prepare", aliases=["export-server"],
-                       help="write a model directory (server half + device part) from a "
-                       "trained multi-exit checkpoint and a cut")
+                       help="write an older PyTorch model directory (zoo models) from a "
+                       "checkpoint and a cut; prefer `splitexit bundle` (any model, ONNX "
+                       "pieces, a device without PyTorch)")
     p.add_argument("checkpoint", help="multi-exit checkpoint (splitexit train)")
     p.add_argument("--cut", required=True, help="cut name (splitexit list cuts), or 'input' "
                    "for full offload")
@@ -155,8 +224,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="model directory to write")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("serve", help="run the server half of a model directory over HTTP")
-    p.add_argument("model_dir")
+    p = sub.add_parser("serve", help="run the server half of a bundle (splitexit bundle --cut) "
+                       "or a model directory over HTTP")
+    p.add_argument("model_dir", metavar="BUNDLE",
+                   help="a split bundle (manifest.json) or a model directory (serve.json)")
     p.add_argument("--host", default="127.0.0.1", help="interface (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token", default=None, help="bearer token clients must send (or set "
@@ -166,11 +237,17 @@ def register(sub) -> None:
                    help="how long a request waits for others to join its batch")
     p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--max-request-samples", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch threads for inference")
-    p.add_argument("--runtime", default="eager",
-                   help="eager or torchscript: run the server half eagerly or as one frozen "
-                        "TorchScript graph (no GIL between ops: steadier under concurrent "
-                        "requests)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch (and ONNX Runtime) threads for inference")
+    p.add_argument("--runtime", default=None, choices=["onnxruntime", "eager", "torchscript"],
+                   help="onnxruntime (bundles only; their default): the bundle's server.onnx; "
+                        "eager or torchscript (model directories' default: eager): the "
+                        "PyTorch server half, eagerly or as one frozen TorchScript graph (no "
+                        "GIL between ops: steadier under concurrent requests)")
+    p.add_argument("--model", default=None, metavar="PATH.py:FUNCTION",
+                   help="a bundle of your own architecture on --runtime eager/torchscript: "
+                        "the file and function that build it (RUNS CODE FROM THAT FILE); not "
+                        "needed for onnxruntime or zoo models")
     p.add_argument("--switch-interval-ms", type=float, default=0.5,
                    help="Python thread switch interval (lower: the inference thread waits "
                    "less for the GIL behind request handling)")
@@ -178,23 +255,48 @@ def register(sub) -> None:
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (with --ray)")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("edge", help="run the edge runtime on a data set against a server")
-    p.add_argument("model_dir")
+    p = sub.add_parser("edge", help="run the edge runtime of a bundle (ONNX Runtime, no "
+                       "PyTorch needed) on inputs against a server")
+    p.add_argument("model_dir", metavar="BUNDLE",
+                   help="a bundle (manifest.json) or a model directory (serve.json)")
     p.add_argument("--server", default=None, help="server URL (omit to answer locally only)")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--limit", type=int, default=1000, help="test samples (0 = all)")
+    p.add_argument("--inputs", default=None, metavar="FILE.npy",
+                   help="inputs (N, *input_shape) as a float .npy file; with it, neither the "
+                        "data sets nor PyTorch are loaded")
+    p.add_argument("--labels", default=None, metavar="FILE.npy",
+                   help="with --inputs: one integer label per input, to report accuracy")
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help="without --inputs: the data set whose test split to run")
+    p.add_argument("--limit", type=int, default=1000, help="inputs to run (0 = all)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--workers", type=int, default=1, help="concurrent edge callers")
     p.add_argument("--deadline-ms", type=float, default=1000.0)
     p.add_argument("--retries", type=int, default=2)
-    p.add_argument("--codec", default=None, help="wire codec (default: the directory's)")
+    p.add_argument("--codec", default=None, help="wire codec (default: the bundle's)")
     p.add_argument("--token", default=None)
     p.add_argument("--out", default=None, help="write one JSON line per answer here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_edge)
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m splitexit.serve.cli` = splitexit
-    from splitexit.cli import main
+def main(argv: list[str] | None = None) -> int:
+    """``prepare``, ``serve`` and ``edge`` alone (``python -m splitexit.serve.cli edge ...``):
+    the parser imports no PyTorch, so ``edge BUNDLE --inputs x.npy`` runs on a device without
+    it."""
+    import argparse
 
+    from splitexit.errors import SplitexitError
+
+    parser = argparse.ArgumentParser(prog="splitexit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SplitexitError as exc:
+        print(f"splitexit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

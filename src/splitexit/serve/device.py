@@ -10,6 +10,7 @@ the fallback answer when the server or the link fails.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -86,13 +87,15 @@ class DevicePart(nn.Module):
         return payload, (None if e is None else self._head(e, payload, previous))
 
     @torch.inference_mode()
-    def run(self, x: torch.Tensor, policy: ExitPolicy) -> DeviceOutput:
-        """Run the device stages and local exits on a batch.
+    def run(self, x: torch.Tensor | np.ndarray, policy: ExitPolicy) -> DeviceOutput:
+        """Run the device stages and local exits on a batch (a tensor, or a numpy array).
 
         Raises:
             InputError: wrong type, dtype, shape, or non-finite input.
         """
         check_input(x, self.input_shape)
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         run = advance_exits(ExitRun.start(x), self.step, self._model_exit_stages, policy,
                             len(self.stages))
         return device_output(run, len(x), self.encoder)

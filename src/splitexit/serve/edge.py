@@ -1,17 +1,22 @@
 """Edge runtime: local exits on the device, offload of undecided samples, fallback on failure.
 
-:class:`EdgeRuntime` runs a :class:`~splitexit.serve.device.DevicePart` on each batch, answers
-the samples a local exit decides, sends the rest to the server half over HTTP (codec payload)
-and judges the server's logits with the same exit policy. Every call has a deadline it never
+:class:`EdgeRuntime` runs a device runtime on each batch (a bundle's ONNX Runtime
+:class:`~splitexit.runtime.device.OrtDevice`, or the PyTorch
+:class:`~splitexit.serve.device.DevicePart`), answers the samples a local exit decides, sends
+the rest to the server half over HTTP (codec payload) and judges the server's logits with the
+same exit policy, in numpy. Every call has a deadline it never
 waits past; failed requests are retried with exponential backoff while time remains; a
 :class:`CircuitBreaker` stops offloading after repeated failures and probes again later. When
 the server or the link fails, undecided samples get the deepest local exit's answer. Every
 input gets exactly one :class:`Answer`, labelled with its source.
 
+This module needs numpy, onnxruntime (for bundles), httpx and zstandard only: no PyTorch, no
+FastAPI, so a device installs ``splitexit`` without them.
+
 Example:
-    >>> device, policy, cfg = load_device("runs/model-dir")
-    >>> with EdgeRuntime(device, policy, "http://127.0.0.1:8000", codec=cfg.codec) as edge:
-    ...     answers = edge.classify(x)
+    >>> b = load_bundle("bundle/")
+    >>> with EdgeRuntime(b.device(), b.policy, "http://127.0.0.1:8000", b.codec) as edge:
+    ...     answers = edge.classify(x)          # numpy (or torch) batch
     >>> edge.stats.snapshot()["answers_by_source"]
 """
 
@@ -28,14 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import torch
+import numpy as np
 
 from splitexit.errors import InputError
 from splitexit.policies import ExitPolicy
+from splitexit.runtime.arrays import NUMPY
+from splitexit.runtime.loop import init_state
 from splitexit.split.codec import Codec
 
-from .app import INFER_PATH
-from .device import DevicePart
+from .protocol import CONTENT_TYPE, INFER_PATH, REQUEST_ID_HEADER
 
 __all__ = ["EdgeSettings", "CircuitBreaker", "Answer", "EdgeStats", "EdgeRuntime"]
 
@@ -152,7 +158,8 @@ class Answer:
         latency_ms: time from the call's start to this answer.
         request_id: id of the server request that carried the sample, if any.
         error: why the server did not answer (fallback / failed answers).
-        logits: the decision logits of the prediction (``None`` when failed).
+        logits: the decision logits of the prediction, a float32 numpy array (``None`` when
+            failed).
     """
 
     index: int
@@ -162,7 +169,7 @@ class Answer:
     latency_ms: float
     request_id: str | None = None
     error: str | None = None
-    logits: torch.Tensor | None = field(default=None, repr=False)
+    logits: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -179,7 +186,8 @@ class Answer:
                 "label": self.label, "exit_index": self.exit_index,
                 "latency_ms": self.latency_ms, "request_id": self.request_id,
                 "error": self.error,
-                "logits": None if self.logits is None else self.logits.tolist()}
+                "logits": None if self.logits is None
+                else np.asarray(self.logits, dtype=np.float64).tolist()}
 
 
 class EdgeStats:
@@ -240,7 +248,9 @@ class EdgeRuntime:
     """Runs the device part, offloads undecided samples, falls back locally on failure.
 
     Args:
-        device: the device part (stages before the cut and the local exits).
+        device: the device part (stages before the cut and the local exits): any runtime with
+            ``run(x, policy) -> DeviceOutput`` and ``num_exits``, e.g. a bundle's
+            ``load_bundle(dir).device()`` (ONNX Runtime) or a PyTorch ``DevicePart``.
         policy: exit policy of the local exits; it also judges the server's logits.
         server_url: base URL of the server half (``None``: never offload, answer locally).
         codec: wire codec (a :class:`Codec` or its spelling).
@@ -250,14 +260,20 @@ class EdgeRuntime:
     Thread-safe: several threads may call :meth:`classify` at once.
     """
 
-    def __init__(self, device: DevicePart, policy: ExitPolicy, server_url: str | None,
-                 codec: Codec | str = "fp32", settings: EdgeSettings | None = None,
+    def __init__(self, device, policy: ExitPolicy, server_url: str | None,
+                 codec: Codec | str | None = "fp32", settings: EdgeSettings | None = None,
                  client: httpx.Client | None = None):
-        if not isinstance(device, DevicePart):
-            raise InputError(f"device must be a DevicePart, got {type(device).__name__}")
-        self.device = device.eval()
+        if not callable(getattr(device, "run", None)) or not isinstance(
+                getattr(device, "num_exits", None), int):
+            raise InputError(f"device must be a device runtime with run(x, policy) and "
+                             f"num_exits (a bundle's .device() or a DevicePart), got "
+                             f"{type(device).__name__}")
+        if not isinstance(policy, ExitPolicy):
+            raise InputError(f"policy must be an ExitPolicy, got {type(policy).__name__}")
+        self.device = device.eval() if callable(getattr(device, "eval", None)) else device
         self.policy = policy
         self.server_url = server_url.rstrip("/") if server_url else None
+        codec = "fp32" if codec is None else codec
         self.codec = Codec.parse(codec) if isinstance(codec, str) else codec
         self.settings = settings or EdgeSettings()
         self.breaker = CircuitBreaker(self.settings.breaker_failures,
@@ -269,7 +285,7 @@ class EdgeRuntime:
         self._client = client or httpx.Client(limits=limits)
         self._pool = cf.ThreadPoolExecutor(self.settings.workers,
                                            thread_name_prefix="splitexit-edge")
-        self._headers = {"Content-Type": "application/octet-stream"}
+        self._headers = {"Content-Type": CONTENT_TYPE}
         if self.settings.token:
             self._headers["Authorization"] = f"Bearer {self.settings.token}"
 
@@ -287,11 +303,11 @@ class EdgeRuntime:
         self.close()
 
     # ------------------------------------------------------------------ inference
-    def classify(self, x: torch.Tensor) -> list[Answer]:
+    def classify(self, x) -> list[Answer]:
         """Answer every sample of a batch exactly once, within the deadline.
 
         Args:
-            x: input batch ``(N, *input_shape)``, float.
+            x: input batch ``(N, *input_shape)``, float: a numpy array (or a torch tensor).
 
         Returns:
             ``N`` answers in input order.
@@ -301,11 +317,11 @@ class EdgeRuntime:
         """
         t0 = time.monotonic()
         deadline = t0 + self.settings.deadline_s
-        out = self.device.run(x, self.policy)
+        out = self.device.run(x, self.policy).as_numpy()
         t_device = 1e3 * (time.monotonic() - t0)
-        n = x.shape[0]
+        n = len(out.decided)
         answers: list[Answer | None] = [None] * n
-        for i in torch.nonzero(out.decided).flatten().tolist():
+        for i in np.flatnonzero(out.decided).tolist():
             answers[i] = Answer(i, int(out.predictions[i]), EXIT, int(out.exit_index[i]),
                                 t_device, logits=out.logits[i])
         rows = out.undecided.tolist()
@@ -313,12 +329,12 @@ class EdgeRuntime:
             logits, rid, error = self._offload(out.payload, len(rows), deadline)
             t_end = 1e3 * (time.monotonic() - t0)
             if logits is not None:
-                state = out.state or self.policy.init_state(len(rows), logits.shape[1])
-                _, decision = self.policy.decide(self.device.num_exits - 1, logits, state)
+                final = self.device.num_exits - 1
+                state = out.state or init_state(self.policy, len(rows), logits.shape[1], NUMPY)
+                decision = self.policy.final_decision(final, logits, state)
                 for j, i in enumerate(rows):
-                    answers[i] = Answer(i, int(decision[j].argmax()), SERVER,
-                                        self.device.num_exits - 1, t_end, rid,
-                                        logits=decision[j])
+                    answers[i] = Answer(i, int(decision[j].argmax()), SERVER, final, t_end,
+                                        rid, logits=decision[j])
             elif out.fallback_logits is not None:
                 for j, i in enumerate(rows):
                     answers[i] = Answer(i, int(out.fallback_logits[j].argmax()), FALLBACK,
@@ -333,7 +349,7 @@ class EdgeRuntime:
         return done
 
     def _offload(self, payload, m: int, deadline: float
-                 ) -> tuple[torch.Tensor | None, str | None, str | None]:
+                 ) -> tuple[np.ndarray | None, str | None, str | None]:
         """Send the undecided samples; return ``(logits | None, request id, error)``."""
         if self.server_url is None:
             return None, None, "no server configured"
@@ -375,8 +391,8 @@ class EdgeRuntime:
             return logits, rid, None
         return None, rid, f"gave up after {self.settings.retries + 1} attempts: {error}"
 
-    def _post(self, body: bytes, rid: str, m: int, timeout: float) -> tuple[torch.Tensor, int]:
-        headers = {**self._headers, "X-Request-ID": rid}
+    def _post(self, body: bytes, rid: str, m: int, timeout: float) -> tuple[np.ndarray, int]:
+        headers = {**self._headers, REQUEST_ID_HEADER: rid}
         try:
             resp = self._client.post(self.server_url + INFER_PATH, content=body, headers=headers,
                                      timeout=httpx.Timeout(timeout))
@@ -392,11 +408,12 @@ class EdgeRuntime:
             raise _RequestFailed(f"server answered {resp.status_code}: {reason}", retryable)
         try:
             doc = resp.json()
-            logits = torch.tensor(doc["logits"], dtype=torch.float32)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise _RequestFailed(f"invalid server answer: {exc}", True) from exc
-        if doc.get("request_id") != rid or logits.dim() != 2 or logits.shape[0] != m \
-                or not torch.isfinite(logits).all():
+            logits = np.asarray(doc["logits"], dtype=np.float32)
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            raise _RequestFailed(f"invalid server answer: {type(exc).__name__}: {exc}",
+                                 True) from exc
+        if doc.get("request_id") != rid or logits.ndim != 2 or logits.shape[0] != m \
+                or logits.shape[1] < 1 or not np.isfinite(logits).all():
             raise _RequestFailed(f"server answer does not match request {rid} ({m} samples)",
                                  True)
         return logits, len(resp.content)

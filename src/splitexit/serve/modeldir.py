@@ -169,6 +169,10 @@ def load_server(directory: str | os.PathLike, runtime: str = "eager"
     """
     if runtime not in RUNTIMES:
         raise InputError(f"unknown server runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        raise InputError(f"{directory} is a model directory (PyTorch checkpoints); the "
+                         "onnxruntime runtime serves bundles (`splitexit bundle`): use "
+                         "--runtime eager or torchscript here")
     cfg = read_config(directory)
     server = server_half(_rebuild(cfg), cfg.cut)
     checkpoint.load_weights(server, Path(directory) / "server")

@@ -1,12 +1,13 @@
 """The same server app on Ray Serve, for scale-out over replicas (``splitexit serve --ray``).
 
-Each replica loads the model directory itself and runs the app of :func:`create_app` (same
+Each replica loads the bundle (or model directory) itself and runs the app of :func:`create_app` (same
 endpoints, limits, token and micro-batching per replica); Ray Serve's HTTP proxy spreads the
 requests over the replicas. Ray is optional: this module imports it only inside functions, so
 ``import splitexit.serve`` works without it. Install with ``pip install "ray[serve]"``.
 
 Payloads stay codec messages end to end; Ray's own control plane (actor creation) serializes
-the replica's constructor arguments, which here are only a path and a settings dict.
+the replica's constructor arguments, which here are only a path, a settings dict and, for a
+bundle of your own architecture on a PyTorch runtime, the ``path.py:function`` spelling.
 """
 
 from __future__ import annotations
@@ -39,17 +40,17 @@ def ray_available() -> str | None:
 class _Replica:
     """One replica: the FastAPI app of :func:`create_app`, called in-process over ASGI."""
 
-    def __init__(self, model_dir: str, settings: dict[str, Any]):
+    def __init__(self, model_dir: str, settings: dict[str, Any], model: str | None = None):
         import httpx
 
         from .app import create_app
-        from .modeldir import load_server
+        from .bundled import load_serving
 
         sys.setswitchinterval(0.0005)  # see `splitexit serve --switch-interval-ms`
-        server, cfg = load_server(model_dir, settings.get("runtime", "eager"))
-        self.app = create_app(server, cfg.payload, ServerSettings(**settings),
-                              info={"cut": cfg.cut, "codec": cfg.codec, "model": cfg.model,
-                                    "replica_pid": os.getpid()})
+        server, spec, info = load_serving(model_dir, settings.get("runtime"), model,
+                                          settings.get("threads"))
+        self.app = create_app(server, spec, ServerSettings(**settings),
+                              info={**info, "replica_pid": os.getpid()})
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
                                         base_url="http://replica", timeout=None)
         self.max_body = ServerSettings(**settings).max_request_bytes
@@ -73,8 +74,11 @@ class _Replica:
 
 
 def build_deployment(model_dir: str | os.PathLike, replicas: int = 1,
-                     settings: ServerSettings | None = None, cpus_per_replica: float = 0.5):
-    """A bound Ray Serve application serving ``model_dir`` with ``replicas`` replicas.
+                     settings: ServerSettings | None = None, cpus_per_replica: float = 0.5,
+                     model: str | None = None):
+    """A bound Ray Serve application serving ``model_dir`` (a bundle or a model directory)
+    with ``replicas`` replicas (``model``: ``path.py:function`` for a bundle of your own
+    architecture on a PyTorch runtime).
 
     Raises:
         InputError: Ray Serve is missing or ``replicas`` < 1.
@@ -91,17 +95,17 @@ def build_deployment(model_dir: str | os.PathLike, replicas: int = 1,
         _Replica, name="splitexit-server", num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=max(16, settings.max_batch * 4))
-    return deployment.bind(str(os.fspath(model_dir)), asdict(settings))
+    return deployment.bind(str(os.fspath(model_dir)), asdict(settings), model)
 
 
 def deploy(model_dir: str | os.PathLike, replicas: int = 1,
            settings: ServerSettings | None = None, host: str = "127.0.0.1", port: int = 8000,
-           num_cpus: int | None = None) -> str:
+           num_cpus: int | None = None, model: str | None = None) -> str:
     """Start a local Ray instance and Ray Serve on ``host:port``; return the base URL.
 
     Call :func:`shutdown` to stop it.
     """
-    app = build_deployment(model_dir, replicas, settings)
+    app = build_deployment(model_dir, replicas, settings, model=model)
     import ray
     from ray import serve
 

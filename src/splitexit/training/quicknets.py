@@ -102,7 +102,7 @@ def fit_commitment(model, data, precision: float = 0.99, batch_size: int = 512) 
     logits = model.collect_logits(data.x, batch_size)
     thresholds = []
     for lg in logits[:-1]:
-        conf, pred = F.softmax(lg.float(), 1).max(1)
+        conf, pred = MaxProb().statistic(lg), lg.argmax(1)  # the policy's own statistic
         order = conf.argsort(descending=True)
         right = (pred[order] == data.y[order]).double()
         running = right.cumsum(0) / torch.arange(1, len(right) + 1, dtype=torch.float64)
