@@ -319,10 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     _early_exit_args(p, "fashion-mnist", "resnet8,b-lenet", "reports/early-exit", 6)
     p.set_defaults(func=lambda a: _run_early_exit(a, "early-exit"))
     for name in BENCH_MODULES:
-        importlib.import_module(name).register(suites)
+        _register(name, suites)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        _register(name, sub)
     return parser
+
+
+def _register(module: str, subparsers) -> None:
+    """Add a module's commands; on a device without PyTorch (the edge install) the commands
+    that need it are left out and the others (``edge``) still work."""
+    try:
+        importlib.import_module(module).register(subparsers)
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
 
 
 def main(argv: list[str] | None = None) -> int:

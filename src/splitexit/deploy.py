@@ -22,7 +22,6 @@ import shutil
 import statistics
 import tempfile
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,21 +34,11 @@ from .export.exit_graph import export_exit_graph
 from .export.onnx import DEFAULT_OPSET, export_piece
 from .multiexit import MultiExitModel
 from .policies import ExitPolicy, NeverExit, is_plain_threshold, leave_at
-from .program import ExitProgram, as_multiexit, export_pieces, lower
+from .program import ExitProgram, as_multiexit, export_pieces, lower, policy_for_exits
 from .runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, load_bundle, sha256_of
 from .runtime.ort import OrtSession
 
 __all__ = ["bundle", "load_bundle", "Bundle"]
-
-
-def _policy_subset(policy: ExitPolicy, keep: Sequence[int]) -> ExitPolicy:
-    """``policy`` for a model keeping heads ``keep``: per-exit values follow their exits."""
-    changes = {}
-    for name in ("threshold", "temperature"):
-        value = getattr(policy, name, None)
-        if isinstance(value, tuple):
-            changes[name] = tuple(value[min(e, len(value) - 1)] for e in keep) or value[-1:]
-    return replace(policy, **changes) if changes else policy
 
 
 def _write_exit_graph(program: ExitProgram, path: Path, opset: int) -> bool:
@@ -134,7 +123,8 @@ def _select(model: MultiExitModel, policy: ExitPolicy, samples: np.ndarray, exam
     for r in range(heads, -1, -1):
         for keep in itertools.combinations(range(heads), r):
             sub = model.keep_exits(list(keep))
-            program = lower(sub, _policy_subset(policy, keep), None, example)
+            program = lower(sub, policy_for_exits(policy, [*keep, len(model.heads)]), None,
+                            example)
             m = _measure(work / f"subset{len(rows)}", program, samples, threads, opset)
             # without heads the bundle is the full model's graph: its ratio is 1 by definition
             ratio = m["no_exit_ratio"] if keep else 1.0
@@ -221,7 +211,7 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
             if max_overhead is not None and cut is None and len(model.heads) > 0:
                 keep, selection = _select(model, policy, samples, example, max_overhead,
                                           threads, opset, work / "select")
-                policy = _policy_subset(policy, keep)
+                policy = policy_for_exits(policy, [*keep, len(model.heads)])
                 model = model.keep_exits(keep)
             program = lower(model, policy, cut, example)
             stage = work / "bundle"
@@ -247,6 +237,17 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
     return out
 
 
+def _portable(spec):
+    """A model description without the training machine's paths (a user model's source is
+    named by its file name and SHA-256; pass it again with ``--model`` to rebuild)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("user_model"), dict):
+        return spec
+    source = dict(spec["user_model"])
+    if source.get("path"):
+        source["path"] = Path(source["path"]).name
+    return {**spec, "user_model": source}
+
+
 def _write(program: ExitProgram, stage: Path, example: torch.Tensor, codec: str | None,
            classes: Sequence[str] | None, normalisation: dict | None, opset: int) -> dict:
     """Export the pieces, the exit graph and the weights into ``stage``; the manifest."""
@@ -263,6 +264,12 @@ def _write(program: ExitProgram, stage: Path, example: torch.Tensor, codec: str 
     if _write_exit_graph(program, stage / "device" / "exits.onnx", opset):
         graph = "device/exits.onnx"
     checkpoint.save(program.model, stage / "weights", cut=program.cut)
+    spec = _portable(getattr(program.model, "spec", None))
+    if spec is not None:  # the training machine's directories stay there
+        meta_path = stage / "weights" / checkpoint.META
+        meta = json.loads(meta_path.read_text())
+        meta["spec"] = spec
+        meta_path.write_text(json.dumps(meta, indent=2))
     n = program.num_classes
     if classes is not None and len(classes) != n:
         raise InputError(f"{len(classes)} class names for a model with {n} classes")
@@ -273,7 +280,6 @@ def _write(program: ExitProgram, stage: Path, example: torch.Tensor, codec: str 
     for p in program.pieces:
         total += p.macs
         cum.append(total)
-    spec = getattr(program.model, "spec", None)
     return {
         "format": FORMAT, "version": VERSION, "created_by": f"splitexit {__version__}",
         "input": {"dtype": "float32", "shape": list(program.input_shape),

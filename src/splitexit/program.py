@@ -21,7 +21,7 @@ final exit: the server answers with the final logits, as the HTTP runtime does.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from .policies import ExitPolicy, Gated, NeverExit
 from .runtime.loop import ExitResult, all_exit_logits, infer_exits
 from .stages import Payload, StagedModel, payload_tensors
 
-__all__ = ["TensorSpec", "PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT"]
+__all__ = ["TensorSpec", "PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT",
+           "policy_for_exits", "export_pieces"]
 
 #: the cut that sends the raw input (full offload: no device stage)
 INPUT_CUT = "input"
@@ -207,6 +208,18 @@ class GateHead(nn.Module):
         return self.gate(x).reshape(-1, 1)
 
 
+def policy_for_exits(policy: ExitPolicy, exits: Sequence[int]) -> ExitPolicy:
+    """``policy`` for a program that keeps the model's exits ``exits`` (the final one last):
+    per-exit thresholds and temperatures follow their exits, so exit ``i`` of the program is
+    judged as the model's exit ``exits[i]`` was."""
+    changes = {}
+    for name in ("threshold", "temperature"):
+        value = getattr(policy, name, None)
+        if isinstance(value, tuple):
+            changes[name] = tuple(value[min(e, len(value) - 1)] for e in exits) or value[-1:]
+    return replace(policy, **changes) if changes else policy
+
+
 def _boundaries(model: MultiExitModel, heads: list[int], cut_stage: int | None) -> list[int]:
     ends = {model.exit_stages[e] for e in heads} | {model.backbone.num_stages - 1}
     if cut_stage is not None and cut_stage >= 0:
@@ -318,6 +331,8 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
                          f"{backbone.cut_names}")
     names = [model.head_cuts[e] for e in heads] + ["final"]
     ids = heads + [model.num_exits - 1]
+    if len(heads) < len(model.heads) and not isinstance(policy, Gated):
+        policy = policy_for_exits(policy, ids)  # a split keeps the local exits and the final
     if gate is not None:
         names, ids = ["gate", *names], [-1, *ids]
     return ExitProgram(model, pieces, exit_stages, names, ids,
