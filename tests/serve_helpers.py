@@ -122,41 +122,9 @@ def device_payload(model, x: torch.Tensor, cut: str = CUT):
 
 # ------------------------------------------------------------------ a model of our own
 #: a small residual network written here (not from the zoo), loaded as user code from a file
-OWN_NET_SOURCE = """
-import torch
-from torch import nn
-
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(y)))
-
-
-class Net(nn.Module):
-    def __init__(self, num_classes):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
-        self.block1 = Block(16)
-        self.block2 = Block(16)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, num_classes)
-
-    def forward(self, x):
-        x = self.block2(self.block1(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
-
-
-def net(num_classes=10):
-    return Net(num_classes)
-"""
+#: the file of a small residual network written here (not from the zoo)
+OWN_NET_FILE = Path(__file__).resolve().parent / "user_net.py"
+OWN_NET_SOURCE = OWN_NET_FILE.read_text()
 #: exits at the stem, inside block1 (tensor 1 of the two its cut carries) and after block2
 OWN_CUTS = "stem,relu@1,block2"
 #: the split: inside block1, where the payload is two tensors (the skip and the branch)

@@ -19,21 +19,9 @@ from splitexit.heads import make_head
 from splitexit.multiexit import MultiExitModel
 from splitexit.stages import StagedModel
 from splitexit.zoo import ResNet, create_model, create_multiexit
+from user_net import Block
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
-
-
-class Block(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(x + self.bn2(self.conv2(y)))
 
 
 class Residual(nn.Module):

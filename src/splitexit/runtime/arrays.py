@@ -33,7 +33,27 @@ def to_numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
-class NumpyOps:
+class _Arithmetic:
+    """The operations both array kinds spell alike."""
+
+    @staticmethod
+    def mul(a, b):
+        return a * b
+
+    @staticmethod
+    def neg(a):
+        return -a
+
+    @staticmethod
+    def sub(a, b):
+        return a - b
+
+    @staticmethod
+    def all(mask) -> bool:
+        return bool(mask.all())
+
+
+class NumpyOps(_Arithmetic):
     """Array operations on numpy arrays (rows are samples, columns classes)."""
 
     name = "numpy"
@@ -61,18 +81,6 @@ class NumpyOps:
     @staticmethod
     def exp(z):
         return np.exp(z)
-
-    @staticmethod
-    def mul(a, b):
-        return a * b
-
-    @staticmethod
-    def neg(a):
-        return -a
-
-    @staticmethod
-    def sub(a, b):
-        return a - b
 
     @staticmethod
     def sigmoid(z):
@@ -149,15 +157,11 @@ class NumpyOps:
         return np.bincount(a, minlength=minlength).astype(np.float64)
 
     @staticmethod
-    def all(mask) -> bool:
-        return bool(mask.all())
-
-    @staticmethod
     def is_finite(a) -> bool:
         return bool(np.isfinite(a).all())
 
 
-class TorchOps:
+class TorchOps(_Arithmetic):
     """The same operations on torch tensors, as tensor methods (torch imported lazily)."""
 
     name = "torch"
@@ -189,18 +193,6 @@ class TorchOps:
     @staticmethod
     def exp(z):
         return z.exp()
-
-    @staticmethod
-    def mul(a, b):
-        return a * b
-
-    @staticmethod
-    def neg(a):
-        return -a
-
-    @staticmethod
-    def sub(a, b):
-        return a - b
 
     @staticmethod
     def sigmoid(z):
@@ -279,10 +271,6 @@ class TorchOps:
     @staticmethod
     def bincount(a, minlength: int):
         return TorchOps._torch().bincount(a, minlength=minlength).double()
-
-    @staticmethod
-    def all(mask) -> bool:
-        return bool(mask.all())
 
     @staticmethod
     def is_finite(a) -> bool:
