@@ -18,7 +18,10 @@ COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "full_te
            "accuracy_drop_pt", "drop_vs_control_pt", "macs_ratio", "latency_ms",
            "latency_p50_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
            "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "overhead_batch1",
-           "overhead_batched", "predicted_no_exit_ratio", "exit_fractions"]
+           "overhead_batched", "predicted_no_exit_ratio", "speedup_mean", "speedup_p50",
+           "same_exits_batch1", "same_predictions_batch1", "same_exits_batched",
+           "cold_start_ms", "cold_start_ratio", "peak_rss_mb", "rss_ratio", "install_mb",
+           "install_ratio", "exit_fractions"]
 MAX_ROWS = 40
 
 
@@ -44,6 +47,11 @@ def render(reports_dir: Path = ROOT / "reports") -> str:
         parts.append(markdown_table(shown, COLUMNS))
         if len(rows) > len(shown):
             parts.append(f"_{len(rows) - len(shown)} more rows in the full report._\n")
+        for name in report.get("readme_sections", []):  # further tables the suite asks for
+            table = [_compact(r) for r in report.get("sections", {}).get(name, [])]
+            if table:
+                parts.append(f"{name}:\n")
+                parts.append(markdown_table(table, COLUMNS))
     return "\n".join(parts) if parts else "_No benchmark reports yet._\n"
 
 

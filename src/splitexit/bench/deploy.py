@@ -98,28 +98,37 @@ def _load(path: Path, name: str, s: DeployBenchSettings):
 def _train(ds, name: str, s: DeployBenchSettings, models: Path) -> tuple:
     """Baseline, multi-exit model (initialised from it, joint training) and control."""
     paths = [models / f"{name}-{kind}" for kind in ("baseline", "multiexit", "control")]
-    if all((p / "model.json").is_file() for p in paths):
-        return (*(_load(p, name, s) for p in paths), {"reused": [str(p) for p in paths]})
-    seconds = {}
-    baseline = _build(name, ds, s, multi=False)
-    seconds["baseline_train_s"] = train(baseline, ds.train, Baseline(), epochs=s.epochs,
-                                        lr=s.lr, batch_size=s.batch_size, seed=s.seed,
-                                        progress=s.progress).seconds
-    checkpoint.save(baseline, paths[0], dataset=ds.name)
-    multi = _build(name, ds, s, multi=True)
-    checkpoint.load_canonical_state_dict(multi.backbone, checkpoint.canonical_state_dict(
-        baseline), source="the baseline")
-    seconds["multiexit_train_s"] = train(multi, ds.train, JointWeighted(),
-                                         epochs=s.finetune_epochs, lr=s.lr / 2,
-                                         batch_size=s.batch_size, seed=s.seed + 1,
-                                         progress=s.progress).seconds
-    checkpoint.save(multi, paths[1], dataset=ds.name)
-    control = _build(name, ds, s, multi=False)
-    control.load_state_dict(baseline.state_dict())
-    seconds["control_train_s"] = train(control, ds.train, Baseline(), epochs=s.finetune_epochs,
-                                       lr=s.lr / 2, batch_size=s.batch_size, seed=s.seed + 1,
-                                       progress=s.progress).seconds
-    checkpoint.save(control, paths[2], dataset=ds.name)
+    have = [(p / "model.json").is_file() for p in paths]
+    seconds: dict = {"reused": [str(p) for p, h in zip(paths, have) if h]}
+    if have[0]:
+        baseline = _load(paths[0], name, s)
+    else:
+        baseline = _build(name, ds, s, multi=False)
+        seconds["baseline_train_s"] = train(baseline, ds.train, Baseline(), epochs=s.epochs,
+                                            lr=s.lr, batch_size=s.batch_size, seed=s.seed,
+                                            progress=s.progress).seconds
+        checkpoint.save(baseline, paths[0], dataset=ds.name)
+    if have[1]:
+        multi = _load(paths[1], name, s)
+    else:
+        multi = _build(name, ds, s, multi=True)
+        checkpoint.load_canonical_state_dict(multi.backbone, checkpoint.canonical_state_dict(
+            baseline), source="the baseline")
+        seconds["multiexit_train_s"] = train(multi, ds.train, JointWeighted(),
+                                             epochs=s.finetune_epochs, lr=s.lr / 2,
+                                             batch_size=s.batch_size, seed=s.seed + 1,
+                                             progress=s.progress).seconds
+        checkpoint.save(multi, paths[1], dataset=ds.name)
+    if have[2]:
+        control = _load(paths[2], name, s)
+    else:  # the equally trained reference: the baseline trained on the multi-exit schedule
+        control = _build(name, ds, s, multi=False)
+        control.load_state_dict(baseline.state_dict())
+        seconds["control_train_s"] = train(control, ds.train, Baseline(),
+                                           epochs=s.finetune_epochs, lr=s.lr / 2,
+                                           batch_size=s.batch_size, seed=s.seed + 1,
+                                           progress=s.progress).seconds
+        checkpoint.save(control, paths[2], dataset=ds.name)
     return baseline.eval(), multi.eval(), control.eval(), seconds
 
 
@@ -134,8 +143,9 @@ def _summary(times: list[float]) -> dict:
     return {"latency_ms": statistics.fmean(ms), "latency_p50_ms": statistics.median(ms)}
 
 
-def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path) -> tuple[list, list, dict]:
-    baseline, multi, control, trained = _train(ds, name, s, out / "models")
+def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, trained: dict
+                ) -> tuple[list, list, dict]:
+    baseline, multi, control, _ = _train(ds, name, s, out / "models")
     for m in (baseline, multi, control):
         m.eval()
     base_calib, control_calib = (_accuracy(m, ds.calib.x, ds.calib.y) for m in (baseline,
@@ -335,9 +345,12 @@ def run_deploy(dataset: str, out: str | Path, s: DeployBenchSettings | None = No
     steady_allocator()
     ds = load_dataset(dataset, seed=s.seed)
     rows, selection, info = [], [], {}
+    trained = {}
+    for name in s.models:  # train (or reuse) every model first, on every core
+        trained[name] = _train(ds, name, s, out / "models")[3]
     with torch_threads(s.threads):
         for name in s.models:
-            r, sel, i = _model_rows(ds, name, s, out)
+            r, sel, i = _model_rows(ds, name, s, out, trained[name])
             rows += r
             selection += sel
             info[name] = i
@@ -364,7 +377,7 @@ def run_deploy(dataset: str, out: str | Path, s: DeployBenchSettings | None = No
     settings = {k: v for k, v in vars(s).items() if k != "notes"}
     return write_report(out, "deploy", rows, dataset=dataset, model=",".join(s.models),
                         sections=sections, notes=notes, command=command, settings=settings,
-                        models=info)
+                        models=info, readme_sections=["edge process"] if edge else [])
 
 
 def _cmd(args) -> int:
