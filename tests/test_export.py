@@ -149,8 +149,7 @@ from splitexit.export import export_exit_graph, parity  # noqa: E402
 from splitexit.heads import make_head  # noqa: E402
 from splitexit.multiexit import MultiExitModel  # noqa: E402
 from splitexit.policies import Entropy, Margin, MaxProb, NeverExit, Patience  # noqa: E402
-from splitexit.program import export_pieces, lower  # noqa: E402
-from splitexit.runtime.ort import OrtProgram  # noqa: E402
+from splitexit.program import lower  # noqa: E402
 
 
 def _median_policy(model, x) -> MaxProb:
@@ -165,12 +164,7 @@ def _ort(model, directory, policy=None, cut=None, exit_graph=False, example=None
     """``model`` lowered to its exit program, every piece exported, run on ONNX Runtime;
     with ``exit_graph``, also the batch-1 exit graph of ``policy``."""
     program = lower(model, policy, cut, example)
-    sessions = [OrtSession(f) for f in export_pieces(program, directory)]
-    graph = (OrtSession(export_exit_graph(program, None, directory / "exits.onnx"))
-             if exit_graph else None)
-    return OrtProgram(sessions, program.exit_stages, program.exit_names,
-                      [p.takes_previous for p in program.pieces], program.input_shape, graph,
-                      program.policy.config() if exit_graph else None), program
+    return program.on_onnx_runtime(directory, exit_graph=exit_graph), program
 
 
 def _assert_same(got, ref, logits=True) -> None:

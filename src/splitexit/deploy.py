@@ -41,10 +41,15 @@ from .runtime.ort import OrtSession
 __all__ = ["bundle", "load_bundle", "Bundle"]
 
 
+def _has_exit_graph(program: ExitProgram) -> bool:
+    """Whether the program and its policy have a batch-1 exit graph."""
+    return not (program.has_server or not is_plain_threshold(program.policy)
+                or len(program.pieces) < 2 or any(p.takes_previous for p in program.pieces))
+
+
 def _write_exit_graph(program: ExitProgram, path: Path, opset: int) -> bool:
     """The batch-1 exit graph, when the program and its policy have one."""
-    if program.has_server or not is_plain_threshold(program.policy) or len(program.pieces) < 2 \
-            or any(p.takes_previous for p in program.pieces):
+    if not _has_exit_graph(program):
         return False
     export_exit_graph(program, None, path, opset=opset)
     return True
@@ -79,16 +84,11 @@ def _measure(work: Path, program: ExitProgram, samples: np.ndarray, threads: int
              opset: int) -> dict:
     """Batch-1 latency on ONNX Runtime, interleaved: the full model as one graph, the bundle
     as deployed (exit graph or pieces) and the bundle with no exit firing."""
-    from .runtime.ort import OrtProgram
 
     full = _full_graph(program.model, torch.from_numpy(samples[:2]), work / "full.onnx", opset)
-    files = export_pieces(program, work / "pieces", opset)
-    graph = None
-    if _write_exit_graph(program, work / "exits.onnx", opset):
-        graph = OrtSession(work / "exits.onnx", threads)
-    ort_program = OrtProgram([OrtSession(f, threads) for f in files], program.exit_stages,
-                             program.exit_names, [p.takes_previous for p in program.pieces],
-                             program.input_shape, graph, program.policy.config())
+    ort_program = program.on_onnx_runtime(work / "pieces", exit_graph=_has_exit_graph(program),
+                                          threads=threads, opset=opset)
+    graph = ort_program.exit_graph
     never = leave_at(program.policy, program.num_exits - 1, program.num_exits)
     fns = {"full": lambda x: full.run_arrays([x]),
            "bundle": lambda x: ort_program.infer(x, program.policy)}

@@ -31,7 +31,7 @@ from .cost import count_macs
 from .errors import InputError
 from .multiexit import MultiExitModel, Piece, check_input, inference
 from .policies import ExitPolicy, Gated, NeverExit
-from .runtime.loop import ExitResult, all_exit_logits, infer_exits
+from .runtime.loop import ExitResult, all_exit_logits, check_policy, infer_exits
 from .stages import Payload, StagedModel, payload_tensors
 
 __all__ = ["TensorSpec", "PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT",
@@ -161,15 +161,34 @@ class ExitProgram:
     def infer(self, x: torch.Tensor, policy: ExitPolicy | None = None) -> ExitResult:
         """Early-exit inference in PyTorch through the pieces (same exits as ``model.infer``
         for a program without a cut; with one, the server answers after the cut)."""
-        check_input(x, self.input_shape)
+        check_input(x, self.input_shape, self.model.input_dtype)
         return infer_exits(self.step, self.exit_stages, policy or self.policy,
                            len(self.pieces), x)
 
     @inference
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits (nobody leaves)."""
-        check_input(x, self.input_shape)
+        check_input(x, self.input_shape, self.model.input_dtype)
         return all_exit_logits(self.step, self.exit_stages, len(self.pieces), x)
+
+    def on_onnx_runtime(self, directory: str | Path, exit_graph: bool = False,
+                        threads: int | None = 1, opset: int | None = None):
+        """This program on ONNX Runtime: every piece exported to ``directory`` and run as an
+        :class:`~splitexit.runtime.ort.OrtProgram`; with ``exit_graph``, also the batch-1
+        exit graph of the program's policy (``exits.onnx``), which answers single samples."""
+        from .export.exit_graph import export_exit_graph
+        from .runtime.ort import OrtProgram, OrtSession
+
+        directory = Path(directory)
+        sessions = [OrtSession(f, threads) for f in export_pieces(self, directory, opset)]
+        graph = None
+        if exit_graph:
+            graph = OrtSession(export_exit_graph(self, None, directory / "exits.onnx",
+                                                 **({"opset": opset} if opset else {})),
+                               threads)
+        return OrtProgram(sessions, self.exit_stages, self.exit_names,
+                          [p.takes_previous for p in self.pieces], self.input_shape, graph,
+                          self.policy.config() if exit_graph else None)
 
     def to_json(self) -> dict:
         return {"pieces": [p.to_json() for p in self.pieces], "exit_stages": self.exit_stages,
@@ -211,7 +230,12 @@ class GateHead(nn.Module):
 def policy_for_exits(policy: ExitPolicy, exits: Sequence[int]) -> ExitPolicy:
     """``policy`` for a program that keeps the model's exits ``exits`` (the final one last):
     per-exit thresholds and temperatures follow their exits, so exit ``i`` of the program is
-    judged as the model's exit ``exits[i]`` was."""
+    judged as the model's exit ``exits[i]`` was.
+
+    Raises:
+        InputError: a policy that does not fit the model (``exits[-1] + 1`` exits).
+    """
+    check_policy(policy, int(exits[-1]) + 1)
     changes = {}
     for name in ("threshold", "temperature"):
         value = getattr(policy, name, None)
@@ -249,12 +273,14 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
         if model.input_shape is None:
             raise InputError("the model has no input_shape; pass example=an input batch")
         example = torch.zeros(2, *model.input_shape)
-    check_input(example, model.input_shape)
+    check_input(example, model.input_shape, model.input_dtype)
     input_shape = tuple(int(d) for d in example.shape[1:])
     policy = policy or NeverExit()
     gate = getattr(model, "gate", None)
     if gate is not None and not isinstance(policy, Gated):
+        check_policy(policy, model.num_exits)
         policy = Gated(policy, float(model.gate_threshold))
+    check_policy(policy, model.num_exits + (gate is not None))
     backbone = model.backbone
     last_stage = backbone.num_stages - 1
     if cut is None:
@@ -331,8 +357,9 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
                          f"{backbone.cut_names}")
     names = [model.head_cuts[e] for e in heads] + ["final"]
     ids = heads + [model.num_exits - 1]
-    if len(heads) < len(model.heads) and not isinstance(policy, Gated):
-        policy = policy_for_exits(policy, ids)  # a split keeps the local exits and the final
+    if len(heads) < len(model.heads):  # a split keeps the local exits and the final
+        policy = (replace(policy, inner=policy_for_exits(policy.inner, ids))
+                  if isinstance(policy, Gated) else policy_for_exits(policy, ids))
     if gate is not None:
         names, ids = ["gate", *names], [-1, *ids]
     return ExitProgram(model, pieces, exit_stages, names, ids,
