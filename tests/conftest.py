@@ -1,5 +1,7 @@
 """Shared fixtures: small real data and a quickly trained multi-exit model."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -8,14 +10,30 @@ from splitexit.training import JointWeighted, train
 from splitexit.zoo import create_multiexit
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test, restored after: two intra-op threads on a shared
     two-core machine make small convolutions much slower and kernel timings meaningless."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole test module, restored when the module ends: for module
+    fixtures that train a model (a module fixture cannot use a function one)."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

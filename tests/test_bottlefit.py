@@ -21,17 +21,12 @@ from splitexit.training.bottlefit import (
 SPEC = BottleneckSpec(channels=2, stride=2, hidden=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: tiny models train faster without oversubscribing shared cores."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# one intra-op thread for the module: tiny models train faster without oversubscribing
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
-def teacher(one_thread, request):
+def teacher(one_thread_module, request):
     # Requested here, the shared session fixture is built (if not yet) with one thread too.
     return request.getfixturevalue("trained_resnet8").backbone
 

@@ -38,9 +38,20 @@ def test_sweep_covers_the_range(calib):
 
 def test_pareto_front_is_monotone(calib):
     _, logits, y, macs = calib
-    front = pareto_front(sweep(logits, y, macs, Entropy()))
-    assert all(a.mean_macs <= b.mean_macs and a.accuracy < b.accuracy
-               for a, b in zip(front, front[1:]))
+    points = sweep(logits, y, macs, Entropy())
+    front = pareto_front(points)
+    assert len(front) >= 10  # a real trade-off curve, not one or two points
+    assert all(a.mean_macs < b.mean_macs and a.accuracy < b.accuracy
+               for a, b in zip(front, front[1:], strict=False))
+    # the front spans the sweep: its ends are the cheapest and the most accurate points
+    assert front[0].mean_macs == min(p.mean_macs for p in points)
+    assert front[-1].accuracy == max(p.accuracy for p in points)
+    # and no swept point beats a front point on both counts
+    for p in points:
+        assert any(f.mean_macs <= p.mean_macs and f.accuracy >= p.accuracy for f in front)
+        assert not any((p.mean_macs <= f.mean_macs and p.accuracy > f.accuracy)
+                       or (p.mean_macs < f.mean_macs and p.accuracy >= f.accuracy)
+                       for f in front)
 
 
 def test_operating_point_meets_target_on_calibration(calib):
@@ -66,7 +77,10 @@ def test_oracle_bounds_every_policy(calib):
 def test_impossible_targets_raise(calib):
     _, logits, y, macs = calib
     points = sweep(logits, y, macs, MaxProb())
+    assert max(p.accuracy for p in points) < 1.0
     with pytest.raises(InputError, match="no threshold"):
+        choose_operating_point(points, reference_accuracy=1.0, max_drop=0.0)
+    with pytest.raises(InputError, match="fraction"):  # an accuracy above 1 is a mistake
         choose_operating_point(points, reference_accuracy=1.01, max_drop=0.0)
     with pytest.raises(InputError, match="budget"):
         choose_operating_point(points, macs_budget=1.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from splitexit.bench.catalogue import METHODS, CatalogueSettings, run_catalogue
 from splitexit.cli import main
@@ -13,8 +12,7 @@ from splitexit.errors import InputError
 
 
 @pytest.mark.slow
-def test_catalogue_runs_every_method_on_the_real_path(tmp_path):
-    torch.set_num_threads(1)
+def test_catalogue_runs_every_method_on_the_real_path(tmp_path, one_thread):
     settings = CatalogueSettings(configs=["digits:resnet8"], baseline_epochs=3, head_epochs=1,
                                  finetune_epochs=1, latency_samples=10, progress=False)
     report = run_catalogue(tmp_path, settings)

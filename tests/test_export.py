@@ -91,15 +91,20 @@ def test_tuple_payload_halves_of_a_cut_inside_a_residual_block(tmp_path):
     assert not any(m.training for m in staged.stages.modules())
 
 
-def test_device_and_server_halves_of_every_zoo_cut(tmp_path):
-    model = create_multiexit("mobilenet", 10, (1, 12, 12)).eval()
-    x = torch.randn(2, 1, 12, 12)
-    for cut in model.backbone.cut_names:
+@pytest.mark.parametrize("name", list_models())
+def test_device_and_server_halves_of_every_zoo_cut(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_multiexit(name, 10, _shape(name)).eval()
+    x = torch.randn(2, *_shape(name))
+    assert model.backbone.cut_names
+    for k, cut in enumerate(model.backbone.cut_names):
         device, server = model.backbone.split(cut)
         with torch.no_grad():
             mid = device(x)
-            _close(OrtPiece(export_piece(device, x, tmp_path / "d.onnx"))(x), mid)
-            _close(OrtPiece(export_piece(server, mid, tmp_path / "s.onnx"))(mid), server(mid))
+            assert torch.equal(server(mid), model.backbone(x))
+            _close(OrtPiece(export_piece(device, x, tmp_path / f"d{k}.onnx"))(x), mid)
+            _close(OrtPiece(export_piece(server, mid, tmp_path / f"s{k}.onnx"))(mid),
+                   server(mid))
 
 
 def test_names_and_training_mode_are_kept(tmp_path):

@@ -106,6 +106,9 @@ def test_select_exits_drops_heads_that_do_not_pay():
         select_exits(logits, labels, costs, MaxProb((0.5, 0.6)), reference_accuracy=1.0,
                      max_drop=0.0)
     with pytest.raises(InputError, match="no subset"):
+        select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.0, max_drop=0.0,
+                     max_final_cost=0.5)
+    with pytest.raises(InputError, match="fraction"):  # an accuracy above 1 is a mistake
         select_exits(logits, labels, costs, MaxProb(0.5), reference_accuracy=1.5, max_drop=0.0)
 
 
@@ -203,7 +206,7 @@ def test_batch_one_runs_as_one_torchscript_program(trained_resnet8, digits, one_
     from splitexit.policies import Margin
 
     traced = trace_for_inference(trained_resnet8)
-    assert traced._batch_one is not None
+    assert traced.batch_one_program
     x = digits.test.x[:40]
     for policy in (MaxProb(0.9), MaxProb((0.95, 0.8, 0.6), temperature=(1.5, 1.2, 1.0, 1.0)),
                    Entropy(0.3), Margin(0.5)):
@@ -228,7 +231,7 @@ def test_batch_one_program_uses_the_policies_own_statistic(trained_resnet8, digi
         assert torch.equal(traced(logits), cls().statistic(logits)), cls.__name__
     sub = trained_resnet8.keep_exits([1])  # exit after block1: stem and block1 in one piece
     traced = trace_for_inference(sub)
-    assert traced._batch_one is not None
+    assert traced.batch_one_program
     assert len(traced.pieces) == len(lower(sub).pieces) == 2
     assert traced.exit_stages == [0, 1]
     x = digits.test.x[:30]

@@ -33,10 +33,8 @@ EPSILON, DELTA = 0.01, 0.1
 
 
 @pytest.fixture(scope="module")
-def pool():
+def pool(one_thread_module):
     # fixed seed and thread count: the pool must not depend on which tests ran before
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     ds = load_dataset("digits")
     model = create_multiexit("resnet8", 10, ds.input_shape, head="sdn", widths=(8, 16, 32))
@@ -48,7 +46,6 @@ def pool():
     y = torch.cat([ds.calib.y, ds.test.y])
     logits = model.collect_logits(x)
     costs = cost_table(model, x[:8], measure=False)
-    torch.set_num_threads(threads)
     return logits, y, costs.exit_macs
 
 

@@ -46,14 +46,16 @@ WIDTHS = (8, 16, 32)
 FAST = {"batch_size": 32, "progress": False}
 
 
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+
 @pytest.fixture(scope="module")
-def digits():
-    torch.set_num_threads(1)
+def digits(one_thread_module):
     return load_dataset("digits")
 
 
 @pytest.fixture(scope="module")
-def backbone(digits):
+def backbone(one_thread_module, digits):
     model = create_model("resnet8", 10, digits.input_shape, widths=WIDTHS)
     train(model, digits.train, Baseline(), epochs=5, lr=5e-3, progress=False)
     return model

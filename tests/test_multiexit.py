@@ -82,10 +82,16 @@ def test_every_zoo_model_runs_and_agrees(name):
     outs = model(x)
     assert len(outs) == model.num_exits and all(o.shape == (9, 5) for o in outs)
     assert torch.equal(outs[-1], model.backbone(x))
-    r = model.infer(x, MaxProb(0.3))
-    s = model.simulate(outs, MaxProb(0.3))
+    # per-exit thresholds at the median confidence: about half the samples still in the
+    # batch leave at each early exit (an untrained model's near-uniform softmax would
+    # send every sample to the final exit under a fixed threshold)
+    policy = MaxProb(tuple(MaxProb().statistic(o).median().item() for o in outs[:-1]))
+    r = model.infer(x, policy)
+    s = model.simulate(outs, policy)
     assert torch.equal(r.exit_index, s.exit_index)
     assert torch.equal(r.predictions, s.predictions)
+    counts = torch.bincount(r.exit_index, minlength=model.num_exits)
+    assert counts[0] > 0 and counts[1:].sum() > 0, counts  # the batch really shrank
 
 
 def test_bad_inputs_get_clear_errors(trained_resnet8):

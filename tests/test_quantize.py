@@ -22,13 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained_mlp(digits):
+def trained_mlp(one_thread_module, digits):
     torch.manual_seed(0)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = create_model("mlp", digits.num_classes, digits.input_shape, hidden=(128, 64))
     train(model, digits.train, Baseline(), epochs=15, lr=5e-3, progress=False)
-    torch.set_num_threads(old)
     return model.eval()
 
 

@@ -188,9 +188,14 @@ def test_sparse_halves_export_and_match(tmp_path):
     model = create_model("resnet8", 10, (1, 12, 12)).eval()
     sparsify(model, 0.5, exclude=["*stem.0"])
     device, server = model.split("block1")
+    # both halves hold sparse layers (the stem conv alone stays dense)
+    assert sparse_layers(device) and sparse_layers(server)
     x = torch.rand(3, 1, 12, 12)
     with torch.no_grad():
         mid = device(x)
+        assert torch.equal(server(mid), model(x))
+        got_mid = OrtPiece(export_piece(device, x, tmp_path / "d.onnx"))(x)
+        torch.testing.assert_close(torch.as_tensor(got_mid), mid, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(
             OrtPiece(export_piece(server, mid, tmp_path / "s.onnx"))(mid), server(mid),
             atol=1e-4, rtol=1e-4)

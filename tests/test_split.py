@@ -1,11 +1,12 @@
 """Split computing: halves equal the model, the wire codec between them, bottlenecks, costs, errors."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from splitexit.devices import load_devices, load_links
+from splitexit.devices import get_device, load_devices, load_links
 from splitexit.errors import CutError, InputError, PayloadError
 from splitexit.split.bottleneck import BottleneckedModel, BottleneckSpec, inject_bottleneck
 from splitexit.split.codec import Codec
@@ -142,8 +143,18 @@ def test_cut_costs_for_planner(resnet, x):
         assert c.device_macs > 0 and c.server_macs > 0 and c.payload_bytes > 0
     assert costs[1].device_macs < costs[2].device_macs < costs[3].device_macs
     assert costs[-1].payload_bytes == input_message_bytes(x) > 64  # 8x8 uint8 plus a header
-    chosen = plan(costs, "rpi4", "gpu_server_t4", "lpwan").choice
-    assert chosen in names
+    # the planner on these costs: 0.76 MMAC run in 0.2 ms on a Pi beat a 600 ms LPWAN round
+    # trip, so the model stays on the device; a device a million times slower offloads the
+    # input, the smallest payload
+    rpi4 = get_device("rpi4")
+    local = plan(costs, rpi4, "gpu_server_t4", "lpwan")
+    assert local.choice == LOCAL
+    assert local.best.latency_s == pytest.approx(total / (rpi4.compute_gmacs_per_s * 1e9))
+    assert all(r.latency_s > 0.6 for r in local.rows if r.name != LOCAL)
+    crawling = replace(rpi4, name="crawling", compute_gmacs_per_s=rpi4.compute_gmacs_per_s / 1e6)
+    offload = plan(costs, crawling, "gpu_server_t4", "lpwan")
+    assert offload.choice == OFFLOAD
+    assert offload.best.payload_bytes == min(c.payload_bytes for c in costs[1:])
 
 
 def test_unknown_cut_lists_valid_ones(resnet, x):

@@ -48,10 +48,13 @@ def test_list_of_modules(x):
 
 
 @pytest.mark.parametrize("cuts", [["stem"], ["block1"], ["stem", "block1", "block2"],
-                                  ["block1.conv1"], ["block2.bn1", "block3"],
-                                  ["add", "block3.relu_1"] if False else ["block1.bn2"]])
+                                  ["block1.conv1"], ["block2.bn1", "block3"], ["block1.bn2"],
+                                  ["add", "relu_3"], ["block1.bn2", "add_1", "block3"]])
 def test_residual_network_cut_between_and_inside_blocks(resnet, x, cuts):
+    """Module cuts, and fx node cuts at a residual add and at a functional relu."""
     staged = StagedModel.from_module(resnet, cuts)
+    assert staged.cut_names == cuts
+    assert len(staged.stages) == len(cuts) + 1
     assert torch.equal(staged(x), resnet(x))
 
 

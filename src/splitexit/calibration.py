@@ -17,11 +17,29 @@ from .cost import mean_macs
 from .errors import InputError
 from .multiexit import simulate_exits
 from .policies import ExitPolicy, NeverExit, Patience, ThresholdPolicy, _per_exit
+from .runtime.loop import check_logits, check_policy
 
 __all__ = ["OperatingPoint", "sweep", "pareto_front", "oracle", "choose_operating_point",
            "candidate_thresholds", "GuardedResult", "guarded_threshold", "learn_then_test",
            "min_calibration_samples", "guard_grid", "drop_losses", "final_decision",
            "exit_costs", "select_exits", "ExitSelection"]
+
+
+def _check(logits: Sequence[torch.Tensor], labels=None, policy=None) -> None:
+    """Finite ``(N, C)`` logits per exit, their labels, a policy that fits their exits."""
+    check_logits(logits, labels)
+    if policy is not None:
+        check_policy(policy, len(logits))
+
+
+def _check_fraction(name: str, value: float, example: str) -> None:
+    try:
+        v = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if not 0 <= v <= 1:
+        hint = f"; if it is a percentage, pass {v / 100:g}" if 1 < v <= 100 else ""
+        raise InputError(f"{name} is a fraction in [0, 1] ({example}), got {value!r}{hint}")
 
 
 @dataclass
@@ -42,6 +60,7 @@ class OperatingPoint:
 def candidate_thresholds(policy: ExitPolicy, logits: Sequence[torch.Tensor], num: int = 100
                          ) -> list:
     """Threshold values worth trying: quantiles of the policy's statistic over early exits."""
+    _check(logits, None, policy)
     if isinstance(policy, Patience):
         return list(range(1, len(logits)))
     if not isinstance(policy, ThresholdPolicy):
@@ -61,7 +80,13 @@ def candidate_thresholds(policy: ExitPolicy, logits: Sequence[torch.Tensor], num
 def sweep(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_macs: Sequence[float],
           policy: ExitPolicy, thresholds: Sequence | None = None, num: int = 100
           ) -> list[OperatingPoint]:
-    """Replay ``policy`` at many thresholds; one operating point each."""
+    """Replay ``policy`` at many thresholds; one operating point each.
+
+    Raises:
+        InputError: non-finite logits, labels that are not their classes, a policy that does
+            not fit their exits, or one cost per exit missing.
+    """
+    _check(logits, labels, policy)
     if len(logits) != len(exit_macs):
         raise InputError(f"{len(logits)} exits of logits but {len(exit_macs)} exit costs")
     if thresholds is None:
@@ -126,6 +151,7 @@ def oracle(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_macs: Sequ
 
     The lower bound on cost and upper bound on accuracy for a given set of heads.
     """
+    _check(logits, labels)
     correct = torch.stack([lg.argmax(1) == labels for lg in logits])  # (E, N)
     any_right = correct.any(0)
     first = torch.where(any_right, correct.float().argmax(0), torch.full_like(labels,
@@ -153,8 +179,8 @@ def choose_operating_point(points: Sequence[OperatingPoint], *,
         if reference_accuracy is None:
             raise InputError("max_drop needs reference_accuracy (e.g. the final exit's or the "
                              "baseline's calibration accuracy)")
-        if not 0 <= max_drop <= 1:
-            raise InputError(f"max_drop is a fraction in [0, 1] (0.005 = 0.5 pt), got {max_drop}")
+        _check_fraction("reference_accuracy", reference_accuracy, "0.99 = 99 %")
+        _check_fraction("max_drop", max_drop, "0.005 = 0.5 pt")
         ok = [p for p in points if p.accuracy >= reference_accuracy - max_drop - 1e-12]
         if not ok:
             raise InputError(f"no threshold keeps accuracy within {max_drop:.4f} of "
@@ -227,6 +253,9 @@ def select_exits(logits: Sequence[torch.Tensor], labels: torch.Tensor,
         InputError: a policy with per-exit values (their meaning changes when exits are
             dropped), more than 12 heads, wrong cost lengths, or no subset meets the target.
     """
+    _check(logits, labels, policy)
+    _check_fraction("reference_accuracy", reference_accuracy, "0.99 = 99 %")
+    _check_fraction("max_drop", max_drop, "0.005 = 0.5 pt")
     heads = len(logits) - 1
     if heads > 12:
         raise InputError(f"{heads} heads give {2 ** heads} subsets; select among at most 12")
@@ -325,6 +354,7 @@ def drop_losses(logits: Sequence[torch.Tensor], labels: torch.Tensor, policies: 
     Returns:
         ``(losses, exit_index)``, each of shape ``(len(policies), N)``.
     """
+    _check(logits, labels)
     losses, exits = [], []
     for p in policies:
         final_right = final_decision(p, logits).argmax(1) == labels
@@ -413,7 +443,9 @@ def guarded_threshold(logits: Sequence[torch.Tensor], labels: torch.Tensor,
     """
     _check_guard(epsilon, delta)
     if not isinstance(policy, ThresholdPolicy):
-        raise InputError(f"guarded calibration needs a threshold policy, got {policy.name!r}")
+        raise InputError(f"guarded calibration needs a threshold policy, got "
+                         f"{getattr(policy, 'name', type(policy).__name__)!r}")
+    _check(logits, labels, policy)
     if len(logits) != len(exit_macs):
         raise InputError(f"{len(logits)} exits of logits but {len(exit_macs)} exit costs")
     n = len(labels)

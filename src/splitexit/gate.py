@@ -16,7 +16,7 @@ from torch import nn
 
 from .cost import count_macs
 from .errors import InputError
-from .multiexit import ExitResult, MultiExitModel, check_input, simulate_exits
+from .multiexit import ExitResult, MultiExitModel, simulate_exits
 from .policies import ExitPolicy
 
 __all__ = ["ExitGate", "GatedMultiExitModel", "fit_gate", "calibrate_gate"]
@@ -103,7 +103,7 @@ class GatedMultiExitModel(MultiExitModel):
     def infer(self, x: torch.Tensor, policy: ExitPolicy) -> ExitResult:
         """Gate, then the real early-exit path for easy samples and the bare backbone for
         hard ones; both shrink with the batch."""
-        check_input(x, self.input_shape)
+        self._check(x)
         hard = self.is_hard(torch.sigmoid(self.gate(x)))
         n = len(x)
         if not bool(hard.any()):

@@ -7,6 +7,7 @@ and returns logits. A head that also uses the previous exit's logits (a cascade)
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .stages import per_sample_shape
 
 __all__ = ["ExitHead", "LinearHead", "SDNHead", "ConvHead", "CascadingHead", "ClassMeansHead",
-           "BinaryHead", "make_head", "list_heads", "register_head"]
+           "BinaryHead", "make_head", "list_heads", "register_head", "head_in_shape"]
 
 _HEADS: dict[str, Callable[..., ExitHead]] = {}
 
@@ -38,15 +40,38 @@ def list_heads() -> list[str]:
     return sorted(_HEADS)
 
 
-def make_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> ExitHead:
-    """Build a registered head for per-sample input shape ``in_shape``.
+def head_in_shape(in_shape) -> tuple[int, ...]:
+    """A head's per-sample input shape from ``in_shape``: a shape such as ``(16, 8, 8)``, or
+    what ``StagedModel.payload_shapes(x)[cut]`` gives for a cut: a list of one shape per
+    tensor of the payload there (a one-tensor cut's list is its shape).
 
     Raises:
-        InputError: unknown head type (the message lists the known ones).
+        InputError: a list of several shapes (a cut inside a block: pick the tensor), or not
+            a shape of positive ints.
+    """
+    if isinstance(in_shape, (list, tuple)) and in_shape and all(
+            isinstance(s, (list, tuple)) for s in in_shape):
+        if len(in_shape) != 1:
+            raise InputError(
+                f"in_shape lists {len(in_shape)} shapes {[tuple(s) for s in in_shape]}: that "
+                "cut carries several tensors (it lies inside a block); give the shape of the "
+                "tensor that feeds the head, payload_shapes(x)[cut][i], and attach the head as "
+                "'cut@i'")
+        in_shape = in_shape[0]
+    return per_sample_shape(in_shape, "a head's in_shape")
+
+
+def make_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> ExitHead:
+    """Build a registered head for per-sample input shape ``in_shape`` (a shape, or the list
+    ``backbone.payload_shapes(x)[cut]`` of a one-tensor cut).
+
+    Raises:
+        InputError: unknown head type (the message lists the known ones), a bad ``in_shape``
+            or ``num_classes``.
     """
     if kind not in _HEADS:
         raise InputError(f"unknown head type {kind!r}; known: {', '.join(list_heads())}")
-    return _HEADS[kind](tuple(in_shape), num_classes, **kwargs)
+    return _HEADS[kind](head_in_shape(in_shape), num_classes, **kwargs)
 
 
 class ExitHead(nn.Module):
@@ -57,8 +82,14 @@ class ExitHead(nn.Module):
 
     def __init__(self, in_shape: Sequence[int], num_classes: int):
         super().__init__()
-        self.in_shape = tuple(int(d) for d in in_shape)
-        self.num_classes = int(num_classes)
+        self.in_shape = head_in_shape(in_shape)
+        try:
+            classes = operator.index(num_classes)
+        except TypeError:
+            classes = 0
+        if isinstance(num_classes, bool) or classes < 1:
+            raise InputError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes = classes
 
     def config(self) -> dict:
         """JSON-able description that :func:`make_head` rebuilds the head from."""

@@ -22,13 +22,22 @@ from .runtime.loop import (
     advance_exits,
     all_exit_logits,
     check_batch,
+    check_logits,
     infer_exits,
     simulate_exits,
 )
-from .stages import Payload, StagedModel, payload_tensors
+from .stages import (
+    Payload,
+    StagedModel,
+    not_traced,
+    payload_tensors,
+    per_sample_shape,
+    weights_dtype,
+)
 
 __all__ = ["MultiExitModel", "ExitResult", "ExitRun", "Step", "advance_exits", "infer_exits",
-           "all_exit_logits", "simulate_exits", "check_input", "Piece"]
+           "all_exit_logits", "simulate_exits", "check_input", "Piece", "per_sample_shape",
+           "weights_dtype"]
 
 
 def inference(fn):
@@ -46,10 +55,11 @@ def inference(fn):
     return wrapper
 
 
-def check_input(x, input_shape: Sequence[int] | None = None) -> None:
+def check_input(x, input_shape: Sequence[int] | None = None,
+                dtype: str | None = "float32") -> None:
     """Raise a clear :class:`InputError` for a wrong type, dtype, shape or non-finite input
     (torch tensors or numpy arrays; :func:`splitexit.runtime.loop.check_batch`)."""
-    check_batch(x, input_shape)
+    check_batch(x, input_shape, dtype)
 
 
 def head_cut(key: str) -> tuple[str, int]:
@@ -69,7 +79,15 @@ class MultiExitModel(nn.Module):
     Args:
         backbone: the staged network; its output are the final logits.
         heads: ``{cut_name: head}``; each head maps the payload at its cut to logits.
-        input_shape: per-sample input shape; inputs are checked against it when given.
+        input_shape: per-sample input shape (without the batch dimension). Every input is
+            checked against it. When given, the heads are checked against the payload at
+            their cuts here (a head built for another shape is refused at once); when
+            ``None``, the shape of the first batch the model sees is adopted (and checked the
+            same way), and later batches must match it.
+
+    Inputs must have the dtype of the model's weights (float32 unless you converted the
+    model): a float64 or float16 batch is refused with an :class:`InputError`, never
+    converted, as on every runtime.
 
     Example:
         >>> model = MultiExitModel(staged, {"layer1": LinearHead((16, 8, 8), 10)})
@@ -80,8 +98,20 @@ class MultiExitModel(nn.Module):
     def __init__(self, backbone: StagedModel, heads: Mapping[str, nn.Module] | Iterable,
                  input_shape: Sequence[int] | None = None):
         super().__init__()
+        if not isinstance(backbone, StagedModel):
+            raise InputError(f"the backbone must be a StagedModel, got {type(backbone).__name__}; "
+                             "cut your module with StagedModel.from_module(module, cuts) (or "
+                             "build the whole model with splitexit.build_multiexit)")
         self.backbone = backbone
         items = list(heads.items()) if isinstance(heads, Mapping) else list(heads)
+        for cut, head in items:
+            if not isinstance(cut, str):
+                raise InputError(f"heads are keyed by cut name, a string, got {cut!r} "
+                                 f"({type(cut).__name__}); valid cuts: {backbone.cut_names}")
+            if not isinstance(head, nn.Module):
+                raise InputError(f"the head at cut {cut!r} must be an nn.Module (e.g. "
+                                 f"make_head('linear', shape, num_classes)), got "
+                                 f"{type(head).__name__}")
         items.sort(key=lambda kv: backbone.cut_index(head_cut(kv[0])[0]))
         cuts = [c for c, _ in items]
         if len({head_cut(c)[0] for c in cuts}) != len(cuts):
@@ -91,7 +121,111 @@ class MultiExitModel(nn.Module):
         self.head_tensors: list[int] = [head_cut(c)[1] for c in cuts]
         self.exit_stages = [backbone.cut_index(head_cut(c)[0]) for c in cuts] + [
             backbone.num_stages - 1]
-        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._input_dtype = weights_dtype(self)
+        self.input_shape = None
+        if input_shape is not None:
+            shape = per_sample_shape(input_shape)
+            self.check_fits(shape)
+            self.input_shape = shape
+
+    def _apply(self, fn, recurse=True):  # .double(), .half(), .to(...): the input dtype follows
+        out = super()._apply(fn, recurse)
+        self._input_dtype = weights_dtype(self)
+        return out
+
+    @property
+    def input_dtype(self) -> str:
+        """The dtype inputs must have: the weights' (``"float32"`` unless converted)."""
+        return self._input_dtype
+
+    def check_fits(self, input_shape: Sequence[int]) -> None:
+        """Run one zero sample of ``input_shape`` through the backbone (eval mode, no
+        gradients, modes restored) and raise a clear :class:`InputError` when a stage fails,
+        a head was built for another payload shape (its ``in_shape``) or for another number of
+        classes than the final exit gives. A head that does not declare its ``in_shape`` (a
+        plain module) is run on the payload at its cut instead."""
+        shape = per_sample_shape(input_shape)
+        first = next(self.parameters(), None)
+        x = torch.zeros(1, *shape, dtype=getattr(torch, self._input_dtype),
+                        device=None if first is None else first.device)
+        modes = [(m, m.training) for m in self.modules()]
+        self.eval()
+        classes: list[int | None] = []
+        try:
+            with torch.no_grad():
+                payload: Payload = x
+                previous = None
+                e = 0
+                for k, stage in enumerate(self.backbone.stages):
+                    try:
+                        payload = stage(payload)
+                    except InputError:
+                        raise
+                    except Exception as exc:
+                        raise InputError(
+                            f"the backbone fails at stage {k} on an input of shape {shape} "
+                            f"({type(exc).__name__}: {exc}); give the per-sample shape the "
+                            "model takes") from exc
+                    while e < len(self.heads) and self.exit_stages[e] == k:
+                        count, previous = self._probe_head(e, payload, previous, shape)
+                        classes.append(count)
+                        e += 1
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        final = payload_tensors(payload)[0]
+        if final.dim() != 2:
+            raise InputError(f"the backbone's output has shape {tuple(final.shape)} for an input "
+                             f"of shape {shape}; a multi-exit model ends in logits (N, classes)")
+        for e, count in enumerate(classes):
+            if count is not None and count != final.shape[1]:
+                raise InputError(
+                    f"the exit head at cut {self.head_cuts[e]!r} gives {count} classes, but the "
+                    f"final exit gives {final.shape[1]}; build every head for the model's "
+                    "number of classes")
+
+    def _probe_head(self, e: int, payload: Payload, previous, shape
+                    ) -> tuple[int | None, torch.Tensor | None]:
+        """The class count of head ``e`` and its logits (``None`` when it was not run)."""
+        cut, head = self.head_cuts[e], self.heads[e]
+        features = self._features(e, payload)
+        got = tuple(features.shape[1:])
+        want = getattr(head, "in_shape", None)
+        if want is not None:  # a head that says what it takes is not run (it may need fitting)
+            if tuple(want) != got:
+                raise InputError(
+                    f"the exit head at cut {cut!r} was built for inputs of shape "
+                    f"{tuple(want)}, but the payload at that cut has shape {got} (for model "
+                    f"inputs of shape {shape}); build it with make_head(kind, {got}, "
+                    "num_classes) (backbone.payload_shapes(example) gives the shape at every "
+                    "cut)")
+            return getattr(head, "num_classes", None), None
+        try:
+            logits = self.run_head(e, payload, previous)
+        except Exception as exc:
+            raise InputError(f"the exit head at cut {cut!r} fails on the payload there, of "
+                             f"shape {got} ({type(exc).__name__}: {exc}); build the head for "
+                             "that shape") from exc
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise InputError(f"the exit head at cut {cut!r} returns "
+                             f"{getattr(logits, 'shape', type(logits).__name__)}; a head "
+                             "returns logits of shape (N, classes)")
+        return int(logits.shape[1]), logits
+
+    def _check(self, x) -> None:
+        """The input check of every entry point (type, dtype, shape, finite); the first batch
+        fixes the input shape of a model built without one."""
+        if not isinstance(x, torch.Tensor):
+            hint = ("torch.from_numpy(x)" if type(x).__module__ == "numpy"
+                    else "torch.as_tensor(x, dtype=torch.float32)")
+            raise InputError(f"expected a torch.Tensor batch, got {type(x).__name__}; convert "
+                             f"with {hint} (or run the model's bundle on ONNX Runtime, which "
+                             "takes numpy)")
+        check_batch(x, self.input_shape, self._input_dtype)
+        if self.input_shape is None:
+            shape = per_sample_shape(x.shape[1:], "the input's per-sample shape")
+            self.check_fits(shape)
+            self.input_shape = shape
 
     def keep_exits(self, exits: Sequence[int]) -> MultiExitModel:
         """A model with only heads ``exits`` (indices; the final exit always stays).
@@ -107,8 +241,9 @@ class MultiExitModel(nn.Module):
                 getattr(h, "uses_previous", False) for h in self.heads):
             raise InputError("cascading heads take the previous head's logits; they cannot be "
                              "dropped one by one")
-        return MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits},
-                              self.input_shape).train(self.training)
+        kept = MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits})
+        kept.input_shape = self.input_shape  # its heads fit: no need to check them again
+        return kept.train(self.training)
 
     @property
     def num_exits(self) -> int:
@@ -136,7 +271,13 @@ class MultiExitModel(nn.Module):
         return head(features)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every exit, in order (the last is the backbone's own output)."""
+        """Logits of every exit, in order (the last is the backbone's own output).
+
+        Raises:
+            InputError: wrong type, dtype, shape, or non-finite input.
+        """
+        if not_traced():
+            self._check(x)
         outs: list[torch.Tensor] = []
         payload: Payload = x
         e = 0
@@ -159,21 +300,35 @@ class MultiExitModel(nn.Module):
         """Early-exit inference for real: exited samples leave the batch.
 
         Raises:
-            InputError: wrong type, dtype, shape, or non-finite input.
+            InputError: wrong type, dtype, shape, or non-finite input; a policy that is not
+                an exit policy or does not fit this model's exits.
         """
-        check_input(x, self.input_shape)
+        self._check(x)
         return infer_exits(self.step, self.exit_stages, policy, self.backbone.num_stages, x)
 
     @torch.no_grad()
     def simulate(self, logits: Sequence[torch.Tensor], policy: ExitPolicy) -> ExitResult:
-        """Replay ``policy`` offline over every exit's logits (as returned by ``forward``)."""
+        """Replay ``policy`` offline over every exit's logits (as returned by ``forward``).
+
+        Raises:
+            InputError: not one ``(N, C)`` tensor per exit, non-finite logits, or a policy
+                that does not fit this model's exits.
+        """
+        check_logits(logits)
         if len(logits) != self.num_exits:
             raise InputError(f"expected logits of {self.num_exits} exits, got {len(logits)}")
         return simulate_exits(logits, policy)
 
     @torch.no_grad()
     def collect_logits(self, x: torch.Tensor, batch_size: int = 512) -> list[torch.Tensor]:
-        """Every exit's logits over a data set, in batches (eval mode)."""
+        """Every exit's logits over a data set, in batches (eval mode).
+
+        Raises:
+            InputError: wrong type, dtype, shape, or non-finite input.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self._check(x)
         was_training = self.training
         self.eval()
         chunks = [self(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]

@@ -40,6 +40,7 @@ from .policies import (
     _per_exit,
     is_plain_threshold,
 )
+from .runtime.loop import check_policy
 from .stages import Payload, Stage, StagedModel, payload_tensors
 
 __all__ = ["fuse_for_inference", "trace_for_inference", "script_module", "TracedMultiExit"]
@@ -207,6 +208,13 @@ class TracedMultiExit:
         # the unfrozen traces only compose that program; the frozen pieces serve the rest
         self._batch_one = self._compose_batch_one(program, traced_pieces, previous)
 
+    @property
+    def batch_one_program(self) -> bool:
+        """True when a single sample under a max-prob, entropy or margin policy runs as one
+        TorchScript call (pieces and threshold tests); False when batch 1 runs the exit loop
+        (a tuple payload, a head that takes the previous logits, or scripting failed)."""
+        return self._batch_one is not None
+
     def _compose_batch_one(self, program, traced_pieces: list[torch.jit.ScriptModule],
                            logits: torch.Tensor | None) -> torch.jit.ScriptModule | None:
         """One TorchScript program for batch-1 early exits, when every payload is one tensor,
@@ -245,6 +253,7 @@ class TracedMultiExit:
         the eager model's exits.
         """
         check_input(x, self.input_shape)
+        check_policy(policy, self.num_exits)
         if x.shape[0] == 1 and self._batch_one is not None and is_plain_threshold(policy):
             heads = self.num_exits - 1
             logits, e = self._batch_one(

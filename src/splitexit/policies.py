@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .errors import InputError
 from .runtime.arrays import TORCH, ops_of
+from .runtime.loop import check_logits, check_policy
 
 __all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
            "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
@@ -44,6 +45,9 @@ def margin_statistic(F, z):
 
 
 def _per_exit(value: float | Sequence[float], exit_index: int) -> float:
+    """Exit ``exit_index``'s value of a number or a per-exit tuple. A tuple of one value per
+    head (no value for the final exit) gives its last value at the final exit; its length is
+    checked against the model by :meth:`ExitPolicy.check_exits`."""
     if isinstance(value, (int, float)):
         return float(value)
     if exit_index >= len(value):
@@ -64,6 +68,15 @@ class ExitPolicy:
     temperature: float | tuple[float, ...] = field(default=1.0, kw_only=True)
 
     name = "policy"
+    #: the exit count this policy was last checked against (see :meth:`check_exits`)
+    _fits_exits = None
+
+    def check_exits(self, num_exits: int) -> None:
+        """Raise :class:`InputError` unless this policy fits a model with ``num_exits`` exits
+        (``num_exits - 1`` heads and the final exit): every per-exit value has one entry per
+        head or one per exit. The runtimes call it (through
+        :func:`splitexit.runtime.loop.check_policy`) where the policy meets the model."""
+        _check_length(self.name, "temperature", self.temperature, num_exits)
 
     def init_state(self, n: int, num_classes: int, ops=TORCH) -> State:
         """Per-sample state for a batch of ``n``; every array's first dimension is ``n``.
@@ -104,6 +117,21 @@ def _check_numbers(policy: str, field_name: str, value) -> None:
                      f"exit), got {value!r}")
 
 
+def _check_length(policy: str, field_name: str, value, num_exits: int,
+                  allow_empty: bool = False) -> None:
+    """A per-exit tuple needs one value per head, or one per exit; a number fits any model."""
+    if not isinstance(value, (tuple, list)) or (allow_empty and not value):
+        return
+    heads = num_exits - 1
+    if len(value) in (heads, num_exits):
+        return
+    counts = f"{num_exits}" if heads == 0 else f"{heads} (one per head) or {num_exits}"
+    raise InputError(
+        f"{policy} {field_name} {tuple(value)} has {len(value)} value(s), but the model has "
+        f"{num_exits} exit(s) ({heads} head(s) and the final exit); give one number for every "
+        f"exit, or {counts} values. Values are never repeated to fill missing exits")
+
+
 @dataclass(frozen=True)
 class ThresholdPolicy(ExitPolicy):
     """A policy that compares a per-sample statistic with a threshold (one, or one per exit)."""
@@ -131,6 +159,10 @@ class ThresholdPolicy(ExitPolicy):
 
     #: the statistic, written once over array primitives (see :func:`maxprob_statistic`)
     statistic_fn = None
+
+    def check_exits(self, num_exits: int) -> None:
+        super().check_exits(num_exits)
+        _check_length(self.name, "threshold", self.threshold, num_exits)
 
     def statistic(self, logits):
         """The per-sample statistic compared with the threshold (float32)."""
@@ -231,6 +263,12 @@ class FixedExit(ExitPolicy):
     exit_index: int = 0
     name = "fixed"
 
+    def check_exits(self, num_exits: int) -> None:
+        super().check_exits(num_exits)
+        if not 0 <= self.exit_index < num_exits:
+            raise InputError(f"FixedExit(exit_index={self.exit_index}) on a model with "
+                             f"{num_exits} exits; use an exit index in 0..{num_exits - 1}")
+
     def decide(self, exit_index, logits, state):
         fire = ops_of(logits).full_bool(logits.shape[0], exit_index >= self.exit_index)
         return fire, logits
@@ -288,6 +326,15 @@ class GeometricEnsemble(MaxProb):
             if len(row) != k + 1:
                 raise InputError(f"ensemble weights of exit {k} need {k + 1} entries (exits "
                                  f"0..{k}), got {len(row)}")
+
+    def check_exits(self, num_exits: int) -> None:
+        super().check_exits(num_exits)
+        for field_name in ("weights", "biases"):
+            rows = getattr(self, field_name)
+            if rows and len(rows) != num_exits:
+                raise InputError(f"the ensemble has {field_name} for {len(rows)} exits but the "
+                                 f"model has {num_exits}; fit it on this model's logits "
+                                 "(fit_ensemble_weights)")
 
     def term(self, exit_index: int, logits):
         """One head's unweighted contribution (log-probabilities, or raw logits)."""
@@ -362,6 +409,7 @@ def fit_ensemble_weights(logits: Sequence, labels,
         raise InputError("an ensemble needs at least two exits' logits")
     if any(lg.shape != logits[0].shape for lg in logits) or len(labels) != len(logits[0]):
         raise InputError("every exit's logits must be (N, C) for the same N labels")
+    check_logits(logits, labels)
     policy = policy or GeometricEnsemble()
     terms = torch.stack([policy.term(e, lg.detach()) for e, lg in enumerate(logits)], dim=1)
     c = terms.shape[2]
@@ -395,6 +443,10 @@ class GatedMaxProb(MaxProb):
         if isinstance(self.enabled, list):
             object.__setattr__(self, "enabled", tuple(bool(v) for v in self.enabled))
 
+    def check_exits(self, num_exits: int) -> None:
+        super().check_exits(num_exits)
+        _check_length(self.name, "enabled", self.enabled, num_exits, allow_empty=True)
+
     def decide(self, exit_index, logits, state):
         fire, decision = super().decide(exit_index, logits, state)
         if exit_index >= len(self.enabled) or not self.enabled[exit_index]:
@@ -427,6 +479,11 @@ class Gated(ExitPolicy):
         if not 0.0 <= float(self.gate_threshold) <= 1.0:
             raise InputError(f"gate_threshold is a probability in [0, 1], got "
                              f"{self.gate_threshold}")
+
+    def check_exits(self, num_exits: int) -> None:
+        if num_exits < 2:
+            raise InputError("a gated policy needs the gate (exit 0) and at least the final exit")
+        check_policy(self.inner, num_exits - 1)  # the gate is exit 0; inner sees the rest
 
     def config(self) -> dict:
         return {"name": self.name, "inner": self.inner.config(),
@@ -516,6 +573,7 @@ def fit_temperature(logits, labels, steps: int = 200) -> float:
     import torch
     import torch.nn.functional as F  # noqa: N812
 
+    check_logits([logits], labels)
     log_t = torch.zeros(1, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps)
     logits = logits.detach().float()

@@ -14,12 +14,42 @@ import torch
 from torch import fx, nn
 
 from .errors import CutError, InputError
-from .runtime.loop import payload_select, payload_tensors
+from .runtime.loop import check_batch, payload_select, payload_tensors
 
 Payload = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = ["Payload", "Stage", "StagedModel", "list_cuts", "payload_tensors", "payload_nbytes",
-           "payload_select", "payload_batch_size"]
+           "payload_select", "payload_batch_size", "weights_dtype", "per_sample_shape"]
+
+
+def weights_dtype(module: nn.Module) -> str:
+    """The dtype name a module computes in: its first floating-point parameter's or buffer's
+    (``"float32"`` when it has none)."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return str(t.dtype).removeprefix("torch.")
+    return "float32"
+
+
+def per_sample_shape(shape, what: str = "input_shape") -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints (a per-sample shape, without the batch), or a
+    clear :class:`InputError`."""
+    try:
+        dims = tuple(shape)
+        ok = bool(dims) and all(int(d) == d and int(d) > 0 and not isinstance(d, bool)
+                                for d in dims)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"{what} must be the shape of one sample without the batch dimension, "
+                         f"as positive ints, e.g. (1, 28, 28) or (3, 128); got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def not_traced() -> bool:
+    """Whether inputs may be checked: not while torch traces, exports or compiles the model
+    (a check reads values, which a trace cannot record)."""
+    return torch._C._get_tracing_state() is None and not torch.compiler.is_compiling()
 
 
 def payload_batch_size(payload: Payload) -> int:
@@ -146,8 +176,13 @@ def list_cuts(model: nn.Module) -> list[str]:
     return sorted(cuts, key=lambda name: (cuts[name], "." in name))
 
 
-def _unknown_cut(name: str, valid: Sequence[str]) -> CutError:
+def _unknown_cut(name, valid: Sequence[str]) -> CutError:
     shown = ", ".join(valid[:40]) + (" ..." if len(valid) > 40 else "")
+    if not isinstance(name, str):
+        hint = (f" (did you mean the name {str(name)!r}?)" if str(name) in valid else "")
+        return CutError(f"cut names are strings (module or torch.fx node names), got "
+                        f"{type(name).__name__} {name!r}{hint}. Valid cuts (see "
+                        f"splitexit.list_cuts(model)): {shown}")
     return CutError(f"unknown cut {name!r}. Valid cuts (see splitexit.list_cuts(model)): {shown}")
 
 
@@ -218,6 +253,12 @@ class StagedModel(nn.Module):
         if len(set(cut_names)) != len(cut_names):
             raise InputError(f"cut names must be unique, got {list(cut_names)}")
         self.cut_names = list(cut_names)
+        self._input_dtype: str | None = None  # the weights' dtype, found on first use
+
+    def _apply(self, fn, recurse=True):  # .double(), .half(), .to(...): found again
+        out = super()._apply(fn, recurse)
+        self._input_dtype = None
+        return out
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -294,6 +335,17 @@ class StagedModel(nn.Module):
         return payload
 
     def forward(self, x: Payload) -> Payload:
+        """Every stage on ``x``.
+
+        Raises:
+            InputError: a floating-point input of another dtype than the weights', or one
+                with NaN or infinite values (integer inputs, e.g. token ids, and multi-tensor
+                payloads pass unchecked).
+        """
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not_traced():
+            if self._input_dtype is None:
+                self._input_dtype = weights_dtype(self)
+            check_batch(x, None, self._input_dtype)
         return self.run(x)
 
     def forward_intermediates(self, x: Payload) -> list[Payload]:

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import InputError
 from .heads import make_head
 from .multiexit import MultiExitModel
-from .stages import StagedModel, list_cuts, payload_tensors
+from .stages import StagedModel, _unknown_cut, list_cuts, payload_tensors
 
 __all__ = ["is_model_file", "load_user_model", "user_model_source", "parse_cuts",
            "build_backbone", "build_multiexit", "rebuild"]
@@ -163,12 +163,22 @@ def user_model_source(spec: str) -> dict:
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
-def parse_cuts(cuts: str | Sequence[str]) -> list[dict]:
+def parse_cuts(cuts: str | Sequence[str], module: nn.Module | None = None) -> list[dict]:
     """``"a,b@1"`` (or ``["a", "b@1"]``) -> ``[{"cut": "a", "tensor_index": None},
-    {"cut": "b", "tensor_index": 1}]``; ``@i`` picks tensor ``i`` of a multi-tensor cut."""
+    {"cut": "b", "tensor_index": 1}]``; ``@i`` picks tensor ``i`` of a multi-tensor cut.
+
+    Raises:
+        CutError: a cut that is not a string (the message lists ``module``'s cuts).
+    """
     items = cuts.split(",") if isinstance(cuts, str) else list(cuts)
     out = []
     for item in items:
+        if not isinstance(item, str):
+            try:
+                valid = list_cuts(module) if isinstance(module, nn.Module) else []
+            except Exception:  # an untraceable module: say what a cut is without the list
+                valid = []
+            raise _unknown_cut(item, valid)
         text = str(item).strip()
         name, at, index = text.rpartition("@") if "@" in text else (text, "", "")
         name = name.strip()
@@ -255,7 +265,7 @@ def build_backbone(module: nn.Module | str, cuts: str | Sequence[str], num_class
         CutError: a cut the model does not have (the message lists the valid ones).
     """
     module, source = _resolve(module, num_classes, input_shape)
-    parsed = parse_cuts(cuts) if cuts else []
+    parsed = parse_cuts(cuts, module) if cuts else []
     backbone = _stage(module, [c["cut"] for c in parsed])
     _probe(backbone, num_classes, input_shape)
     backbone.spec = _spec(source, backbone.cut_names, num_classes, input_shape)
@@ -285,7 +295,7 @@ def build_multiexit(module: nn.Module | str, cuts: str | Sequence[str], num_clas
         InputError: no cuts, a multi-tensor cut without ``@i``, an unknown head type, a model
             that does not take ``input_shape`` or does not return ``num_classes`` logits.
     """
-    parsed = parse_cuts(cuts) if cuts else []
+    parsed = parse_cuts(cuts, module) if cuts else []
     if not parsed:
         raise InputError("exit heads need at least one cut: give cut names (see "
                          "splitexit.list_cuts(model)), e.g. cuts='layer1,layer2'")

@@ -18,7 +18,7 @@ from torch import nn
 from .errors import InputError
 from .heads import ModuleHead, make_head
 from .multiexit import MultiExitModel
-from .stages import Stage, StagedModel
+from .stages import Stage, StagedModel, _unknown_cut
 
 __all__ = ["create_model", "create_multiexit", "list_models", "register_model", "ZooEntry"]
 
@@ -85,6 +85,8 @@ def create_multiexit(name: str, num_classes: int = 10, input_shape: Sequence[int
     shapes = backbone.payload_shapes(torch.zeros(1, *input_shape))
     heads = {}
     for cut in exits:
+        if not isinstance(cut, str):
+            raise _unknown_cut(cut, backbone.cut_names)
         backbone.cut_index(cut)
         if head == "published":
             if cut not in entry.published_heads:

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from ..errors import CorruptFileError, InputError
 from ..policies import ExitPolicy, make_policy
 from .device import OrtDevice
+from .loop import check_policy
 from .ort import OrtProgram, OrtSession
 
 __all__ = ["Bundle", "load_bundle", "read_manifest", "sha256_of", "FORMAT", "VERSION",
@@ -213,7 +214,11 @@ def _check(path: Path, doc: dict) -> None:
             raise _bad(path, "the exit graph covers a whole model; a split bundle has none")
     if not isinstance(doc["policy"], dict) or "name" not in doc["policy"]:
         raise _bad(path, "policy must be an object with a name")
-    make_policy(doc["policy"])  # a bad field is an InputError naming it
+    policy = make_policy(doc["policy"])  # a bad field is an InputError naming it
+    try:
+        check_policy(policy, len(exits))
+    except InputError as exc:
+        raise _bad(path, f"its policy does not fit its {len(exits)} exits ({exc})") from exc
     codec = doc.get("codec")
     if server is not None and not isinstance(codec, str):
         raise _bad(path, "a split bundle names its wire codec")

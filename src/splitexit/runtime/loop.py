@@ -11,6 +11,7 @@ imports no torch, so an edge device runs it with ONNX Runtime alone.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,8 @@ from ..errors import InputError
 from .arrays import is_torch, ops_of
 
 __all__ = ["ExitResult", "ExitRun", "Step", "advance_exits", "infer_exits", "all_exit_logits",
-           "simulate_exits", "payload_tensors", "payload_select", "init_state", "check_batch"]
+           "simulate_exits", "payload_tensors", "payload_select", "init_state", "check_batch",
+           "check_policy", "check_logits", "check_labels"]
 
 
 def payload_tensors(payload) -> tuple:
@@ -35,30 +37,62 @@ def payload_select(payload, index):
     return payload[index]
 
 
-def check_batch(x, input_shape: Sequence[int] | None = None) -> None:
+_DTYPES: dict = {}
+
+
+def _dtype(torch_in: bool, name: str):
+    """The torch or numpy dtype called ``name`` (cached: the check is on every call)."""
+    key = (torch_in, name)
+    found = _DTYPES.get(key)
+    if found is None:
+        found = getattr(sys.modules["torch"], name) if torch_in else np.dtype(name)
+        _DTYPES[key] = found
+    return found
+
+
+def _wrong_dtype(x, torch_in: bool, want: str | None) -> InputError:
+    got = str(x.dtype).removeprefix("torch.")
+    floating = x.is_floating_point() if torch_in else x.dtype.kind == "f"
+    name = want or "float32"
+    convert = ((f"x.to(torch.{name})" if name != "float32" else "x.float()") if torch_in
+               else f"x.astype(np.{name})")
+    if not floating:
+        return InputError(
+            f"expected a floating-point ({name}) batch, got dtype {got}; convert it with "
+            f"{convert} and "
+            "preprocess it as the model's training data was (the same scaling and "
+            "normalisation): a runtime never guesses how to scale integer inputs")
+    return InputError(f"expected a {name} batch (the model computes in {name}), got dtype "
+                      f"{got}; convert it with {convert}: inputs are never converted silently")
+
+
+def check_batch(x, input_shape: Sequence[int] | None = None,
+                dtype: str | None = "float32") -> None:
     """Raise a clear :class:`InputError` for a wrong type, dtype, shape or non-finite batch.
 
     Works on numpy arrays and torch tensors alike (one definition for every runtime).
+    ``dtype`` is the dtype the runtime computes in (``"float32"`` for ONNX Runtime programs,
+    the weights' dtype for a PyTorch model; ``None``: any floating-point dtype). A batch of
+    another dtype is refused, never converted: float64 data (numpy's default) must be
+    converted by the caller, so PyTorch and ONNX Runtime see the same numbers.
     """
     torch_in = is_torch(x)
     if not torch_in and not isinstance(x, np.ndarray):
         raise InputError(f"expected a torch.Tensor or numpy batch, got {type(x).__name__}; "
                          "convert with np.asarray(x, dtype=np.float32)")
-    if torch_in:
-        if not x.is_floating_point():
-            raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert "
-                             "with x.float() (and scale it as the model was trained, e.g. "
-                             "images to [0, 1])")
-    elif x.dtype.kind != "f":
-        raise InputError(f"expected a floating-point batch, got dtype {x.dtype}; convert with "
-                         "x.astype(np.float32) (and scale it as the model was trained)")
+    if dtype is None:
+        if not (x.is_floating_point() if torch_in else x.dtype.kind == "f"):
+            raise _wrong_dtype(x, torch_in, None)
+    elif x.dtype is not (_DTYPES.get((torch_in, dtype)) or _dtype(torch_in, dtype)) \
+            and x.dtype != _dtype(torch_in, dtype):
+        raise _wrong_dtype(x, torch_in, dtype)
     if input_shape is not None:
-        want = tuple(input_shape)
+        want = input_shape if type(input_shape) is tuple else tuple(input_shape)
         if x.ndim == len(want):
             raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), got "
                              f"{tuple(x.shape)}; add the batch dimension with "
                              f"{'x.unsqueeze(0)' if torch_in else 'x[None]'}")
-        if tuple(x.shape[1:]) != want:
+        if x.shape[1:] != want:  # torch.Size and numpy shapes are tuples
             raise InputError(f"expected a batch of shape (N, {', '.join(map(str, want))}), "
                              f"got {tuple(x.shape)}")
     if x.ndim == 0 or x.shape[0] == 0:
@@ -67,6 +101,93 @@ def check_batch(x, input_shape: Sequence[int] | None = None) -> None:
     # NaN/inf element, or an overflow of huge finite values) needs the element-wise check
     if not math.isfinite(float(x.sum())) and not ops_of(x).is_finite(x):
         raise InputError("input contains NaN or infinite values; clean or impute them first")
+
+
+def check_logits(logits: Sequence, labels=None) -> None:
+    """Raise a clear :class:`InputError` unless ``logits`` is a non-empty list of finite
+    ``(N, C)`` arrays, one per exit (the same ``N``), and ``labels`` (when given) ``N``
+    class indices in ``0 .. C - 1`` of the final exit."""
+    if isinstance(logits, (str, bytes)) or not isinstance(logits, Sequence) or not logits:
+        raise InputError("expected every exit's logits as a list of (N, C) tensors, one per "
+                         f"exit (what model.collect_logits(x) returns), got {type(logits).__name__}")
+    n = None
+    for e, lg in enumerate(logits):
+        if not (is_torch(lg) or isinstance(lg, np.ndarray)) or lg.ndim != 2:
+            raise InputError(f"exit {e}'s logits must be an (N, C) tensor, got "
+                             f"{getattr(lg, 'shape', type(lg).__name__)}")
+        if n is None:
+            n = lg.shape[0]
+        elif lg.shape[0] != n:
+            raise InputError(f"every exit's logits must cover the same samples: exit 0 has "
+                             f"{n} rows, exit {e} has {lg.shape[0]}")
+        if not math.isfinite(float(lg.sum())) and not ops_of(lg).is_finite(lg):
+            raise InputError(f"exit {e}'s logits contain NaN or infinite values, so no decision "
+                             "on them means anything; find where they come from (NaN inputs, "
+                             "or a model that overflows) and fix that first")
+    if labels is not None:
+        check_labels(labels, logits[-1].shape[1], n)
+
+
+def check_labels(labels, num_classes: int | None = None, n: int | None = None) -> None:
+    """Raise a clear :class:`InputError` unless ``labels`` are ``n`` integer class indices in
+    ``0 .. num_classes - 1`` (torch or numpy)."""
+    torch_in = is_torch(labels)
+    if not torch_in and not isinstance(labels, np.ndarray):
+        raise InputError(f"labels must be a tensor of class indices, got "
+                         f"{type(labels).__name__}; convert with torch.as_tensor(y).long()")
+    integer = (not labels.is_floating_point() and not labels.is_complex()) if torch_in else \
+        labels.dtype.kind in "iu"
+    if not integer or labels.ndim != 1:
+        raise InputError(f"labels must be a 1-D tensor of integer class indices, got dtype "
+                         f"{labels.dtype} and shape {tuple(labels.shape)}; use y.long()")
+    if n is not None and labels.shape[0] != n:
+        raise InputError(f"{labels.shape[0]} labels for {n} samples; give one label per sample")
+    if labels.shape[0] == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        span = f"0 .. {num_classes - 1}" if num_classes is not None else "0, 1, ..."
+        raise InputError(f"labels must be class indices in {span}, got labels in {lo} .. {hi}; "
+                         "remap them to 0 .. C - 1 (e.g. with torch.unique(y, "
+                         "return_inverse=True)) or build the model for more classes")
+
+
+def _not_a_policy(policy) -> InputError:
+    from ..policies import _POLICIES
+
+    known = ", ".join(sorted(_POLICIES))
+    if isinstance(policy, str):
+        return InputError(f"the policy must be an exit policy object, got the string "
+                          f"{policy!r}; build one with splitexit.make_policy({policy!r}, ...) "
+                          f"(known: {known})")
+    if isinstance(policy, (int, float)) and not isinstance(policy, bool):
+        return InputError(f"the policy must be an exit policy object, got the number {policy!r}; "
+                          f"to exit on a confidence threshold write MaxProb({policy!r}) (or "
+                          f"splitexit.make_policy('maxprob', threshold={policy!r}))")
+    return InputError(f"the policy must be an exit policy object (MaxProb(0.9), Entropy(0.1), "
+                      f"Patience(2), ...; known: {known}), got {type(policy).__name__}")
+
+
+def check_policy(policy, num_exits: int) -> None:
+    """Raise a clear :class:`InputError` unless ``policy`` is an exit policy that fits a model
+    with ``num_exits`` exits (per-exit thresholds and temperatures of the right length, ...).
+
+    Where a policy meets a model (every runtime's ``infer``, the offline replay, lowering, a
+    bundle). It costs one attribute read per call: a policy that passed is marked with the
+    exit count it fits, and the full check runs again only for another count.
+    """
+    if getattr(policy, "_fits_exits", None) == num_exits:
+        return
+    if not all(callable(getattr(policy, m, None))
+               for m in ("decide", "final_decision", "init_state")):
+        raise _not_a_policy(policy)
+    fits = getattr(policy, "check_exits", None)
+    if fits is not None:
+        fits(num_exits)
+    try:
+        object.__setattr__(policy, "_fits_exits", num_exits)
+    except (AttributeError, TypeError):  # a policy without a __dict__: checked every call
+        pass
 
 
 def init_state(policy, n: int, num_classes: int, ops) -> dict:
@@ -160,6 +281,7 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy,
     result, active, payload = run.result, run.active, run.payload
     state, previous = run.state, run.previous
     fallback, fallback_exit, e = run.fallback, run.fallback_exit, run.next_exit
+    check_policy(policy, len(exit_stages))
     last = len(exit_stages) - 1
     n = len(result.predictions)
     ops = ops_of(result.predictions)
@@ -218,8 +340,9 @@ def infer_exits(step: Step, exit_stages: Sequence[int], policy, end: int, x) -> 
     loop's bookkeeping (no indices, no scatter, no run state: it leaves at the first exit
     that fires), which is worth tens of microseconds per call at batch 1.
     """
-    if x.shape[0] != 1:
+    if x.shape[0] != 1:  # advance_exits checks the policy
         return advance_exits(ExitRun.start(x), step, exit_stages, policy, end).result
+    check_policy(policy, len(exit_stages))
     ops = ops_of(x)
     last = len(exit_stages) - 1
     state: dict | None = None
@@ -259,7 +382,14 @@ def all_exit_logits(step: Step, exit_stages: Sequence[int], end: int, x) -> list
 
 
 def simulate_exits(logits: Sequence, policy) -> ExitResult:
-    """Offline replay of a policy over per-exit logits ``[(N, C), ...]``."""
+    """Offline replay of a policy over per-exit logits ``[(N, C), ...]``.
+
+    Raises:
+        InputError: logits that are not ``(N, C)`` per exit or not finite, or a policy that
+            does not fit this many exits.
+    """
+    check_logits(logits)
+    check_policy(policy, len(logits))
     ops = ops_of(logits[0])
     n, c = logits[0].shape
     state = init_state(policy, n, c, ops)

@@ -25,6 +25,7 @@ from .loop import (
     advance_exits,
     all_exit_logits,
     check_batch,
+    check_policy,
     infer_exits,
     payload_tensors,
 )
@@ -46,7 +47,10 @@ class OrtSession:
     """An ONNX graph run by ONNX Runtime: payload in, payload out.
 
     Takes numpy arrays or torch tensors (one, or a tuple for a multi-tensor payload) and
-    returns the same kind: a torch payload in gives a torch payload out.
+    returns the same kind: a torch payload in gives a torch payload out. At this level (one
+    graph, e.g. a server half fed a decoded payload) a floating-point array is cast to the
+    dtype the graph takes; :class:`OrtProgram`, which takes a model's inputs, refuses any
+    other dtype than the graph's instead.
 
     Args:
         path: the ``.onnx`` file.
@@ -157,6 +161,9 @@ class OrtProgram:
         for k in self.exit_stages[:-1]:
             self._has_exit[k] = True
         self._runs = [p.run_arrays for p in self.pieces]
+        first = self.pieces[0]._input_dtypes[0] if self.pieces else np.float32
+        #: the dtype inputs must have (the first graph's input; float64 is refused, not cast)
+        self.input_dtype = np.dtype(first or np.float32).name
         self._graph_run = exit_graph._run if exit_graph is not None else None
         self._graph_checked = None
         self._graph_matches = False
@@ -182,6 +189,7 @@ class OrtProgram:
     def _uses_graph(self, x, policy) -> bool:
         if self._graph_run is None or x.shape[0] != 1 or policy is None:
             return False
+        check_policy(policy, len(self.exit_stages))  # before config(): a float has none
         if policy is not self._graph_checked:  # config() costs microseconds: once per policy
             self._graph_checked = policy
             self._graph_matches = policy.config() == self.graph_policy
@@ -191,30 +199,34 @@ class OrtProgram:
         """Early-exit inference; the same exits as the PyTorch model.
 
         Numpy in gives numpy out; torch in gives torch out.
+
+        Raises:
+            InputError: wrong type, dtype (float32 only: convert float64 data, numpy's
+                default, with ``x.astype(np.float32)``; it is never cast silently), shape, or
+                non-finite input; a policy that does not fit the program's exits.
         """
-        check_batch(x, self.input_shape)
+        check_batch(x, self.input_shape, self.input_dtype)
         if self._uses_graph(x, policy):
             if is_torch(x):
                 import torch
 
-                logits, exits = self._graph_run(None, {"x": x.detach().float().numpy()})
+                logits, exits = self._graph_run(None, {"x": x.detach().numpy()})
                 return ExitResult(torch.from_numpy(logits.argmax(1)), torch.from_numpy(exits),
                                   torch.from_numpy(logits))
-            logits, exits = self._graph_run(None, {"x": x if x.dtype == np.float32
-                                                   else x.astype(np.float32)})
+            logits, exits = self._graph_run(None, {"x": x})
             return ExitResult(logits.argmax(1), exits, logits)
         return infer_exits(self.step, self.exit_stages, policy, len(self.pieces), x)
 
     def forward(self, x) -> list:
         """Every exit's logits for the whole batch (nobody leaves)."""
-        check_batch(x, self.input_shape)
+        check_batch(x, self.input_shape, self.input_dtype)
         return all_exit_logits(self.step, self.exit_stages, len(self.pieces), x)
 
     __call__ = forward
 
     def run_until(self, x, policy, end: int) -> ExitRun:
         """Pieces ``0 .. end - 1`` and their exits (a device half): the run so far."""
-        check_batch(x, self.input_shape)
+        check_batch(x, self.input_shape, self.input_dtype)
         return advance_exits(ExitRun.start(x), self.step, self.exit_stages, policy, end)
 
     def finish(self, run: ExitRun, policy) -> ExitResult:

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 
-__all__ = ["Strategy", "TrainConfig", "TrainHistory", "train", "seed_everything", "evaluate_exits"]
+__all__ = ["Strategy", "TrainConfig", "TrainHistory", "train", "seed_everything", "evaluate_exits",
+           "as_split", "model_classes"]
 
 
 def seed_everything(seed: int) -> None:
@@ -59,6 +60,29 @@ class Strategy:
                                       if not k.startswith("_")}}
 
 
+def as_split(data, what: str = "data"):
+    """``data`` as a split with ``.x``, ``.y`` and ``.loader``: a split as it is, an ``(x, y)``
+    pair of tensors as a :class:`~splitexit.data.Split` (checked there); else a clear error."""
+    if hasattr(data, "loader") and hasattr(data, "x") and hasattr(data, "y"):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        from ..data import Split
+
+        return Split(*data)
+    raise InputError(f"{what} must be a data split (e.g. load_dataset('digits').train) or an "
+                     f"(x, y) pair of tensors (x float32 (N, ...), y int64 labels (N,)), got "
+                     f"{type(data).__name__}")
+
+
+def model_classes(model: nn.Module) -> int | None:
+    """The number of classes a model was built for, when it says (its spec or its heads)."""
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, dict) and isinstance(spec.get("num_classes"), int):
+        return spec["num_classes"]
+    counts = {h.num_classes for h in getattr(model, "heads", ()) if hasattr(h, "num_classes")}
+    return counts.pop() if len(counts) == 1 else None
+
+
 @dataclass
 class TrainConfig:
     """Optimiser settings: Adam with cosine decay, like most of the papers' small-model runs."""
@@ -83,15 +107,28 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
 
     Args:
         model: a :class:`MultiExitModel` (or a :class:`StagedModel` for the baseline).
-        data: the training split (``.x``, ``.y``, ``.loader(batch_size, shuffle, seed)``).
+        data: the training split (``.x``, ``.y``, ``.loader(batch_size, shuffle, seed)``), or
+            an ``(x, y)`` pair of tensors.
         strategy: how the exits are trained (see :mod:`splitexit.training`).
         config: optimiser settings; keyword ``overrides`` replace single fields.
 
     Returns:
         The per-epoch mean loss and the wall time.
+
+    Raises:
+        InputError: data that is not a split or an ``(x, y)`` pair, labels that are not class
+            indices of the model, an unknown option, or a diverging loss.
     """
     import time
 
+    from ..runtime.loop import check_labels
+
+    if not isinstance(strategy, Strategy):
+        raise InputError(f"strategy must be a training strategy such as JointWeighted() (see "
+                         f"splitexit.training), got {type(strategy).__name__}")
+    data = as_split(data)
+    classes = model_classes(model)
+    check_labels(data.y, classes, len(data.x))
     config = config or TrainConfig()
     for k, v in overrides.items():
         if not hasattr(config, k):
@@ -118,7 +155,14 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
         bar = tqdm(loader, desc=f"{strategy.name} {epoch + 1}/{config.epochs}", disable=not show,
                    leave=False)
         for x, y in bar:
-            loss = strategy.loss(model, x, y)
+            try:
+                loss = strategy.loss(model, x, y)
+            except IndexError as exc:  # cross-entropy's "Target 14 is out of bounds"
+                raise InputError(f"a label does not fit the model's classes ({exc}); labels "
+                                 f"must be class indices 0 .. C - 1 of the model's C outputs "
+                                 f"(this data's labels span {int(data.y.min())} .. "
+                                 f"{int(data.y.max())}); build the model for more classes or "
+                                 "remap the labels") from exc
             if not torch.isfinite(loss):
                 raise InputError(f"training diverged (loss {float(loss)}); lower the learning "
                                  f"rate (now {config.lr})")
@@ -148,7 +192,10 @@ def _keep_frozen_bn_eval(model: nn.Module) -> None:
 def evaluate_exits(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    batch_size: int = 512) -> list[float]:
     """Accuracy of every exit when forced to stop there (the anytime view)."""
+    from ..runtime.loop import check_labels
+
     logits = model.collect_logits(x, batch_size)
+    check_labels(y, logits[-1].shape[1], len(logits[-1]))
     return [float((lg.argmax(1) == y).double().mean()) for lg in logits]
 
 
