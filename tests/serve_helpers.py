@@ -97,9 +97,12 @@ def running_server(model_dir: Path, module: nn.Module | None = None, **settings)
 @contextmanager
 def server_process(model_dir: Path, *extra: str, env: dict | None = None):
     """``splitexit serve MODEL_DIR_OR_BUNDLE`` as a real subprocess on a free loopback port
-    (``env``: extra environment variables, e.g. ``SPLITEXIT_TOKEN``)."""
+    (``env``: extra environment variables, e.g. ``SPLITEXIT_TOKEN``; without a token the
+    server runs with ``--no-auth``)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if not env.get("SPLITEXIT_TOKEN") and "--token" not in extra:
+        extra = (*extra, "--no-auth")  # a server without a token must say so
     proc = subprocess.Popen([sys.executable, "-m", "splitexit.cli", "serve", str(model_dir),
                              "--port", str(port), "--threads", "1", *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
@@ -148,10 +151,10 @@ def own_model_file() -> str:
 
 
 def separated_policy(model, x: torch.Tensor, exits: tuple[int, ...] = (0,)) -> MaxProb:
-    """Max-prob thresholds, one per exit in ``exits``, midway between the two confidences
-    around that exit's median: about half the samples that reach it would leave there, and
-    no sample sits at a threshold (float differences between runtimes cannot flip a
-    decision)."""
+    """Max-prob thresholds, one per exit in ``exits`` (later heads repeat the last), midway
+    between the two confidences around that exit's median: about half the samples that reach
+    it would leave there, and no sample sits at a threshold (float differences between
+    runtimes cannot flip a decision)."""
     thresholds = []
     with torch.inference_mode():
         logits = model(x)
@@ -159,7 +162,11 @@ def separated_policy(model, x: torch.Tensor, exits: tuple[int, ...] = (0,)) -> M
         conf, _ = logits[e].softmax(1).amax(1).sort()
         mid = len(conf) // 2
         thresholds.append(float((conf[mid - 1] + conf[mid]) / 2))
-    return MaxProb(thresholds[0] if len(thresholds) == 1 else tuple(thresholds))
+    if len(thresholds) == 1:
+        return MaxProb(thresholds[0])
+    # one value per head (a per-exit tuple must fit the model): later heads repeat the last
+    heads = len(logits) - 1
+    return MaxProb(tuple(thresholds + thresholds[-1:] * (heads - len(thresholds))))
 
 
 @functools.cache

@@ -103,7 +103,8 @@ def test_own_model_bundle_served_by_subprocess_equals_pytorch(own, digits, tmp_p
     assert b.cut == OWN_SPLIT and b.codec == OWN_CODEC and len(b.payload) == 2  # in a block
     x = digits.test.x[:64]
     with server_process(path, env={"SPLITEXIT_TOKEN": TOKEN}) as (_, url):
-        health = httpx.get(url + "/health", timeout=5).json()
+        health = httpx.get(url + "/health", timeout=5,
+                           headers={"Authorization": f"Bearer {TOKEN}"}).json()
         assert health["bundle"] and health["runtime"] == "onnxruntime"
         assert health["model"] == "own architecture" and "own_net" not in json.dumps(health)
         with EdgeRuntime(b.device(), b.policy, url, b.codec,
@@ -161,7 +162,7 @@ def test_bundle_server_batches_checks_and_guards(own, digits):
         with ThreadPoolExecutor(8) as pool:
             docs = [r.json() for r in pool.map(post, bodies)]
         wrong = post(codec.encode(full.payload[0]))  # one tensor where the cut carries two
-        health = httpx.get(srv.url + "/health").json()
+        health = httpx.get(srv.url + "/health", headers=headers).json()
     assert max(d["batch_size"] for d in docs) >= 4, [d["batch_size"] for d in docs]
     for i, d in enumerate(docs):
         np.testing.assert_allclose(d["logits"][0], expected[i].numpy(), atol=1e-2)

@@ -300,7 +300,7 @@ def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: flo
         [sys.executable, "-m", "splitexit.cli", "serve", str(model_dir), "--port", str(port),
          "--threads", "1", "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
          "--max-request-samples", "256", "--max-request-bytes", str(64 * 1024 * 1024),
-         "--runtime", runtime],
+         "--runtime", runtime, "--no-auth"],  # loopback only, inside the benchmark
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

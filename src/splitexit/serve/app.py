@@ -2,10 +2,12 @@
 
 :func:`create_app` wraps any server-half module (payload in, logits out) in a FastAPI app
 with micro-batching of concurrent requests (:class:`MicroBatcher`), ``/health`` and
-``/metrics`` endpoints, an optional bearer token, request size limits and a bounded queue.
-:func:`serve` runs it with uvicorn (graceful shutdown on SIGINT/SIGTERM). Payloads are decoded
-with :func:`splitexit.split.codec.decode` under a byte limit and checked against the expected
-per-sample shapes before anything is queued; nothing is unpickled.
+``/metrics`` endpoints, a bearer token, request size limits, a body deadline and a bounded
+queue. :func:`serve` runs it with uvicorn (graceful shutdown on SIGINT/SIGTERM) behind the
+connection guards of :mod:`splitexit.serve.connections` (header deadline, connection cap,
+keep-alive timeout). Payloads are decoded with :func:`splitexit.split.codec.decode` under a
+byte limit and checked against the expected per-sample shapes before anything is queued;
+nothing is unpickled.
 
 Endpoints::
 
@@ -13,8 +15,10 @@ Endpoints::
                      X-Request-ID and Authorization: Bearer <token>
                      200 {"request_id", "predictions", "logits", "batch_size", "queue_ms",
                           "compute_ms"}
-                     4xx/5xx {"error": reason, "request_id"}
-    GET  /health     {"status": "ok" | "draining", ...}
+                     4xx/5xx {"error": reason, "request_id"} (413 adds "limits", a 422 for
+                          non-finite logits adds "rows"); every status counted in /metrics
+    GET  /health     {"status": "ok" | "draining"}; with the token also the model, cut,
+                     codec, payload spec and "limits"
     GET  /metrics    counts, latency percentiles, batch sizes (token required when set)
 """
 
@@ -36,19 +40,24 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from torch import nn
 
 from splitexit.errors import InputError, PayloadError
 from splitexit.split import codec as wire
 
-from .protocol import HEALTH_PATH, INFER_PATH, LEGACY_INFER_PATH, METRICS_PATH
+from .connections import LOGGER, fit_open_files, guarded_protocol
+from .protocol import HEALTH_PATH, INFER_PATH, METRICS_PATH
 
 __all__ = ["ServerSettings", "PayloadSpec", "MicroBatcher", "ServerMetrics", "create_app",
-           "BackgroundServer",
-           "serve", "INFER_PATH"]
+           "BackgroundServer", "serve", "uvicorn_config", "INFER_PATH"]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+#: counted in ``/metrics`` when a client disconnects before its request could be answered
+CLIENT_CLOSED = 499
 
 
 #: how a server half can run: PyTorch eagerly, one frozen TorchScript graph, or (bundles) the
@@ -65,11 +74,21 @@ class ServerSettings:
             merged up to it (a single larger request is refused with 413 unless it fits
             ``max_request_samples``, then it runs alone).
         max_wait_ms: how long the first request of a batch waits for others to join.
-        token: when set, ``/v1/infer`` and ``/metrics`` need ``Authorization: Bearer <token>``.
+        token: when set, ``/v1/infer`` and ``/metrics`` need ``Authorization: Bearer <token>``
+            and ``/health`` shows only ``{"status"}`` without it (``splitexit serve`` refuses
+            to start without a token unless ``--no-auth``).
         max_request_bytes: largest request body accepted (413 above it).
         max_request_samples: largest number of samples in one request (413 above it).
         max_queue_samples: samples waiting at most; further requests get 503 (retry later).
         threads: torch intra-op threads of the inference thread (unchanged when ``None``).
+        max_connections: open connections at most (:func:`serve` / :class:`BackgroundServer`):
+            a new connection over it closes the oldest one waiting for a request; lowered to
+            what the open-file limit allows.
+        header_timeout_s: a client's request headers must be complete this long after it
+            connects (or starts a further request); the connection is closed otherwise.
+        body_timeout_s: the whole request body must arrive within this time after the
+            headers; 408 otherwise (and the connection is closed).
+        keep_alive_s: an idle kept-alive connection is closed after this time.
         runtime: how the server half runs: ``"eager"`` PyTorch, ``"torchscript"`` (one
             frozen graph; see :func:`~splitexit.serve.load_server`) or ``"onnxruntime"`` (a
             bundle's ``server.onnx``). Read by ``splitexit serve`` and the Ray replicas when
@@ -84,14 +103,25 @@ class ServerSettings:
     max_queue_samples: int = 4096
     threads: int | None = None
     runtime: str = "eager"
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keep_alive_s: float = 5.0
 
     def __post_init__(self) -> None:
         checks = [("max_batch", self.max_batch, 1), ("max_request_bytes",
                   self.max_request_bytes, 64), ("max_request_samples", self.max_request_samples,
-                  1), ("max_queue_samples", self.max_queue_samples, 1)]
+                  1), ("max_queue_samples", self.max_queue_samples, 1),
+                  ("max_connections", self.max_connections, 1)]
         for name, value, low in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InputError(f"ServerSettings.{name} must be an int >= {low}, got {value!r}")
+        for name in ("header_timeout_s", "body_timeout_s", "keep_alive_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    0 < value <= 3600):
+                raise InputError(f"ServerSettings.{name} must be in (0, 3600] seconds, got "
+                                 f"{value!r}")
         if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 10_000):
             raise InputError(f"ServerSettings.max_wait_ms must be in 0..10000 ms, got "
                              f"{self.max_wait_ms!r}")
@@ -200,11 +230,13 @@ def _prod(shape: Sequence[int]) -> int:
 class HTTPError(Exception):
     """A request refused with an HTTP status and a reason."""
 
-    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.headers = headers or {}
+        self.extra = extra or {}
 
 
 class ServerMetrics:
@@ -422,11 +454,22 @@ class MicroBatcher:
         compute_ms = 1e3 * (loop.time() - started)
         size = sum(j.n for j in batch)
         self.metrics.batch(size, compute_ms, queue_ms)
+        finite = torch.isfinite(logits).all(1)
         offset = 0
         for job, q in zip(batch, queue_ms):
-            if not job.future.done():
-                job.future.set_result((logits[offset: offset + job.n], size, q, compute_ms))
+            rows = logits[offset: offset + job.n]
+            bad = (~finite[offset: offset + job.n]).nonzero().flatten().tolist()
             offset += job.n
+            if job.future.done():
+                continue
+            if bad:  # only the requests carrying such samples fail; the batch's others answer
+                job.future.set_exception(HTTPError(
+                    422, f"the model's logits are not finite (inf or NaN) for sample(s) "
+                    f"{_listing(bad)} of this request: their values overflow inside the model; "
+                    "send values in the range the model was trained on (the other samples "
+                    "may be sent again without them)", extra={"rows": bad}))
+            else:
+                job.future.set_result((rows, size, q, compute_ms))
 
     def _forward(self, batch: list[_Job]) -> torch.Tensor:
         first = batch[0]
@@ -447,32 +490,57 @@ class MicroBatcher:
         return out.float()
 
 
+def _listing(rows: Sequence[int], most: int = 20) -> str:
+    shown = ", ".join(map(str, rows[:most]))
+    return f"[{shown}{', ...' if len(rows) > most else ''}]"
+
+
 def _request_id(request: Request) -> str:
     rid = request.headers.get("x-request-id", "")
     return rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
 
 
-def _error(status: int, reason: str, request_id: str,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": reason, "request_id": request_id}, status_code=status,
-                        headers=headers)
+def _error(status: int, reason: str, request_id: str, headers: dict[str, str] | None = None,
+           extra: dict[str, Any] | None = None) -> JSONResponse:
+    return JSONResponse({"error": reason, "request_id": request_id, **(extra or {})},
+                        status_code=status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+#: what a client may send at most, shown by ``/health`` (with the token) and in 413 errors
+def _limits(settings: ServerSettings) -> dict[str, int]:
+    return {"max_request_samples": settings.max_request_samples,
+            "max_request_bytes": settings.max_request_bytes}
+
+
+async def _read_body(request: Request, settings: ServerSettings) -> bytes:
+    limit = settings.max_request_bytes
+    too_large = {"limits": _limits(settings)}
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise HTTPError(400, "invalid Content-Length header")
         if int(length) > limit:
             raise HTTPError(413, f"request body of {length} bytes exceeds the limit of {limit} "
-                            "bytes; send fewer samples per request or a stronger codec")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes; send fewer "
-                            "samples per request or a stronger codec")
-        chunks.append(chunk)
+                            "bytes; send fewer samples per request or a stronger codec",
+                            extra=too_large)
+    chunks: list[bytes] = []
+    size = 0
+
+    async def collect() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"request body exceeds the limit of {limit} bytes; send "
+                                "fewer samples per request or a stronger codec", extra=too_large)
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {settings.body_timeout_s:g}"
+                        f" s ({size} bytes received); send it at once", {"Connection": "close"}
+                        ) from None
     return b"".join(chunks)
 
 
@@ -515,8 +583,9 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.draining = False
-    public_info = {"spec": spec.to_json() if spec else None, **(info or {}),
-                   "settings": {k: v for k, v in asdict(settings).items() if k != "token"}}
+    private_info = {"spec": spec.to_json() if spec else None, **(info or {}),
+                    "limits": _limits(settings),
+                    "settings": {k: v for k, v in asdict(settings).items() if k != "token"}}
 
     def authorized(request: Request) -> bool:
         if settings.token is None:
@@ -526,8 +595,14 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
         return scheme.lower() == "bearer" and hmac.compare_digest(
             value.strip().encode(), settings.token.encode())
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_exception(request: Request, exc: StarletteHTTPException):
+        # unknown paths (404), wrong methods (405): the same JSON errors as everything else
+        metrics.request(exc.status_code, 0.0)
+        return _error(exc.status_code, str(exc.detail), _request_id(request),
+                      getattr(exc, "headers", None))
+
     @app.post(INFER_PATH)
-    @app.post(LEGACY_INFER_PATH)
     async def infer(request: Request):
         t0 = time.perf_counter()
         rid = _request_id(request)
@@ -538,7 +613,7 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
                                 "Bearer <token>'", {"WWW-Authenticate": "Bearer"})
             if app.state.draining:
                 raise HTTPError(503, "server shutting down; retry elsewhere")
-            body = await _read_body(request, settings.max_request_bytes)
+            body = await _read_body(request, settings)
             if not body:
                 raise HTTPError(400, "empty request body: send one codec message "
                                 "(splitexit.split.codec.Codec.encode)")
@@ -548,7 +623,8 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
                 if "max_bytes" in str(exc):  # well-formed but larger than this server takes
                     raise HTTPError(413, f"payload too large: {exc}; send fewer samples per "
                                     f"request (max_request_samples="
-                                    f"{settings.max_request_samples})") from exc
+                                    f"{settings.max_request_samples})",
+                                    extra={"limits": _limits(settings)}) from exc
                 raise HTTPError(400, f"malformed payload: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - nothing a client sends may crash us
                 raise HTTPError(400, f"malformed payload: {type(exc).__name__}: {exc}") from exc
@@ -558,22 +634,32 @@ def create_app(module: nn.Module | Callable, spec: PayloadSpec | None = None,
                 raise HTTPError(422, str(exc)) from exc
             if n > settings.max_request_samples:
                 raise HTTPError(413, f"{n} samples in one request exceed max_request_samples="
-                                f"{settings.max_request_samples}; split the request")
+                                f"{settings.max_request_samples}; split the request",
+                                extra={"limits": _limits(settings)})
             logits, size, queue_ms, compute_ms = await batcher.submit(payload, n)
+            answer = {"request_id": rid, "predictions": logits.argmax(1).tolist(),
+                      "logits": logits.tolist(), "batch_size": size, "queue_ms": queue_ms,
+                      "compute_ms": compute_ms}
+            response = JSONResponse(answer, headers={"X-Request-ID": rid})
         except HTTPError as exc:
             metrics.request(exc.status, 1e3 * (time.perf_counter() - t0))
-            return _error(exc.status, exc.reason, rid, exc.headers)
+            return _error(exc.status, exc.reason, rid, exc.headers, exc.extra)
+        except ClientDisconnect:  # the client left mid-body: nobody to answer
+            metrics.request(CLIENT_CLOSED, 1e3 * (time.perf_counter() - t0))
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:  # noqa: BLE001 - a failure is a JSON error, counted as such
+            metrics.request(500, 1e3 * (time.perf_counter() - t0))
+            LOGGER.error("request %s failed: %s: %s", rid, type(exc).__name__, exc)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}", rid)
         metrics.request(200, 1e3 * (time.perf_counter() - t0), n)
-        return JSONResponse({"request_id": rid, "predictions": logits.argmax(1).tolist(),
-                             "logits": logits.tolist(), "batch_size": size,
-                             "queue_ms": queue_ms, "compute_ms": compute_ms},
-                            headers={"X-Request-ID": rid})
+        return response
 
     @app.get(HEALTH_PATH)
-    async def health():
+    async def health(request: Request):
+        # liveness for everyone; what is served (model, cut, codec, limits) with the token
         status = "draining" if app.state.draining else "ok"
-        return JSONResponse({"status": status, **public_info},
-                            status_code=503 if app.state.draining else 200)
+        doc = {"status": status, **(private_info if authorized(request) else {})}
+        return JSONResponse(doc, status_code=503 if app.state.draining else 200)
 
     @app.get(METRICS_PATH)
     async def metrics_endpoint(request: Request):
@@ -592,6 +678,25 @@ def _batch_size(payload: wire.Payload) -> int:
     return int(tensors[0].shape[0])
 
 
+def uvicorn_config(app: FastAPI, log_level: str = "warning", graceful_timeout_s: float = 10.0,
+                   **kwargs):
+    """The ``uvicorn.Config`` that runs ``app`` with its settings' connection guards.
+
+    Slow and idle clients are cut off (``header_timeout_s``, ``keep_alive_s``; the body's
+    deadline is the app's), open connections are capped (``max_connections``, lowered to what
+    the open-file limit allows; see :mod:`splitexit.serve.connections`).
+    """
+    import uvicorn
+
+    settings: ServerSettings = getattr(app.state, "settings", None) or ServerSettings()
+    max_connections, backlog = fit_open_files(settings.max_connections,
+                                              kwargs.pop("backlog", 2048))
+    return uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout_s,
+                          http=guarded_protocol(settings.header_timeout_s, max_connections),
+                          timeout_keep_alive=settings.keep_alive_s, backlog=backlog,
+                          lifespan="on", **kwargs)
+
+
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
           graceful_timeout_s: float = 10.0, log_level: str = "warning") -> None:
     """Run ``app`` with uvicorn until SIGINT/SIGTERM, then drain in-flight requests.
@@ -604,12 +709,13 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000,
     """
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=graceful_timeout_s)
+    uvicorn.Server(uvicorn_config(app, log_level, graceful_timeout_s, host=host,
+                                  port=port)).run()
 
 
 class BackgroundServer:
-    """Runs an app with uvicorn in a daemon thread on ``127.0.0.1`` (tests, benchmarks).
+    """Runs an app with uvicorn in a daemon thread on ``127.0.0.1`` (tests, benchmarks), with
+    the connection guards of :func:`uvicorn_config`.
 
     Args:
         app: the ASGI app.
@@ -630,9 +736,7 @@ class BackgroundServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = self._sock.getsockname()[:2]
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
-                                lifespan="on")
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(uvicorn_config(app, graceful_timeout_s=5))
         self._thread: threading.Thread | None = None
 
     @property

@@ -12,7 +12,8 @@
   :func:`~splitexit.serve.modeldir.load_server`.
 
 The payload spec (per-sample shapes and dtype of what crosses the cut) comes from the bundle's
-manifest, so requests are checked before anything runs.
+manifest, so requests are checked before anything runs; the server half runs once on zeros of
+that spec before serving, so a manifest that disagrees with its model is refused at start.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from splitexit.errors import CorruptFileError, InputError
 from splitexit.runtime.bundle import MANIFEST, Bundle, load_bundle
 
 from .app import RUNTIMES, PayloadSpec
+from .modeldir import check_server
 
 __all__ = ["is_bundle", "load_serving", "bundle_server", "BUNDLE_RUNTIMES"]
 
@@ -131,6 +133,7 @@ def load_serving(directory: str | os.PathLike, runtime: str | None = None,
         runtime = runtime or BUNDLE_RUNTIMES[0]
         module = bundle_server(b, runtime, model, threads)
         payload = PayloadSpec.from_tensors(b.payload)
+        check_server(module, payload, len(b.classes), str(Path(directory) / MANIFEST))
         weights = b.manifest.get("weights")
         spec = weights.get("model") if isinstance(weights, dict) else None
         # a zoo spec names the model; a user model's records a local file path: not shown

@@ -53,17 +53,50 @@ def _runtime(args) -> str:
     return "onnxruntime" if is_bundle(args.model_dir) else "eager"
 
 
-def _settings(args):
+NO_AUTH_WARNING = """\
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! WARNING: splitexit serve --no-auth: AUTHENTICATION IS OFF.
+!! Anyone who can reach http://{host}:{port} can run the model, read /metrics and see what
+!! /health shows (model, cut, codec, limits). Set SPLITEXIT_TOKEN instead, or at least keep
+!! --host 127.0.0.1.
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"""
+
+
+def _server_token(args) -> str | None:
+    """The server's token; no token is an error unless ``--no-auth`` asks for an open server."""
+    from splitexit.errors import InputError
+
+    token = _token(args)
+    if args.no_auth:
+        if token:
+            raise InputError("--no-auth and a token (--token or SPLITEXIT_TOKEN) contradict "
+                             "each other: drop one")
+        print(NO_AUTH_WARNING.format(host=args.host, port=args.port), file=sys.stderr,
+              flush=True)
+        return None
+    if not token:
+        raise InputError("no bearer token: set SPLITEXIT_TOKEN (at least 8 characters) or pass "
+                         "--token, and give it to the clients; to serve without "
+                         "authentication pass --no-auth")
+    return token
+
+
+def _settings(args, token: str | None = None):
     from .app import ServerSettings
 
+    token = token if token is not None or args.no_auth else _server_token(args)
     return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          token=_token(args), max_request_bytes=args.max_request_bytes,
-                          max_request_samples=args.max_request_samples, threads=args.threads,
-                          runtime=_runtime(args))
+                          token=token, max_request_bytes=args.max_request_bytes,
+                          max_request_samples=args.max_request_samples,
+                          max_queue_samples=args.max_queue_samples, threads=args.threads,
+                          runtime=_runtime(args), max_connections=args.max_connections,
+                          header_timeout_s=args.header_timeout_s,
+                          body_timeout_s=args.body_timeout_s, keep_alive_s=args.keep_alive_s)
 
 
 def _cmd_serve(args) -> int:
-    settings = _settings(args)
+    token = _server_token(args)  # before importing anything heavy: a refusal is immediate
+    settings = _settings(args, token)
     if args.ray:
         from . import ray_app
 
@@ -187,9 +220,25 @@ def _edge_inputs(args):
     return x, y
 
 
+def offload_failure(stats: dict, max_failed_fraction: float) -> str | None:
+    """Why an edge run counts as failed (``None``: it did not): every offloaded input, or more
+    than ``max_failed_fraction`` of them, got no server answer."""
+    sent, failed = stats.get("offloaded", 0), stats.get("offload_failed", 0)
+    if not sent or (failed < sent and failed <= max_failed_fraction * sent):
+        return None
+    return (f"{failed} of {sent} offloaded inputs got no server answer "
+            f"({100 * failed / sent:.0f}%{'' if failed == sent else ', over --max-failed-fraction'}"
+            f" {max_failed_fraction:g}); they got local fallback (or failed) answers. Last "
+            f"error: {stats.get('last_error')}")
+
+
 def _cmd_edge(args) -> int:
+    from splitexit.errors import InputError
+
     from .edge import EdgeSettings
 
+    if not 0 <= args.max_failed_fraction <= 1:
+        raise InputError(f"--max-failed-fraction must be in 0..1, got {args.max_failed_fraction}")
     x, y = _edge_inputs(args)
     settings = EdgeSettings(deadline_s=args.deadline_ms / 1e3, retries=args.retries,
                             token=_token(args))
@@ -206,6 +255,10 @@ def _cmd_edge(args) -> int:
                     row["target"] = int(y[a.index])
                 f.write(json.dumps(row) + "\n")
     print(json.dumps(stats, indent=2))
+    failure = offload_failure(stats, args.max_failed_fraction)
+    if failure:
+        print(f"splitexit edge: offloading failed: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -230,13 +283,29 @@ def register(sub) -> None:
                    help="a split bundle (manifest.json) or a model directory (serve.json)")
     p.add_argument("--host", default="127.0.0.1", help="interface (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=None, help="bearer token clients must send (or set "
-                   "SPLITEXIT_TOKEN)")
+    p.add_argument("--token", default=None, help="bearer token clients must send; prefer "
+                   "SPLITEXIT_TOKEN (the command line is visible to other users). Required "
+                   "unless --no-auth")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve WITHOUT authentication (refused otherwise when no token is set)")
     p.add_argument("--max-batch", type=int, default=32, help="samples per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="how long a request waits for others to join its batch")
-    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024)
-    p.add_argument("--max-request-samples", type=int, default=256)
+    p.add_argument("--max-request-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest request body (413 above it)")
+    p.add_argument("--max-request-samples", type=int, default=256,
+                   help="most samples in one request (413 above it)")
+    p.add_argument("--max-queue-samples", type=int, default=4096,
+                   help="samples waiting at most; further requests get 503 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most (a new one closes the oldest connection "
+                   "waiting for a request); lowered to what the open-file limit allows")
+    p.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="a client's request headers must be complete within this time")
+    p.add_argument("--body-timeout-s", type=float, default=30.0,
+                   help="a request body must arrive within this time (408 otherwise)")
+    p.add_argument("--keep-alive-s", type=float, default=5.0,
+                   help="an idle kept-alive connection is closed after this time")
     p.add_argument("--threads", type=int, default=None,
                    help="torch (and ONNX Runtime) threads for inference")
     p.add_argument("--runtime", default=None, choices=["onnxruntime", "eager", "torchscript"],
@@ -273,7 +342,11 @@ def register(sub) -> None:
     p.add_argument("--deadline-ms", type=float, default=1000.0)
     p.add_argument("--retries", type=int, default=2)
     p.add_argument("--codec", default=None, help="wire codec (default: the bundle's)")
-    p.add_argument("--token", default=None)
+    p.add_argument("--token", default=None, help="bearer token (prefer SPLITEXIT_TOKEN)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.5,
+                   help="exit with status 1 (and a summary on stderr) when more than this "
+                   "fraction of the offloaded inputs, or all of them, got no server answer "
+                   "(401, 413, unreachable, deadline...); the answers are written anyway")
     p.add_argument("--out", default=None, help="write one JSON line per answer here")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_edge)

@@ -14,7 +14,9 @@ needs the device's weights and vice versa. Nothing is pickled.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from .app import RUNTIMES, PayloadSpec
 from .device import DevicePart
 
 __all__ = ["ServeConfig", "export_model_dir", "load_server", "load_device", "server_half",
-           "read_config"]
+           "read_config", "check_server"]
 
 FORMAT = "splitexit-serve"
 VERSION = 1
@@ -143,18 +145,142 @@ def read_config(directory: str | os.PathLike) -> ServeConfig:
                                "model directory again") from exc
 
 
-def _rebuild(cfg: ServeConfig) -> MultiExitModel:
-    from splitexit.zoo import create_multiexit
+def _check_spec(cfg: ServeConfig) -> dict:
+    """The zoo call ``serve.json`` describes, checked before anything is built."""
+    from splitexit import zoo
 
     spec = cfg.model
+    where = f"{CONFIG} model spec"
+    for key in ("model", "num_classes", "input_shape", "exits", "head"):
+        if key not in spec:
+            raise CorruptFileError(f"{where} lacks {key!r}; export the model directory again")
+    name = spec["model"]
+    builder = zoo._MODELS.get(name) if isinstance(name, str) else None
+    if builder is None:
+        raise CorruptFileError(f"{where} names the model {name!r}, which is not in the zoo "
+                               f"({', '.join(zoo.list_models())}); export the model directory "
+                               "again")
+    kwargs = spec.get("model_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CorruptFileError(f"{where}: model_kwargs must be an object, got {kwargs!r}")
+    params = inspect.signature(builder).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [k for k in params if k not in ("num_classes", "input_shape")]
+    unknown = sorted(set(kwargs) - set(known)) if not accepts_any else []
+    if unknown:
+        raise CorruptFileError(f"{where}: {name} takes no argument(s) {', '.join(unknown)} "
+                               f"(it takes {', '.join(known) or 'none'}); fix model_kwargs or "
+                               "export the model directory again")
+    if cfg.num_classes != spec["num_classes"]:
+        raise CorruptFileError(f"{CONFIG}: num_classes {cfg.num_classes} differs from the model "
+                               f"spec's {spec['num_classes']!r}; export the model directory again")
+    return spec
+
+
+def _build(spec: dict) -> MultiExitModel:
+    from splitexit.zoo import create_multiexit
+
+    return create_multiexit(spec["model"], num_classes=spec["num_classes"],
+                            input_shape=tuple(spec["input_shape"]), exits=spec["exits"],
+                            head=spec["head"], head_kwargs=spec.get("head_kwargs") or None,
+                            **(spec.get("model_kwargs") or {}))
+
+
+def _stored_elements(weights: Path) -> int:
+    """Number of values in a checkpoint's safetensors file, read from its header only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = weights / checkpoint.WEIGHTS
     try:
-        return create_multiexit(spec["model"], num_classes=spec["num_classes"],
-                                input_shape=tuple(spec["input_shape"]), exits=spec["exits"],
-                                head=spec["head"], head_kwargs=spec.get("head_kwargs") or None,
-                                **spec.get("model_kwargs", {}))
-    except KeyError as exc:
-        raise CorruptFileError(f"serve.json model spec lacks {exc}; export the model directory "
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"cannot read {path}: {exc}; export the model directory "
                                "again") from exc
+
+
+def _rebuild(cfg: ServeConfig, directory: str | os.PathLike | None = None,
+             part: str = "server") -> MultiExitModel:
+    """The multi-exit model of ``serve.json``; with ``directory``, the spec is checked first
+    on PyTorch's meta device (no memory) against ``part``'s stored weights, so an
+    inconsistent spec (e.g. absurd layer widths) is refused before anything is allocated."""
+    spec = _check_spec(cfg)
+    if directory is not None:
+        try:
+            with torch.device("meta"):
+                shell = _build(spec)
+                half = server_half(shell, cfg.cut) if part == "server" else \
+                    DevicePart(shell, cfg.cut)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, InputError) as exc:
+            raise CorruptFileError(f"{CONFIG} describes a model that cannot be built "
+                                   f"({type(exc).__name__}: {exc}); export the model directory "
+                                   "again") from exc
+        want = sum(t.numel() for t in half.state_dict().values())
+        have = _stored_elements(Path(directory) / part)
+        if want != have:
+            raise CorruptFileError(
+                f"{CONFIG} describes a {part} half of {want:,} values ({want * 4 / 1e9:.3g} GB "
+                f"as float32) but {Path(directory) / part} stores {have:,}: the model spec "
+                "(e.g. its layer widths) does not match the weights; export the model "
+                "directory again")
+    try:
+        return _build(spec)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CorruptFileError(f"{CONFIG} describes a model that cannot be built "
+                               f"({type(exc).__name__}: {exc}); export the model directory "
+                               "again") from exc
+
+
+def _check_policy_and_codec(cfg: ServeConfig, directory) -> None:
+    """The device's policy and codec: a bad field is refused when the server starts, too."""
+    where = Path(directory) / CONFIG
+    try:
+        make_policy(cfg.policy)
+    except (InputError, TypeError, ValueError, KeyError) as exc:
+        raise CorruptFileError(f"{where}: invalid policy {cfg.policy!r} ({exc}); fix it or "
+                               "export the model directory again") from exc
+    try:
+        Codec.parse(cfg.codec)
+    except (InputError, ValueError) as exc:
+        raise CorruptFileError(f"{where}: invalid codec {cfg.codec!r} ({exc}); fix it or "
+                               "export the model directory again") from exc
+
+
+def check_server(module, payload: PayloadSpec, num_classes: int | None, where: str) -> None:
+    """Run ``module`` once on zeros of the payload spec: a spec that disagrees with the model
+    (dtype, shapes, tensor count) is refused at load time instead of failing every request.
+
+    Raises:
+        CorruptFileError: the module fails on such a payload or gives no ``(N, classes)``
+            logits.
+    """
+    if isinstance(module, nn.Module):
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if dtypes and payload.dtype not in dtypes:
+            raise CorruptFileError(
+                f"{where} declares a {str(payload.dtype).removeprefix('torch.')} payload but "
+                f"the server half computes in "
+                f"{', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}: every "
+                "request would fail; write it again")
+    tensors = tuple(torch.zeros(2, *s, dtype=payload.dtype) for s in payload.shapes)
+    example = tensors if payload.is_tuple else tensors[0]
+    try:
+        with torch.inference_mode():
+            out = module(example)
+    except Exception as exc:  # noqa: BLE001 - any failure here means: refuse to start
+        raise CorruptFileError(f"{where} does not fit its server half: a payload of the "
+                               f"declared spec ({payload.to_json()}) fails "
+                               f"({type(exc).__name__}: {str(exc)[:300]}); write it again"
+                               ) from exc
+    out = out[0] if isinstance(out, tuple) else out
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2 or (
+            num_classes is not None and out.shape[1] != num_classes):
+        raise CorruptFileError(f"{where}: the server half gives "
+                               f"{tuple(getattr(out, 'shape', ()))} for 2 samples, not logits "
+                               f"of {num_classes or 'some'} classes; write it again")
+    if not torch.isfinite(out).all():
+        raise CorruptFileError(f"{where}: the server half gives non-finite logits for a payload "
+                               "of zeros: its weights are corrupt (NaN/inf); write it again")
 
 
 def load_server(directory: str | os.PathLike, runtime: str = "eager"
@@ -174,9 +300,11 @@ def load_server(directory: str | os.PathLike, runtime: str = "eager"
                          "onnxruntime runtime serves bundles (`splitexit bundle`): use "
                          "--runtime eager or torchscript here")
     cfg = read_config(directory)
-    server = server_half(_rebuild(cfg), cfg.cut)
+    _check_policy_and_codec(cfg, directory)
+    server = server_half(_rebuild(cfg, directory, "server"), cfg.cut)
     checkpoint.load_weights(server, Path(directory) / "server")
     server.eval()
+    check_server(server, cfg.payload, cfg.num_classes, str(Path(directory) / CONFIG))
     if runtime == "torchscript":
         from splitexit.optimize import fuse_for_inference, script_module
 
@@ -190,6 +318,6 @@ def load_server(directory: str | os.PathLike, runtime: str = "eager"
 def load_device(directory: str | os.PathLike) -> tuple[DevicePart, ExitPolicy, ServeConfig]:
     """The device part (eval mode, its own weights), its exit policy and the configuration."""
     cfg = read_config(directory)
-    device = DevicePart(_rebuild(cfg), cfg.cut)
+    device = DevicePart(_rebuild(cfg, directory, "device"), cfg.cut)
     checkpoint.load_weights(device, Path(directory) / "device")
     return device.eval(), make_policy(cfg.policy), cfg

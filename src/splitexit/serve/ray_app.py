@@ -54,6 +54,7 @@ class _Replica:
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
                                         base_url="http://replica", timeout=None)
         self.max_body = ServerSettings(**settings).max_request_bytes
+        self.max_samples = ServerSettings(**settings).max_request_samples
 
     async def __call__(self, request):
         from starlette.responses import JSONResponse, Response
@@ -61,7 +62,11 @@ class _Replica:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return JSONResponse({"error": f"request body of {length} bytes exceeds the limit of "
-                                 f"{self.max_body} bytes"}, status_code=413)
+                                 f"{self.max_body} bytes",
+                                 "request_id": request.headers.get("x-request-id", ""),
+                                 "limits": {"max_request_samples": self.max_samples,
+                                            "max_request_bytes": self.max_body}},
+                                status_code=413)
         body = await request.body()
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("authorization", "x-request-id", "content-type")}
