@@ -9,11 +9,11 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from splitexit.serve.app import wait_until_healthy
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "TUTORIAL.md"
 BIN = Path(sys.executable).parent
@@ -23,20 +23,6 @@ BLOCK = re.compile(r"```(\w+)([^\n]*)\n(.*?)```", re.S)
 def _blocks():
     for lang, info, body in BLOCK.findall(DOC.read_text()):
         yield lang, info.strip(), body
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"no healthy server at {url}")
 
 
 @pytest.mark.slow
@@ -69,7 +55,7 @@ def test_tutorial_runs_as_written(tmp_path, monkeypatch):
                                                 stderr=subprocess.PIPE)
                         servers.append(proc)
                         port = argv[argv.index("--port") + 1]
-                        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+                        wait_until_healthy(f"http://127.0.0.1:{port}", 60, process=proc)
                         continue
                     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True,
                                           text=True, timeout=300)
