@@ -48,3 +48,21 @@ def trained_resnet8(digits):
     model = create_multiexit("resnet8", digits.num_classes, digits.input_shape)
     train(model, digits.train, JointWeighted(), epochs=6, progress=False)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    """The serve tests' small multi-exit model (tests/serve_helpers.small_model)."""
+    from serve_helpers import small_model as build
+
+    return build()
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_model, digits, tmp_path_factory):
+    """A model directory of ``small_model`` split at the serve tests' cut, with a policy under
+    which about half the samples leave locally."""
+    from serve_helpers import make_model_dir, median_policy
+
+    policy = median_policy(small_model, digits.calib.x)
+    return make_model_dir(small_model, tmp_path_factory.mktemp("serve") / "model", policy)

@@ -26,7 +26,6 @@ from serve_helpers import (
     zoo_bundle,
 )
 from splitexit import checkpoint
-from splitexit.bench.measure import torch_threads
 from splitexit.deploy import bundle
 from splitexit.errors import InputError
 from splitexit.policies import NeverExit
@@ -40,10 +39,7 @@ TOKEN = "bundle-token-for-tests"
 SOURCES = {"exit", "server", "fallback", "failed"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,11 @@ import torch
 from serve_helpers import (
     SlowModule,
     make_model_dir,
-    median_policy,
     own_bundle,
     running_server,
     server_module,
     server_process,
 )
-from serve_helpers import small_model as _small_model
-from splitexit.bench.measure import torch_threads
 from splitexit.errors import InputError
 from splitexit.policies import NeverExit
 from splitexit.serve import (
@@ -38,21 +35,11 @@ from splitexit.serve.cli import load_edge_device
 SOURCES = {"exit", "server", "fallback", "failed"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    return _small_model()
 
 
-@pytest.fixture(scope="module")
-def model_dir(small_model, digits, tmp_path_factory):
-    policy = median_policy(small_model, digits.calib.x)
-    return make_model_dir(small_model, tmp_path_factory.mktemp("edge") / "model", policy)
 
 
 @pytest.fixture(scope="module", params=["model_dir", "bundle"])

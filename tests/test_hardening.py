@@ -26,15 +26,11 @@ import torch
 from serve_helpers import (
     device_payload,
     free_port,
-    make_model_dir,
-    median_policy,
     own_bundle,
     running_server,
     wait_until_healthy,
     zoo_bundle,
 )
-from serve_helpers import small_model as _small_model
-from splitexit.bench.measure import torch_threads
 from splitexit.errors import InputError
 from splitexit.serve import EdgeRuntime, EdgeSettings, load_serving
 from splitexit.serve.cli import load_edge_device
@@ -45,21 +41,11 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    return _small_model()
 
 
-@pytest.fixture(scope="module")
-def model_dir(small_model, digits, tmp_path_factory):
-    policy = median_policy(small_model, digits.calib.x)
-    return make_model_dir(small_model, tmp_path_factory.mktemp("hard") / "model", policy)
 
 
 def _edge(target, url, **settings) -> EdgeRuntime:

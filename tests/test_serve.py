@@ -21,8 +21,6 @@ from serve_helpers import (
     running_server,
     server_process,
 )
-from serve_helpers import small_model as _small_model
-from splitexit.bench.measure import torch_threads
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.serve import (
     PayloadSpec,
@@ -38,15 +36,9 @@ from splitexit.stages import StagedModel
 TOKEN = "s3cret-token-for-tests"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-@pytest.fixture(scope="module")
-def small_model():
-    return _small_model()
 
 
 @pytest.fixture(scope="module")
