@@ -143,9 +143,9 @@ def _summary(times: list[float]) -> dict:
     return {"latency_ms": statistics.fmean(ms), "latency_p50_ms": statistics.median(ms)}
 
 
-def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, trained: dict
+def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
                 ) -> tuple[list, list, dict]:
-    baseline, multi, control, _ = _train(ds, name, s, out / "models")
+    baseline, multi, control, trained = models
     for m in (baseline, multi, control):
         m.eval()
     base_calib, control_calib = (_accuracy(m, ds.calib.x, ds.calib.y) for m in (baseline,
@@ -345,12 +345,11 @@ def run_deploy(dataset: str, out: str | Path, s: DeployBenchSettings | None = No
     steady_allocator()
     ds = load_dataset(dataset, seed=s.seed)
     rows, selection, info = [], [], {}
-    trained = {}
-    for name in s.models:  # train (or reuse) every model first, on every core
-        trained[name] = _train(ds, name, s, out / "models")[3]
+    # train (or reuse) every model first, on every core; then measure on s.threads
+    models = {name: _train(ds, name, s, out / "models") for name in s.models}
     with torch_threads(s.threads):
         for name in s.models:
-            r, sel, i = _model_rows(ds, name, s, out, trained[name])
+            r, sel, i = _model_rows(ds, name, s, out, models[name])
             rows += r
             selection += sel
             info[name] = i
