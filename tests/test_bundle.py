@@ -108,6 +108,34 @@ def test_user_model_bundle_runs_with_the_pytorch_exits(user_model, digits, tmp_p
     assert m["input"] == {"dtype": "float32", "shape": [1, 8, 8], "normalisation": None}
 
 
+
+def test_batch_one_fast_path_still_checks_every_sample(user_model, digits, tmp_path):
+    """After a first call has matched the policy, single float32 samples take a short path;
+    a NaN, float64 or misshapen sample after it is still refused, and torch input, a batch of
+    two or another policy still get the same answers as the pieces."""
+    policy = _policy(user_model, digits.calib.x)
+    b = load_bundle(bundle(user_model, tmp_path / "b", policy=policy,
+                           example=digits.calib.x[:64], measure=False))
+    program = b.program()
+    x = digits.test.x[:40].numpy()
+    pieces = program.infer(x, b.policy)  # batched: the pieces and the numpy loop
+    fast = [program.infer(x[i: i + 1], b.policy) for i in range(len(x))]
+    assert np.array_equal(np.concatenate([f.exit_index for f in fast]), pieces.exit_index)
+    assert np.array_equal(np.concatenate([f.predictions for f in fast]), pieces.predictions)
+    bad = x[:1].copy()
+    bad[0, 0, 2, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        program.infer(bad, b.policy)
+    with pytest.raises(InputError, match="float32"):
+        program.infer(x[:1].astype(np.float64), b.policy)
+    with pytest.raises(InputError, match="shape"):
+        program.infer(x[:1, :, :4], b.policy)
+    one = program.infer(digits.test.x[:1], b.policy)  # torch in, torch out
+    assert isinstance(one.predictions, torch.Tensor)
+    assert int(one.exit_index[0]) == int(pieces.exit_index[0])
+    for i in range(3):  # another policy (not the exit graph's): every sample leaves at exit 0
+        assert program.infer(x[i: i + 1], MaxProb(0.0)).exit_index.tolist() == [0]
+
 @pytest.mark.parametrize("policy_kind", [Entropy, Patience])
 def test_other_policies_run_on_the_pieces(user_model, digits, tmp_path, policy_kind):
     policy = Patience(1) if policy_kind is Patience else _policy(user_model, digits.calib.x,
