@@ -174,7 +174,7 @@ def test_full_offload_bundle(user_model, digits, tmp_path):
 
 
 def test_keep_exits_trecx_and_cbnet_like_models_bundle(user_model, digits, tmp_path):
-    from splitexit.trecx import early_view_model
+    from splitexit.methods import early_view_model
 
     sub = user_model.keep_exits([2])
     b = load_bundle(bundle(sub, tmp_path / "k", policy=MaxProb(0.8), measure=False))
@@ -342,7 +342,7 @@ def test_bad_bundle_arguments(user_model, tmp_path):
 
 
 def test_gated_model_lowers_with_the_gate_as_exit_zero(digits, tmp_path, trained_resnet8):
-    from splitexit.gate import GatedMultiExitModel
+    from splitexit.methods import GatedMultiExitModel
 
     torch.manual_seed(0)
     gated = GatedMultiExitModel.from_multiexit(trained_resnet8).eval()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from splitexit.bench.catalogue import METHODS, CatalogueSettings, run_catalogue
+from splitexit.bench.catalogue import MAIN, CatalogueSettings, run_catalogue
 from splitexit.cli import main
 from splitexit.errors import InputError
 
@@ -17,15 +17,15 @@ def test_catalogue_runs_every_method_on_the_real_path(tmp_path, one_thread):
                                  finetune_epochs=1, latency_samples=10, progress=False)
     report = run_catalogue(tmp_path, settings)
     methods = {r["method"] for r in report["rows"]}
-    assert set(METHODS) | {"pabee", "baseline"} <= methods
+    assert set(MAIN) | {"pabee", "baseline"} <= methods
     measured = [r for r in report["rows"] if "infer_matches_simulate" in r]
-    assert len(measured) >= len(METHODS) - 2  # a method may miss the 50% budget: noted
+    assert len(measured) >= len(MAIN) - 2  # a method may miss the 50% budget: noted
     assert all(r["infer_matches_simulate"] for r in measured)
     assert all("note" in r or "accuracy" in r for r in report["rows"])
     sections = report["sections"]
     budgets = {(r["method"], r["budget"]) for r in
                sections["budgeted (thresholds chosen on calibration, measured on test)"]}
-    assert {(m, b) for m in METHODS for b in settings.budgets} <= budgets
+    assert {(m, b) for m in MAIN for b in settings.budgets} <= budgets
     info = {r["method"]: r for r in sections["methods (how each was fitted)"]}
     assert info["e2cm"]["gradient_steps"] == 0 and info["e2cm"]["passes"] == 1
     assert sections["exit gate"][-1]["infer_matches_simulate"]

@@ -18,7 +18,7 @@ from splitexit.errors import CorruptFileError, DatasetMissingError, InputError
 
 FASHION_DIR = data.FASHION_MNIST_DEFAULT_DIR
 FASHION_PRESENT = all(
-    (FASHION_DIR / f"{stem}.gz").is_file() for stem in data._FASHION_FILES.values()
+    (FASHION_DIR / f"{stem}.gz").is_file() for stem in data.FASHION_MNIST_FILES.values()
 )
 needs_fashion = pytest.mark.skipif(
     not FASHION_PRESENT,
@@ -57,7 +57,7 @@ def _row_hashes(x: torch.Tensor) -> list[bytes]:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["digits", "mnist5k", "fashion-mnist", "signals"]
+    assert list_datasets() == ["digits", "fashion-mnist", "mnist5k", "signals"]
 
 
 @pytest.mark.parametrize("name", list(_params()))
@@ -510,9 +510,9 @@ def test_fashion_truncated_file(tmp_path):
 @needs_fashion
 def test_fashion_real_files_and_cache():
     ds = load_dataset("fashion-mnist", seed=0)
-    info = data._cached_idx.cache_info()
+    info = data.idx_cache_info()
     again = load_dataset("fashion-mnist", seed=0)
-    assert data._cached_idx.cache_info().hits >= info.hits + 4  # parsed once per process
+    assert data.idx_cache_info().hits >= info.hits + 4  # parsed once per process
     assert torch.equal(again.calib.x, ds.calib.x)
     # The official test set, in its file order.
     official = read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz")

@@ -299,3 +299,24 @@ def test_sdn_heads_exit_alike_at_every_batch_size_and_runtime(digits, one_thread
                 got = torch.cat([runner.infer(x[i: i + b], policy).exit_index
                                  for i in range(0, len(x), b)])
                 assert torch.equal(got, offline.exit_index)
+
+
+def test_an_optimisation_that_cannot_apply_says_so():
+    from torch import nn
+
+    from splitexit.optimize import OptimizationWarning, fuse_for_inference
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y if float(y.sum()) > 0 else -y
+
+    model = Branchy().eval()
+    x = torch.rand(2, 1, 6, 6)
+    with pytest.warns(OptimizationWarning, match="BatchNorm not folded in Branchy"):
+        fused = fuse_for_inference(model)
+    assert torch.equal(fused(x), model(x))  # unfused, same outputs

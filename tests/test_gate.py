@@ -11,7 +11,7 @@ import torch
 from splitexit.cost import cost_table, count_macs
 from splitexit.data import load_dataset
 from splitexit.errors import InputError
-from splitexit.gate import ExitGate, GatedMultiExitModel, calibrate_gate, fit_gate
+from splitexit.methods import ExitGate, GatedMultiExitModel, calibrate_gate, fit_gate
 from splitexit.policies import MaxProb
 from splitexit.training import Baseline, JointWeighted, train
 from splitexit.zoo import create_multiexit

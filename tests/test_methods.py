@@ -17,6 +17,7 @@ from splitexit.compress.binary import binarize, count_binary_layers
 from splitexit.data import load_dataset
 from splitexit.errors import InputError
 from splitexit.heads import CascadingHead, ClassMeansHead, make_head
+from splitexit.methods import early_view_model
 from splitexit.policies import (
     AdditiveEnsemble,
     Entropy,
@@ -39,7 +40,6 @@ from splitexit.training import (
     fit_ztw_ensemble,
     train,
 )
-from splitexit.trecx import early_view_model
 from splitexit.zoo import create_model, create_multiexit
 
 WIDTHS = (8, 16, 32)

@@ -11,7 +11,7 @@ import torch
 from splitexit.cost import cost_table
 from splitexit.data import load_dataset
 from splitexit.errors import InputError
-from splitexit.online import OnlineCache
+from splitexit.methods import OnlineCache
 from splitexit.training import Baseline, train
 from splitexit.zoo import create_model, create_multiexit
 

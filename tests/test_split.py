@@ -142,6 +142,11 @@ def test_cut_costs_for_planner(resnet, x):
         assert c.device_macs + c.server_macs == pytest.approx(total, rel=1e-6)
         assert c.device_macs > 0 and c.server_macs > 0 and c.payload_bytes > 0
     assert costs[1].device_macs < costs[2].device_macs < costs[3].device_macs
+    for c in costs[1:-1]:  # the cost table's figures are the ones a real split measures
+        real = split_model(resnet, c.name, codec="int8", example=x).cut_cost(x)
+        assert (c.device_macs, c.server_macs) == pytest.approx(
+            (real.device_macs, real.server_macs), rel=1e-9)
+        assert c.payload_bytes == pytest.approx(real.payload_bytes)
     assert costs[-1].payload_bytes == input_message_bytes(x) > 64  # 8x8 uint8 plus a header
     # the planner on these costs: 0.76 MMAC run in 0.2 ms on a Pi beat a 600 ms LPWAN round
     # trip, so the model stays on the device; a device a million times slower offloads the

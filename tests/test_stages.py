@@ -70,7 +70,7 @@ def test_cut_inside_block_carries_several_tensors(resnet, x):
 
 
 def test_fx_node_names_are_cuts_too(resnet, x):
-    cuts = list_cuts(resnet)
+    cuts = list_cuts(resnet, nodes=True)
     assert "block1" in cuts and "stem" in cuts
     node_cut = next(c for c in cuts if "." not in c and c.startswith("block1_conv2"))
     staged = StagedModel.from_module(resnet, [node_cut])
@@ -133,3 +133,51 @@ def test_hooks_on_a_stage_graph_still_run(resnet, x):
         assert torch.equal(staged(x), want)
     assert seen == ["conv", "graph", "conv"]
     inner.remove()
+
+
+def test_list_cuts_gives_module_names_by_default_and_nodes_on_request():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from user_net import net
+
+    model = net()
+    modules = list_cuts(model)
+    assert modules == ["stem.0", "stem.1", "stem", "block1.conv1", "block1.bn1", "block1.conv2",
+                       "block1.bn2", "block1", "block2.conv1", "block2.bn1", "block2.conv2",
+                       "block2.bn2", "block2", "pool"]
+    everything = list_cuts(model, nodes=True)
+    assert set(modules) < set(everything) and {"stem_0", "relu", "add"} <= set(everything)
+    x = torch.rand(2, 1, 8, 8)
+    for cut in ("block1.bn1", "relu"):  # a module name and a node name both cut exactly
+        assert torch.equal(StagedModel.from_module(model, [cut])(x), model(x))
+
+
+def test_one_payload_spec_reads_every_form_and_checks_payloads():
+    from splitexit.errors import PayloadError
+    from splitexit.stages import PayloadSpec, TensorSpec
+
+    payload = (torch.zeros(3, 16, 8, 8), torch.zeros(3, 16, 8, 8))
+    spec = PayloadSpec.of(payload)
+    assert spec.is_tuple and spec.shapes == ((16, 8, 8), (16, 8, 8))
+    assert spec.sample_bytes == 2 * 16 * 8 * 8 * 4 and spec.describe().startswith("float32[16")
+    served = {"shapes": [[16, 8, 8], [16, 8, 8]], "dtype": "float32", "is_tuple": True}
+    assert spec.to_json() == served and PayloadSpec.from_json(served) == spec  # serve.json
+    manifest = [{"shape": [16, 8, 8], "dtype": "float32"}] * 2
+    assert PayloadSpec.from_json(manifest) == spec  # a bundle manifest's payload
+    assert spec.check(payload) == 3
+    with pytest.raises(PayloadError, match="expects 2 tensor"):
+        spec.check(payload[0])
+    with pytest.raises(PayloadError, match="float64"):
+        spec.check((payload[0].double(), payload[1]))
+    with pytest.raises(PayloadError, match="different batch sizes"):
+        spec.check((payload[0], payload[1][:2]))
+    with pytest.raises(PayloadError, match="empty batch"):
+        spec.check((payload[0][:0], payload[1][:0]))
+    with pytest.raises(InputError, match="cannot be deployed"):
+        TensorSpec((4,), "complex64")
+    with pytest.raises(InputError, match="positive ints"):
+        PayloadSpec.from_json([{"shape": [4, -1], "dtype": "float32"}])
+    with pytest.raises(InputError, match="mixes dtypes"):
+        _ = PayloadSpec((TensorSpec((2,)), TensorSpec((2,), "int8")), True).dtype

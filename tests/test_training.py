@@ -63,3 +63,22 @@ def test_strategy_misuse_errors(digits):
         train(model, digits.train, Baseline(), epochs=1, progress=False)
     with pytest.raises(InputError, match="unknown training option"):
         train(model, digits.train, Baseline(), epoch=1)
+
+
+def test_overrides_leave_the_callers_config_unchanged(digits):
+    from splitexit.training import TrainConfig
+
+    config = TrainConfig(epochs=7, lr=1e-3, progress=False)
+    model = create_multiexit("mlp", digits.num_classes, digits.input_shape)
+    train(model, digits.train.subset(64, seed=0), JointWeighted(), config, epochs=1, lr=5e-3)
+    assert (config.epochs, config.lr) == (7, 1e-3)
+
+
+def test_progress_is_one_line_per_epoch_when_not_a_terminal(digits, capsys):
+    model = create_multiexit("mlp", digits.num_classes, digits.input_shape)
+    small = digits.train.subset(64, seed=0)
+    train(model, small, JointWeighted(), epochs=2)  # stderr is captured: not a terminal
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("joint epoch 2/2: loss ")
+    train(model, small, JointWeighted(), epochs=2, progress=False)
+    assert capsys.readouterr().err == ""

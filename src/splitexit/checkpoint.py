@@ -388,7 +388,8 @@ def load_policy(directory: str | os.PathLike, spec: str | None = None, default=N
 
     Args:
         spec: a policy name (``"maxprob"``) or JSON (``'{"name": "maxprob", "threshold": 0.9}'``);
-            wins over the checkpoint's ``calibration.json``.
+            wins over the checkpoint's ``calibration.json``, which wins over the policy a
+            method's recipe fitted (``splitexit train --method``).
         default: returned when neither is there; ``None`` raises instead.
 
     Raises:
@@ -401,6 +402,9 @@ def load_policy(directory: str | os.PathLike, spec: str | None = None, default=N
         return make_policy(json.loads(spec) if spec.lstrip().startswith("{") else spec)
     if calibration.is_file():
         return make_policy(json.loads(calibration.read_text())["policy"])
+    fitted = read_meta(directory).get("policy")  # a method's own (uncalibrated) policy
+    if isinstance(fitted, dict):
+        return make_policy(fitted)
     if default is not None:
         return default
     raise InputError(f"no policy: run `splitexit calibrate {directory}` first or pass "

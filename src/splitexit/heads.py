@@ -15,21 +15,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .registry import Registry
 from .stages import per_sample_shape
 
-__all__ = ["ExitHead", "LinearHead", "SDNHead", "ConvHead", "CascadingHead", "ClassMeansHead",
+__all__ = ["HEADS", "ExitHead", "LinearHead", "SDNHead", "ConvHead", "CascadingHead", "ClassMeansHead",
            "BinaryHead", "make_head", "list_heads", "register_head", "head_in_shape"]
 
-_HEADS: dict[str, Callable[..., ExitHead]] = {}
+#: head classes ``cls(in_shape, num_classes, **kw)``, by type name
+HEADS: Registry[Callable[..., ExitHead]] = Registry("head type")
 
 
 def register_head(name: str):
     """Class decorator adding a head type to the registry used by :func:`make_head`."""
 
     def deco(cls):
-        if name in _HEADS:
-            raise InputError(f"head type {name!r} is registered twice")
-        _HEADS[name] = cls
+        HEADS.add(name, cls)
         cls.kind = name
         return cls
 
@@ -37,7 +37,7 @@ def register_head(name: str):
 
 
 def list_heads() -> list[str]:
-    return sorted(_HEADS)
+    return HEADS.list()
 
 
 def head_in_shape(in_shape) -> tuple[int, ...]:
@@ -69,9 +69,7 @@ def make_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) ->
         InputError: unknown head type (the message lists the known ones), a bad ``in_shape``
             or ``num_classes``.
     """
-    if kind not in _HEADS:
-        raise InputError(f"unknown head type {kind!r}; known: {', '.join(list_heads())}")
-    return _HEADS[kind](head_in_shape(in_shape), num_classes, **kwargs)
+    return HEADS.get(kind)(head_in_shape(in_shape), num_classes, **kwargs)
 
 
 class ExitHead(nn.Module):

@@ -43,7 +43,12 @@ from .policies import (
 from .runtime.loop import check_policy
 from .stages import Payload, Stage, StagedModel, payload_tensors
 
-__all__ = ["fuse_for_inference", "trace_for_inference", "script_module", "TracedMultiExit"]
+__all__ = ["fuse_for_inference", "trace_for_inference", "script_module", "TracedMultiExit",
+           "OptimizationWarning"]
+
+
+class OptimizationWarning(UserWarning):
+    """An inference optimisation could not be applied; the model runs unoptimised there."""
 
 
 def _fuse_module(module: nn.Module) -> nn.Module:
@@ -51,7 +56,10 @@ def _fuse_module(module: nn.Module) -> nn.Module:
         return module
     try:
         return fuse(module)
-    except Exception:  # untraceable (data-dependent control flow): keep it as it is
+    except Exception as exc:  # untraceable (data-dependent control flow): keep it as it is
+        warnings.warn(f"BatchNorm not folded in {type(module).__name__}: torch.fx cannot trace "
+                      f"it ({type(exc).__name__}: {str(exc)[:200]}); it runs unfused, with "
+                      "the same outputs but slower", OptimizationWarning, stacklevel=3)
         return module
 
 
@@ -232,7 +240,11 @@ class TracedMultiExit:
                 return _freeze(torch.jit.script(_BatchOneExits(
                     traced_pieces[:-1], traced_pieces[-1], statistics,
                     [cls.higher_is_confident for cls in _PLAIN])))
-        except Exception:  # noqa: BLE001 - the exit loop serves batch 1 as well
+        except Exception as exc:  # noqa: BLE001 - the exit loop serves batch 1 as well
+            warnings.warn(f"the batch-1 exit program could not be scripted "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); batch 1 runs through the "
+                          "exit loop over the traced pieces instead (same answers, more "
+                          "Python overhead)", OptimizationWarning, stacklevel=2)
             return None
 
     def step(self, k: int, e: int | None, payload: Payload, previous: torch.Tensor | None

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from .errors import InputError
+from .registry import Registry
 from .runtime.arrays import TORCH, ops_of
 from .runtime.loop import check_logits, check_policy
 
-__all__ = ["ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
+__all__ = ["POLICIES", "ExitPolicy", "MaxProb", "Entropy", "Margin", "Patience", "NeverExit", "FixedExit",
            "make_policy", "register_policy", "fit_temperature", "GeometricEnsemble",
            "AdditiveEnsemble", "GatedMaxProb", "fit_ensemble_weights", "ensemble_logits", "leave_at",
            "maxprob_statistic", "entropy_statistic", "margin_statistic", "Gated"]
@@ -534,19 +535,18 @@ class Gated(ExitPolicy):
         return decision
 
 
-_POLICIES: dict[str, type[ExitPolicy]] = {
-    p.name: p for p in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit,
-                        GeometricEnsemble, AdditiveEnsemble, GatedMaxProb, Gated)}
+#: policy classes by their ``name``
+POLICIES: Registry[type[ExitPolicy]] = Registry("policy")
+for _cls in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit, GeometricEnsemble,
+             AdditiveEnsemble, GatedMaxProb, Gated):
+    POLICIES.add(_cls.name, _cls)
 _POLICY_FIELDS = {"maxprob": "threshold", "entropy": "threshold", "margin": "threshold",
                   "patience": "patience", "fixed": "exit_index"}
 
 
 def register_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:
     """Add a policy class to the registry :func:`make_policy` and checkpoints use."""
-    if cls.name in _POLICIES:
-        raise InputError(f"policy {cls.name!r} is registered twice")
-    _POLICIES[cls.name] = cls
-    return cls
+    return POLICIES.add(cls.name, cls)
 
 
 def make_policy(config: dict | str, **kwargs) -> ExitPolicy:
@@ -554,13 +554,12 @@ def make_policy(config: dict | str, **kwargs) -> ExitPolicy:
     cfg = {"name": config} if isinstance(config, str) else dict(config)
     cfg.update(kwargs)
     name = cfg.pop("name")
-    if name not in _POLICIES:
-        raise InputError(f"unknown policy {name!r}; known: {', '.join(sorted(_POLICIES))}")
+    cls = POLICIES.get(name)
     for k, v in list(cfg.items()):
         if isinstance(v, list):
             cfg[k] = tuple(v)
     try:
-        return _POLICIES[name](**cfg)
+        return cls(**cfg)
     except TypeError as exc:
         raise InputError(f"bad fields for policy {name!r}: {exc}") from exc
 

@@ -32,36 +32,13 @@ from .errors import InputError
 from .multiexit import MultiExitModel, Piece, check_input, inference
 from .policies import ExitPolicy, Gated, NeverExit
 from .runtime.loop import ExitResult, all_exit_logits, check_policy, infer_exits
-from .stages import Payload, StagedModel, payload_tensors
+from .stages import Payload, StagedModel, TensorSpec, payload_tensors
 
-__all__ = ["TensorSpec", "PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT",
+__all__ = ["PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT",
            "policy_for_exits", "export_pieces"]
 
 #: the cut that sends the raw input (full offload: no device stage)
 INPUT_CUT = "input"
-
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64",
-           torch.int64: "int64", torch.int32: "int32", torch.int8: "int8",
-           torch.uint8: "uint8", torch.bool: "bool"}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of a payload, per sample: its shape without the batch and its dtype."""
-
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    @classmethod
-    def of(cls, t: torch.Tensor) -> TensorSpec:
-        if t.dtype not in _DTYPES:
-            raise InputError(f"a payload tensor of dtype {t.dtype} cannot be deployed; use one "
-                             f"of {', '.join(_DTYPES.values())}")
-        return cls(tuple(int(d) for d in t.shape[1:]), _DTYPES[t.dtype])
-
-    def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype}
-
 
 def _specs(payload: Payload) -> list[TensorSpec]:
     return [TensorSpec.of(t) for t in payload_tensors(payload)]

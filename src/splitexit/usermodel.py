@@ -217,7 +217,7 @@ def _stage(module: nn.Module, cuts: Sequence[str]) -> StagedModel:
             raise InputError(f"this StagedModel has no cut {missing[0]!r} (its cuts: "
                              f"{module.cut_names}); pass the uncut nn.Module to cut it anew")
         return module
-    valid = list_cuts(module)
+    valid = list_cuts(module, nodes=True)
     order = {c: i for i, c in enumerate(valid)}
     if all(c in order for c in cuts):
         cuts = sorted(cuts, key=order.__getitem__)

@@ -7,7 +7,6 @@ MLP, and a 1-D CNN for audio or sensor signals. ``create_multiexit`` adds exit h
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +17,11 @@ from torch import nn
 from .errors import InputError
 from .heads import ModuleHead, make_head
 from .multiexit import MultiExitModel
+from .registry import Registry
 from .stages import Stage, StagedModel, _unknown_cut
 
-__all__ = ["create_model", "create_multiexit", "list_models", "register_model", "ZooEntry"]
+__all__ = ["create_model", "create_multiexit", "list_models", "register_model", "ZooEntry",
+           "MODELS"]
 
 
 @dataclass
@@ -33,30 +34,23 @@ class ZooEntry:
     published_heads: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
 
 
-_MODELS: dict[str, Callable[..., ZooEntry]] = {}
+#: zoo builders ``fn(num_classes, input_shape, **kw) -> ZooEntry``, by name
+MODELS: Registry[Callable[..., ZooEntry]] = Registry("model")
 
 
 def register_model(name: str):
     """Decorator registering a builder ``fn(num_classes, input_shape, **kw) -> ZooEntry``."""
-
-    def deco(fn):
-        if name in _MODELS:
-            raise InputError(f"model {name!r} is registered twice")
-        _MODELS[name] = fn
-        return fn
-
-    return deco
+    return MODELS.register(name)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a glob pattern, e.g. ``list_models('res*')``."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return MODELS.list(pattern)
 
 
 def _entry(name: str, num_classes: int, input_shape: Sequence[int], **kwargs) -> ZooEntry:
-    if name not in _MODELS:
-        raise InputError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    entry = _MODELS[name](num_classes=num_classes, input_shape=tuple(input_shape), **kwargs)
+    entry = MODELS.create(name, num_classes=num_classes, input_shape=tuple(input_shape),
+                          **kwargs)
     entry.backbone.spec = {"model": name, "num_classes": num_classes,
                            "input_shape": list(input_shape), "model_kwargs": kwargs}
     return entry

@@ -21,50 +21,42 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..calibration import choose_operating_point, guarded_threshold, oracle, pareto_front, sweep
-from ..compress.binary import count_binary_layers
 from ..cost import cost_table
 from ..data import Dataset, load_dataset
 from ..errors import InputError
-from ..gate import GatedMultiExitModel, calibrate_gate, fit_gate
+from ..methods import (
+    METHODS,
+    Fitted,
+    GatedMultiExitModel,
+    OnlineCache,
+    calibrate_gate,
+    fit_gate,
+    fit_method,
+)
 from ..multiexit import MultiExitModel, simulate_exits
-from ..online import OnlineCache
 from ..policies import (
-    AdditiveEnsemble,
-    Entropy,
     ExitPolicy,
     GeometricEnsemble,
-    MaxProb,
     Patience,
     ThresholdPolicy,
     ensemble_logits,
 )
 from ..report import plot_pareto, write_report
 from ..training import (
-    ZTW,
     Baseline,
-    BoostNet,
-    HeadsOnly,
-    JointWeighted,
-    QuickNets,
-    SDNRamp,
-    SelfDistillation,
-    fit_class_means,
-    fit_commitment,
-    fit_ztw_ensemble,
     train,
 )
-from ..trecx import early_view_model
 from ..zoo import create_model, create_multiexit
 from .measure import latency_batch1, torch_threads
 
-__all__ = ["CatalogueSettings", "run_catalogue", "METHODS", "DEFAULT_CONFIGS", "register"]
+__all__ = ["CatalogueSettings", "run_catalogue", "MAIN", "EXTRA", "DEFAULT_CONFIGS", "register"]
 
 DEFAULT_CONFIGS = ["fashion-mnist:resnet8", "fashion-mnist:b-lenet", "mnist5k:b-lenet",
                    "signals:cnn1d"]
@@ -79,7 +71,7 @@ class CatalogueSettings:
 
     Attributes:
         configs: ``"dataset:model"`` pairs.
-        methods: method names to run (all of :data:`METHODS` when ``None``).
+        methods: method names to run (all of :data:`MAIN` and :data:`EXTRA` when ``None``).
         train_subset: train on this many (stratified) training samples when the training
             split is larger (``None``: all). Calibration and test splits are always whole.
         baseline_epochs: epochs of the shared baseline backbone.
@@ -125,118 +117,30 @@ class Context:
             model.backbone.load_state_dict(self.baseline.state_dict())
         return model
 
-    def fit(self, model, strategy, epochs: int, lr: float | None = None) -> float:
+    def fit(self, name: str) -> Fitted:
+        """The library's recipe for method ``name`` on the default multi-exit model built
+        from the shared baseline (heads-only methods train ``head_epochs``, the joint ones
+        ``finetune_epochs`` with ``joint_head`` heads where the method keeps the model's)."""
         s = self.settings
-        h = train(model, self.train, strategy, epochs=epochs, lr=lr or s.lr,
-                  batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
-        return h.seconds
+        frozen = METHODS.get(name).frozen_backbone
+        return fit_method(name, self.multi(), self.train, calib=self.ds.calib,
+                          epochs=s.head_epochs if frozen else s.finetune_epochs, lr=s.lr,
+                          batch_size=s.batch_size, seed=s.seed + 1,
+                          head=None if frozen else s.joint_head,
+                          cut=TRECX_CUT.get(self.model_name) if name == "t-recx" else None,
+                          progress=s.progress)
 
 
-@dataclass
-class Built:
-    """A trained method: the model, the policy family swept, and how it was fitted."""
-
-    model: MultiExitModel
-    policy: ExitPolicy
-    train_seconds: float
-    info: dict = field(default_factory=dict)
-
-
-def _sdn(ctx: Context) -> Built:
-    model = ctx.multi("sdn")
-    secs = ctx.fit(model, HeadsOnly(), ctx.settings.head_epochs, lr=2 * ctx.settings.lr)
-    return Built(model, MaxProb(), secs, {"training": "SDN IC-only: sdn heads, frozen backbone"})
-
-
-def _ztw(ctx: Context) -> Built:
-    model = ctx.multi("cascading", {"base": "sdn"})
-    secs = ctx.fit(model, ZTW(), ctx.settings.head_epochs, lr=2 * ctx.settings.lr)
-    t0 = time.perf_counter()
-    policy = fit_ztw_ensemble(model, ctx.train, steps=200)
-    return Built(model, policy, secs + time.perf_counter() - t0,
-                 {"training": "cascading sdn heads on frozen backbone + geometric ensemble",
-                  "ensemble_weights": [list(w) for w in policy.weights]})
-
-
-def _e2cm(ctx: Context) -> Built:
-    model = ctx.multi("class-means")
-    info = fit_class_means(model, ctx.train)
-    return Built(model, MaxProb(), info["seconds"],
-                 {"training": "class means of pooled features, frozen backbone",
-                  "gradient_steps": 0, "passes": info["passes"], "samples": info["samples"]})
-
-
-def _binary_heads(ctx: Context) -> Built:
-    model = ctx.multi("binary")
-    secs = ctx.fit(model, HeadsOnly(), ctx.settings.head_epochs, lr=2 * ctx.settings.lr)
-    return Built(model, Entropy(), secs,
-                 {"training": "binary heads (sign weights/activations, STE), frozen backbone",
-                  "binary_layers": count_binary_layers(model.heads)})
-
-
-def _branchynet(ctx: Context) -> Built:
-    model = ctx.multi(ctx.settings.joint_head)
-    secs = ctx.fit(model, JointWeighted(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
-    return Built(model, Entropy(), secs, {"training": "joint weighted loss from the baseline, "
-                                                      "model's default heads, entropy exit"})
-
-
-def _sdn_ramp(ctx: Context) -> Built:
-    model = ctx.multi("sdn")
-    secs = ctx.fit(model, SDNRamp(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
-    return Built(model, MaxProb(), secs, {"training": "SDN joint with weight ramp, from baseline"})
-
-
-def _distill(ctx: Context) -> Built:
-    model = ctx.multi(ctx.settings.joint_head)
-    secs = ctx.fit(model, SelfDistillation(), ctx.settings.finetune_epochs,
-                   lr=ctx.settings.lr / 2)
-    return Built(model, MaxProb(), secs, {"training": "self-distillation (T=3, alpha=0.5), "
-                                                      "from baseline"})
-
-
-def _boostnet(ctx: Context) -> Built:
-    model = ctx.multi(ctx.settings.joint_head)
-    secs = ctx.fit(model, BoostNet(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
-    return Built(model, AdditiveEnsemble(), secs,
-                 {"training": "additive boosting model, re-weighting, gradient rescaling, "
-                              "from baseline"})
-
-
-def _quicknets(ctx: Context) -> Built:
-    model = ctx.multi(ctx.settings.joint_head)
-    epochs = max(model.num_exits, ctx.settings.finetune_epochs)
-    secs = ctx.fit(model, QuickNets(), epochs, lr=ctx.settings.lr / 2)
-    commit = fit_commitment(model, ctx.ds.calib, precision=0.99)
-    return Built(model, MaxProb(), secs,
-                 {"training": f"cascaded, one segment per phase on earlier exits' errors "
-                              f"({epochs} epochs), from baseline",
-                  "commitment_thresholds": list(commit.threshold)})
-
-
-def _trecx(ctx: Context) -> Built:
-    cut = TRECX_CUT.get(ctx.model_name, ctx.baseline.cut_names[0])
-    # the model's own default head at that cut (depthwise on ResNet-8, B-LeNet's branch ...)
-    default = ctx.multi(init=False)
-    head = (default.heads[default.head_cuts.index(cut)] if cut in default.head_cuts
-            else "depthwise")
-    model = early_view_model(ctx.baseline, cut, ctx.ds.num_classes, ctx.ds.input_shape,
-                             head=head)
-    kind = getattr(model.heads[0], "kind", "module")
-    secs = ctx.fit(model, JointWeighted(), ctx.settings.finetune_epochs, lr=ctx.settings.lr / 2)
-    return Built(model, MaxProb(), secs, {"training": f"one {kind} exit at {cut} + early-view "
-                                                      "assistance, joint from baseline"})
-
-
-def _pabee(ctx: Context, sdn: Built) -> Built:
-    return Built(sdn.model, Patience(), 0.0, {"training": "the sdn model, patience exit rule"})
-
-
-METHODS: dict[str, Callable[[Context], Built]] = {
-    "sdn": _sdn, "ztw": _ztw, "e2cm": _e2cm, "binary-heads": _binary_heads,
-    "branchynet": _branchynet, "sdn-ramp": _sdn_ramp, "self-distillation": _distill,
-    "boostnet": _boostnet, "quicknets": _quicknets, "t-recx": _trecx}
+#: the methods trained and evaluated one by one, in report order (library recipes)
+MAIN = ["sdn", "ztw", "e2cm", "binary-heads", "branchynet", "sdn-ramp", "self-distillation",
+        "boostnet", "quicknets", "t-recx"]
 EXTRA = ["pabee", "gate", "online-caching", "guarded"]  # built on the sdn model / baseline
+
+
+def _pabee(sdn: Fitted) -> Fitted:
+    """PABEE's patience rule on the sdn model (the pabee recipe trains the same heads)."""
+    return Fitted("pabee", sdn.model, Patience(), 0.0, {"training": "the sdn model, patience "
+                                                                    "exit rule"})
 
 
 # evaluation ---------------------------------------------------------------------------------
@@ -270,7 +174,7 @@ def _infer_batched(model, x: torch.Tensor, policy: ExitPolicy, batch_size: int =
     return (torch.cat([p.predictions for p in parts]), torch.cat([p.exit_index for p in parts]))
 
 
-def evaluate_method(name: str, built: Built, ctx: Context, base: dict,
+def evaluate_method(name: str, built: Fitted, ctx: Context, base: dict,
                     logits: tuple | None = None) -> dict:
     """Anytime, budgeted, oracle, Pareto and real-path figures of one trained method.
 
@@ -328,10 +232,10 @@ def evaluate_method(name: str, built: Built, ctx: Context, base: dict,
                                                     and torch.equal(exits, replay.exit_index))})
     except InputError as exc:
         main["note"] = f"no point within 50% of the baseline's MACs: {exc}"
-    main.update({"train_s": built.train_seconds, "heads_macs_ratio":
+    main.update({"train_s": built.seconds, "heads_macs_ratio":
                  sum(h.macs for h in costs.heads) / base_macs})
     return {"main": main, "anytime": anytime, "budgeted": budgeted,
-            "info": {"method": name, "train_s": built.train_seconds, **built.info},
+            "info": {"method": name, "train_s": built.seconds, **built.info},
             "oracle": {"method": name, "accuracy": orc["accuracy"],
                        "macs_ratio": orc["mean_macs"] / base_macs,
                        "exit_fractions": orc["exit_fractions"]},
@@ -339,7 +243,7 @@ def evaluate_method(name: str, built: Built, ctx: Context, base: dict,
             "_logits": (calib_logits, test_logits, exit_macs, calib_points)}
 
 
-def _gate_rows(sdn: Built, ctx: Context, base: dict, calib_points) -> list[dict]:
+def _gate_rows(sdn: Fitted, ctx: Context, base: dict, calib_points) -> list[dict]:
     """The exit gate on the sdn model at its 50%-budget policy: with and without the gate."""
     ds, s = ctx.ds, ctx.settings
     gated = GatedMultiExitModel.from_multiexit(sdn.model.eval())
@@ -448,25 +352,25 @@ def run_config(config: str, s: CatalogueSettings) -> dict:
         base_lat = latency_batch1(baseline, ds.test.x, s.latency_samples)
     base = {"macs": base_costs.backbone_macs, "accuracy": _acc(base_logits, ds.test.y),
             "latency_ms": base_lat["mean_ms"]}
-    wanted = s.methods or [*METHODS, *EXTRA]
-    unknown = [m for m in wanted if m not in METHODS and m not in EXTRA]
+    wanted = s.methods or [*MAIN, *EXTRA]
+    unknown = [m for m in wanted if m not in MAIN and m not in EXTRA]
     if unknown:
-        raise InputError(f"unknown methods {unknown}; known: {', '.join([*METHODS, *EXTRA])}")
+        raise InputError(f"unknown methods {unknown}; known: {', '.join([*MAIN, *EXTRA])}")
     if any(m in ("pabee", "gate") for m in wanted) and "sdn" not in wanted:
         wanted = ["sdn", *wanted]
     results: dict[str, dict] = {}
     built_sdn = None
     for name in wanted:
-        if name not in METHODS:
+        if name not in MAIN:
             continue
         t0 = time.perf_counter()
-        built = METHODS[name](ctx)
+        built = ctx.fit(name)
         results[name] = evaluate_method(name, built, ctx, base)
         results[name]["policy"] = built.policy
         if name == "sdn":
             built_sdn = built
             if "pabee" in wanted:
-                results["pabee"] = evaluate_method("pabee", _pabee(ctx, built), ctx, base,
+                results["pabee"] = evaluate_method("pabee", _pabee(built), ctx, base,
                                                    results["sdn"]["_logits"][:2])
                 results["pabee"]["policy"] = Patience()
         print(f"[{config}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -619,7 +523,7 @@ def register(suites) -> None:
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help="comma-separated dataset:model pairs")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated subset of {', '.join([*METHODS, *EXTRA])}")
+                   help=f"comma-separated subset of {', '.join([*MAIN, *EXTRA])}")
     p.add_argument("--out", default="runs/bench-early-exit-methods")
     p.add_argument("--train-subset", type=int, default=12000,
                    help="train on this many samples where the split is larger (0: all)")

@@ -153,9 +153,9 @@ def check_labels(labels, num_classes: int | None = None, n: int | None = None) -
 
 
 def _not_a_policy(policy) -> InputError:
-    from ..policies import _POLICIES
+    from ..policies import POLICIES
 
-    known = ", ".join(sorted(_POLICIES))
+    known = ", ".join(POLICIES.list())
     if isinstance(policy, str):
         return InputError(f"the policy must be an exit policy object, got the string "
                           f"{policy!r}; build one with splitexit.make_policy({policy!r}, ...) "

@@ -1,7 +1,8 @@
 """Device and server as real processes: HTTP server half, edge runtime, network emulation.
 
 - :func:`create_app` / :func:`serve` (``splitexit serve BUNDLE``): the server half behind
-  FastAPI with micro-batching; :mod:`splitexit.serve.ray_app` deploys it on Ray Serve.
+  FastAPI with micro-batching (modules ``settings``, ``batcher``, ``metrics``,
+  ``app``, ``runner``); :mod:`splitexit.serve.ray_app` deploys it on Ray Serve.
   :func:`load_serving` loads the server half of a bundle (ONNX Runtime or PyTorch) or of a
   model directory.
 - :class:`EdgeRuntime` (``splitexit edge BUNDLE``): local exits, offload, deadline, retries,
@@ -20,8 +21,10 @@ from __future__ import annotations
 import importlib
 
 _LAZY = {
-    "BackgroundServer": "app", "MicroBatcher": "app", "PayloadSpec": "app",
-    "ServerMetrics": "app", "ServerSettings": "app", "create_app": "app", "serve": "app",
+    "create_app": "app", "MicroBatcher": "batcher", "ServerMetrics": "metrics",
+    "PayloadSpec": "splitexit.stages", "ServerSettings": "settings",
+    "BackgroundServer": "runner", "free_port": "runner", "serve": "runner",
+    "uvicorn_config": "runner", "wait_until_healthy": "runner",
     "DevicePart": "device",
     "DeviceOutput": "splitexit.runtime.device",
     "Answer": "edge", "CircuitBreaker": "edge", "EdgeRuntime": "edge", "EdgeSettings": "edge",

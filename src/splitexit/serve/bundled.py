@@ -27,8 +27,9 @@ from torch import nn
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.runtime.bundle import MANIFEST, Bundle, load_bundle
 
-from .app import RUNTIMES, PayloadSpec
+from ..stages import PayloadSpec
 from .modeldir import check_server
+from .settings import RUNTIMES
 
 __all__ = ["is_bundle", "load_serving", "bundle_server", "BUNDLE_RUNTIMES"]
 
@@ -106,7 +107,7 @@ def bundle_server(b: Bundle, runtime: str = "onnxruntime", model: nn.Module | st
     if runtime == "torchscript":
         from splitexit.optimize import fuse_for_inference, script_module
 
-        spec = PayloadSpec.from_tensors(b.payload)
+        spec = PayloadSpec.from_json(b.payload)
         payload = tuple(torch.zeros(2, *s, dtype=spec.dtype) for s in spec.shapes)
         server = script_module(fuse_for_inference(server),
                                (payload if spec.is_tuple else payload[0],))
@@ -132,7 +133,7 @@ def load_serving(directory: str | os.PathLike, runtime: str | None = None,
         b = load_bundle(directory)
         runtime = runtime or BUNDLE_RUNTIMES[0]
         module = bundle_server(b, runtime, model, threads)
-        payload = PayloadSpec.from_tensors(b.payload)
+        payload = PayloadSpec.from_json(b.payload)
         check_server(module, payload, len(b.classes), str(Path(directory) / MANIFEST))
         weights = b.manifest.get("weights")
         spec = weights.get("model") if isinstance(weights, dict) else None

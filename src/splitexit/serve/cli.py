@@ -82,7 +82,7 @@ def _server_token(args) -> str | None:
 
 
 def _settings(args, token: str | None = None):
-    from .app import ServerSettings
+    from .settings import ServerSettings
 
     token = token if token is not None or args.no_auth else _server_token(args)
     return ServerSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -113,8 +113,9 @@ def _cmd_serve(args) -> int:
         return 0
     import torch
 
-    from .app import create_app, serve
+    from .app import create_app
     from .bundled import load_serving
+    from .runner import serve
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,8 +31,9 @@ from splitexit.policies import ExitPolicy, NeverExit, make_policy
 from splitexit.split.codec import Codec
 from splitexit.stages import StagedModel
 
-from .app import RUNTIMES, PayloadSpec
+from ..stages import PayloadSpec
 from .device import DevicePart
+from .settings import RUNTIMES
 
 __all__ = ["ServeConfig", "export_model_dir", "load_server", "load_device", "server_half",
            "read_config", "check_server"]
@@ -155,7 +156,7 @@ def _check_spec(cfg: ServeConfig) -> dict:
         if key not in spec:
             raise CorruptFileError(f"{where} lacks {key!r}; export the model directory again")
     name = spec["model"]
-    builder = zoo._MODELS.get(name) if isinstance(name, str) else None
+    builder = zoo.MODELS.get(name) if name in zoo.MODELS else None
     if builder is None:
         raise CorruptFileError(f"{where} names the model {name!r}, which is not in the zoo "
                                f"({', '.join(zoo.list_models())}); export the model directory "

@@ -20,7 +20,7 @@ from typing import Any
 
 from splitexit.errors import InputError
 
-from .app import ServerSettings
+from .settings import ServerSettings
 
 __all__ = ["ray_available", "build_deployment", "deploy", "shutdown"]
 

@@ -11,39 +11,22 @@ every cut, device MACs, bytes after the codec and server MACs as
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..cost import count_macs
-from ..errors import InputError, PayloadError
-from ..stages import Payload, StagedModel, payload_tensors
+from ..cost import cost_table, count_macs
+from ..errors import InputError
+from ..stages import Payload, PayloadSpec, StagedModel
 from .bottleneck import BottleneckedModel, BottleneckSpec, eval_mode, inject_bottleneck
 from .codec import DEFAULT_MAX_BYTES, Codec
 from .planner import LOCAL, OFFLOAD, CutCost
 
-__all__ = ["TensorSpec", "SplitModel", "split_model", "cut_costs", "input_message_bytes",
+__all__ = ["SplitModel", "split_model", "cut_costs", "input_message_bytes",
            "num_params"]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What one tensor of a payload must look like, per sample.
-
-    Attributes:
-        shape: Shape without the batch dimension.
-        dtype: Torch dtype.
-    """
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    def describe(self) -> str:
-        """Short text such as ``float32[16, 28, 28]``."""
-        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}"
 
 
 def num_params(module: nn.Module) -> int:
@@ -75,12 +58,12 @@ class SplitModel(nn.Module):
         server_half: Stages after the cut.
         cut: Name of the cut.
         codec: Wire codec, or None for no serialisation.
-        payload_spec: What the server accepts: one :class:`TensorSpec` per payload tensor.
+        payload_spec: What the server accepts (:class:`~splitexit.stages.PayloadSpec`).
         max_bytes: Largest message the server decodes.
     """
 
     def __init__(self, device_half: StagedModel, server_half: StagedModel, cut: str,
-                 codec: Codec | None, payload_spec: Sequence[TensorSpec],
+                 codec: Codec | None, payload_spec: PayloadSpec,
                  max_bytes: int = DEFAULT_MAX_BYTES):
         super().__init__()
         if codec is not None and not isinstance(codec, Codec):
@@ -90,7 +73,7 @@ class SplitModel(nn.Module):
         self.server_half = server_half
         self.cut = cut
         self.codec = codec
-        self.payload_spec = tuple(payload_spec)
+        self.payload_spec = payload_spec
         self.max_bytes = max_bytes
 
     # the wire ------------------------------------------------------------------------------
@@ -115,24 +98,7 @@ class SplitModel(nn.Module):
 
     def check_payload(self, payload: Payload) -> None:
         """Raise PayloadError unless ``payload`` matches :attr:`payload_spec`."""
-        tensors = payload_tensors(payload)
-        expected = ", ".join(s.describe() for s in self.payload_spec)
-        if len(tensors) != len(self.payload_spec):
-            raise PayloadError(f"the server half at cut {self.cut!r} expects {len(self.payload_spec)} "
-                               f"tensor(s) ({expected}) per message, got {len(tensors)}")
-        batch = tensors[0].shape[0] if tensors[0].dim() else None
-        for i, (t, spec) in enumerate(zip(tensors, self.payload_spec, strict=True)):
-            if t.dtype != spec.dtype or t.dim() != len(spec.shape) + 1 \
-                    or tuple(t.shape[1:]) != spec.shape:
-                raise PayloadError(
-                    f"payload tensor {i} at cut {self.cut!r} is "
-                    f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}; the server half "
-                    f"expects (batch, *{list(spec.shape)}) of {spec.describe()} "
-                    f"(all tensors: {expected}). Was the message made by another model or cut?"
-                )
-            if t.shape[0] != batch:
-                raise PayloadError(f"payload tensors at cut {self.cut!r} have different batch "
-                                   "sizes; every tensor must carry the same samples")
+        self.payload_spec.check(payload, f"the server half at cut {self.cut!r}")
 
     @torch.no_grad()
     def serve(self, data: bytes) -> Payload:
@@ -267,7 +233,7 @@ def split_model(model: StagedModel, cut: str | int | None = None, codec: Codec |
     device_half, server_half = model.split(index)
     with eval_mode(model), torch.no_grad():
         payload = device_half(x)
-    spec = [TensorSpec(tuple(t.shape[1:]), t.dtype) for t in payload_tensors(payload)]
+    spec = PayloadSpec.of(payload)
     return SplitModel(device_half, server_half, name, codec, spec, max_bytes)
 
 
@@ -301,12 +267,22 @@ def cut_costs(model: StagedModel, example: torch.Tensor, codec: Codec | str | No
     """
     if isinstance(codec, str):
         codec = Codec.parse(codec)
-    n = example.shape[0]
-    with eval_mode(model):
-        total = count_macs(lambda: model(example)) / n
-        rows = [CutCost(LOCAL, total, 0.0, 0.0)] if local else []
-        for cut in (model.cut_names if cuts is None else cuts):
-            rows.append(split_model(model, cut, codec=codec, example=example).cut_cost(example))
+    wire = codec if codec is not None else Codec("fp32")
+    if not isinstance(model, StagedModel):
+        raise InputError(f"cut_costs takes a StagedModel (a multi-exit model's .backbone), got "
+                         f"{type(model).__name__}")
+    wanted = list(model.cut_names if cuts is None else cuts)
+    at = [model.cut_index(cut) for cut in wanted]
+    sample = example[:64]
+    with eval_mode(model):  # every module's own mode comes back afterwards
+        table = cost_table(model, example, measure=False)  # MACs: not counted again per cut
+        payloads = model.forward_intermediates(sample)  # one pass: the payload at every cut
+    reached = list(itertools.accumulate(stage.macs for stage in table.stages))
+    total = reached[-1]
+    rows = [CutCost(LOCAL, total, 0.0, 0.0)] if local else []
+    for cut, k in zip(wanted, at):
+        sizes = [len(wire.encode(_row(payloads[k], i))) for i in range(len(sample))]
+        rows.append(CutCost(cut, reached[k], total - reached[k], sum(sizes) / len(sizes)))
     if offload:
         rows.append(CutCost(OFFLOAD, 0.0, total, input_message_bytes(example)))
     return rows

@@ -10,7 +10,7 @@ import math
 import random
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -129,11 +129,12 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
     data = as_split(data)
     classes = model_classes(model)
     check_labels(data.y, classes, len(data.x))
-    config = config or TrainConfig()
-    for k, v in overrides.items():
-        if not hasattr(config, k):
-            raise InputError(f"unknown training option {k!r}")
-        setattr(config, k, v)
+    unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"unknown training option(s) {', '.join(map(repr, unknown))}; the "
+                         f"options are {', '.join(f.name for f in fields(TrainConfig))}")
+    # a copy: the caller's config is never changed by the overrides
+    config = replace(config or TrainConfig(), **overrides)
     if config.epochs < 0 or config.lr <= 0 or config.batch_size < 1:
         raise InputError("epochs must be >= 0, lr > 0 and batch_size >= 1")
     seed_everything(config.seed)
@@ -144,7 +145,10 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
     steps = max(1, config.epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    # progress=None: a bar on a terminal, one line per epoch otherwise (a log file of a long
+    # benchmark is never silent for long); False: nothing
     show = sys.stderr.isatty() if config.progress is None else config.progress
+    lines = config.progress is None and not show
     history = TrainHistory()
     t0 = time.perf_counter()
     model.train()
@@ -174,6 +178,10 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.4f}")
         history.loss.append(total / max(1, count))
+        if lines:
+            print(f"{strategy.name} epoch {epoch + 1}/{config.epochs}: loss "
+                  f"{history.loss[-1]:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr,
+                  flush=True)
     model.eval()
     history.seconds = time.perf_counter() - t0
     return history

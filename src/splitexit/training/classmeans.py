@@ -9,6 +9,7 @@ import torch
 from ..errors import InputError
 from ..heads import ClassMeansHead
 from ..stages import payload_tensors
+from .base import as_split
 from .checks import require_head_type
 
 __all__ = ["fit_class_means"]
@@ -23,7 +24,7 @@ def fit_class_means(model, data, batch_size: int = 512) -> dict:
 
     Args:
         model: a :class:`MultiExitModel` whose exit heads are all class-means heads.
-        data: the training split (``.x``, ``.y``).
+        data: the training split (``.x``, ``.y``), or an ``(x, y)`` pair of tensors.
 
     Returns:
         ``{"samples", "passes", "seconds"}``: how much data was seen (one pass) and the time.
@@ -33,6 +34,7 @@ def fit_class_means(model, data, batch_size: int = 512) -> dict:
     """
     require_head_type(model, ClassMeansHead, "e2cm",
                       "build the model with create_multiexit(..., head='class-means')")
+    data = as_split(data)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

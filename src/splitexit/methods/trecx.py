@@ -16,10 +16,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import InputError
-from .heads import make_head
-from .multiexit import MultiExitModel
-from .stages import Stage, StagedModel
+from ..errors import InputError
+from ..heads import make_head
+from ..multiexit import MultiExitModel
+from ..stages import Stage, StagedModel
 
 __all__ = ["early_view_model", "EarlyView"]
 

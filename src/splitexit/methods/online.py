@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cost import cost_table
-from .errors import InputError
-from .multiexit import ExitResult, MultiExitModel, check_input
-from .policies import GatedMaxProb, MaxProb
+from ..cost import cost_table
+from ..errors import InputError
+from ..multiexit import ExitResult, MultiExitModel, check_input
+from ..policies import GatedMaxProb, MaxProb
 
 __all__ = ["OnlineCache", "OnlineStats"]
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cost import count_macs
-from .errors import InputError
-from .multiexit import ExitResult, MultiExitModel, simulate_exits
-from .policies import ExitPolicy
+from ..cost import count_macs
+from ..errors import InputError
+from ..multiexit import ExitResult, MultiExitModel, simulate_exits
+from ..policies import ExitPolicy
 
 __all__ = ["ExitGate", "GatedMultiExitModel", "fit_gate", "calibrate_gate"]
 
