@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from splitexit import cbnet, checkpoint
-from splitexit.bench.measure import torch_threads
 from splitexit.cli import main
 from splitexit.data import Split, load_dataset
 from splitexit.deploy import bundle, load_bundle
 from splitexit.errors import CorruptFileError, InputError
+from splitexit.measure import torch_threads
 from splitexit.runtime.ort import OrtSession
 from splitexit.zoo import create_multiexit
 

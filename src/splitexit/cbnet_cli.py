@@ -20,14 +20,16 @@ def _command_line() -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .bench.measure import torch_threads
     from .cbnet import CBNetSettings, save_pipeline, train_cbnet
     from .data import load_dataset
+    from .measure import torch_threads
 
     ds = load_dataset(args.dataset, seed=args.seed)
     settings = CBNetSettings(branchy_epochs=args.branchy_epochs, threshold=args.threshold,
                              max_drop=args.max_drop, targets_per_class=args.targets_per_class,
                              converter=args.converter, converter_epochs=args.converter_epochs,
+                             converter_hidden=tuple(int(h) for h in args.converter_hidden.split(",")),
+                             converter_output=args.converter_output,
                              finetune_epochs=args.finetune_epochs, seed=args.seed)
     with torch_threads(args.threads):
         run = train_cbnet(ds, settings)
@@ -45,9 +47,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .bench.measure import latency_batch1, throughput, torch_threads
     from .cbnet import OnnxPipeline, load_pipeline
     from .data import load_dataset
+    from .measure import latency_batch1, throughput, torch_threads
     from .report import markdown_table, write_report
 
     pipeline = load_pipeline(args.checkpoint)
@@ -75,9 +77,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .cbnet import OnnxPipeline, export_onnx, load_pipeline
+    from .cbnet import OnnxPipeline, export_onnx, fold_pipeline, load_pipeline
 
     pipeline = load_pipeline(args.checkpoint)
+    if args.fold:
+        pipeline = fold_pipeline(pipeline)
     path = export_onnx(pipeline, args.out, pipeline.input_shape)
     path.with_suffix(".json").write_text(json.dumps(
         {"input_shape": list(pipeline.input_shape), "num_classes": pipeline.num_classes,
@@ -112,6 +116,11 @@ def register(subparsers) -> None:
     p.add_argument("--targets-per-class", type=int, default=d.targets_per_class,
                    help="1 (CBNet) or k > 1 (k-means targets)")
     p.add_argument("--converter", choices=["fc", "conv"], default=d.converter)
+    p.add_argument("--converter-hidden", default=",".join(map(str, d.converter_hidden)),
+                   help="hidden sizes, comma-separated (published 512,384,256,64; fast: 64)")
+    p.add_argument("--converter-output", choices=["sigmoid", "linear"],
+                   default=d.converter_output,
+                   help="sigmoid (published) or linear (foldable: see export --fold)")
     p.add_argument("--converter-epochs", type=int, default=d.converter_epochs)
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
                    help="fine-tune the light classifier on converted images (0: as published)")
@@ -133,4 +142,7 @@ def register(subparsers) -> None:
     p = sub.add_parser("export", help="export the pipeline to ONNX and check it against PyTorch")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--fold", action="store_true",
+                   help="fold the converter's linear output layer into the classifier's first "
+                        "convolution (needs a converter trained with --converter-output linear)")
     p.set_defaults(func=_export)

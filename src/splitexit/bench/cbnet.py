@@ -1,16 +1,19 @@
-"""CBNet benchmark: LeNet, BranchyNet (B-LeNet, real exits), truncated B-LeNet and CBNet.
+"""CBNet benchmark: LeNet, BranchyNet, the published CBNet (reproduction), the converters
+searched for speed (folded and not) and CBNet with a fallback exit.
 
-Per data set, in one run: test accuracy; whole-test-set latency at batch 1 and batched
-throughput, in PyTorch and in ONNX Runtime (timed interleaved, chunk by chunk, so load on a
-shared machine hits every method alike); Raspberry Pi 4 latency and energy **estimates**
-(host latency scaled by the ratio of MAC rates, power x time); the share of hard samples.
+Per data set, in one run: the converter search on the calibration split (accuracy floor:
+BranchyNet's calibration accuracy; pick: the lowest ONNX Runtime batch-1 latency); the
+fallback CBNet's confidence threshold calibrated to LeNet's calibration accuracy and its
+fallback input (converted or original image) chosen by measured latency; then on the test
+split: accuracy, batch-1 latency in PyTorch eager and ONNX Runtime (1 thread, interleaved,
+mean and median), batched throughput, Raspberry Pi 4 latency and energy **estimates**, and a
+Pareto plot of accuracy against latency. Trained models are cached by their settings
+(:mod:`splitexit.bench.cbnet_train`).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
 import shlex
 import sys
 import tempfile
@@ -23,18 +26,23 @@ import numpy as np
 import torch
 
 from .. import cbnet
+from ..cbnet.search import select_fastest
 from ..cost import count_macs, param_bytes
-from ..data import Dataset, load_dataset
-from ..devices import DeviceProfile, get_device, measure_host_profile
-from ..multiexit import MultiExitModel
+from ..data import load_dataset
+from ..devices import get_device, measure_host_profile
+from ..errors import InputError
 from ..policies import Entropy
+from ..program import lower
 from ..report import write_report
 from ..runtime.ort import OrtSession
-from ..training import Baseline, train
-from ..zoo import create_model
+from .cbnet_plot import plot_pareto
+from .cbnet_train import train_models
 from .measure import interleaved_latency, throughput, torch_threads
 
-__all__ = ["CBNetBenchSettings", "run_cbnet_bench", "onnx_branchynet", "register"]
+__all__ = ["CBNetBenchSettings", "run_cbnet_bench", "register"]
+
+LENET, BRANCHY = "LeNet", "BranchyNet (B-LeNet, entropy exits)"
+TRUNCATED, PUBLISHED_ROW = "B-LeNet truncated after exit 0", "CBNet published (reproduction)"
 
 
 @dataclass
@@ -43,325 +51,335 @@ class CBNetBenchSettings:
 
     Attributes:
         datasets: data sets to run, each end to end.
-        lenet_epochs: LeNet baseline epochs.
-        branchy_epochs: B-LeNet epochs (BranchyNet joint loss, weights 1.0 / 0.3).
-        branchy_from_lenet: start B-LeNet's main path from the trained LeNet (saves epochs).
-        max_drop: BranchyNet's entropy threshold is the cheapest within this accuracy drop of
-            its final exit on the calibration split; the same ``T`` labels easy / hard.
-        converter_epochs: converting autoencoder epochs, raised on small training sets to
-            reach ``converter_min_steps`` optimiser steps (it first learns the mean target and
-            only then separates the classes).
-        converters: converter kinds to train (``"fc"`` published, ``"conv"``).
-        finetune_epochs: epochs of the extra "fine-tuned classifier" CBNet row (0: no row).
-        train_limit: use only this many training images per data set (``None``: all).
+        lenet_epochs, branchy_epochs: LeNet and B-LeNet epochs (BranchyNet joint loss).
+        branchy_from_lenet: start B-LeNet's main path from the trained LeNet.
+        max_drop: BranchyNet's entropy threshold: the cheapest within this drop of its final
+            exit on the calibration split; the same ``T`` labels easy / hard.
+        converter_epochs, converter_min_steps: converter epochs, raised on small training
+            sets to reach the minimum number of optimiser steps.
+        candidates: search-space converters (``None``: all of
+            :data:`splitexit.cbnet.search.SEARCH_SPACE`).
+        finetune_epochs: light-classifier fine-tuning on each candidate's converted images.
+        joint_epochs: joint converter + classifier fine-tuning (0: no jointly tuned rows).
+        select_samples: calibration images timed for the converter and fallback choices.
         latency_samples: test images timed at batch 1 (``None``: the whole test set).
-        threads: torch and ONNX Runtime threads while timing.
+        threads: torch and ONNX Runtime threads while training and timing.
+        models: where trained weights are cached (``None``: ``<out>/models``).
     """
 
     datasets: tuple[str, ...] = ("fashion-mnist", "mnist5k")
-    lenet_epochs: int = 3
-    branchy_epochs: int = 2
+    lenet_epochs: int = 8
+    branchy_epochs: int = 4
     branchy_from_lenet: bool = True
     lr: float = 2e-3
     max_drop: float = 0.01
-    converter_epochs: int = 6
+    converter_epochs: int = 15
     converter_min_steps: int = 2000
     converter_lr: float = 2e-3
-    converters: tuple[str, ...] = ("fc",)
+    candidates: tuple[str, ...] | None = None
     targets_per_class: int = 1
-    finetune_epochs: int = 1
+    finetune_epochs: int = 2
+    finetune_lr: float = 5e-4
+    joint_epochs: int = 3
     train_limit: int | None = None
+    select_samples: int = 2000
     latency_samples: int | None = None
     latency_chunks: int = 20
     throughput_batch: int = 256
     threads: int = 1
     batch_size: int = 128
     seed: int = 0
+    models: str | None = None
+    train_only: bool = False
     progress: bool | None = None
 
 
-def onnx_branchynet(model: MultiExitModel, policy: Entropy, directory: Path,
-                    example: torch.Tensor, threads: int = 1) -> Callable:
-    """B-LeNet with real early exits on ONNX Runtime: its bundle's pieces (up to exit 0 with
-    the branch; the rest) run by :class:`~splitexit.runtime.OrtProgram`, the policy's entropy
-    statistic on numpy between them; only hard samples run the second piece.
-
-    Returns:
-        numpy images in, predicted class per image out.
-    """
-    from ..deploy import bundle, load_bundle
-
-    b = load_bundle(bundle(model, directory, policy=policy, example=example, measure=False))
-    program = b.program(threads, exit_graph=False)
-    return lambda x: program.infer(x, b.policy).predictions
-
-
 def _accuracy(pred, y: torch.Tensor) -> float:
-    pred = torch.as_tensor(pred)
-    return float((pred == y).double().mean())
+    return float((torch.as_tensor(np.asarray(pred)) == y).double().mean())
 
 
-def _batched(fn: Callable, x: torch.Tensor, size: int = 1024) -> torch.Tensor:
+def _batched(fn: Callable, x, size: int = 1024):
     with torch.inference_mode():
-        return torch.cat([torch.as_tensor(fn(x[i: i + size])) for i in range(0, len(x), size)])
+        return np.concatenate([np.asarray(fn(x[i: i + size])) for i in range(0, len(x), size)])
 
 
-def _dataset_rows(ds: Dataset, s: CBNetBenchSettings, host: DeviceProfile, rpi: DeviceProfile,
-                  work: Path) -> tuple[list[dict], dict]:
-    """Train everything on one data set and measure every method; rows plus facts."""
-    train_split = ds.train if s.train_limit is None else ds.train.subset(
-        min(s.train_limit, len(ds.train)), seed=s.seed)
-    facts: dict = {"dataset": ds.name, "train_images": len(train_split),
-                   "test_images": len(ds.test)}
-    torch.manual_seed(s.seed)
-    lenet = create_model("lenet", ds.num_classes, ds.input_shape)
-    h = train(lenet, train_split, Baseline(), epochs=s.lenet_epochs, lr=s.lr,
-              batch_size=s.batch_size, seed=s.seed, progress=s.progress)
-    facts["lenet_train_s"] = h.seconds
-    branchy, h = cbnet.train_branchynet(
-        train_split, ds.num_classes, ds.input_shape, epochs=s.branchy_epochs, lr=s.lr / 2
-        if s.branchy_from_lenet else s.lr, batch_size=s.batch_size, seed=s.seed + 1,
-        init=lenet if s.branchy_from_lenet else None, progress=s.progress)
-    facts["branchynet_train_s"] = h.seconds
-    threshold = cbnet.choose_threshold(branchy, ds.calib, s.max_drop)
-    entropy, predictions = cbnet.first_exit_entropy(branchy, train_split.x)
-    targets = cbnet.select_targets(train_split.x, train_split.y, entropy, threshold,
-                                   ds.num_classes, predictions=predictions,
-                                   per_class=s.targets_per_class, seed=s.seed)
-    facts.update(threshold=threshold, train_hard_share=targets.hard_fraction,
-                 target_index=targets.target_index.tolist(),
-                 fallback_classes=targets.fallback_classes)
-    light = cbnet.light_classifier(branchy)
-    policy = Entropy(threshold)
+def _plain(module, path: Path, shape) -> dict:
+    """A one-graph method (logits out) in PyTorch and on ONNX Runtime."""
+    session = OrtSession(cbnet.export_onnx(module, path, shape), 1)
+    example = torch.full((1, *shape), 0.5)
+    return {"torch": lambda t: module(t).argmax(1),
+            "onnx": lambda a: session.run_arrays([a])[0].argmax(1),
+            "macs": count_macs(lambda: module(example)), "bytes": param_bytes(module)}
 
-    # name -> (torch fn on a tensor batch -> predictions, onnx fn on numpy -> predictions, macs)
+
+def _exits(model, policy, directory: Path, macs: float) -> dict:
+    """A multi-exit method: ``model.infer`` in PyTorch, the exit program on ONNX Runtime (its
+    batch-1 exit graph; pieces for batches)."""
+    program = lower(model, policy).on_onnx_runtime(directory, exit_graph=True, threads=1)
+    return {"torch": lambda t: model.infer(t, policy).predictions,
+            "onnx": lambda a: program.infer(a, policy).predictions,
+            "exits": lambda t: model.infer(t, policy).exit_fractions(model.num_exits),
+            "macs": macs, "bytes": param_bytes(model)}
+
+
+def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, rpi):
+    t = train_models(ds, s, models)
+    facts = t.facts
+    if s.train_only:
+        return [], facts, [], []
+    shape = ds.input_shape
+    calib = ds.calib
+    policy = Entropy(t.threshold)
+    branchy_calib = float((t.branchy.infer(calib.x, policy).predictions == calib.y)
+                          .double().mean())
+    lenet_calib = float((t.lenet(calib.x).argmax(1) == calib.y).double().mean())
+    facts.update(branchynet_calib_accuracy=branchy_calib, lenet_calib_accuracy=lenet_calib)
+
+    # 1-2. candidates, unfolded and folded, chosen on the calibration split by ONNX latency
+    pipes: dict[str, torch.nn.Module] = {}
+    for name, (_spec, pipe, _variant) in t.candidates.items():
+        pipes[f"CBNet {name}"] = pipe
+        try:
+            folded = cbnet.fold_pipeline(pipe)
+        except InputError as exc:  # a converter whose output is not linear
+            facts[f"not folded: {name}"] = str(exc)
+            continue
+        if folded.macs() > 4 * pipe.macs():  # e.g. the conv converter: a huge dense map
+            facts[f"not folded: {name}"] = (f"the folded dense layer would cost "
+                                            f"{folded.macs():.3g} MACs vs {pipe.macs():.3g}")
+            continue
+        pipes[f"CBNet {name}, folded"] = folded
+    with torch_threads(s.threads):
+        selection = select_fastest(pipes, calib, branchy_calib, samples=s.select_samples,
+                                   threads=s.threads, directory=work / "select")
+    facts["selected_converter"] = selection.chosen
+
+    # 3. fallback CBNet on the chosen pipeline (or the most accurate one if none qualified)
+    base_name = selection.chosen or max(selection.table,
+                                        key=lambda r: r["calib_accuracy"])["candidate"]
+    fallbacks = {}
+    for on in ("converted", "original"):
+        # on the converted image: B-LeNet's main path continues from the features of the
+        # first conv it shares with the light classifier; on the original image: all of LeNet
+        model = cbnet.fallback_model(pipes[base_name], t.branchy if on == "converted"
+                                     else t.lenet, on)
+        try:
+            fallbacks[on] = cbnet.calibrate_fallback(model, calib, lenet_calib, on=on)
+        except InputError as exc:
+            facts[f"fallback on {on} image"] = f"not built: {exc}"
+    fb_choice = []
+    if fallbacks:
+        with torch_threads(s.threads):
+            progs = {on: (lambda p, pol: lambda t_: p.infer(t_.numpy(), pol))(
+                fb.program().on_onnx_runtime(work / f"fb-{on}", exit_graph=True, threads=1),
+                fb.policy) for on, fb in fallbacks.items()}
+            lat = interleaved_latency(progs, calib.x[: s.select_samples], warmup=10)
+        best = min(lat, key=lambda on: lat[on]["mean_ms"])
+        for on, fb in fallbacks.items():
+            fb_choice.append({"fallback_on": on, "threshold": fb.threshold,
+                              "calib_accuracy": fb.calib_accuracy,
+                              "calib_exit_fractions": fb.calib_exit_fractions,
+                              "onnx_latency_ms": lat[on]["mean_ms"],
+                              "onnx_latency_p50_ms": lat[on]["median_ms"],
+                              "chosen": on == best})
+
+    # methods measured on the test split
     methods: dict[str, dict] = {}
-    example = torch.full((1, *ds.input_shape), 0.5)
-    lenet.eval()
-    methods["LeNet"] = {"torch": lenet, "macs": count_macs(lambda: lenet(example)),
-                        "bytes": param_bytes(lenet)}
-    methods["BranchyNet (B-LeNet, entropy exits)"] = {
-        "torch": lambda x: branchy.infer(x, policy).predictions, "branchy": True,
-        "bytes": param_bytes(branchy)}
-    methods["B-LeNet truncated after exit 0"] = {
-        "torch": light, "macs": count_macs(lambda: light(example)), "bytes": param_bytes(light)}
-    pipelines: dict[str, cbnet.CBNetPipeline] = {}
-    steps_per_epoch = math.ceil(len(train_split) / s.batch_size)
-    converter_epochs = max(s.converter_epochs, math.ceil(s.converter_min_steps / steps_per_epoch))
-    facts["converter_epochs"] = converter_epochs
-    for kind in s.converters:
-        torch.manual_seed(s.seed)
-        converter = cbnet.ConvertingAutoencoder(ds.input_shape, kind)
-        h = cbnet.train_converter(converter, train_split.x, targets, epochs=converter_epochs,
-                                  lr=s.converter_lr, batch_size=s.batch_size, seed=s.seed,
-                                  progress=s.progress)
-        facts[f"converter_{kind}_train_s"] = h.seconds
-        facts[f"converter_{kind}_loss"] = h.loss
-        pipelines[f"CBNet ({kind} converter)"] = cbnet.CBNetPipeline(
-            converter, light, ds.num_classes).eval()
-        if s.finetune_epochs:
-            tuned = copy.deepcopy(light)
-            h = cbnet.finetune_classifier(tuned, converter, train_split,
-                                          epochs=s.finetune_epochs, batch_size=s.batch_size,
-                                          seed=s.seed, progress=s.progress)
-            facts[f"finetune_{kind}_train_s"] = h.seconds
-            pipelines[f"CBNet ({kind} converter, fine-tuned classifier)"] = cbnet.CBNetPipeline(
-                converter, tuned, ds.num_classes).eval()
-    for name, pipe in pipelines.items():
-        methods[name] = {"torch": pipe, "macs": pipe.macs(), "bytes": param_bytes(pipe)}
-
-    # ONNX exports
     onnx_dir = work / ds.name
-    for i, m in enumerate(methods.values()):
-        if m.get("branchy"):
-            m["onnx"] = onnx_branchynet(branchy, policy, onnx_dir / "branchynet",
-                                        ds.calib.x[:2], s.threads)
-        else:
-            session = OrtSession(cbnet.export_onnx(
-                m["torch"], onnx_dir / f"method{i}.onnx", ds.input_shape), s.threads)
-            m["onnx"] = (lambda sess: lambda x: sess.run_arrays([x])[0].argmax(1))(session)
+    methods[LENET] = _plain(t.lenet.eval(), onnx_dir / "lenet.onnx", shape)
+    example = torch.full((1, *shape), 0.5)
+    methods[BRANCHY] = _exits(t.branchy, policy, onnx_dir / "branchy", 0.0)
+    methods[TRUNCATED] = _plain(t.light, onnx_dir / "light.onnx", shape)
+    methods[PUBLISHED_ROW] = _plain(t.published, onnx_dir / "published.onnx", shape)
+    for i, (name, pipe) in enumerate(pipes.items()):
+        methods[name] = _plain(pipe, onnx_dir / f"candidate{i}.onnx", shape)
+    for on, fb in fallbacks.items():
+        m = fb.model
+        rest = ("rest of B-LeNet on the converted image" if on == "converted"
+                else "LeNet on the original image")
+        methods[f"CBNet with fallback exit ({base_name}; {rest})"] = _exits(
+            m, fb.policy, onnx_dir / f"fallback-{on}", 0.0) | {"fallback": fb}
 
     x, y = ds.test.x, ds.test.y
     x_np = x.numpy()
-    result = branchy.infer(x, policy)
-    branchy_fracs = result.exit_fractions(2)
-    first_macs = count_macs(lambda: light(example))
-    full_macs = count_macs(lambda: branchy(example))  # backbone and branch: a hard sample
-    methods["BranchyNet (B-LeNet, entropy exits)"]["macs"] = (
-        branchy_fracs[0] * first_macs + branchy_fracs[1] * full_macs)
-    facts["test_hard_share"] = branchy_fracs[1]
-
-    def torch_pred(m):
-        fn = m["torch"]
-        return lambda t: fn(t).argmax(1) if not m.get("branchy") else fn(t)
-
+    full_branchy = count_macs(lambda: t.branchy(example))
+    first_branchy = count_macs(lambda: t.light(example))
+    for name, m in methods.items():
+        if "exits" in m:
+            fr = m["exits"](x)
+            m["fractions"] = fr
+            if name == BRANCHY:
+                m["macs"] = fr[0] * first_branchy + fr[1] * full_branchy
+            else:
+                em = cbnet.fallback.exit_macs(m["fallback"].model)
+                m["macs"] = fr[0] * em[0] + fr[1] * em[1]
+    facts["test_hard_share"] = methods[BRANCHY]["fractions"][1]
     limit = s.latency_samples or len(x)
     with torch_threads(s.threads):
-        lat_torch = interleaved_latency({n: torch_pred(m) for n, m in methods.items()},
+        lat_torch = interleaved_latency({n: m["torch"] for n, m in methods.items()},
                                         x[:limit], warmup=10, chunks=s.latency_chunks)
         lat_onnx = interleaved_latency(
-            {n: (lambda f: lambda t: f(t.numpy()))(m["onnx"]) for n, m in methods.items()},
+            {n: (lambda f: lambda t_: f(t_.numpy()))(m["onnx"]) for n, m in methods.items()},
             x[:limit], warmup=10, chunks=s.latency_chunks)
-        thr_torch = {n: throughput(torch_pred(m), x, s.throughput_batch)
+        thr_torch = {n: throughput(m["torch"], x, s.throughput_batch)
                      for n, m in methods.items()}
-        thr_onnx = {n: throughput(lambda t, f=m["onnx"]: f(t.numpy()), x, s.throughput_batch)
+        thr_onnx = {n: throughput(lambda t_, f=m["onnx"]: f(t_.numpy()), x, s.throughput_batch)
                     for n, m in methods.items()}
-
+    chosen_rows = {f"CBNet {c}" if not c.startswith("CBNet") else c
+                   for c in [selection.chosen] if c}
     rows = []
     for name, m in methods.items():
-        pred = _batched(torch_pred(m), x)
-        pred_onnx = np.concatenate([m["onnx"](x_np[i: i + 1024])
-                                    for i in range(0, len(x_np), 1024)])
+        pred = _batched(m["torch"], x)
+        pred_onnx = _batched(m["onnx"], x_np)
         lt, lo = lat_torch[name], lat_onnx[name]
         rpi_s = rpi.scale_latency(lt["mean_ms"] / 1e3, host)
         rpi_onnx_s = rpi.scale_latency(lo["mean_ms"] / 1e3, host)
         row = {"dataset": ds.name, "method": name, "accuracy": _accuracy(pred, y),
                "onnx_accuracy": _accuracy(pred_onnx, y),
-               "onnx_agreement": float((torch.as_tensor(pred_onnx) == pred).double().mean()),
+               "onnx_agreement": float((pred_onnx == pred).mean()),
                "mean_macs": m["macs"], "weight_bytes": m["bytes"],
                "latency_ms": lt["mean_ms"], "latency_p50_ms": lt["median_ms"],
                "test_set_latency_s": lt["total_s"], "throughput_sps": thr_torch[name],
                "onnx_latency_ms": lo["mean_ms"], "onnx_latency_p50_ms": lo["median_ms"],
                "onnx_test_set_latency_s": lo["total_s"], "onnx_throughput_sps": thr_onnx[name],
-               "rpi4_latency_ms_est": 1e3 * rpi_s,
-               "rpi4_energy_mj_est": rpi.energy_mj(rpi_s),
-               "rpi4_test_set_energy_j_est": rpi.energy_mj(rpi_s) * len(x) / 1e3,
-               "rpi4_latency_ms_from_macs_est": 1e3 * rpi.compute_time_s(m["macs"]),
+               "rpi4_latency_ms_est": 1e3 * rpi_s, "rpi4_energy_mj_est": rpi.energy_mj(rpi_s),
                "rpi4_onnx_latency_ms_est": 1e3 * rpi_onnx_s,
-               "rpi4_onnx_energy_mj_est": rpi.energy_mj(rpi_onnx_s)}
-        if m.get("branchy"):
-            row.update(exit_fractions=branchy_fracs, hard_share=branchy_fracs[1],
-                       threshold=threshold)
+               "rpi4_onnx_energy_mj_est": rpi.energy_mj(rpi_onnx_s),
+               "rpi4_test_set_energy_j_est": rpi.energy_mj(rpi_onnx_s) * len(x) / 1e3,
+               "rpi4_latency_ms_from_macs_est": 1e3 * rpi.compute_time_s(m["macs"]),
+               "selected": name in chosen_rows,
+               "role": ("selected: fastest at BranchyNet's calibration accuracy"
+                        if name in chosen_rows else
+                        "most accurate candidate (none reached BranchyNet's calibration "
+                        "accuracy); base of the fallback CBNet"
+                        if selection.chosen is None and name == base_name else "")}
+        if "fractions" in m:
+            row.update(exit_fractions=m["fractions"], hard_share=m["fractions"][1],
+                       threshold=t.threshold if name == BRANCHY else m["fallback"].threshold)
+        if name == PUBLISHED_ROW:
+            row["hard_share"] = methods[BRANCHY]["fractions"][1]  # test images at exit 1
+        if "fallback" in m:
+            row["selected"] = any(r["chosen"] and r["fallback_on"] == m["fallback"].on
+                                  for r in fb_choice)
+            row["role"] = ("selected fallback (faster on calibration)" if row["selected"]
+                           else "other fallback input")
         rows.append(row)
     facts["latency_samples"] = limit
-    return rows, facts
+    selection_rows = [{"dataset": ds.name, **r} for r in selection.table]
+    fb_rows = [{"dataset": ds.name, "base": base_name, **r} for r in fb_choice]
+    return rows, facts, selection_rows, fb_rows
 
 
 def _targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets per data set and CBNet variant: met or not, with the figures."""
+    """The issue's targets per data set: the selected CBNet variant and the fallback CBNet."""
     out = []
     by = {(r["dataset"], r["method"]): r for r in rows}
     for r in rows:
         if not r["method"].startswith("CBNet"):
             continue
-        lenet = by[(r["dataset"], "LeNet")]
-        branchy = by[(r["dataset"], "BranchyNet (B-LeNet, entropy exits)")]
-        entry = {"dataset": r["dataset"], "method": r["method"],
-                 "accuracy_minus_branchynet_pt": 100 * (r["accuracy"] - branchy["accuracy"]),
-                 "accuracy_target_met": r["accuracy"] >= branchy["accuracy"]}
+        lenet, branchy = by[(r["dataset"], LENET)], by[(r["dataset"], BRANCHY)]
+        fallback = "fallback" in r["method"]
+        e = {"dataset": r["dataset"], "method": r["method"], "selected": r["selected"],
+             "role": r.get("role", ""),
+             "accuracy": r["accuracy"], "accuracy_minus_branchynet_pt":
+             100 * (r["accuracy"] - branchy["accuracy"]),
+             "accuracy_minus_lenet_pt": 100 * (r["accuracy"] - lenet["accuracy"])}
         for prefix, label in (("", "torch"), ("onnx_", "onnx")):
-            vs_b = branchy[f"{prefix}latency_ms"] / r[f"{prefix}latency_ms"]
-            vs_l = lenet[f"{prefix}latency_ms"] / r[f"{prefix}latency_ms"]
-            entry.update({f"{label}_speedup_vs_branchynet": vs_b,
-                          f"{label}_speedup_vs_lenet": vs_l,
-                          f"{label}_speedup_target_met": vs_b >= 3.8 and vs_l >= 5.0,
-                          f"{label}_p50_speedup_vs_branchynet":
-                              branchy[f"{prefix}latency_p50_ms"] / r[f"{prefix}latency_p50_ms"],
-                          f"{label}_p50_speedup_vs_lenet":
-                              lenet[f"{prefix}latency_p50_ms"] / r[f"{prefix}latency_p50_ms"]})
-        entry["macs_ratio_vs_branchynet"] = r["mean_macs"] / branchy["mean_macs"]
-        entry["macs_ratio_vs_lenet"] = r["mean_macs"] / lenet["mean_macs"]
-        out.append(entry)
+            for stat, suffix in (("latency_ms", ""), ("latency_p50_ms", "_p50")):
+                e[f"{label}{suffix}_speedup_vs_branchynet"] = (
+                    branchy[prefix + stat] / r[prefix + stat])
+                e[f"{label}{suffix}_speedup_vs_lenet"] = lenet[prefix + stat] / r[prefix + stat]
+        if r["method"] == PUBLISHED_ROW:
+            e["target"] = "reproduction row (no target)"
+            e["target_met"] = None
+        elif fallback:
+            e["target"] = "fallback: accuracy >= LeNet, ORT >= 1.3x LeNet"
+            e["target_met"] = (r["accuracy"] >= lenet["accuracy"]
+                               and e["onnx_speedup_vs_lenet"] >= 1.3)
+        else:
+            e["target"] = ("accuracy >= BranchyNet, ORT >= 1.5x and eager >= 1.3x "
+                           "BranchyNet and LeNet")
+            e["target_met"] = (r["accuracy"] >= branchy["accuracy"]
+                               and min(e["onnx_speedup_vs_branchynet"],
+                                       e["onnx_speedup_vs_lenet"]) >= 1.5
+                               and min(e["torch_speedup_vs_branchynet"],
+                                       e["torch_speedup_vs_lenet"]) >= 1.3)
+        out.append(e)
     return out
-
-
-def _plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.6), dpi=110,
-                             squeeze=False)
-    for ax, name in zip(axes[0], datasets):
-        sub = [r for r in rows if r["dataset"] == name]
-        pos = np.arange(len(sub))
-        ax.bar(pos - 0.2, [r["latency_ms"] for r in sub], 0.4, label="PyTorch")
-        ax.bar(pos + 0.2, [r["onnx_latency_ms"] for r in sub], 0.4, label="ONNX Runtime")
-        ax.set_xticks(pos)
-        ax.set_xticklabels([r["method"].replace(" (", "\n(").replace(", ", ",\n")
-                            for r in sub], fontsize=6)
-        ax.set_ylabel("batch-1 latency per image (ms, this host, 1 thread)")
-        ax.set_title(name)
-        for p, r in zip(pos, sub):
-            ax.text(p, max(r["latency_ms"], r["onnx_latency_ms"]), f"{r['accuracy']:.3f}",
-                    ha="center", va="bottom", fontsize=7)
-        ax.legend(fontsize=8)
-    fig.suptitle("batch-1 latency (bars) and accuracy (numbers)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = None,
                     command: str | None = None) -> dict:
-    """Run the suite and write ``report.json``, ``report.md`` and ``latency.png``.
-
-    Args:
-        out_dir: output directory (no model weights are written there).
-        settings: what to train and measure.
-        command: the command line, recorded in the report.
+    """Run the suite and write ``report.json``, ``report.md`` and ``pareto.png``.
 
     Returns:
-        The report dict.
+        The report dict (``{}`` with ``train_only``).
     """
     s = settings or CBNetBenchSettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    models = Path(s.models) if s.models else out / "models"
     t0 = time.perf_counter()
     host = measure_host_profile(threads=s.threads)
     rpi = get_device("rpi4")
-    rows, facts = [], []
+    rows, facts, selection, fallback = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="splitexit-cbnet-") as work:
         for name in s.datasets:
             ds = load_dataset(name, seed=s.seed)
-            # Training too runs on s.threads threads: on a shared machine more only contend.
             with torch_threads(s.threads):
-                r, f = _dataset_rows(ds, s, host, rpi, Path(work))
+                r, f, sel, fb = _dataset(ds, s, models, Path(work) / name, host, rpi)
             rows += r
             facts.append(f)
+            selection += sel
+            fallback += fb
+    if s.train_only:
+        return {}
     targets = _targets(rows)
-    _plot(out / "latency.png", rows)
+    plot_pareto(out / "pareto.png", rows)
     notes = [
-        "Latency: whole test set (or latency_samples) one image at a time, mean per image, "
-        f"{s.threads} thread(s), methods interleaved chunk by chunk in one run on a shared "
-        "machine; throughput: batches of throughput_batch.",
-        "PyTorch CBNet and BranchyNet validate their input on every call (CBNetPipeline's "
-        "range check, MultiExitModel.infer's check_input); LeNet and the truncated B-LeNet "
-        "do not. In ONNX Runtime no method validates.",
-        "BranchyNet in ONNX Runtime: its bundle's two pieces (up to exit 0 with the branch; "
-        "the rest) run by splitexit.runtime.OrtProgram, the Entropy policy's statistic in "
-        "NumPy between them; only hard samples run the second piece.",
+        "Latency: the whole test set (or latency_samples) one image at a time, mean and "
+        f"median (p50) per image, {s.threads} thread(s), every method interleaved chunk by "
+        "chunk in one run on a shared 2-core machine; throughput: batches of "
+        "throughput_batch.",
+        "Converter search ('converter search' table): every candidate (narrow fc, small conv, "
+        "distilled from the published converter; linear output; with the light classifier "
+        "fine-tuned on its converted images, or converter and classifier jointly fine-tuned "
+        "on the labels) unfolded and folded; accuracy on the calibration split, batch-1 "
+        "latency on ONNX Runtime over select_samples calibration images; chosen: the fastest "
+        "at BranchyNet's calibration accuracy or better. 'selected' marks it in the main table.",
+        "Folded: the converter's output Linear and the classifier's first Conv2d composed into "
+        "one dense layer over the converter's hidden code (splitexit.cbnet.fold_pipeline).",
+        "CBNet with fallback exit: a MultiExitModel (exit 0: converter + light classifier; "
+        "final: B-LeNet's main path after its first conv on the converted image's features, "
+        "or LeNet from its first conv on the original image); MaxProb threshold calibrated as the "
+        "cheapest reaching LeNet's calibration accuracy; run by model.infer in PyTorch and by "
+        "the exit program's batch-1 exit graph on ONNX Runtime ('fallback' table: the choice "
+        "of input by calibration latency).",
+        "BranchyNet on ONNX Runtime: its exit program's batch-1 exit graph (one ONNX graph "
+        "with an If node); batched accuracy through the pieces.",
+        "PyTorch CBNet pipelines validate their input range on every call and multi-exit "
+        "models check their input in infer; LeNet and the truncated B-LeNet do not.",
         "rpi4_* are ESTIMATES, not measurements: host latency x (host GMAC/s / Raspberry Pi 4 "
-        "GMAC/s) from splitexit.devices (host rate measured by measure_host_profile, Pi rate "
-        "an estimate), energy = Pi active power x estimated time; rpi4_latency_ms_from_macs_est "
-        "= MACs / the Pi's estimated MAC rate (compute only, no framework overhead).",
-        "Speedups use mean latency (the whole test set's time, as published); the *_p50_* "
-        "ones use medians, which load spikes on a shared machine disturb less.",
-        "Targets (TECHNIQUES.md section 3): Fashion-MNIST CBNet accuracy >= BranchyNet's "
-        "(published 89.59 vs 87.8 %), batch-1 latency >= 3.8x lower than BranchyNet's and "
-        ">= 5x lower than LeNet's (published on a Pi 4 with the authors' Keras/Chainer "
-        "code: 3.83x and 6.9x). See the 'targets' table.",
-        "mean_macs: MACs per image (BranchyNet: averaged over its real exits on the test set); "
-        "weight_bytes: fp32 parameters a batch-1 pass reads (the fc converter's 3 MB make it "
-        "memory-bound at batch 1).",
-        f"Training was reduced to fit a shared 2-core machine: LeNet {s.lenet_epochs} epochs, "
-        f"B-LeNet {s.branchy_epochs} epochs"
-        + (" started from the trained LeNet" if s.branchy_from_lenet else "")
-        + f", converter >= {s.converter_epochs} epochs and >= {s.converter_min_steps} steps "
-        "(per data set in 'per data set'), classifier fine-tuning "
-        f"{s.finetune_epochs} epoch(s)"
-        + (f", {s.train_limit} training images" if s.train_limit else ", all training images")
-        + ".",
+        "GMAC/s) from splitexit.devices, energy = Pi active power x estimated time; "
+        "rpi4_latency_ms_from_macs_est = MACs / the Pi's estimated MAC rate.",
+        "Targets (issue 17): see the 'targets' table; speed-ups are ratios of means "
+        "(the *_p50_* ones of medians) measured in this run.",
+        f"Training on this shared machine: LeNet {s.lenet_epochs} epochs, B-LeNet "
+        f"{s.branchy_epochs} epochs" + (" from the trained LeNet" if s.branchy_from_lenet
+                                        else "")
+        + f", converters >= {s.converter_epochs} epochs and >= {s.converter_min_steps} steps, "
+        f"classifier fine-tuning {s.finetune_epochs} epochs, joint fine-tuning "
+        f"{s.joint_epochs} epochs; weights cached by settings under models/.",
     ]
     return write_report(out, "cbnet", rows, dataset=",".join(s.datasets),
                         model="lenet / b-lenet / cbnet",
-                        sections={"targets": targets, "per data set": facts},
-                        notes=notes, command=command, plots=["latency.png"],
+                        sections={"headline": [e for e in targets if e["role"] or
+                                               e["method"] == PUBLISHED_ROW],
+                                  "targets": targets, "converter search": selection,
+                                  "fallback": fallback, "per data set": facts},
+                        notes=notes, command=command, plots=["pareto.png"],
                         settings=asdict(s), host_profile=host.to_dict(),
-                        device_profile=rpi.to_dict(),
-                        wall_seconds=time.perf_counter() - t0)
+                        device_profile=rpi.to_dict(), wall_seconds=time.perf_counter() - t0)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -370,38 +388,56 @@ def _run(args: argparse.Namespace) -> int:
     settings = CBNetBenchSettings(
         datasets=tuple(args.datasets.split(",")), lenet_epochs=args.lenet_epochs,
         branchy_epochs=args.branchy_epochs, converter_epochs=args.converter_epochs,
-        converters=tuple(args.converters.split(",")), finetune_epochs=args.finetune_epochs,
+        converter_min_steps=args.converter_min_steps,
+        candidates=tuple(args.candidates.split(",")) if args.candidates else None,
+        finetune_epochs=args.finetune_epochs, joint_epochs=args.joint_epochs,
         targets_per_class=args.targets_per_class, train_limit=args.train_limit,
-        latency_samples=args.latency_samples, threads=args.threads, seed=args.seed,
-        max_drop=args.max_drop, progress=True if args.progress else None)
+        latency_samples=args.latency_samples, select_samples=args.select_samples,
+        threads=args.threads, seed=args.seed, max_drop=args.max_drop, models=args.models,
+        train_only=args.train_only, progress=True if args.progress else None)
     command = "splitexit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = run_cbnet_bench(args.out, settings, command)
+    if not report:
+        print("trained (or found cached) every model; nothing measured (--train-only)")
+        return 0
     print(markdown_table(report["rows"], ["dataset", "method", "accuracy", "latency_ms",
-                                          "onnx_latency_ms", "rpi4_energy_mj_est"]))
-    print(markdown_table(report["sections"]["targets"]))
-    print(f"wrote {Path(args.out) / 'report.md'}, report.json and latency.png")
+                                          "onnx_latency_ms", "selected"]))
+    print(markdown_table(report["sections"]["headline"], ["dataset", "method", "accuracy",
+                                                         "onnx_speedup_vs_branchynet",
+                                                         "onnx_speedup_vs_lenet",
+                                                         "torch_speedup_vs_branchynet",
+                                                         "torch_speedup_vs_lenet",
+                                                         "target_met"]))
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json and pareto.png")
     return 0
 
 
 def register(subparsers) -> None:
     """Add ``splitexit bench cbnet``."""
     d = CBNetBenchSettings()
-    p = subparsers.add_parser("cbnet", help="LeNet vs BranchyNet vs CBNet: accuracy, latency "
-                              "(PyTorch and ONNX Runtime), Raspberry Pi 4 energy estimate")
+    p = subparsers.add_parser("cbnet", help="LeNet vs BranchyNet vs CBNet (published, searched "
+                              "converters, folded, with a fallback exit): accuracy, batch-1 "
+                              "latency (PyTorch and ONNX Runtime), Raspberry Pi 4 estimates")
     p.add_argument("--out", default="runs/bench-cbnet", help="output directory")
     p.add_argument("--datasets", default=",".join(d.datasets))
     p.add_argument("--lenet-epochs", type=int, default=d.lenet_epochs)
     p.add_argument("--branchy-epochs", type=int, default=d.branchy_epochs)
     p.add_argument("--converter-epochs", type=int, default=d.converter_epochs)
-    p.add_argument("--converters", default=",".join(d.converters),
-                   help="comma-separated converter kinds: fc (published), conv")
+    p.add_argument("--converter-min-steps", type=int, default=d.converter_min_steps)
+    p.add_argument("--candidates", default=None,
+                   help="comma-separated converter keys to search (default: all), e.g. "
+                        "fc_h64_linear,fc_h32_linear")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--joint-epochs", type=int, default=d.joint_epochs)
     p.add_argument("--targets-per-class", type=int, default=d.targets_per_class)
     p.add_argument("--max-drop", type=float, default=d.max_drop)
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--latency-samples", type=int, default=None)
+    p.add_argument("--select-samples", type=int, default=d.select_samples)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--models", default=None, help="model cache (default: <out>/models)")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or load) every model and stop; fills the cache")
     p.add_argument("--progress", action="store_true", help="always show progress bars")
     p.set_defaults(func=_run)
-
