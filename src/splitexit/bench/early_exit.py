@@ -8,6 +8,7 @@ split in the same run, with ratios to the baseline. The demo is this suite on a 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,23 +16,30 @@ import torch
 
 from .. import checkpoint
 from ..calibration import (
-    choose_operating_point,
+    CalibrationWarning,
+    calibrate,
     exit_costs,
     oracle,
+    paired_drop_ci,
     pareto_front,
     select_exits,
     sweep,
 )
-from ..cost import cost_table, measure_exit_latency
+from ..cost import cost_table
 from ..data import Dataset, load_dataset
 from ..errors import InputError
-from ..multiexit import MultiExitModel
+from ..measure import (
+    interleaved_latency,
+    interleaved_throughput,
+    measure_exit_latency,
+    torch_threads,
+)
+from ..multiexit import MultiExitModel, simulate_exits
 from ..optimize import fuse_for_inference, trace_for_inference
-from ..policies import leave_at, make_policy
+from ..policies import create_policy, leave_at
 from ..report import plot_pareto, write_report
 from ..training import Baseline, HeadsOnly, JointWeighted, train
 from ..zoo import create_model, create_multiexit
-from .measure import interleaved_latency, interleaved_throughput, torch_threads
 
 __all__ = ["EarlyExitSettings", "run_early_exit", "train_pair", "evaluate_pair", "load_exit_model"]
 
@@ -43,7 +51,13 @@ class EarlyExitSettings:
     Attributes:
         strategy: ``"joint"`` (BranchyNet: backbone initialised from the trained baseline,
             then every exit trained jointly) or ``"heads-only"`` (SDN IC-only: frozen baseline).
-        drops: maximum accuracy drops vs the baseline (fractions) to pick operating points for.
+        drops: accuracy drop targets vs the baseline (fractions) to pick operating points for.
+        calibration: how each target's threshold is chosen
+            (:func:`~splitexit.calibration.calibrate`): ``"auto"`` (the guarded mode when the
+            calibration set can certify the target and a plain sweep's margin is too thin, a
+            sweep with a warning when it is too small for either), ``"sweep"`` or
+            ``"guarded"``. Every row states its target and its test drop with a 95% interval.
+        delta: the guarded mode's tolerated probability that its bound fails.
         latency_samples: test samples timed one at a time (``None``: the whole test set).
         threads: torch threads while timing (1 mimics a single edge core and is steadier).
         train_samples: train on a stratified subset of this size (quicker runs; the report
@@ -72,6 +86,8 @@ class EarlyExitSettings:
     strategy: str = "joint"
     policy: str = "maxprob"
     drops: tuple[float, ...] = (0.005, 0.01)
+    calibration: str = "auto"
+    delta: float = 0.05
     latency_samples: int | None = None
     throughput_batch: int = 256
     threads: int | None = 1
@@ -188,24 +204,33 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     calib_logits = multi.collect_logits(ds.calib.x)
     test_x, test_y = ds.test.x, ds.test.y
 
-    def accuracies(model: torch.nn.Module) -> tuple[float, float]:
+    def correct(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample correctness on the calibration and test splits."""
         model.eval()
         test = torch.cat([model(test_x[i: i + 1024]) for i in range(0, len(test_x), 1024)])
-        return _accuracy(model(ds.calib.x), ds.calib.y), _accuracy(test, test_y)
+        return model(ds.calib.x).argmax(1) == ds.calib.y, test.argmax(1) == test_y
 
-    ref_calib_acc, base_test_acc = accuracies(baseline)
+    def mean(c: torch.Tensor) -> float:
+        return float(c.double().mean())
+
+    ref_calib, base_test = correct(baseline)
+    ref_calib_acc, base_test_acc = mean(ref_calib), mean(base_test)
+    ref_test, ref_name = base_test, "baseline"  # the reference operating points aim at
     control_rows: list[dict] = []
     subsets: list[dict] = []  # every subset of exits the latency selection tried
     control_test_acc = None
     if control is not None:
-        control_calib_acc, control_test_acc = accuracies(control)
+        control_calib, control_test = correct(control)
+        control_calib_acc, control_test_acc = mean(control_calib), mean(control_test)
         control_rows.append({"method": "control: baseline trained as long, no exits",
                              "model": model_name, "accuracy": control_test_acc,
                              "accuracy_drop_pt": 100 * (base_test_acc - control_test_acc),
                              "calib_accuracy": control_calib_acc,
                              "epochs": s.epochs + (s.finetune_epochs or s.epochs)})
-        ref_calib_acc = max(ref_calib_acc, control_calib_acc)  # the stricter reference
-    policy = make_policy(s.policy)
+        if control_calib_acc > ref_calib_acc:  # the stricter reference
+            ref_calib, ref_calib_acc, ref_test, ref_name = (control_calib, control_calib_acc,
+                                                            control_test, "control")
+    policy = create_policy(s.policy)
     points = sweep(calib_logits, ds.calib.y, costs.exit_macs, policy)
     test_logits = multi.collect_logits(test_x)
     stage_macs = [p.macs for p in costs.stages]
@@ -216,16 +241,24 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     notes: list[dict] = []
     all_exits = list(range(len(multi.heads)))
     for drop in s.drops:
-        label = f"{s.strategy} (<= {100 * drop:g} pt drop)"
+        label = f"{s.strategy} (target <= {100 * drop:g} pt drop)"
         try:
-            op = choose_operating_point(points, reference_accuracy=ref_calib_acc,
-                                        max_drop=drop)
-            chosen.append((label, all_exits, op.policy,
-                           {"calib_accuracy": op.accuracy, "max_drop": drop,
-                            "calib_reference_accuracy": ref_calib_acc}))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CalibrationWarning)
+                cal = calibrate(calib_logits, ds.calib.y, costs.exit_macs, policy,
+                                max_drop=drop, reference_correct=ref_calib, mode=s.calibration,
+                                delta=s.delta)
         except InputError as exc:
             notes.append({"method": label, "model": model_name, "note": str(exc)})
             continue
+        label = f"{s.strategy} ({cal.mode}, target <= {100 * drop:g} pt drop)"
+        chosen.append((label, all_exits, cal.policy,
+                       {"calib_accuracy": cal.accuracy, "max_drop": drop,
+                        "target_drop_pt": 100 * drop, "calib_mode": cal.mode,
+                        "calib_drop_ci95_pt": cal.calib_drop_ci95_pt,
+                        "calib_reference_accuracy": ref_calib_acc}))
+        notes += [{"method": label, "model": model_name, "note": str(w.message)}
+                  for w in caught if issubclass(w.category, CalibrationWarning)]
     # how each runtime compiles a model (the baseline and the multi-exit model alike)
     runtimes = {"eager": lambda m: m,
                 "torchscript": lambda m: trace_for_inference(m, example, fuse=False)}
@@ -258,9 +291,10 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         def selected(method: str, extra: dict, bound: float | None):
             """The latency-chosen subset for one operating point (no-exit cost <= ``bound``
             when given), as a plan, or ``None`` (with a note) when no subset meets it."""
-            label = (f"{method[:-1]}, exits chosen for latency)" if bound is None else
-                     f"{method[:-1]}, exits chosen for latency, no-exit cost "
-                     f"<= {s.max_overhead:g}x)")
+            # the subset and threshold come from a sweep, whatever mode chose ``method``
+            base = f"{s.strategy} (sweep, target <= {100 * extra['max_drop']:g} pt drop"
+            label = (f"{base}, exits chosen for latency)" if bound is None else
+                     f"{base}, exits chosen for latency, no-exit cost <= {s.max_overhead:g}x)")
             try:
                 sel = select_exits(calib_logits, ds.calib.y, latency_for, policy,
                                    reference_accuracy=ref_calib_acc, max_drop=extra["max_drop"],
@@ -277,8 +311,13 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                      "predicted_latency_ratio": c["expected_cost"],
                      "predicted_no_exit_ratio": c["exit_costs"][-1],
                      "chosen": c["exits"] == sel.exits} for c in sel.candidates)
+            kept = [calib_logits[e] for e in sel.exits] + [calib_logits[-1]]
+            _, lo, hi = paired_drop_ci(ref_calib, simulate_exits(kept, sel.point.policy)
+                                       .predictions == ds.calib.y)
             return (label, sel.exits, sel.point.policy,
-                    {"calib_accuracy": sel.point.accuracy,
+                    {"calib_accuracy": sel.point.accuracy, "max_drop": extra["max_drop"],
+                     "target_drop_pt": extra["target_drop_pt"], "calib_mode": "sweep",
+                     "calib_drop_ci95_pt": [lo, hi],
                      "calib_reference_accuracy": ref_calib_acc,
                      "exits": [multi.exit_names[e] for e in sel.exits] + ["final"],
                      "predicted_latency_ratio": sel.point.mean_macs,
@@ -323,10 +362,20 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
             exit_macs = exit_costs(stage_macs, head_macs, multi.exit_stages, keep)
             macs = float(torch.tensor(exit_macs, dtype=torch.float64)[result.exit_index].mean())
             acc = result.accuracy(test_y)
+            right = result.predictions == test_y
+            honest = {}  # a target, the test drop vs its reference and the 95% interval
+            if "target_drop_pt" in extra:
+                drop, lo, hi = paired_drop_ci(ref_test, right)
+                honest = {"target_drop_pt": extra["target_drop_pt"], "target_reference": ref_name,
+                          "test_drop_vs_reference_pt": drop,
+                          "test_drop_ci95_pt": [lo, hi],
+                          "target_met_on_test": drop <= extra["target_drop_pt"] + 1e-9}
             row = {"method": method, **common, "accuracy": acc,
                    "accuracy_drop_pt": 100 * (base_test_acc - acc),
+                   "accuracy_drop_ci95_pt": list(paired_drop_ci(base_test, right)[1:]),
                    **({"drop_vs_control_pt": 100 * (control_test_acc - acc)}
                       if control_test_acc is not None else {}),
+                   **honest,
                    "mean_macs": macs,
                    "macs_ratio": macs / base_macs, "latency_ms": lat[method]["mean_ms"],
                    "latency_p50_ms": lat[method]["median_ms"],
@@ -337,7 +386,8 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
                    "infer_matches_simulate": bool(
                        torch.equal(result.predictions, replay.predictions)
                        and torch.equal(result.exit_index, replay.exit_index)),
-                   **{k: v for k, v in extra.items() if k != "max_drop"}}
+                   **{k: v for k, v in extra.items()
+                      if k not in ("max_drop", "target_drop_pt")}}
             if method.startswith("no exit fires (overhead)"):
                 row["overhead_batch1"] = row.pop("latency_ratio")
                 row["overhead_batched"] = 1 / row.pop("throughput_ratio")
@@ -411,8 +461,22 @@ def run_early_exit(dataset: str, models: list[str], out: str | Path,
         points.update(extra["points"])
     plot = plot_pareto(out / "pareto.png", curves, points, xlabel="mean MACs / baseline MACs",
                        title=f"{dataset}: accuracy vs compute")
-    notes = ["Thresholds were chosen on the calibration split (carved from training data); "
-             "every figure is measured on the test split in this run.",
+    notes = ["Thresholds were chosen on the calibration split (carved from training data; "
+             f"{len(ds.calib)} samples); every figure is measured on the test split in this "
+             "run.",
+             "Operating points: 'target <= x pt drop' is what the threshold aimed at, not a "
+             "result. target_drop_pt is the target; test_drop_vs_reference_pt the test accuracy "
+             "drop against the reference it aimed at (target_reference: the baseline, or the "
+             "control when more accurate on the calibration split), test_drop_ci95_pt its 95% "
+             "interval (paired over test samples, splitexit.calibration.paired_drop_ci), "
+             "target_met_on_test whether the test drop is within the target; "
+             "accuracy_drop_ci95_pt is the same interval for accuracy_drop_pt (vs the "
+             "baseline). calib_mode (splitexit.calibration.calibrate, mode "
+             f"{s.calibration!r}): 'guarded' (Learn-then-Test: the drop is within the target "
+             f"with probability >= {1 - s.delta:g}) when the calibration set can certify the "
+             "target and a plain sweep's calibration interval reaches past it; 'sweep' "
+             "otherwise, with a note when the calibration set is too small for the target "
+             "(then nothing bounds the test drop). Rows 'exits chosen for latency' are sweeps.",
              "latency_ms is the mean batch-1 latency over the timed test samples; every method "
              "of a runtime (and its baseline) is timed on the same samples, interleaved in "
              f"{s.timing_chunks} groups with the methods' order shuffled per group, and "

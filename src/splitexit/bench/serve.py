@@ -69,6 +69,7 @@ class ServeBenchSettings:
     load_seconds: float = 3.0
     windows: int = 3
     ray: bool = True
+    hardening: bool = True
     server_runtimes: tuple[str, ...] = ("eager", "torchscript")
     cache: str = "runs/bench-serve-cache"
     seed: int = 0
@@ -425,6 +426,134 @@ def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes], inpro
     return rows
 
 
+# ------------------------------------------------------------------ hostile peers
+HARDENING_TOKEN = "bench-serve-hardening-token"  # loopback only, inside the benchmark
+
+
+def _once(answers, n: int) -> bool:
+    """Exactly one answer per input: indices ``0..n-1``, none missing, none twice."""
+    return sorted(a.index for a in answers) == list(range(n))
+
+
+def _hardening_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[dict]:
+    """Fault tests of issue 14 against the split model (every sample offloaded, the worst
+    case), each bounded in time and on 127.0.0.1: the server killed mid-stream, 1,000
+    half-open connections held against the server, a server answering 300 MB bodies, a
+    server trickling its answer one byte every 20 ms."""
+    import tempfile
+
+    import numpy as np
+
+    from ..deploy import bundle
+    from ..serve import EdgeRuntime, EdgeSettings
+    from ..serve.cli import load_edge_device
+    from ..serve.modeldir import export_model_dir
+    from .hostile import (
+        FatAnswer,
+        HalfOpenAttacker,
+        RawServer,
+        edge_memory_growth,
+        raise_open_file_limit,
+        serve_process,
+        trickle,
+        valid_requests,
+    )
+
+    model_dir = cache / f"model-dir-{s.cut}-hardening"
+    export_model_dir(model, s.cut, model_dir, codec=s.codec, policy=NeverExit())
+    device, policy, codec = load_edge_device(model_dir)
+    env = {"SPLITEXIT_TOKEN": HARDENING_TOKEN}
+    auth = {"Authorization": f"Bearer {HARDENING_TOKEN}"}
+    x = ds.test.x[:40]
+    rows: list[dict] = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-serve-hardening-"))
+
+    # 1. the server killed (SIGKILL) after 15 of 40 sequential inputs
+    with serve_process(model_dir, env=env, log=scratch / "killed.log") as (proc, url, _):
+        answers = []
+        with EdgeRuntime(device, policy, url, codec,
+                         EdgeSettings(deadline_s=1.0, retries=1, breaker_failures=2,
+                                      breaker_reset_s=30, token=HARDENING_TOKEN)) as edge:
+            for i in range(len(x)):
+                if i == 15:
+                    proc.kill()
+                    proc.wait(10)
+                batch = edge.classify(x[i: i + 1])
+                for a in batch:
+                    a.index += i
+                answers += batch
+    sources = [a.source for a in answers]
+    rows.append({"fault": "server killed (SIGKILL) after 15 of 40 inputs", "inputs": len(x),
+                 "answers": len(answers), "answers_once": _once(answers, len(x)),
+                 "server_answers": sources.count("server"),
+                 "fallback_answers": sources.count("fallback"),
+                 "failed_answers": sources.count("failed"),
+                 "max_latency_ms": max(a.latency_ms for a in answers), "deadline_s": 1.0})
+
+    # 2. 1,000 half-sent requests held open while valid requests keep coming
+    held_target, deadline_s, seconds = 1000, 2.0, 6.0
+    raise_open_file_limit(held_target + 512)  # this process holds the client ends
+    body = Codec.parse(s.codec).encode(device.run(x[:2], NeverExit()).payload)
+    with serve_process(model_dir, "--header-timeout-s", "3", env=env,
+                       log=scratch / "half-open.log") as (proc, url, port), \
+            HalfOpenAttacker(port, held_target) as attack:
+        attack.wait_opened(15)
+        results = valid_requests(url, body, seconds, deadline_s, auth)
+        with EdgeRuntime(device, policy, url, codec,
+                         EdgeSettings(deadline_s=deadline_s, retries=1,
+                                      token=HARDENING_TOKEN)) as edge:
+            answers = edge.classify(x[:16])
+        stats = dict(attack.stats)
+        held = sorted(h for h, _ in attack.timeline)
+        alive = proc.poll() is None
+    log = (scratch / "half-open.log").read_text(errors="replace")
+    rows.append({"fault": f"{held_target} half-open connections held", "inputs": 16,
+                 "answers": len(answers), "answers_once": _once(answers, 16),
+                 "server_answers": sum(a.source == "server" for a in answers),
+                 "valid_requests": len(results),
+                 "answered_within_deadline": sum(results) / max(1, len(results)),
+                 "deadline_s": deadline_s, "held_max": stats["held_max"],
+                 "held_median": held[len(held) // 2] if held else 0,
+                 "cut_by_server": stats["closed_by_server"], "server_alive": alive,
+                 "dropped_client_log_lines": sum("dropped client" in line
+                                                 for line in log.splitlines()),
+                 "tracebacks_in_log": log.count("Traceback")})
+
+    # 3. a server answering 300 MB bodies; the edge (no PyTorch) in its own process
+    path = bundle(model, cache / f"bundle-{s.cut}-hardening", cut=s.cut, policy=NeverExit(),
+                  codec=s.codec, example=ds.calib.x[:8], measure=False)
+    np.save(scratch / "x.npy", ds.test.x[:32].numpy())
+    with RawServer(FatAnswer(300)) as srv:
+        out = edge_memory_growth(path, srv.url, scratch / "x.npy")
+    rows.append({"fault": "server answers 300 MB bodies", "inputs": 32,
+                 "answers_once": out["answers_once"], "edge_memory_growth_mb": out["growth_mb"],
+                 "sources": out["sources"], "errors": out["errors"],
+                 "call_s": [out["call0_s"], out["call1_s"]]})
+
+    # 4. a server trickling a valid answer one byte every 20 ms
+    deadline = 0.5
+    done: dict = {}
+    with RawServer(trickle) as srv:
+        def run():
+            t0 = time.monotonic()
+            with EdgeRuntime(device, policy, srv.url, codec,
+                             EdgeSettings(deadline_s=deadline, retries=1)) as edge:
+                done["answers"] = edge.classify(x[:16])
+                done["classify_s"] = time.monotonic() - t0
+            done["total_s"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(deadline + 10)  # bounded whatever the edge does
+    answers = done.get("answers", [])
+    rows.append({"fault": "server trickles its answer (1 byte / 20 ms)", "inputs": 16,
+                 "answers": len(answers), "answers_once": _once(answers, 16),
+                 "deadline_s": deadline, "classify_s": done.get("classify_s"),
+                 "edge_finished_s": done.get("total_s"),
+                 "sources": sorted({a.source for a in answers})})
+    return rows
+
+
 # ------------------------------------------------------------------ main
 def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = None,
                     command: str | None = None) -> dict:
@@ -509,7 +638,9 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
             srv.stop()
 
     throughput_rows = _throughput_section(model, ds, s, Path(s.cache))
-    targets = _targets(rows, throughput_rows, s.links)
+    with torch_threads(1):
+        faults = _hardening_section(model, ds, s, Path(s.cache)) if s.hardening else []
+    targets = _targets(rows, throughput_rows, s.links) + _fault_targets(faults)
     plots = [_plot(rows, s.links, out)]
     notes = [
         f"Device emulated as {device_profile.name} (profile estimate "
@@ -551,10 +682,24 @@ def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = N
         "runs alternating with them. 2 cores are shared by server, clients and other jobs.",
         "The machine is 2 cores shared with other jobs: absolute figures are noisy; compare "
         "rows of the same run.",
+        *(["Fault tests (issue 14; splitexit.bench.hostile, the same hostile peers as "
+           "tests/test_hardening.py), all on 127.0.0.1: the ResNet-8 split at "
+           f"{s.cut} with no local exit firing (every sample offloaded: the worst case), its "
+           "server a `splitexit serve` process with a token. Killed: SIGKILL after 15 of 40 "
+           "sequential inputs (edge deadline 1 s). Half-open: 1,000 half-sent requests held "
+           "(opened again when the server cuts them after its 3 s header timeout) while "
+           "valid requests (a new connection each, /v1/infer then /health) come every 0.1 s "
+           "for 6 s with a 2 s deadline, then 16 inputs through the edge. 300 MB: a raw "
+           "server answers every request with a 300 MB body (chunked, or with a "
+           "Content-Length); the edge of a bundle, without PyTorch, in its own process; "
+           "growth of its peak RSS (VmHWM) over two calls of 32 inputs after a warm-up. "
+           "Trickle: a raw server sends a valid answer one byte every 20 ms; edge deadline "
+           "0.5 s; edge_finished_s includes closing the runtime."] if faults else []),
     ]
     report = write_report(
         out, "serve", rows, dataset="fashion-mnist", model="resnet8 split at " + s.cut,
-        sections={"server throughput": throughput_rows, "targets": targets},
+        sections={"server throughput": throughput_rows, "fault tests": faults,
+                  "targets": targets},
         notes=notes, command=command, plots=plots,
         settings={k: v for k, v in asdict(s).items() if k != "extra"},
         policy=policy.config(), calibration=calib, device_factor=factor,
@@ -594,6 +739,40 @@ def _targets(rows: list[dict], tput: list[dict], links) -> list[dict]:
     out.append({"target": "no fallback / failed answers in the latency runs", "value": lost,
                 "met": lost == 0})
     return out
+
+
+def _fault_targets(faults: list[dict]) -> list[dict]:
+    """Issue 14's targets, from the fault tests' rows."""
+    if not faults:
+        return []
+    def find(prefix: str) -> dict:
+        return next(r for r in faults if r["fault"].startswith(prefix))
+
+    half, fat, slow = find("1000 half-open"), find("server answers"), find("server trickles")
+    lost = [r["fault"] for r in faults if not r["answers_once"]]
+    finished = slow["edge_finished_s"]
+    return [
+        {"target": "zero lost or duplicated answers in every fault test", "value": len(lost),
+         "met": not lost,
+         "detail": "; ".join(f"{r['fault']}: "
+                             + ("one answer per input" if r["answers_once"] else
+                                "answers LOST OR DUPLICATED")
+                             + f" ({r['inputs']} inputs)" for r in faults)},
+        {"target": "valid requests answered within the deadline while 1,000 half-open "
+                   "connections are held (>= 95%)", "value": half["answered_within_deadline"],
+         "met": half["answered_within_deadline"] >= 0.95 and half["held_max"] >= 1000,
+         "detail": f"{half['answered_within_deadline']:.1%} of {half['valid_requests']} within "
+                   f"{half['deadline_s']:g} s; connections held at most {half['held_max']}, "
+                   f"median {half['held_median']}"},
+        {"target": "edge memory grows <= 50 MB against a server sending a 300 MB body",
+         "value": fat["edge_memory_growth_mb"], "met": fat["edge_memory_growth_mb"] <= 50,
+         "detail": f"{fat['edge_memory_growth_mb']:.1f} MB"},
+        {"target": "edge finishes within deadline + 1 s against a trickling server",
+         "value": finished, "met": finished is not None
+         and finished <= slow["deadline_s"] + 1.0,
+         "detail": "did not finish within deadline + 10 s" if finished is None else
+                   f"{finished:.2f} s with a {slow['deadline_s']:g} s deadline"},
+    ]
 
 
 def _plot(rows: list[dict], links, out: Path) -> str:
@@ -645,6 +824,9 @@ def register(suites) -> None:
     p.add_argument("--cut", default=d.cut, help="where the device hands over to the server")
     p.add_argument("--load-seconds", type=float, default=d.load_seconds)
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Serve rows")
+    p.add_argument("--no-hardening", action="store_true",
+                   help="skip the fault tests (server killed, 1,000 half-open connections, "
+                        "a 300 MB answer, a trickling server)")
     p.add_argument("--server-runtimes", default=",".join(d.server_runtimes),
                    help="server runtimes for the throughput table: eager and/or torchscript")
     p.add_argument("--cache", default=d.cache)
@@ -662,7 +844,8 @@ def _cmd(args) -> int:
                            device=args.device, device_factor=args.device_factor,
                            codec=args.codec, cut=args.cut,
                            load_seconds=args.load_seconds,
-                           ray=not args.no_ray, cache=args.cache, seed=args.seed,
+                           ray=not args.no_ray, hardening=not args.no_hardening,
+                           cache=args.cache, seed=args.seed,
                            server_runtimes=tuple(x for x in args.server_runtimes.split(",") if x))
     Codec.parse(s.codec)
     for link in s.links:
