@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,48 @@ def test_paired_drop_ci():
     assert (low, high) == pytest.approx((3.0 - half, 3.0 + half))
     with pytest.raises(ValueError):
         split_bench.paired_drop_ci(ref, ref[:5])
+
+
+def test_entropy_curve_options_reach_the_settings(captured, tmp_path):
+    d = SplitBenchSettings()
+    assert len(d.entropy_betas) >= 5 and d.control and d.cache == "reports/split/models"
+    assert main(["bench", "split", "--out", str(tmp_path)]) == 0
+    s = captured["settings"]
+    assert s.entropy_betas == d.entropy_betas and s.image_qualities == d.image_qualities
+    assert s.teacher is None and s.control
+    argv = ["bench", "split", "--out", str(tmp_path), "--entropy-betas", "0.5,0.05",
+            "--entropy-width", "4", "--image-qualities", "", "--no-control",
+            "--teacher", "some/checkpoint"]
+    assert main(argv) == 0
+    s = captured["settings"]
+    assert s.entropy_betas == (0.5, 0.05) and s.entropy_width == 4
+    assert s.image_qualities == () and not s.control and s.teacher == "some/checkpoint"
+
+
+def test_image_codecs_shrink_with_quality():
+    rng = np.random.default_rng(0)
+    image = (rng.random((28, 28)) * 255).astype(np.uint8)
+    for fmt in ("JPEG", "WEBP"):
+        low, high = (len(split_bench.image_codec_bytes(image, fmt, q)) for q in (5, 90))
+        assert 0 < low < high
+
+
+def test_entropy_targets_compare_with_control_and_bottlefit():
+    rows = [
+        {"method": "bottlefit C=2 int4:v2", "codec": "int4:v2", "bytes_per_sample": 71.0,
+         "accuracy": 0.910},
+        {"method": "entropy C=2 beta=0.1", "codec": "entropy:x", "bytes_per_sample": 20.0,
+         "batched_bytes_per_sample": 16.0, "accuracy": 0.916, "accuracy_drop_pt": 0.1,
+         "encode_ms_median": 0.02, "decode_ms_median": 0.02, "device_half_ms_median": 0.5,
+         "codec_share_of_device_half_median": 0.08},
+        {"method": "entropy C=2 beta=0.01", "codec": "entropy:y", "bytes_per_sample": 40.0,
+         "batched_bytes_per_sample": 35.0, "accuracy": 0.918, "accuracy_drop_pt": 0.0},
+    ]
+    t, notes = split_bench._entropy_targets(rows, 0.918, 0.920, {})
+    assert t["entropy_smallest_within_0.5pt"]["method"] == "entropy C=2 beta=0.1"
+    assert t["entropy_24B_within_0.5pt_met"] and t["entropy_codec_share_met"]
+    assert t["entropy_best_at_bottlefit_bytes"] == "entropy C=2 beta=0.01"
+    assert t["entropy_gain_at_bottlefit_bytes_pt"] == pytest.approx(0.8)
+    assert t["entropy_gain_0.3pt_met"] and any("met" in n for n in notes)
+    t, _ = split_bench._entropy_targets(rows, 0.918, 0.930, {})  # a stronger control
+    assert not t["entropy_24B_within_0.5pt_met"]

@@ -5,6 +5,13 @@ and 8 channels (plus the autoencoder baseline), each through every codec, agains
 raw uint8 image and a PNG of it; then the planner's choice per link profile next to the best
 option found by measuring every option under emulated link conditions.
 
+Rate-accuracy curves (accuracy against bytes per one-sample message): the learned entropy
+bottleneck (:mod:`splitexit.training.entropy`, range-coded by
+:class:`splitexit.split.entropy.EntropyCodec`) at several rate weights beta, next to BottleFit
+through int8/int4 (+zstd), the raw image, PNG, JPEG and WebP at several qualities (Pillow), the
+unsplit model and the equally trained control (the unsplit model trained as many more epochs
+as the bottlenecks, on the same samples and learning rate).
+
 Emulation: each option's device side (device half + encode) and server side (decode + server
 half) are timed at batch 1 on this host; the link adds RTT + bytes / bandwidth (with the loss
 rate's retransmissions) from the link profile, for the request and the 40-byte answer. The
@@ -13,6 +20,7 @@ planner predicts the same figures from MACs (this host's measured GMAC/s) and pa
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -26,17 +34,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoint
+from ..calibration import paired_drop_ci
 from ..cost import count_macs
 from ..data import load_dataset
 from ..devices import get_link, load_links, measure_host_profile
 from ..report import write_report
-from ..split.bottleneck import BottleneckSpec, inject_bottleneck
+from ..split.bottleneck import (
+    BottleneckSpec,
+    freeze_tables,
+    inject_bottleneck,
+    inject_entropy_bottleneck,
+)
 from ..split.codec import Codec
+from ..split.entropy import EntropyCodec, EntropyTables
+from ..split.entropy import register as register_codec
 from ..split.halves import SplitModel, num_params, split_model
 from ..split.planner import LOCAL, CutCost, plan
 from ..stages import StagedModel
 from ..training import Baseline, train
 from ..training.bottlefit import autoencoder_baseline, bottlefit
+from ..training.entropy import entropic_student
 from ..zoo import create_model
 from .measure import torch_threads
 
@@ -74,6 +91,13 @@ class SplitBenchSettings:
         test_samples: Evaluate on this many test samples (None: all 10k).
         cache: Directory for the baseline checkpoint and trained bottlenecks (not committed).
         seed: Seed.
+        teacher: Checkpoint directory of the unsplit model to use instead of training the
+            baseline (None: train or reuse the cached baseline).
+        entropy_betas: Rate weights of the entropy bottlenecks (one model each; empty: none).
+        entropy_width: Latent channels of the entropy bottlenecks.
+        image_qualities: JPEG and WebP qualities of the input-codec curves (empty: none).
+        control: Train the equally trained control (the unsplit model trained
+            ``stage1_epochs + stage2_epochs`` more epochs on the same samples).
     """
 
     baseline_epochs: int = 6
@@ -95,8 +119,13 @@ class SplitBenchSettings:
     latency_samples: int = 100
     max_drop_pt: float = 0.5
     test_samples: int | None = None
-    cache: str = "/tmp/splitexit-bench"
+    cache: str = "reports/split/models"
     seed: int = 0
+    teacher: str | None = None
+    entropy_betas: tuple[float, ...] = (3e-05, 0.0001, 0.0003, 0.001, 0.003)
+    entropy_width: int = 2
+    image_qualities: tuple[int, ...] = (5, 10, 25, 50, 75, 90)
+    control: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -116,6 +145,10 @@ def _png_roundtrip(data: bytes) -> np.ndarray:
 
 
 def _baseline(ds, settings: SplitBenchSettings) -> tuple[StagedModel, float]:
+    if settings.teacher:
+        model = checkpoint.load(settings.teacher)
+        return model.eval(), float(checkpoint.read_meta(settings.teacher).get("train_seconds",
+                                                                              0.0))
     path = (Path(settings.cache)
             / f"resnet8-fashion-mnist-e{settings.baseline_epochs}-seed{settings.seed}")
     if (path / checkpoint.WEIGHTS).is_file():
@@ -129,29 +162,6 @@ def _baseline(ds, settings: SplitBenchSettings) -> tuple[StagedModel, float]:
         checkpoint.save(model, path, dataset=ds.name, strategy="baseline",
                         train_seconds=seconds)
     return model.eval(), seconds
-
-
-def paired_drop_ci(reference: torch.Tensor, other: torch.Tensor, z: float = 1.96
-                   ) -> tuple[float, float, float]:
-    """Accuracy drop (points) of ``other`` vs ``reference`` on the same samples, with a CI.
-
-    Args:
-        reference, other: Per-sample correctness (bool tensors of one length).
-        z: Normal quantile (1.96: 95%).
-
-    Returns:
-        (drop, low, high) in percentage points; the interval is the normal approximation of
-        the paired difference (it depends only on the samples where exactly one is right).
-    """
-    if reference.shape != other.shape or reference.dim() != 1 or not len(reference):
-        raise ValueError("paired_drop_ci needs two non-empty 1-D tensors of one length")
-    n = len(reference)
-    lost = int((reference & ~other).sum())
-    gained = int((~reference & other).sum())
-    drop = (lost - gained) / n
-    var = max(0.0, (lost + gained) / n - drop ** 2) / n
-    half = z * var ** 0.5
-    return 100 * drop, 100 * (drop - half), 100 * (drop + half)
 
 
 @torch.no_grad()
@@ -246,7 +256,7 @@ def _bottleneck_model(kind: str, teacher: StagedModel, width: int, ds, train_spl
                f"{settings.encoder_hidden}-d{settings.decoder_hidden}-e"
                f"{settings.autoencoder_epochs}-lr{settings.lr:g}-n{settings.train_samples}"
                f"-b{settings.baseline_epochs}-seed{settings.seed}")
-    key = key.replace(":", "_")
+    key = (key + _teacher_tag(settings)).replace(":", "_")
     path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
     meta = path.with_suffix(".json")
     if path.is_file():
@@ -273,6 +283,170 @@ def _bottleneck_model(kind: str, teacher: StagedModel, width: int, ds, train_spl
     os.replace(partial, path)  # atomic: a concurrent run never reads half a file
     meta.write_text(json.dumps({"train_seconds": seconds, "key": key}))
     return model.eval(), seconds
+
+
+def _teacher_tag(settings: SplitBenchSettings) -> str:
+    """Cache-key suffix naming a given teacher checkpoint by its weights' digest."""
+    if not settings.teacher:
+        return ""
+    doc = json.loads((Path(settings.teacher) / "model.json").read_text())
+    return f"-t{str(doc.get('weights_sha256', 'unknown'))[:12]}"
+
+
+def _save_cached(model: torch.nn.Module, path: Path, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(partial))
+    os.replace(partial, path)  # atomic: a concurrent run never reads half a file
+    path.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def _entropy_model(teacher: StagedModel, beta: float, ds, train_split,
+                   settings: SplitBenchSettings):
+    """Train (or load from the cache) an entropy bottleneck; its frozen tables and seconds."""
+    spec = BottleneckSpec(settings.entropy_width, settings.stride,
+                          hidden=settings.encoder_hidden, decoder_hidden=settings.decoder_hidden)
+    key = (f"entropy-{settings.bottleneck_cut}-c{settings.entropy_width}-s{settings.stride}-h"
+           f"{settings.encoder_hidden}-d{settings.decoder_hidden}-beta{beta:g}-e"
+           f"{settings.stage1_epochs}x{settings.stage2_epochs}-lr{settings.lr:g}-n"
+           f"{settings.train_samples}-b{settings.baseline_epochs}-seed{settings.seed}"
+           f"{_teacher_tag(settings)}")
+    path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
+    tables_path = path.with_suffix(".tables.json")
+    if path.is_file() and tables_path.is_file():
+        model = inject_entropy_bottleneck(teacher, settings.bottleneck_cut, spec, ds.test.x[:8])
+        model.load_state_dict(load_file(str(path)))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tables = EntropyTables.load(tables_path, expect_sha256=meta.get("tables_sha256"))
+        return model.eval(), tables, meta.get("train_seconds")
+    t0 = time.perf_counter()
+    model = entropic_student(teacher, settings.bottleneck_cut, spec, train_split, beta,
+                             stage1_epochs=settings.stage1_epochs,
+                             stage2_epochs=settings.stage2_epochs, lr=settings.lr,
+                             seed=settings.seed).model
+    seconds = time.perf_counter() - t0
+    tables = freeze_tables(model)
+    tables.save(tables_path)
+    _save_cached(model, path, {"train_seconds": seconds, "key": key,
+                               "tables_sha256": tables.sha256})
+    return model.eval(), tables, seconds
+
+
+def _control_model(teacher: StagedModel, ds, train_split, settings: SplitBenchSettings):
+    """The equally trained reference: the unsplit model trained ``stage1 + stage2`` more
+    epochs (plain cross-entropy, same samples and learning rate as the bottlenecks)."""
+    epochs = settings.stage1_epochs + settings.stage2_epochs
+    key = (f"control-e{epochs}-lr{settings.lr:g}-n{settings.train_samples}-b"
+           f"{settings.baseline_epochs}-seed{settings.seed}{_teacher_tag(settings)}")
+    path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
+    model = copy.deepcopy(teacher)
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        return model.eval(), meta.get("train_seconds")
+    history = train(model, train_split, Baseline(), epochs=epochs, lr=settings.lr,
+                    seed=settings.seed + 1)
+    _save_cached(model, path, {"train_seconds": history.seconds, "key": key})
+    return model.eval(), history.seconds
+
+
+def _gray_roundtrip(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(data)).convert("L"))  # WebP decodes to RGB
+
+
+def image_codec_bytes(image: np.ndarray, fmt: str, quality: int) -> bytes:
+    """A grayscale JPEG or WebP (lossy) of ``image`` (H, W uint8) through Pillow."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buf, format=fmt, quality=quality)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def _image_codec_rows(teacher: StagedModel, pixels: torch.Tensor, y: torch.Tensor,
+                      qualities: tuple[int, ...], unsplit_correct: torch.Tensor,
+                      control_acc: float | None) -> list[dict]:
+    rows = []
+    for fmt in ("JPEG", "WEBP"):
+        for q in qualities:
+            blobs = [image_codec_bytes(p[0].numpy(), fmt, q) for p in pixels]
+            back = torch.stack([torch.from_numpy(_gray_roundtrip(b)) for b in blobs])
+            imgs = back[:, None].float() / 255
+            correct = torch.cat([teacher(imgs[i: i + 256]).argmax(1) == y[i: i + 256]
+                                 for i in range(0, len(imgs), 256)])
+            acc = int(correct.sum()) / len(y)
+            _, lo, hi = paired_drop_ci(unsplit_correct, correct)
+            rows.append({"method": f"{fmt} q={q}", "curve": fmt, "quality": q,
+                         "accuracy": acc,
+                         "accuracy_drop_pt": 100 * (float(unsplit_correct.double().mean())
+                                                    - acc),
+                         "accuracy_drop_ci95_pt": [round(lo, 3), round(hi, 3)],
+                         "drop_vs_control_pt": (100 * (control_acc - acc)
+                                                if control_acc is not None else None),
+                         "bytes_per_sample": statistics.fmean(len(b) for b in blobs),
+                         "device_macs": 0.0})
+    return rows
+
+
+def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session=None) -> dict:
+    """Interleaved batch-1 medians/means: device half (PyTorch, and ONNX Runtime when a
+    session is given), entropy encode, entropy decode."""
+    dev, enc, dec, ort = [], [], [], []
+    codec = split.codec
+    with torch.inference_mode():
+        for i in range(n + 5):
+            xi = x[i % len(x): i % len(x) + 1]
+            t0 = time.perf_counter()
+            z = split.device_half(xi)
+            t1 = time.perf_counter()
+            msg = codec.encode(z)
+            t2 = time.perf_counter()
+            codec.decode(msg)
+            t3 = time.perf_counter()
+            if session is not None:
+                session.run_arrays([xi.numpy()])
+            t4 = time.perf_counter()
+            if i >= 5:
+                dev.append(t1 - t0)
+                enc.append(t2 - t1)
+                dec.append(t3 - t2)
+                ort.append(t4 - t3)
+    med = {k: statistics.median(v) for k, v in (("device", dev), ("encode", enc),
+                                                 ("decode", dec))}
+    mean = {k: statistics.fmean(v) for k, v in (("device", dev), ("encode", enc),
+                                                ("decode", dec))}
+    return {"device_half_ms_median": 1e3 * med["device"], "encode_ms_median": 1e3 * med["encode"],
+            "decode_ms_median": 1e3 * med["decode"], "device_half_ms_mean": 1e3 * mean["device"],
+            "encode_ms_mean": 1e3 * mean["encode"], "decode_ms_mean": 1e3 * mean["decode"],
+            "codec_share_of_device_half_median": (med["encode"] + med["decode"]) / med["device"],
+            "codec_share_of_device_half_mean": (mean["encode"] + mean["decode"]) / mean["device"],
+            **({"ort_device_half_ms_median": 1e3 * statistics.median(ort),
+                "codec_share_of_ort_device_half_median":
+                    (med["encode"] + med["decode"]) / statistics.median(ort)}
+               if session is not None else {})}
+
+
+def _ort_session(split: SplitModel, x: torch.Tensor, out: Path):
+    from ..export.onnx import export_piece
+    from ..runtime.ort import OrtSession
+
+    path = export_piece(split.device_half, x[:2], out / "work" / "entropy_device.onnx")
+    return OrtSession(path, threads=1)
+
+
+def _ort_identical(split: SplitModel, x: torch.Tensor, session) -> dict:
+    """Messages from the device half on ONNX Runtime vs PyTorch, sample by sample."""
+    same = 0
+    with torch.inference_mode():
+        for i in range(0, len(x), 256):
+            zt = split.device_half(x[i: i + 256]).numpy()
+            zo = session.run_arrays([x[i: i + 256].numpy()])[0]
+            for j in range(len(zt)):
+                same += split.codec.encode(zt[j: j + 1]) == split.codec.encode(zo[j: j + 1])
+    return {"samples": len(x), "identical_messages": int(same)}
 
 
 def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
@@ -372,6 +546,55 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
                 {"cut": split.cut, "bottleneck_channels": width,
                  "bottleneck_shape": list(split.payload_spec[0].shape)})
 
+    # the equally trained control, entropy bottlenecks, input codecs -------------------------
+    control_acc = None
+    if settings.control:
+        say("training the equally trained control ...")
+        control, seconds = _control_model(teacher, ds, train_split, settings)
+        if seconds is not None:
+            train_times["control"] = seconds
+        with torch.no_grad():
+            control_correct = torch.cat([control(x[i: i + 256]).argmax(1) == y[i: i + 256]
+                                         for i in range(0, len(x), 256)])
+        control_acc = int(control_correct.sum()) / len(x)
+        references.append({"method": "control: unsplit, trained as long as the bottlenecks",
+                           "accuracy": control_acc, "bytes_per_sample": 0.0,
+                           "accuracy_drop_pt": 100 * (unsplit_acc - control_acc),
+                           "device_macs": total_macs, "device_params": whole_params})
+        say(f"control: acc {control_acc:.4f}")
+    entropy_timing: dict = {}
+    ort_check: dict = {}
+    for beta in settings.entropy_betas:
+        say(f"training entropy bottleneck beta={beta:g} ...")
+        model, tables, seconds = _entropy_model(teacher, beta, ds, train_split, settings)
+        if seconds is not None:
+            train_times[f"entropy beta={beta:g}"] = seconds
+        codec = register_codec(EntropyCodec(tables))
+        split = split_model(model, codec=codec, example=example)
+        before = codec.clamped
+        add(f"entropy C={settings.entropy_width} beta={beta:g}", split,
+            {"cut": split.cut, "bottleneck_channels": settings.entropy_width, "beta": beta,
+             "bottleneck_shape": list(split.payload_spec[0].shape),
+             "table_symbols": tables.symbols, "table_range": [tables.lo, tables.hi],
+             "tables_sha256": tables.sha256})
+        rows[-1]["clamped_values"] = codec.clamped - before
+        with torch.no_grad():
+            q = torch.cat([torch.round(split.device_half(x[i: i + 256]))
+                           for i in range(0, len(x), 256)]).numpy()
+        rows[-1]["ideal_bytes_per_sample"] = float(tables.bits(q).mean() / 8)
+        session = _ort_session(split, x, Path(out))
+        with torch_threads(1):
+            entropy_timing[rows[-1]["method"]] = _time_entropy(split, x,
+                                                               settings.latency_samples, session)
+        rows[-1].update(entropy_timing[rows[-1]["method"]])
+        if not ort_check:
+            ort_check = {"method": rows[-1]["method"], **_ort_identical(split, x, session)}
+    image_rows = _image_codec_rows(teacher, pixels, y, settings.image_qualities,
+                                   unsplit_correct, control_acc)
+    if control_acc is not None:
+        for r in rows:
+            r["drop_vs_control_pt"] = 100 * (control_acc - r["accuracy"])
+
     # planner vs emulated measurement ---------------------------------------------------------
     say("timing options at batch 1 for the link emulation ...")
     with torch_threads(1):
@@ -429,7 +652,11 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
                                                  default=None),
         "planner_within_5pct_every_link": all(r["within_5pct"] for r in link_rows),
     }
+    ent_targets, ent_notes = _entropy_targets(rows, unsplit_acc, control_acc, ort_check)
+    targets.update(ent_targets)
     plot = _plot(Path(out), rows, references, unsplit_acc)
+    curve_plot = _plot_curves(Path(out), rows, references, image_rows, unsplit_acc,
+                              control_acc)
     best = targets["best_bottlefit_within_0.5pt_batch1"]
     share = targets["max_device_params_share_bottlefit"]
     target_notes = [
@@ -490,14 +717,122 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         "baseline_train_seconds are the wall times of the runs that trained them (1 thread, "
         "shared machine).",
         *target_notes,
+        "Rate-accuracy curves: 'entropy C=c beta=b' is the learned entropy bottleneck (same "
+        "cut, stride, encoder and decoder as BottleFit; factorized prior of a 3-component "
+        "logistic mixture per latent element, frozen into 16-bit integer frequency tables and "
+        "range-coded with constriction; stage 1 head distillation + beta x bits per sample with "
+        "uniform-noise relaxation, stage 2 KD on the integer latent with the device half and "
+        "encoder frozen, same epochs, samples and learning rate as BottleFit). Its message is "
+        "the compact entropy message: 4 bytes of header and check byte (tag, 8-bit codec id, "
+        "bitstream length, keyed CRC check byte) plus the range-coded bitstream (whole 32-bit "
+        "words). ideal_bytes_per_sample: the tables' code "
+        "length / 8, without header. clamped_values: latent values outside the tables' range, "
+        "clamped (never wrapped).",
+        "JPEG q=N / WEBP q=N: the 8-bit image through Pillow at quality N (grayscale), file "
+        "size without any header, classified by the unsplit model; PNG likewise (lossless).",
+        "drop_vs_control_pt: accuracy of the equally trained control minus that option's (the "
+        "control is the unsplit model trained "
+        f"{settings.stage1_epochs + settings.stage2_epochs} more epochs on the bottlenecks' "
+        "training samples at the same learning rate, plain cross-entropy)."
+        if control_acc is not None else "No control in this run.",
+        "Timing of the entropy codec (encode on the device + decode on the server, numpy + "
+        "constriction) against the device half (PyTorch, batch 1, 1 thread), interleaved per "
+        "sample: see encode_ms_*, decode_ms_*, device_half_ms_* and codec_share_*.",
+        *ent_notes,
     ]
     settings_dict = {k: v for k, v in asdict(settings).items() if k != "notes"}
     return write_report(
         out, "split", references + rows, dataset="fashion-mnist", model="resnet8",
-        sections={"planner vs emulated measurement": link_rows}, notes=notes,
-        command=command, plots=[plot] if plot else [], settings=settings_dict,
+        sections={"rate-accuracy curves": _curve_rows(rows, references, image_rows),
+                  "planner vs emulated measurement": link_rows}, notes=notes,
+        command=command, plots=[p for p in (curve_plot, plot) if p], settings=settings_dict,
         targets=targets, bottleneck_train_seconds=train_times,
-        baseline_train_seconds=train_seconds, host_gmacs_per_s=host.compute_gmacs_per_s)
+        baseline_train_seconds=train_seconds, host_gmacs_per_s=host.compute_gmacs_per_s,
+        image_codec_rows=image_rows, entropy_ort_check=ort_check)
+
+
+def _curve_rows(rows: list[dict], references: list[dict], image_rows: list[dict]) -> list[dict]:
+    """One row per point of the rate-accuracy curves (the plot's data)."""
+    out = []
+    for r in references[1:]:
+        if r["bytes_per_sample"] > 0:
+            out.append({"curve": r["method"], "method": r["method"],
+                        "bytes_per_sample": r["bytes_per_sample"], "accuracy": r["accuracy"]})
+    for r in image_rows:
+        out.append({k: r.get(k) for k in ("curve", "method", "bytes_per_sample", "accuracy",
+                                          "accuracy_drop_pt", "drop_vs_control_pt")})
+    for r in rows:
+        m = r["method"]
+        if m.startswith("entropy") or (m.startswith("bottlefit") and r["codec"] in _CURVE_CODECS):
+            out.append({"curve": m.split(" beta")[0] if m.startswith("entropy")
+                        else f"{m.rsplit(' ', 1)[0]} {r['codec']}", "method": m,
+                        "bytes_per_sample": r["bytes_per_sample"],
+                        "batched_bytes_per_sample": r["batched_bytes_per_sample"],
+                        "accuracy": r["accuracy"], "accuracy_drop_pt": r["accuracy_drop_pt"],
+                        "drop_vs_control_pt": r.get("drop_vs_control_pt")})
+    return out
+
+
+_CURVE_CODECS = ("int8", "int4", "int8+zstd", "int4+zstd", "int8:v2", "int4:v2")
+
+
+def _entropy_targets(rows: list[dict], unsplit_acc: float, control_acc: float | None,
+                     ort_check: dict) -> tuple[dict, list[str]]:
+    ent = [r for r in rows if r["method"].startswith("entropy")]
+    if not ent:
+        return {}, ["No entropy bottleneck in this run."]
+    ref_acc = control_acc if control_acc is not None else unsplit_acc
+    ref_name = "the equally trained control" if control_acc is not None else "the unsplit model"
+    within = [r for r in ent if 100 * (ref_acc - r["accuracy"]) <= 0.5]
+    small = min(within, key=lambda r: r["bytes_per_sample"], default=None)
+    bf = [r for r in rows if r["method"].startswith("bottlefit") and r["codec"] == "int4:v2"]
+    bf = min(bf, key=lambda r: abs(r["bytes_per_sample"] - 71.0), default=None)
+    at = [r for r in ent if bf is not None and r["bytes_per_sample"] <= bf["bytes_per_sample"]]
+    best_at = max(at, key=lambda r: r["accuracy"], default=None)
+    gain = 100 * (best_at["accuracy"] - bf["accuracy"]) if best_at and bf else None
+    timed = small or min(ent, key=lambda r: r["bytes_per_sample"])
+    share = timed.get("codec_share_of_device_half_median")
+    t = {
+        "entropy_reference": ref_name, "entropy_reference_accuracy": ref_acc,
+        "entropy_smallest_within_0.5pt": small and {
+            k: small[k] for k in ("method", "bytes_per_sample", "batched_bytes_per_sample",
+                                  "accuracy", "accuracy_drop_pt")
+        } | {"drop_vs_reference_pt": 100 * (ref_acc - small["accuracy"])},
+        "entropy_24B_within_0.5pt_met": bool(small and small["bytes_per_sample"] <= 24),
+        "bottlefit_comparison_row": bf and bf["method"],
+        "entropy_best_at_bottlefit_bytes": best_at and best_at["method"],
+        "entropy_gain_at_bottlefit_bytes_pt": gain,
+        "entropy_gain_0.3pt_met": bool(gain is not None and gain >= 0.3),
+        "entropy_codec_share_of_device_half_median": share,
+        "entropy_codec_share_met": bool(share is not None and share <= 0.10),
+        "entropy_ort_identical_messages": ort_check,
+    }
+    notes = [
+        "Target <= 24 B per one-sample message within 0.5 pt of " + ref_name + ": "
+        + ("met" if t["entropy_24B_within_0.5pt_met"] else "not met")
+        + (f" (smallest within 0.5 pt: {small['method']}, {small['bytes_per_sample']:.1f} B, "
+           f"{100 * (ref_acc - small['accuracy']):.2f} pt below it, "
+           f"{small['batched_bytes_per_sample']:.1f} B per sample batched)" if small
+           else " (no entropy bottleneck within 0.5 pt)") + ".",
+        "Target >= 0.3 pt more accurate than BottleFit at its bytes: "
+        + ("met" if t["entropy_gain_0.3pt_met"] else "not met")
+        + (f" ({best_at['method']}, {best_at['bytes_per_sample']:.1f} B, "
+           f"{100 * best_at['accuracy']:.2f}% vs {bf['method']}, {bf['bytes_per_sample']:.1f} B, "
+           f"{100 * bf['accuracy']:.2f}%: {gain:+.2f} pt)" if gain is not None
+           else " (no comparable rows)") + ".",
+        "Target entropy encode + decode <= 10% of the device half's batch-1 latency: "
+        + ("met" if t["entropy_codec_share_met"] else "not met")
+        + (f" ({timed['method']}: encode {timed['encode_ms_median']:.3f} ms + decode "
+           f"{timed['decode_ms_median']:.3f} ms vs device half "
+           f"{timed['device_half_ms_median']:.3f} ms, medians; {share:.1%}; against the device "
+           f"half on ONNX Runtime, {timed.get('ort_device_half_ms_median', float('nan')):.3f} "
+           f"ms: {timed.get('codec_share_of_ort_device_half_median', float('nan')):.1%})"
+           if share is not None else "") + ".",
+        (f"ONNX Runtime vs PyTorch device half ({ort_check['method']}): identical messages for "
+         f"{ort_check['identical_messages']} of {ort_check['samples']} test samples."
+         if ort_check else "No ONNX Runtime check in this run."),
+    ]
+    return t, notes
 
 
 def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: float) -> str | None:
@@ -518,6 +853,8 @@ def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: floa
         ax.scatter([r["bytes_per_sample"] for r in rs], [100 * r["accuracy"] for r in rs],
                    label=name, s=14)
     for ref in references[1:]:
+        if not ref["bytes_per_sample"] > 0:
+            continue
         ax.axvline(ref["bytes_per_sample"], ls="--", lw=0.8, color="gray")
         ax.text(ref["bytes_per_sample"], 100 * unsplit_acc - 8, ref["method"], rotation=90,
                 fontsize=7)
@@ -534,6 +871,47 @@ def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: floa
     fig.savefig(out / "bytes_vs_accuracy.png", dpi=120)
     plt.close(fig)
     return "bytes_vs_accuracy.png"
+
+
+def _plot_curves(out: Path, rows: list[dict], references: list[dict], image_rows: list[dict],
+                 unsplit_acc: float, control_acc: float | None) -> str | None:
+    """Accuracy against bytes per one-sample message: one line per method family."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curves = _curve_rows(rows, references, image_rows)
+    groups: dict[str, list[dict]] = {}
+    for r in curves:
+        groups.setdefault(r["curve"], []).append(r)
+    for name, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["bytes_per_sample"])
+        style = "o-" if name.startswith("entropy") else ("s--" if name in ("JPEG", "WEBP")
+                                                        else "^")
+        ax.plot([r["bytes_per_sample"] for r in rs], [100 * r["accuracy"] for r in rs], style,
+                label=name, ms=4, lw=1.5 if name.startswith("entropy") else 0.8)
+    ax.axhline(100 * unsplit_acc, ls=":", color="k", lw=0.8, label="unsplit")
+    if control_acc is not None:
+        ax.axhline(100 * control_acc, ls="-.", color="gray", lw=0.8, label="control")
+        ax.axhline(100 * control_acc - 0.5, ls=":", color="gray", lw=0.6)
+    for b, text in ((24, "24 B"), (51, "LoRaWAN 51 B")):
+        ax.axvline(b, ls=":", color="r", lw=0.6)
+        ax.text(b, 100 * unsplit_acc - 9, text, rotation=90, fontsize=7)
+    ax.set_xscale("log")
+    lowest = min((100 * r["accuracy"] for r in curves), default=100 * unsplit_acc)
+    ax.set_ylim(max(0, min(lowest, 100 * unsplit_acc - 10) - 1), 100 * unsplit_acc + 1.5)
+    ax.set_xlabel("bytes per one-sample message (header included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "rate_accuracy.png", dpi=120)
+    plt.close(fig)
+    return "rate_accuracy.png"
 
 
 def register(suites) -> None:
@@ -572,6 +950,16 @@ def register(suites) -> None:
     p.add_argument("--cache", default=d.cache, help="where the baseline checkpoint and trained "
                    "bottlenecks are kept (not the report directory)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--teacher", default="", help="checkpoint directory of the unsplit model to "
+                   "use instead of training the baseline (empty: train or reuse the cached one)")
+    p.add_argument("--entropy-betas", default=",".join(f"{b:g}" for b in d.entropy_betas),
+                   help="rate weights of the entropy bottlenecks, comma-separated (empty: none)")
+    p.add_argument("--entropy-width", type=int, default=d.entropy_width,
+                   help="latent channels of the entropy bottlenecks")
+    p.add_argument("--image-qualities", default=",".join(map(str, d.image_qualities)),
+                   help="JPEG/WebP qualities, comma-separated (empty: none)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the equally trained control")
     p.set_defaults(func=_cmd)
 
 
@@ -592,7 +980,11 @@ def _cmd(args) -> int:
         train_samples=args.train_samples or None,
         codecs=tuple(c for c in args.codecs.split(",") if c),
         latency_samples=args.latency_samples, test_samples=args.test_samples or None,
-        cache=args.cache, seed=args.seed)
+        cache=args.cache, seed=args.seed, teacher=args.teacher or None,
+        entropy_betas=tuple(float(b) for b in args.entropy_betas.split(",") if b),
+        entropy_width=args.entropy_width,
+        image_qualities=tuple(int(q) for q in args.image_qualities.split(",") if q),
+        control=not args.no_control)
     for c in (*settings.codecs, *([stage2_codec] if stage2_codec else [])):
         Codec.parse(c)
     # One thread: on a shared machine the small convolutions train faster without

@@ -23,6 +23,8 @@ from ..errors import InputError
 from ..stages import Stage, StagedModel, payload_tensors
 
 __all__ = ["BottleneckSpec", "BottleneckEncoder", "BottleneckDecoder", "BottleneckedModel",
+           "RoundSTE", "Gain", "FactorizedPrior", "EntropyBottleneckedModel", "inject_entropy_bottleneck",
+           "freeze_tables",
            "inject_bottleneck", "bottleneck_cut_name", "decoded_cut_name", "eval_mode"]
 
 
@@ -262,3 +264,157 @@ def inject_bottleneck(model: StagedModel, cut: str, spec: BottleneckSpec,
              *model.cut_names[index + 1:]]
     out = BottleneckedModel(new_stages, names, cut, spec)
     return out.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned entropy bottleneck (supervised compression, "Entropic Student")
+# ---------------------------------------------------------------------------------------------
+
+class RoundSTE(nn.Module):
+    """Rounds to integers (half to even, as the entropy codec); identity gradient in training.
+
+    It is the first layer of an entropy bottleneck's decoder stage, so the server side sees
+    exactly what :class:`~splitexit.split.entropy.EntropyCodec` decodes, whether the float
+    latent arrives through that codec or through any other (e.g. ``fp32``).
+    """
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + (torch.round(z) - z).detach()
+
+
+class Gain(nn.Module):
+    """Multiplies by a fixed factor: the entropy bottleneck's encoder output is scaled so that
+    its freshly initialised latent (std ~0.05) spans several integers instead of rounding to 0
+    everywhere; the encoder then learns the resolution it needs against the rate term."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        self.gain = float(gain)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.gain
+
+
+class FactorizedPrior(nn.Module):
+    """A factorized prior over an integer latent: one distribution per element (C, H, W).
+
+    Each element's density is a mixture of ``components`` logistics; the probability of an
+    integer ``k`` is the mass of ``[k - 1/2, k + 1/2]`` (Ballé et al.'s discretisation), and a
+    uniformly noised latent ``y + u`` gets the same expression as its relaxed likelihood.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], components: int = 3):
+        super().__init__()
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"prior shape must be (C, H, W), got {shape!r}")
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise InputError(f"components must be an int >= 1, got {components!r}")
+        self.shape = tuple(int(s) for s in shape)
+        k = components
+        self.logits = nn.Parameter(torch.zeros(*self.shape, k))
+        self.means = nn.Parameter(torch.linspace(-1.0, 1.0, k).expand(*self.shape, k).clone()
+                                  if k > 1 else torch.zeros(*self.shape, 1))
+        self.log_scales = nn.Parameter(torch.zeros(*self.shape, k))
+
+    def likelihood(self, y: torch.Tensor) -> torch.Tensor:
+        """Probability of the unit interval around each element of ``y`` (N, C, H, W)."""
+        v = y.unsqueeze(-1)
+        inv = torch.exp(-self.log_scales)
+        upper = torch.sigmoid((v + 0.5 - self.means) * inv)
+        lower = torch.sigmoid((v - 0.5 - self.means) * inv)
+        w = torch.softmax(self.logits, -1)
+        return ((upper - lower) * w).sum(-1).clamp_min(1e-9)
+
+    def bits(self, y: torch.Tensor) -> torch.Tensor:
+        """Code length in bits of each sample of ``y`` (N,)."""
+        return -torch.log2(self.likelihood(y)).flatten(1).sum(1)
+
+    @torch.no_grad()
+    def pmf(self, lo: int, hi: int) -> torch.Tensor:
+        """float64 ``(C*H*W, hi - lo + 1)``: mass of each integer; the tails are folded into
+        the end symbols (the codec clamps values beyond them)."""
+        ks = torch.arange(lo, hi + 1, dtype=torch.float64)
+        edges = torch.cat([ks - 0.5, ks[-1:] + 0.5])
+        means = self.means.double().reshape(-1, 1, self.means.shape[-1])
+        inv = torch.exp(-self.log_scales.double()).reshape(-1, 1, self.means.shape[-1])
+        cdf = torch.sigmoid((edges.reshape(1, -1, 1) - means) * inv)
+        w = torch.softmax(self.logits.double(), -1).reshape(-1, 1, self.means.shape[-1])
+        cdf = (cdf * w).sum(-1)  # (E, S + 1)
+        cdf[:, 0] = 0.0
+        cdf[:, -1] = 1.0
+        return (cdf[:, 1:] - cdf[:, :-1]).clamp_min(0.0)
+
+    @torch.no_grad()
+    def support(self, tail: float = 1e-6, limit: int = 64) -> tuple[int, int]:
+        """Smallest integer range holding all but ``tail`` of every element's mass (capped
+        at ``limit`` symbols around the medians)."""
+        lo, hi = -limit, limit
+        p = self.pmf(lo, hi)
+        c = p.cumsum(1)
+        first = int((c > tail).float().argmax(1).min())
+        last = int((c < 1 - tail).float().sum(1).max())
+        first, last = lo + first, lo + min(last, p.shape[1] - 1)
+        if last - first + 1 > limit:  # keep the densest ``limit`` symbols
+            centre = int(torch.round((self.means * torch.softmax(self.logits, -1)).sum(-1)
+                                     .median()))
+            first, last = centre - limit // 2, centre - limit // 2 + limit - 1
+        return first, max(last, first + 1)
+
+
+class EntropyBottleneckedModel(BottleneckedModel):
+    """A :class:`BottleneckedModel` whose bottleneck latent is integer and entropy-coded.
+
+    The encoder's output (the payload at ``bottleneck_cut``) is a float latent; the decoder
+    stage starts with :class:`RoundSTE`, and :attr:`prior` models the integers. Freeze the
+    prior with :func:`freeze_tables` and split with ``codec=EntropyCodec(tables)``.
+    """
+
+    def __init__(self, stages: list[nn.Module], cut_names: list[str], source_cut: str,
+                 bottleneck_spec: BottleneckSpec, prior: FactorizedPrior):
+        super().__init__(stages, cut_names, source_cut, bottleneck_spec)
+        self.prior = prior
+
+    @property
+    def encoder(self) -> BottleneckEncoder:
+        return self.stages[self.encoder_index].module[0]
+
+    @property
+    def decoder(self) -> BottleneckDecoder:
+        return self.stages[self.encoder_index + 1].module[1]
+
+
+def inject_entropy_bottleneck(model: StagedModel, cut: str, spec: BottleneckSpec,
+                              example: torch.Tensor, components: int = 3, gain: float = 16.0
+                              ) -> EntropyBottleneckedModel:
+    """Like :func:`inject_bottleneck`, with an integer latent and a :class:`FactorizedPrior`.
+
+    Train it with :func:`splitexit.training.entropy.entropic_student`; split it with
+    ``split_model(model, codec=EntropyCodec(freeze_tables(model)))``.
+    """
+    base = inject_bottleneck(model, cut, spec, example)
+    stages = list(base.stages)
+    e = base.encoder_index
+    if not gain > 0:
+        raise InputError(f"gain must be > 0, got {gain!r}")
+    stages[e] = Stage(nn.Sequential(base.stages[e].module, Gain(gain)),
+                      f"{base.source_cut}/encoder")
+    stages[e + 1] = Stage(nn.Sequential(RoundSTE(), base.stages[e + 1].module),
+                          f"{base.source_cut}/decoder")
+    with torch.no_grad():
+        z = StagedModel(stages[: e + 1]).eval()(example[:2])
+    prior = FactorizedPrior(tuple(z.shape[1:]), components)
+    out = EntropyBottleneckedModel(stages, list(base.cut_names), base.source_cut, spec, prior)
+    return out.eval()
+
+
+def freeze_tables(model: EntropyBottleneckedModel, precision: int = 16, tail: float = 1e-6,
+                  limit: int = 64):
+    """The model's prior as integer :class:`~splitexit.split.entropy.EntropyTables`."""
+    from .entropy import tables_from_pmf
+
+    if not isinstance(model, EntropyBottleneckedModel):
+        raise InputError(f"freeze_tables needs an EntropyBottleneckedModel, got "
+                         f"{type(model).__name__}")
+    lo, hi = model.prior.support(tail, limit)
+    pmf = model.prior.pmf(lo, hi).numpy()
+    return tables_from_pmf(pmf, model.prior.shape, lo, precision)

@@ -128,7 +128,7 @@ import math
 import re
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
@@ -232,6 +232,33 @@ _FMAX = {
 # Relative and absolute rounding of the final cast to the original dtype (generous).
 _CAST_REL = {"float32": 0.0, "float64": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
 _CAST_ABS = {"float32": 1e-35, "float64": 1e-35, "float16": 2.0**-24, "bfloat16": 1e-35}
+
+
+# Codecs defined elsewhere (splitexit.split.entropy): a spec prefix -> parser and the first
+# message bytes -> decoder to numpy. Their modules register on import; known prefixes and first
+# bytes import their module lazily.
+_EXTERNAL_PARSERS: dict[str, Callable[[str], Any]] = {}
+_EXTERNAL_DECODERS: dict[int, Callable[[memoryview, int], np.ndarray]] = {}
+_EXTERNAL_MODULES = {"entropy:": "splitexit.split.entropy", 0xE1: "splitexit.split.entropy",
+                     0xE9: "splitexit.split.entropy"}
+
+
+def register_external(prefix: str, parse: Callable[[str], Any], first_bytes: Sequence[int],
+                      decode: Callable[[memoryview, int], np.ndarray]) -> None:
+    """Hook for another codec module: ``Codec.parse`` hands specs starting with ``prefix``
+    to ``parse``; :func:`decode` hands messages starting with one of ``first_bytes`` to
+    ``decode(message, max_bytes)``, which returns one float32 array or raises PayloadError."""
+    _EXTERNAL_PARSERS[prefix] = parse
+    for b in first_bytes:
+        _EXTERNAL_DECODERS[b] = decode
+
+
+def _external(key: Any, table: dict) -> Any:
+    if key not in table and key in _EXTERNAL_MODULES:
+        import importlib
+
+        importlib.import_module(_EXTERNAL_MODULES[key])
+    return table.get(key)
 
 
 def _torch() -> Any:
@@ -371,6 +398,10 @@ class Codec:
         Raises:
             InputError: the spelling is not valid; the message lists the valid ones.
         """
+        if isinstance(spec, str) and ":" in spec:
+            parse = _external(spec.strip().lower().split(":", 1)[0] + ":", _EXTERNAL_PARSERS)
+            if parse is not None:
+                return parse(spec)
         m = _SPEC_RE.match(spec.strip().lower()) if isinstance(spec, str) else None
         if m is None:
             raise InputError(f"invalid codec spec {spec!r}; valid: {_VALID_SPECS}")
@@ -1018,6 +1049,12 @@ def _decode_checked(data: object, max_bytes: int, expect: Codec | None) -> _Deco
             f"payload message is {len(buf)} bytes, over the limit max_bytes={max_bytes}; "
             "pass a larger max_bytes if this size is expected"
         )
+    external = _external(buf[0], _EXTERNAL_DECODERS) if len(buf) else None
+    if external is not None:
+        if expect is not None:
+            raise PayloadError(f"payload was encoded with another codec than {expect.spec()!r}"
+                               "; use splitexit.split.codec.decode to accept any codec")
+        return [external(buf, max_bytes)], [_DTYPES[0]], False
     r = _Reader(buf)
     codec, n, is_tuple = _read_fixed(r)
     if expect is not None and (

@@ -1,0 +1,253 @@
+"""Training a learned entropy bottleneck: task loss + beta x rate (supervised compression).
+
+The "Entropic Student" recipe (Matsubara et al.) in BottleFit's two stages:
+
+1. **Head distillation with a rate term**: the device half, the encoder, the decoder and the
+   factorized prior learn to reproduce the trained teacher's features at the cut and at every
+   later cut (sum of MSEs, as :class:`~splitexit.training.bottlefit.HeadDistillation`) plus
+   ``beta`` times the latent's code length in bits per sample. Rounding is relaxed by additive
+   uniform noise ``y + u, u ~ U(-1/2, 1/2)`` (Ballé et al.): the decoder sees the noisy latent
+   and the rate is the prior's likelihood of it. The later stages are frozen.
+2. **Fine-tuning** with the device half and the encoder frozen: the decoder sees the exact
+   integers the codec sends (``round(y)``) and it and the later stages learn from knowledge
+   distillation (temperature 1, alpha 0.5, as BottleFit) or cross-entropy; the prior is fitted
+   to the same integers (its likelihood only trains the prior, so it lowers the rate without
+   touching the accuracy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError
+from ..split.bottleneck import (
+    BottleneckSpec,
+    EntropyBottleneckedModel,
+    inject_entropy_bottleneck,
+)
+from ..stages import Payload, StagedModel
+from .base import Strategy, TrainConfig, TrainHistory, freeze, train
+from .bottlefit import OUTPUT, _mse, _unfreeze, head_distillation_targets
+
+__all__ = ["RateDistillation", "EntropyFineTune", "EntropicStudentResult", "entropic_student"]
+
+
+def _check(model: nn.Module) -> EntropyBottleneckedModel:
+    if not isinstance(model, EntropyBottleneckedModel):
+        raise InputError("entropy-bottleneck training needs an EntropyBottleneckedModel (see "
+                         "splitexit.split.bottleneck.inject_entropy_bottleneck), got "
+                         f"{type(model).__name__}")
+    return model
+
+
+PRIOR_LR_FACTOR = 10.0
+"""The prior's learning rate relative to the network's (its few parameters must follow the
+latent's distribution as it changes; weight decay off)."""
+
+
+def _groups(model: EntropyBottleneckedModel, prior_lr: float) -> list[dict]:
+    prior = [p for p in model.prior.parameters() if p.requires_grad]
+    ids = {id(p) for p in prior}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest}] if rest else []
+    if prior:
+        groups.append({"params": prior, "lr": prior_lr, "weight_decay": 0.0})
+    if not groups:
+        raise InputError("nothing to train: every parameter is frozen")
+    return groups
+
+
+def _check_beta(beta: float) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise InputError(f"beta (weight of the rate in bits per sample) must be a number >= 0, "
+                         f"got {beta!r}")
+    return float(beta)
+
+
+class RateDistillation(Strategy):
+    """Stage 1: head distillation + ``beta`` x bits per sample, noise-relaxed rounding.
+
+    Args:
+        teacher: The trained original StagedModel (eval mode, never updated).
+        beta: Weight of the rate (bits per sample) against the sum of feature MSEs.
+        prior_lr: Learning rate of the prior's parameters (no weight decay).
+        targets: Student cuts to match; default
+            :func:`~splitexit.training.bottlefit.head_distillation_targets`.
+    """
+
+    name = "rate-distillation"
+
+    def __init__(self, teacher: StagedModel, beta: float, targets: Sequence[str] | None = None,
+                 prior_lr: float = 2e-3 * PRIOR_LR_FACTOR):
+        if not isinstance(teacher, StagedModel):
+            raise InputError(f"teacher must be a StagedModel, got {type(teacher).__name__}")
+        self._teacher = teacher
+        self.beta = _check_beta(beta)
+        self.prior_lr = float(prior_lr)
+        self.targets = list(targets) if targets is not None else None
+        self.last_bits: float | None = None
+
+    def prepare(self, model: nn.Module, data=None) -> None:
+        student = _check(model)
+        if self.targets is None:
+            self.targets = head_distillation_targets(student)
+        for t in self.targets:
+            mapped = OUTPUT if t == OUTPUT else student.teacher_cut(t)
+            if mapped is None or mapped not in [*self._teacher.cut_names, OUTPUT]:
+                raise InputError(f"distillation target {t!r} has no counterpart in the teacher; "
+                                 f"choose among {head_distillation_targets(student)}")
+        e = student.encoder_index
+        freeze([student])
+        _unfreeze([*student.stages[: e + 2], student.prior])
+        self._teacher.eval()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        student: EntropyBottleneckedModel = model
+        with torch.no_grad():
+            outs = self._teacher.forward_intermediates(x)
+        teacher = dict(zip([*self._teacher.cut_names, OUTPUT], outs, strict=True))
+        e = student.encoder_index
+        z = student.run(x, 0, e + 1)
+        if student.training:
+            z = z + torch.rand_like(z) - 0.5
+        else:
+            z = torch.round(z)
+        bits = student.prior.bits(z).mean()
+        self.last_bits = float(bits.detach())
+        payload: Payload = student.stages[e + 1].module[1](z)  # the decoder, no rounding
+        names = [*student.cut_names, OUTPUT]
+        remaining = set(self.targets)
+        total = x.new_zeros(())
+        for i in range(e + 1, len(student.stages)):
+            if i > e + 1:
+                payload = student.stages[i](payload)
+            name = names[i]
+            if name in remaining:
+                key = OUTPUT if name == OUTPUT else student.teacher_cut(name)
+                total = total + _mse(payload, teacher[key])
+                remaining.discard(name)
+                if not remaining:
+                    break
+        return total + self.beta * bits
+
+    def parameters(self, model: nn.Module) -> list:
+        """Parameter groups: the prior's at :data:`PRIOR_LR_FACTOR` times the learning rate."""
+        return _groups(_check(model), self.prior_lr)
+
+    def config(self) -> dict:
+        return {"name": self.name, "beta": self.beta, "targets": self.targets}
+
+
+class EntropyFineTune(Strategy):
+    """Stage 2: device half and encoder frozen; decoder and tail learn on the integers the
+    codec sends; the prior is fitted to them.
+
+    Args:
+        teacher: For knowledge distillation; None trains with cross-entropy only.
+        temperature: KD temperature (1, as BottleFit).
+        alpha: Weight of the KD term; ``1 - alpha`` weighs cross-entropy (0.5).
+        prior_lr: Learning rate of the prior's parameters (no weight decay).
+    """
+
+    name = "entropy-finetune"
+
+    def __init__(self, teacher: StagedModel | None = None, temperature: float = 1.0,
+                 alpha: float = 0.5, prior_lr: float = 2e-3 * PRIOR_LR_FACTOR):
+        if teacher is not None and not isinstance(teacher, StagedModel):
+            raise InputError(f"teacher must be a StagedModel or None, got {type(teacher).__name__}")
+        if not temperature > 0:
+            raise InputError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= alpha <= 1:
+            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        self._teacher = teacher
+        self.temperature = float(temperature)
+        self.alpha = float(alpha) if teacher is not None else 0.0
+        self.prior_lr = float(prior_lr)
+
+    def parameters(self, model: nn.Module) -> list:
+        """Parameter groups: the prior's at :data:`PRIOR_LR_FACTOR` times the learning rate."""
+        return _groups(_check(model), self.prior_lr)
+
+    def prepare(self, model: nn.Module, data=None) -> None:
+        student = _check(model)
+        e = student.encoder_index
+        freeze(list(student.stages[: e + 1]))
+        _unfreeze([*student.stages[e + 1:], student.prior])
+        if self._teacher is not None:
+            self._teacher.eval()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        student: EntropyBottleneckedModel = model
+        e = student.encoder_index
+        with torch.no_grad():
+            q = torch.round(student.run(x, 0, e + 1))
+        rate = student.prior.bits(q).mean() / q[0].numel()  # trains the prior only
+        logits = student.run(q, e + 1)
+        loss = F.cross_entropy(logits, y)
+        if self._teacher is not None and self.alpha > 0:
+            with torch.no_grad():
+                target = F.softmax(self._teacher(x) / self.temperature, dim=1)
+            kd = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target,
+                          reduction="batchmean") * self.temperature ** 2
+            loss = self.alpha * kd + (1 - self.alpha) * loss
+        return loss + rate
+
+    def config(self) -> dict:
+        return {"name": self.name, "temperature": self.temperature, "alpha": self.alpha}
+
+
+@dataclass
+class EntropicStudentResult:
+    """A trained entropy-bottlenecked model and the histories of both stages."""
+
+    model: EntropyBottleneckedModel
+    stage1: TrainHistory
+    stage2: TrainHistory
+
+
+def entropic_student(teacher: StagedModel, cut: str, spec: BottleneckSpec, data, beta: float,
+                     *, stage1_epochs: int = 2, stage2_epochs: int = 2,
+                     stage2_loss: str = "kd", lr: float = 2e-3, batch_size: int = 128,
+                     seed: int = 0, components: int = 3, progress: bool | None = None
+                     ) -> EntropicStudentResult:
+    """Inject an entropy bottleneck into a copy of ``teacher`` at ``cut`` and train it.
+
+    Args:
+        teacher: The trained StagedModel (left unchanged).
+        cut: Where the bottleneck goes (one 4-D tensor payload).
+        spec: Latent channels, stride and widths (as BottleFit's).
+        data: Training split.
+        beta: Rate weight (per bit per sample) in stage 1; larger gives fewer bytes.
+        stage1_epochs: Epochs of rate-distortion head distillation.
+        stage2_epochs: Epochs of fine-tuning on the integer latent.
+        stage2_loss: ``"kd"`` or ``"ce"``.
+        lr: Learning rate (AdamW, cosine decay).
+        batch_size: Batch size.
+        seed: Seed.
+        components: Logistic components of each element's prior.
+        progress: Progress bars.
+
+    Returns:
+        An :class:`EntropicStudentResult`; freeze its prior with
+        :func:`~splitexit.split.bottleneck.freeze_tables`.
+    """
+    if stage2_loss not in ("kd", "ce"):
+        raise InputError(f"stage2_loss must be 'kd' or 'ce', got {stage2_loss!r}")
+    torch.manual_seed(seed)
+    student = inject_entropy_bottleneck(teacher, cut, spec, data.x[:64], components)
+    cfg = TrainConfig(epochs=stage1_epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      progress=progress)
+    stage1 = RateDistillation(teacher, beta, prior_lr=lr * PRIOR_LR_FACTOR)
+    h1 = train(student, data, stage1, cfg)
+    cfg2 = TrainConfig(epochs=stage2_epochs, lr=lr, batch_size=batch_size, seed=seed + 1,
+                       progress=progress)
+    stage2 = EntropyFineTune(teacher if stage2_loss == "kd" else None,
+                             prior_lr=lr * PRIOR_LR_FACTOR)
+    h2 = train(student, data, stage2, cfg2)
+    student.eval()
+    return EntropicStudentResult(student, h1, h2)
