@@ -15,7 +15,8 @@ from splitexit.report import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "full_test_accuracy",
-           "accuracy_drop_pt", "drop_vs_control_pt", "macs_ratio", "latency_ms",
+           "accuracy_drop_pt", "target_drop_pt", "test_drop_ci95_pt", "drop_vs_control_pt",
+           "macs_ratio", "latency_ms",
            "latency_p50_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
            "bytes_per_sample", "bytes_ratio", "energy_mj", "stored_bytes", "overhead_batch1",
            "overhead_batched", "predicted_no_exit_ratio", "speedup_mean", "speedup_p50",

@@ -173,8 +173,8 @@ def separated_policy(model, x: torch.Tensor, exits: tuple[int, ...] = (0,)) -> M
 def own_model():
     """The residual network with exits (splitexit.usermodel.build_multiexit from the file),
     trained briefly on digits so its exits mean something (~3 s on one thread)."""
-    from splitexit.bench.measure import torch_threads
     from splitexit.data import load_dataset
+    from splitexit.measure import torch_threads
     from splitexit.training import JointWeighted, train
     from splitexit.usermodel import build_multiexit
 

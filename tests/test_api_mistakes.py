@@ -25,7 +25,7 @@ from splitexit import (
 from splitexit.calibration import choose_operating_point, oracle, select_exits, sweep
 from splitexit.checkpoint import META, WEIGHTS, load_weights, save
 from splitexit.data import Split
-from splitexit.heads import LinearHead, SDNHead, make_head
+from splitexit.heads import LinearHead, SDNHead, create_head
 from splitexit.policies import Gated, GeometricEnsemble, fit_temperature
 from splitexit.program import lower
 from splitexit.stages import StagedModel
@@ -226,7 +226,7 @@ def test_make_head_takes_what_payload_shapes_gives(model, digits):
     shapes = model.backbone.payload_shapes(digits.test.x[:1])
     assert shapes["block1"] == [(16, 8, 8)]
     for kind in ("linear", "sdn"):
-        head = make_head(kind, shapes["block1"], digits.num_classes)
+        head = create_head(kind, shapes["block1"], digits.num_classes)
         assert head.in_shape == (16, 8, 8)
     assert LinearHead(shapes["stem"], 10).in_shape == (16, 8, 8)
 
@@ -236,18 +236,18 @@ def test_make_head_on_a_multi_tensor_cut_says_pick_one(digits):
     shapes = staged.payload_shapes(digits.test.x[:1])["block1.conv1"]
     assert len(shapes) == 2
     with pytest.raises(InputError, match=r"several tensors.*payload_shapes\(x\)\[cut\]\[i\].*@i"):
-        make_head("linear", shapes, 10)
+        create_head("linear", shapes, 10)
     with pytest.raises(InputError, match="in_shape"):
-        make_head("linear", [], 10)
+        create_head("linear", [], 10)
     with pytest.raises(InputError, match="num_classes"):
-        make_head("linear", (16, 8, 8), 0)
+        create_head("linear", (16, 8, 8), 0)
 
 
 def test_a_head_with_the_wrong_in_shape_is_refused_when_attached(model, digits):
-    heads = {"stem": make_head("linear", (16, 8, 8), 10),
+    heads = {"stem": create_head("linear", (16, 8, 8), 10),
              "block1": SDNHead((32, 4, 4), 10)}
     with pytest.raises(InputError, match=r"cut 'block1' was built for inputs of shape "
-                                         r"\(32, 4, 4\).*\(16, 8, 8\).*make_head"):
+                                         r"\(32, 4, 4\).*\(16, 8, 8\).*create_head"):
         _bare(model, heads, input_shape=digits.input_shape)
     # a plain module without in_shape is run there: its failure, named
     with pytest.raises(InputError, match="gives 3 classes"):
@@ -273,7 +273,7 @@ def test_a_policy_that_is_not_a_policy_object(model, digits, policy):
         with pytest.raises(InputError, match=r"MaxProb\(0.9\)"):
             model.infer(x, policy)
     if policy == "maxprob":
-        with pytest.raises(InputError, match=r"make_policy\('maxprob'"):
+        with pytest.raises(InputError, match=r"create_policy\('maxprob'"):
             model.infer(x, policy)
 
 

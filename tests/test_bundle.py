@@ -19,7 +19,7 @@ from torch import nn
 from splitexit import checkpoint
 from splitexit.deploy import bundle, load_bundle
 from splitexit.errors import CorruptFileError, CutError, InputError
-from splitexit.heads import make_head
+from splitexit.heads import create_head
 from splitexit.multiexit import MultiExitModel
 from splitexit.policies import Entropy, MaxProb, Patience
 from splitexit.program import lower
@@ -65,7 +65,7 @@ def _user_model(digits, cuts=("stem", "layer1.conv1@1", "layer1"), epochs=3):
     heads = {}
     for c in cuts:
         name, _, index = c.partition("@")
-        heads[c] = make_head("linear", shapes[name][int(index or 0)], digits.num_classes)
+        heads[c] = create_head("linear", shapes[name][int(index or 0)], digits.num_classes)
     model = MultiExitModel(staged, heads, digits.input_shape)
     train(model, digits.train, JointWeighted(), epochs=epochs, progress=False)
     return model.eval()

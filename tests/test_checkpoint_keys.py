@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from splitexit import CorruptFileError, InputError, checkpoint
-from splitexit.heads import make_head
+from splitexit.heads import create_head
 from splitexit.multiexit import MultiExitModel
 from splitexit.stages import StagedModel
 from splitexit.zoo import ResNet, create_model, create_multiexit
@@ -54,7 +54,7 @@ def _exercised(model: nn.Module) -> nn.Module:
 
 def _heads(backbone: StagedModel, cuts, kind: str = "linear") -> dict:
     shapes = backbone.payload_shapes(torch.zeros(2, 1, 8, 8))
-    return {c: make_head(kind, shapes[c][0], 10) for c in cuts}
+    return {c: create_head(kind, shapes[c][0], 10) for c in cuts}
 
 
 def _equal_outputs(a: nn.Module, b: nn.Module) -> None:

@@ -186,16 +186,16 @@ def test_signals_calib_disjoint_by_hash():
 
 def test_signals_is_synthetic_and_documented():
     assert "synthetic" in data.__doc__.lower()
-    assert "synthetic" in data.make_signals.__doc__.lower()
+    assert "synthetic" in data.create_signals.__doc__.lower()
     ds = load_dataset("signals")
     assert ds.class_names == data.SIGNALS_CLASS_NAMES
-    x, y = data.make_signals(5, seed=123)
-    x2, y2 = data.make_signals(5, seed=123)
+    x, y = data.create_signals(5, seed=123)
+    x2, y2 = data.create_signals(5, seed=123)
     assert x.shape == (30, 3, 128) and np.array_equal(x, x2) and np.array_equal(y, y2)
     assert np.bincount(y).tolist() == [5] * 6
     assert np.allclose(np.round(x * 4095.0), x * 4095.0, atol=1e-3)  # 12-bit levels
     with pytest.raises(InputError):
-        data.make_signals(0, seed=1)
+        data.create_signals(0, seed=1)
 
 
 def _nearest_centroid_accuracy(train: np.ndarray, y: np.ndarray, test: np.ndarray, y_test):

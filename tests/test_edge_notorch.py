@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serve_helpers import own_bundle, running_server
-from splitexit.bench.measure import torch_threads
+from splitexit.measure import torch_threads
 from splitexit.runtime.bundle import load_bundle
 from splitexit.serve import EdgeRuntime, EdgeSettings
 

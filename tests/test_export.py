@@ -151,7 +151,7 @@ def test_bad_inputs(tmp_path):
 # exit programs on ONNX Runtime: the pieces and the batch-1 exit graph ---------------------
 from splitexit.deploy import bundle, load_bundle  # noqa: E402
 from splitexit.export import export_exit_graph, parity  # noqa: E402
-from splitexit.heads import make_head  # noqa: E402
+from splitexit.heads import create_head  # noqa: E402
 from splitexit.multiexit import MultiExitModel  # noqa: E402
 from splitexit.policies import Entropy, Margin, MaxProb, NeverExit, Patience  # noqa: E402
 from splitexit.program import lower  # noqa: E402
@@ -226,8 +226,8 @@ def test_tuple_payload_pieces_match_pytorch(tmp_path):
     torch.manual_seed(7)
     staged = StagedModel.from_module(ResNet(10, 1), ["stem", "block1.conv1", "block1"])
     shapes = staged.payload_shapes(torch.zeros(1, 1, 12, 12))
-    heads = {"stem": make_head("linear", shapes["stem"][0], 10),
-             "block1.conv1@1": make_head("linear", shapes["block1.conv1"][1], 10)}
+    heads = {"stem": create_head("linear", shapes["stem"][0], 10),
+             "block1.conv1@1": create_head("linear", shapes["block1.conv1"][1], 10)}
     model = MultiExitModel(staged, heads, (1, 12, 12)).eval()
     x = torch.rand(16, 1, 12, 12)
     runtime, program = _ort(model, tmp_path, exit_graph=True,
@@ -394,7 +394,7 @@ def test_sdn_head_mix_exports_as_its_lerp_branch(alpha, tmp_path):
     import onnx
 
     torch.manual_seed(5)
-    head = make_head("sdn", (8, 12, 12), 10).eval()
+    head = create_head("sdn", (8, 12, 12), 10).eval()
     with torch.no_grad():
         head.alpha.fill_(alpha)
     x = torch.randn(3, 8, 12, 12)
@@ -404,3 +404,41 @@ def test_sdn_head_mix_exports_as_its_lerp_branch(alpha, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(torch.as_tensor(OrtPiece(path)(x)), head(x), atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_exit_graph_maps_piece_inputs_by_name_when_one_is_unused(tmp_path):
+    """A stage that ignores a tensor of its payload: the exporter drops that input, and the
+    batch-1 exit graph must still feed each remaining input its own tensor."""
+    from splitexit.export.exit_graph import export_exit_graph
+    from splitexit.heads import create_head
+    from splitexit.multiexit import MultiExitModel
+    from splitexit.policies import MaxProb
+    from splitexit.stages import Stage
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            return x, self.conv(x)
+
+    class UsesSecond(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, a, b):
+            return self.fc(b.flatten(1))
+
+    torch.manual_seed(0)
+    staged = StagedModel([Stage(Two(), "two"), Stage(UsesSecond(), "out", num_inputs=2)], ["two"])
+    model = MultiExitModel(staged, {"two@1": create_head("linear", (4, 8, 8), 3)},
+                           input_shape=(1, 8, 8)).eval()
+    x, policy = torch.rand(6, 1, 8, 8), MaxProb(0.5)
+    session = OrtSession(export_exit_graph(model, policy, tmp_path / "exits.onnx"))
+    for i in range(len(x)):
+        logits, exit_index = session.run_arrays([x[i: i + 1].numpy()])
+        ref = model.infer(x[i: i + 1], policy)
+        assert int(exit_index[0]) == int(ref.exit_index[0])
+        assert np.allclose(logits, ref.logits.numpy(), atol=1e-5)

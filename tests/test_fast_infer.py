@@ -5,8 +5,8 @@ import torch
 
 from splitexit import InputError, MaxProb, NeverExit, Patience, create_multiexit
 from splitexit.calibration import exit_costs, select_exits, sweep
-from splitexit.cost import measure_exit_latency
 from splitexit.heads import SDNHead
+from splitexit.measure import measure_exit_latency
 from splitexit.multiexit import ExitRun, advance_exits
 from splitexit.optimize import TracedMultiExit, trace_for_inference
 from splitexit.policies import Entropy, FixedExit, Margin, leave_at
@@ -188,9 +188,9 @@ def test_threshold_sweep_fast_path_equals_replay(policy):
 
 
 def test_pool_head_is_an_avg_only_sdn_head(digits):
-    from splitexit.heads import PoolHead, make_head
+    from splitexit.heads import PoolHead, create_head
 
-    head = make_head("pool", (8, 28, 28), 10)
+    head = create_head("pool", (8, 28, 28), 10)
     assert isinstance(head, PoolHead) and head.config()["pool_size"] == 4
     x = torch.randn(3, 8, 28, 28)
     want = head.fc(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))

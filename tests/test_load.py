@@ -13,7 +13,7 @@ import torch
 
 from serve_helpers import make_model_dir, median_policy
 from serve_helpers import small_model as _small_model
-from splitexit.bench.measure import torch_threads
+from splitexit.measure import torch_threads
 from splitexit.serve import (
     BackgroundServer,
     EdgeRuntime,

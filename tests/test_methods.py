@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from splitexit.compress.binary import binarize, count_binary_layers
 from splitexit.data import load_dataset
 from splitexit.errors import InputError
-from splitexit.heads import CascadingHead, ClassMeansHead, make_head
+from splitexit.heads import CascadingHead, ClassMeansHead, create_head
 from splitexit.methods import early_view_model
 from splitexit.policies import (
     AdditiveEnsemble,
     Entropy,
     GeometricEnsemble,
     MaxProb,
+    create_policy,
     ensemble_logits,
-    make_policy,
 )
 from splitexit.training import (
     ZTW,
@@ -143,7 +143,7 @@ def test_ztw_cascade_and_ensemble(digits, backbone):
     assert float((combined[1].argmax(1) == digits.test.y).double().mean()) > 0.5
     policy = policy.with_threshold(median_threshold(policy, logits))
     check_parity(model, digits.test.x, policy)
-    assert make_policy(policy.config()) == policy
+    assert create_policy(policy.config()) == policy
 
 
 def test_cascading_head_uses_previous_logits_per_sample(digits, backbone):
@@ -320,7 +320,7 @@ def test_heads_reject_bad_input(digits, backbone):
     with pytest.raises(InputError, match="labels"):
         head.accumulate(torch.randn(2, 4), torch.tensor([0, 5]))
     with pytest.raises(InputError, match="cannot wrap"):
-        make_head("cascading", (4, 2, 2), 3, base="cascading")
+        create_head("cascading", (4, 2, 2), 3, base="cascading")
     cascade = CascadingHead((4, 2, 2), 3)
     with pytest.raises(InputError, match="previous logits"):
         cascade(torch.randn(2, 4, 2, 2), torch.randn(2, 5))

@@ -156,7 +156,7 @@ def test_list_cuts_gives_module_names_by_default_and_nodes_on_request():
 
 def test_one_payload_spec_reads_every_form_and_checks_payloads():
     from splitexit.errors import PayloadError
-    from splitexit.stages import PayloadSpec, TensorSpec
+    from splitexit.payload import PayloadSpec, TensorSpec
 
     payload = (torch.zeros(3, 16, 8, 8), torch.zeros(3, 16, 8, 8))
     spec = PayloadSpec.of(payload)

@@ -219,10 +219,19 @@ def save(model: nn.Module, directory: str | os.PathLike, **metadata) -> Path:
     save_file(state, str(path / WEIGHTS), metadata={LAYOUT_KEY: layout})
     digest = hashlib.sha256((path / WEIGHTS).read_bytes()).hexdigest()
     meta = {"format": FORMAT, "version": VERSION, "class": type(model).__name__,
-            "spec": getattr(model, "spec", None), "weights_layout": layout,
+            "spec": _config(model), "weights_layout": layout,
             "weights_sha256": digest, **metadata}
     (path / META).write_text(json.dumps(meta, indent=2, default=_jsonable))
     return path
+
+
+def _config(model: nn.Module) -> dict | None:
+    """The model's description: its ``config()`` (multi-exit models, gated, T-RECX, kept
+    exits), else its ``spec`` (a backbone, CBNet)."""
+    from .multiexit import MultiExitModel
+
+    described = model.config() if isinstance(model, MultiExitModel) else None
+    return described or getattr(model, "spec", None)
 
 
 def _jsonable(value):
@@ -338,6 +347,8 @@ def load(directory: str | os.PathLike, model: nn.Module | str | None = None) -> 
             "directory", "weights")
     meta = read_meta(directory)
     spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
+    if {"keep_exits", "gate", "trecx"} & set(spec):
+        return load_weights(_rebuild(spec, model, str(directory)), directory)
     if "model" in spec:  # zoo
         if isinstance(model, str):
             raise InputError(f"{directory} holds the zoo model {spec['model']!r}, which "
@@ -357,6 +368,46 @@ def load(directory: str | os.PathLike, model: nn.Module | str | None = None) -> 
                          "and call splitexit.checkpoint.load_weights(model, directory) (or "
                          f"load(directory, model=your_module)){hint}")
     return load_weights(model, directory)
+
+
+def _rebuild(spec: Mapping, model, where: str) -> nn.Module:
+    """The architecture ``spec`` describes (a model's ``config()``): the zoo or user model it
+    starts from, then T-RECX's early exit, the kept exits and the gate, as recorded."""
+    from .heads import create_head
+    from .methods import ExitGate, GatedMultiExitModel, early_view_model
+
+    spec = dict(spec)
+    trecx, keep, gate = spec.pop("trecx", None), spec.pop("keep_exits", None), spec.pop("gate",
+                                                                                        None)
+    if "model" in spec:
+        if isinstance(model, str):
+            raise InputError(f"{where} holds the zoo model {spec['model']!r}, which rebuilds "
+                             "from the checkpoint alone; drop the model argument")
+        built = model if isinstance(model, nn.Module) else _zoo_model(spec)
+    elif "cuts" in spec and "num_classes" in spec and "input_shape" in spec:
+        from .usermodel import rebuild
+
+        if model is None:
+            raise InputError(_needs_model(where, spec))
+        built = rebuild(model, spec, where)
+    else:
+        raise InputError(f"{where} describes a model splitexit cannot rebuild ({sorted(spec)}); "
+                         "build it yourself and call splitexit.checkpoint.load_weights")
+    if trecx:
+        head = trecx["head"]
+        built = early_view_model(getattr(built, "backbone", built), trecx["cut"],
+                                 int(head["num_classes"]), tuple(spec["input_shape"]),
+                                 head=create_head(head["kind"], head["in_shape"],
+                                                head["num_classes"],
+                                                **{k: v for k, v in head.items()
+                                                   if k not in ("kind", "in_shape",
+                                                                "num_classes")}))
+    if keep is not None:
+        built = built.keep_exits(keep)
+    if gate:
+        built = GatedMultiExitModel.from_multiexit(
+            built, ExitGate(built.input_shape, gate["hidden"], gate["grid"]), gate["threshold"])
+    return built
 
 
 def _needs_model(directory, spec: Mapping) -> str:
@@ -395,16 +446,16 @@ def load_policy(directory: str | os.PathLike, spec: str | None = None, default=N
     Raises:
         InputError: no policy given and the checkpoint was never calibrated.
     """
-    from .policies import make_policy
+    from .policies import create_policy
 
     calibration = Path(directory) / "calibration.json"
     if spec:
-        return make_policy(json.loads(spec) if spec.lstrip().startswith("{") else spec)
+        return create_policy(json.loads(spec) if spec.lstrip().startswith("{") else spec)
     if calibration.is_file():
-        return make_policy(json.loads(calibration.read_text())["policy"])
+        return create_policy(json.loads(calibration.read_text())["policy"])
     fitted = read_meta(directory).get("policy")  # a method's own (uncalibrated) policy
     if isinstance(fitted, dict):
-        return make_policy(fitted)
+        return create_policy(fitted)
     if default is not None:
         return default
     raise InputError(f"no policy: run `splitexit calibrate {directory}` first or pass "

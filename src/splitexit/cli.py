@@ -67,7 +67,19 @@ def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out:
     p.add_argument("--control", action="store_true",
                    help="also train the baseline as long as the multi-exit model, without exits, "
                         "and choose operating points against the better of the two")
+    _calibration_mode_args(p)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _calibration_mode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default="auto", choices=["auto", "sweep", "guarded"],
+                   help="how thresholds meet an accuracy-drop target: auto (default) uses the "
+                        "guarded mode when a plain sweep cannot be shown to hold the target "
+                        "and the calibration set can certify it, and warns when it is too "
+                        "small for either; sweep; guarded (Learn-then-Test)")
+    p.add_argument("--delta", type=float, default=0.05,
+                   help="guarded mode: tolerated probability that the drop bound fails "
+                        "(default 0.05)")
 
 
 def _run_early_exit(args, suite: str) -> int:
@@ -82,7 +94,8 @@ def _run_early_exit(args, suite: str) -> int:
                                  runtimes=tuple(args.runtimes.split(",")),
                                  select_exits=not args.no_select_exits,
                                  max_overhead=args.max_overhead or None,
-                                 control=args.control)
+                                 control=args.control, calibration=args.calibration,
+                                 delta=args.delta)
     report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
                             suite=suite, command=_command_line())
     _print_rows(report)
@@ -142,12 +155,30 @@ def _load_checkpoint(directory, model_arg: str | None, if_needed: bool = False):
     return checkpoint.load(directory, model=model_arg)
 
 
+def _method_names() -> list[str]:
+    from .methods import list_methods
+
+    return list_methods()
+
+
 def _cmd_train(args) -> int:
     from . import checkpoint
     from .data import load_dataset
+    from .errors import InputError
     from .training import Baseline, HeadsOnly, JointWeighted, evaluate_exits, train
     from .usermodel import is_model_file
 
+    if args.method and args.strategy:
+        raise InputError("give either --strategy (plain training) or --method (a published "
+                         "method's recipe), not both")
+    args.strategy = args.strategy or ("joint" if not args.method else None)
+    if args.method:
+        from .methods import METHODS
+
+        if METHODS.get(args.method).frozen_backbone and not args.init:
+            raise InputError(f"method {args.method!r} trains on a frozen backbone: give --init "
+                             "CHECKPOINT of a trained baseline (splitexit train --strategy "
+                             "baseline --out CHECKPOINT ...)")
     ds = load_dataset(args.dataset, seed=args.seed)
     model = _build_model(args, ds)
     if args.init:
@@ -158,17 +189,29 @@ def _cmd_train(args) -> int:
         checkpoint.load_canonical_state_dict(
             target, checkpoint.canonical_state_dict(getattr(init, "backbone", init)),
             str(args.init))
-    strategy = {"baseline": Baseline, "joint": JointWeighted, "heads-only": HeadsOnly}[
-        args.strategy]()
-    history = train(model, ds.train, strategy, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.batch_size, seed=args.seed)
+    extra: dict = {}
+    if args.method:
+        from .methods import fit_method
+
+        fitted = fit_method(args.method, model, ds.train, calib=ds.calib, epochs=args.epochs,
+                            lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+        model, seconds, how = fitted.model, fitted.seconds, args.method
+        extra = {"method": args.method, "policy": fitted.policy.config(),
+                 "method_info": fitted.info}
+    else:
+        strategy = {"baseline": Baseline, "joint": JointWeighted, "heads-only": HeadsOnly}[
+            args.strategy]()
+        history = train(model, ds.train, strategy, epochs=args.epochs, lr=args.lr,
+                        batch_size=args.batch_size, seed=args.seed)
+        seconds, how = history.seconds, args.strategy
+        extra = {"strategy": args.strategy}
     if hasattr(model, "heads"):
         accs = evaluate_exits(model, ds.test.x, ds.test.y)
     else:
         accs = [float((model(ds.test.x).argmax(1) == ds.test.y).double().mean())]
-    checkpoint.save(model, args.out, dataset=args.dataset, strategy=args.strategy,
-                    train_seconds=history.seconds, test_accuracy_per_exit=accs)
-    print(f"trained {args.model} ({args.strategy}) in {history.seconds:.1f} s; test accuracy "
+    checkpoint.save(model, args.out, dataset=args.dataset, train_seconds=seconds,
+                    test_accuracy_per_exit=accs, **extra)
+    print(f"trained {args.model} ({how}) in {seconds:.1f} s; test accuracy "
           f"per exit: {', '.join(f'{a:.4f}' for a in accs)}; saved to {args.out}")
     return 0
 
@@ -184,35 +227,46 @@ def _checkpoint_and_data(args):
 
 
 def _cmd_calibrate(args) -> int:
-    from .calibration import choose_operating_point, pareto_front, sweep
+    import warnings
+
+    from . import checkpoint
+    from .calibration import CalibrationWarning, calibrate, pareto_front
     from .cost import cost_table
-    from .policies import make_policy
+    from .policies import create_policy
 
     model, ds = _checkpoint_and_data(args)
     costs = cost_table(model, ds.calib.x[:64], measure=False)
     logits = model.collect_logits(ds.calib.x)
-    points = sweep(logits, ds.calib.y, costs.exit_macs, make_policy(args.policy))
-    ref = float((logits[-1].argmax(1) == ds.calib.y).double().mean())
-    if args.macs_budget is not None:
-        op = choose_operating_point(points, macs_budget=args.macs_budget * costs.exit_macs[-1])
-    else:
-        op = choose_operating_point(points, reference_accuracy=ref, max_drop=args.max_drop)
-    result = {"policy": op.policy.config(), "calib_accuracy": op.accuracy,
-              "calib_final_exit_accuracy": ref, "mean_macs": op.mean_macs,
-              "exit_fractions": op.exit_fractions,
-              "pareto": [p.to_dict() for p in pareto_front(points)]}
+    target = ({"macs_budget": args.macs_budget * costs.exit_macs[-1]}
+              if args.macs_budget is not None else {"max_drop": args.max_drop})
+    with warnings.catch_warnings():  # printed below, once
+        warnings.simplefilter("ignore", CalibrationWarning)
+        family = (create_policy(args.policy) if args.policy
+                  else checkpoint.load_policy(args.checkpoint, default=create_policy("maxprob")))
+        cal = calibrate(logits, ds.calib.y, costs.exit_macs, family,
+                        mode=args.calibration, delta=args.delta, **target)
+    result = {**cal.to_dict(), "calib_accuracy": cal.accuracy,
+              "calib_final_exit_accuracy": cal.reference_accuracy,
+              "pareto": [p.to_dict() for p in pareto_front(cal.points)]}
     Path(args.checkpoint, "calibration.json").write_text(json.dumps(result, indent=2))
-    print(f"policy {op.policy.config()}: calibration accuracy {op.accuracy:.4f} (final exit "
-          f"{ref:.4f}), mean MACs {op.mean_macs:.0f} ({op.mean_macs / costs.exit_macs[-1]:.1%} "
-          f"of running every exit), exit fractions "
-          f"{', '.join(f'{f:.3f}' for f in op.exit_fractions)}")
+    lo, hi = cal.calib_drop_ci95_pt
+    aim = (f"target <= {100 * args.max_drop:g} pt drop" if args.macs_budget is None
+           else f"budget {args.macs_budget:g} of the MACs")
+    print(f"{cal.mode} ({aim}; {cal.reason}): policy {cal.policy.config()}: calibration "
+          f"accuracy {cal.accuracy:.4f} (final exit {cal.reference_accuracy:.4f}; drop "
+          f"{cal.calib_drop_pt:.2f} pt, 95% interval {lo:.2f}..{hi:.2f} pt on "
+          f"{cal.calib_samples} samples), mean MACs {cal.mean_macs:.0f} "
+          f"({cal.mean_macs / costs.exit_macs[-1]:.1%} of running every exit), exit fractions "
+          f"{', '.join(f'{f:.3f}' for f in cal.exit_fractions)}")
+    if cal.warning:
+        print(f"splitexit: warning: {cal.warning}", file=sys.stderr)
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from . import checkpoint
-    from .bench.measure import latency_batch1, torch_threads
     from .cost import cost_table, mean_macs
+    from .measure import latency_batch1, torch_threads
     from .report import write_report
 
     model, ds = _checkpoint_and_data(args)
@@ -269,7 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "heads go (splitexit.list_cuts(model) lists them); with --strategy "
                         "baseline, where the model is staged (optional)")
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--strategy", default="joint", choices=["baseline", "joint", "heads-only"])
+    p.add_argument("--strategy", default=None, choices=["baseline", "joint", "heads-only"],
+                   help="plain training: baseline (no exits), joint (default) or heads-only")
+    p.add_argument("--method", default=None, choices=_method_names(),
+                   help="instead of --strategy: a published method's recipe (heads, training, "
+                        "policy and fit step; splitexit.methods). Methods that keep the "
+                        "backbone frozen need --init with a trained baseline")
     p.add_argument("--exits", default=None,
                    help="zoo model: comma-separated cut names for exit heads (default: the "
                         "model's own)")
@@ -288,12 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     _checkpoint_model_arg(p)
     p.add_argument("--dataset", default=None)
-    p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin",
-                                                           "patience"])
+    p.add_argument("--policy", default=None, choices=["maxprob", "entropy", "margin",
+                                                      "patience"],
+                   help="the policy family whose thresholds are chosen (default: the one the "
+                        "checkpoint's --method fitted, e.g. ZTW's ensemble, else maxprob)")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="maximum accuracy drop vs the final exit, as a fraction (0.01 = 1 pt)")
     p.add_argument("--macs-budget", type=float, default=None,
                    help="instead: mean MACs as a fraction of running every exit")
+    _calibration_mode_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate)
 
@@ -338,7 +400,7 @@ def _register(module: str, subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("bench", "demo"):  # every method timed in the same allocator state
-        from .bench.measure import steady_allocator
+        from .measure import steady_allocator
 
         steady_allocator()
     try:

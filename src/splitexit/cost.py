@@ -7,19 +7,17 @@ convolution work that dominates); latency is the median of repeats on this machi
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .measure import measure_latency
 from .stages import Payload, StagedModel, payload_nbytes
 
-__all__ = ["CostTable", "count_macs", "param_bytes", "measure_latency", "cost_table",
-           "mean_macs", "measure_exit_latency", "per_sample_seconds", "interleaved_seconds"]
+__all__ = ["CostTable", "count_macs", "param_bytes", "cost_table", "mean_macs"]
 
 
 def count_macs(fn: Callable[[], object]) -> float:
@@ -33,21 +31,6 @@ def param_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers as stored (dense)."""
     tensors = list(module.parameters()) + list(module.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def measure_latency(fn: Callable[[], object], repeats: int = 30, warmup: int = 3,
-                    min_time_s: float = 0.0) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` calls (after warm-up)."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        start = time.perf_counter()
-        while len(times) < repeats or time.perf_counter() - start < min_time_s:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 @dataclass
@@ -193,82 +176,3 @@ def _num_classes(model, features: torch.Tensor, e: int) -> int:
     if hasattr(head, "num_classes"):
         return head.num_classes
     return model.run_head(e, features, None).shape[1]
-
-
-
-def per_sample_seconds(fn: Callable[[torch.Tensor], object], xs: torch.Tensor,
-                       warmup: int = 10) -> list[float]:
-    """Wall seconds of ``fn`` on each sample of ``xs``, one sample per call (batch 1), after
-    ``warmup`` untimed calls: the primitive every batch-1 latency figure is built on."""
-    times = []
-    with torch.inference_mode():
-        for i in range(min(warmup, len(xs))):
-            fn(xs[i: i + 1])
-        for i in range(len(xs)):
-            t0 = time.perf_counter()
-            fn(xs[i: i + 1])
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def interleaved_seconds(fns: Mapping[object, Callable[[torch.Tensor], object]],
-                        xs: torch.Tensor, warmup: int = 20, chunks: int | None = None,
-                        shuffle: bool = True, seed: int = 0) -> dict[object, list[float]]:
-    """Batch-1 seconds of several functions over the same samples, interleaved.
-
-    The samples are cut into ``chunks`` consecutive groups (``None``: one sample per group);
-    every function runs a whole group before the next one does, and their order is shuffled
-    per group. Slow phases of a shared machine so hit every function alike, no function always
-    runs right after the same other one, and within a group a function runs warm, as a
-    deployed model serving a stream does. Compare only figures measured together.
-    """
-    import random
-
-    times: dict[object, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    order = random.Random(seed)
-    n = len(xs)
-    step = 1 if not chunks else max(1, -(-n // chunks))
-    with torch.inference_mode():
-        for i in range(min(warmup, n)):
-            for fn in fns.values():
-                fn(xs[i: i + 1])
-    for a in range(0, n, step):
-        if shuffle:
-            order.shuffle(names)
-        for name in names:
-            times[name] += per_sample_seconds(fns[name], xs[a: a + step], warmup=0)
-    return times
-
-
-def measure_exit_latency(infer: Callable[[torch.Tensor, object], object], x: torch.Tensor,
-                         num_exits: int, samples: int = 200, policy=None,
-                         reference: Callable[[torch.Tensor], object] | None = None,
-                         chunks: int = 10) -> list[float]:
-    """Measured batch-1 seconds to leave at each exit, on the runtime that will serve.
-
-    ``infer(x, policy)`` is any early-exit runner (``MultiExitModel.infer``,
-    ``TracedMultiExit.infer``, ONNX Runtime); each exit ``e`` is timed over ``samples``
-    inputs (median) with ``policy`` forced to leave there
-    (:func:`~splitexit.policies.leave_at`: its statistic computed at every exit on the way,
-    as in deployment) or, without a policy, with :class:`~splitexit.policies.FixedExit`, so
-    every overhead the runner has (heads, decisions, bookkeeping) is in the figure. The last
-    figure is what a sample pays when no exit fires. The exits are timed interleaved
-    (:func:`interleaved_seconds`, ``chunks`` groups).
-
-    With ``reference`` (e.g. the plain backbone on the same runtime), it is timed interleaved
-    with the exits and the figures are ratios to its median: free of the drift between
-    measurements made at different times, so costs of different subsets of exits compare.
-    """
-    from .policies import FixedExit, leave_at
-
-    def runner(e: int):
-        p = FixedExit(e) if policy is None else leave_at(policy, e, num_exits)
-        return lambda s: infer(s, p)
-
-    fns: dict[object, Callable] = {e: runner(e) for e in range(num_exits)}
-    if reference is not None:
-        fns["reference"] = reference
-    times = interleaved_seconds(fns, x[:samples], warmup=min(10, samples), chunks=chunks)
-    unit = statistics.median(times["reference"]) if reference is not None else 1.0
-    return [statistics.median(times[e]) / unit for e in range(num_exits)]

@@ -56,7 +56,7 @@ def _write_exit_graph(program: ExitProgram, path: Path, opset: int) -> bool:
 
 
 def _latencies(fns: dict, xs: np.ndarray, warmup: int = 20) -> dict[str, list[float]]:
-    from .cost import interleaved_seconds
+    from .measure import interleaved_seconds
 
     return interleaved_seconds(fns, xs, warmup=warmup)
 

@@ -19,14 +19,14 @@ from .registry import Registry
 from .stages import per_sample_shape
 
 __all__ = ["HEADS", "ExitHead", "LinearHead", "SDNHead", "ConvHead", "CascadingHead", "ClassMeansHead",
-           "BinaryHead", "make_head", "list_heads", "register_head", "head_in_shape"]
+           "BinaryHead", "create_head", "list_heads", "register_head", "head_in_shape"]
 
 #: head classes ``cls(in_shape, num_classes, **kw)``, by type name
 HEADS: Registry[Callable[..., ExitHead]] = Registry("head type")
 
 
 def register_head(name: str):
-    """Class decorator adding a head type to the registry used by :func:`make_head`."""
+    """Class decorator adding a head type to the registry used by :func:`create_head`."""
 
     def deco(cls):
         HEADS.add(name, cls)
@@ -61,7 +61,7 @@ def head_in_shape(in_shape) -> tuple[int, ...]:
     return per_sample_shape(in_shape, "a head's in_shape")
 
 
-def make_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> ExitHead:
+def create_head(kind: str, in_shape: Sequence[int], num_classes: int, **kwargs) -> ExitHead:
     """Build a registered head for per-sample input shape ``in_shape`` (a shape, or the list
     ``backbone.payload_shapes(x)[cut]`` of a one-tensor cut).
 
@@ -90,7 +90,7 @@ class ExitHead(nn.Module):
         self.num_classes = classes
 
     def config(self) -> dict:
-        """JSON-able description that :func:`make_head` rebuilds the head from."""
+        """JSON-able description that :func:`create_head` rebuilds the head from."""
         return {"kind": self.kind, "in_shape": list(self.in_shape),
                 "num_classes": self.num_classes, **self.extra_config()}
 
@@ -331,7 +331,7 @@ class CascadingHead(ExitHead):
             raise InputError("a cascading head cannot wrap another cascading head; "
                              "use base='sdn', 'linear', 'conv' or 'depthwise'")
         self.base_kind, self.base_kwargs = base, dict(base_kwargs or {})
-        self.base = make_head(base, in_shape, num_classes, **self.base_kwargs)
+        self.base = create_head(base, in_shape, num_classes, **self.base_kwargs)
         self.previous = nn.Linear(num_classes, num_classes, bias=False)
         nn.init.zeros_(self.previous.weight)
 

@@ -110,7 +110,7 @@ class MultiExitModel(nn.Module):
                                  f"({type(cut).__name__}); valid cuts: {backbone.cut_names}")
             if not isinstance(head, nn.Module):
                 raise InputError(f"the head at cut {cut!r} must be an nn.Module (e.g. "
-                                 f"make_head('linear', shape, num_classes)), got "
+                                 f"create_head('linear', shape, num_classes)), got "
                                  f"{type(head).__name__}")
         items.sort(key=lambda kv: backbone.cut_index(head_cut(kv[0])[0]))
         cuts = [c for c, _ in items]
@@ -196,7 +196,7 @@ class MultiExitModel(nn.Module):
                 raise InputError(
                     f"the exit head at cut {cut!r} was built for inputs of shape "
                     f"{tuple(want)}, but the payload at that cut has shape {got} (for model "
-                    f"inputs of shape {shape}); build it with make_head(kind, {got}, "
+                    f"inputs of shape {shape}); build it with create_head(kind, {got}, "
                     "num_classes) (backbone.payload_shapes(example) gives the shape at every "
                     "cut)")
             return getattr(head, "num_classes", None), None
@@ -243,7 +243,21 @@ class MultiExitModel(nn.Module):
                              "dropped one by one")
         kept = MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits})
         kept.input_shape = self.input_shape  # its heads fit: no need to check them again
+        described = self.config()
+        if described:  # rebuilt as: the full model, then these heads kept
+            before = described.pop("keep_exits", None)
+            described["keep_exits"] = [before[e] for e in exits] if before else exits
+            kept.spec = described
         return kept.train(self.training)
+
+    def config(self) -> dict:
+        """How to rebuild this model (JSON; what a checkpoint stores): the zoo model or your
+        model's cuts, heads, classes and input shape, plus what was done to it since
+        (``keep_exits``; a gate and T-RECX add theirs). ``{}`` for a model assembled by hand:
+        rebuild it yourself, then :func:`splitexit.checkpoint.load_weights`."""
+        import copy
+
+        return copy.deepcopy(getattr(self, "spec", None) or {})
 
     @property
     def num_exits(self) -> int:

@@ -30,9 +30,10 @@ from torch import nn
 from .cost import count_macs
 from .errors import InputError
 from .multiexit import MultiExitModel, Piece, check_input, inference
+from .payload import TensorSpec
 from .policies import ExitPolicy, Gated, NeverExit
 from .runtime.loop import ExitResult, all_exit_logits, check_policy, infer_exits
-from .stages import Payload, StagedModel, TensorSpec, payload_tensors
+from .stages import Payload, StagedModel, payload_tensors
 
 __all__ = ["PieceSpec", "ExitProgram", "lower", "as_multiexit", "INPUT_CUT",
            "policy_for_exits", "export_pieces"]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .heads import make_head
+from .heads import create_head
 from .multiexit import MultiExitModel
 from .stages import StagedModel, _unknown_cut, list_cuts, payload_tensors
 
@@ -283,7 +283,7 @@ def build_multiexit(module: nn.Module | str, cuts: str | Sequence[str], num_clas
             :func:`load_user_model`).
         cuts: cut names (``splitexit.list_cuts(module)``), comma-separated or a list, in any
             order. ``"name@i"`` names tensor ``i`` of a cut that carries several tensors.
-        head: head type for every exit (:func:`splitexit.heads.make_head`), sized from the
+        head: head type for every exit (:func:`splitexit.heads.create_head`), sized from the
             payload shape at its cut.
 
     The model's ``spec`` (saved by :func:`splitexit.checkpoint.save`) records the cuts, head,
@@ -317,8 +317,9 @@ def build_multiexit(module: nn.Module | str, cuts: str | Sequence[str], num_clas
                 f"{[tuple(t.shape[1:]) for t in tensors]}; write '{cut}@0' .. "
                 f"'{cut}@{len(tensors) - 1}', or cut after the whole block")
         key = cut if index is None else f"{cut}@{index}"
-        heads[key] = make_head(head, tuple(tensors[index or 0].shape[1:]), num_classes,
+        heads[key] = create_head(head, tuple(tensors[index or 0].shape[1:]), num_classes,
                                **(head_kwargs or {}))
+    backbone.spec = _spec(source, backbone.cut_names, num_classes, input_shape)
     model = MultiExitModel(backbone, heads, input_shape=tuple(input_shape))
     named = [c + ("" if by_name[c]["tensor_index"] is None else f"@{by_name[c]['tensor_index']}")
              for c in backbone.cut_names]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .heads import ModuleHead, make_head
+from .heads import ModuleHead, create_head
 from .multiexit import MultiExitModel
 from .registry import Registry
 from .stages import Stage, StagedModel, _unknown_cut
@@ -91,7 +91,7 @@ def create_multiexit(name: str, num_classes: int = 10, input_shape: Sequence[int
             if len(shapes[cut]) != 1:
                 raise InputError(f"cut {cut!r} carries {len(shapes[cut])} tensors; attach "
                                  "exit heads at single-tensor cuts")
-            heads[cut] = make_head(head, shapes[cut][0], num_classes, **(head_kwargs or {}))
+            heads[cut] = create_head(head, shapes[cut][0], num_classes, **(head_kwargs or {}))
     model = MultiExitModel(backbone, heads, input_shape=input_shape)
     model.spec = {**backbone.spec, "exits": exits, "head": head,
                   "head_kwargs": head_kwargs or {}}

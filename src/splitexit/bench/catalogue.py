@@ -31,6 +31,7 @@ from ..calibration import choose_operating_point, guarded_threshold, oracle, par
 from ..cost import cost_table
 from ..data import Dataset, load_dataset
 from ..errors import InputError
+from ..measure import latency_batch1, torch_threads
 from ..methods import (
     METHODS,
     Fitted,
@@ -54,7 +55,6 @@ from ..training import (
     train,
 )
 from ..zoo import create_model, create_multiexit
-from .measure import latency_batch1, torch_threads
 
 __all__ = ["CatalogueSettings", "run_catalogue", "MAIN", "EXTRA", "DEFAULT_CONFIGS", "register"]
 

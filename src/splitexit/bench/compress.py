@@ -41,6 +41,7 @@ from ..data import Dataset, load_dataset
 from ..deploy import bundle, load_bundle
 from ..errors import InputError
 from ..export import export_piece
+from ..measure import interleaved_latency, interleaved_throughput, torch_threads
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb
 from ..report import plot_pareto, write_report
@@ -48,7 +49,6 @@ from ..runtime.loop import ExitResult
 from ..runtime.ort import OrtProgram, OrtSession
 from ..training import Baseline, JointWeighted, train
 from ..zoo import create_model, create_multiexit
-from .measure import interleaved_latency, interleaved_throughput, torch_threads
 
 __all__ = ["CompressSettings", "run_compress_bench", "register"]
 

@@ -34,12 +34,13 @@ import torch
 
 from .. import checkpoint
 from ..calibration import choose_operating_point, sweep
-from ..cost import cost_table, interleaved_seconds
+from ..cost import cost_table
 from ..data import load_dataset
 from ..deploy import bundle, load_bundle
 from ..errors import InputError
 from ..export.exit_graph import export_exit_graph
 from ..export.onnx import export_piece
+from ..measure import interleaved_seconds, steady_allocator, torch_threads
 from ..policies import MaxProb, leave_at
 from ..program import lower
 from ..report import write_report
@@ -47,7 +48,6 @@ from ..runtime.ort import OrtSession
 from ..training import Baseline, JointWeighted, train
 from ..usermodel import build_backbone, build_multiexit
 from ..zoo import create_model, create_multiexit
-from .measure import steady_allocator, torch_threads
 
 __all__ = ["DeployBenchSettings", "run_deploy", "register"]
 
@@ -312,7 +312,8 @@ def _edge_rows(ds, s: DeployBenchSettings, out: Path) -> list[dict]:
         raise InputError("the bundle edge process loaded torch")
     import importlib.metadata as md
 
-    edge_mb, edge_dists = _dist_size(["numpy", "onnxruntime", "httpx", "zstandard"])
+    edge_mb, edge_dists = _dist_size(["numpy", "onnxruntime", "httpx", "zstandard",
+                                       "constriction"])
     full_mb, _ = _dist_size([r for r in md.distribution("splitexit").requires or []
                              if "extra ==" not in r])
 

@@ -15,7 +15,7 @@ Every data set here is available without internet access (see ``DATA.md``):
 ``signals``
     A **synthetic** 1-D sensor data set generated offline and deterministically: 3-axis
     accelerometer windows (128 samples at a nominal 50 Hz) of six human-activity-like classes.
-    It is not recorded data; see :func:`make_signals`. Input shape ``(3, 128)``.
+    It is not recorded data; see :func:`create_signals`. Input shape ``(3, 128)``.
 
 Splits follow one rule: the calibration split (used to choose exit thresholds and other
 operating points) is carved out of the *original training data*, never the test data. For
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from .idx import idx_cache_info, read_idx
 from .registry import DATASETS, list_datasets, load_dataset, register_dataset
-from .signals import SIGNALS_CLASS_NAMES, SIGNALS_LENGTH, SIGNALS_RATE_HZ, make_signals
+from .signals import SIGNALS_CLASS_NAMES, SIGNALS_LENGTH, SIGNALS_RATE_HZ, create_signals
 from .sources import (
     DIGITS_CLASS_NAMES,
     FASHION_MNIST_CLASS_NAMES,
@@ -80,7 +80,7 @@ __all__ = [
     "list_datasets",
     "register_dataset",
     "load_dataset",
-    "make_signals",
+    "create_signals",
     "read_idx",
     "stratified_split",
 ]

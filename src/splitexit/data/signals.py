@@ -7,7 +7,7 @@ import numpy as np
 
 from splitexit.errors import InputError
 
-__all__ = ["SIGNALS_CLASS_NAMES", "SIGNALS_LENGTH", "SIGNALS_RATE_HZ", "make_signals"]
+__all__ = ["SIGNALS_CLASS_NAMES", "SIGNALS_LENGTH", "SIGNALS_RATE_HZ", "create_signals"]
 
 #: Window length and nominal sampling rate of the synthetic signals.
 SIGNALS_LENGTH = 128
@@ -45,7 +45,7 @@ _SIGNALS_RANGE_G = 2.0  # raw values in [-2 g, 2 g] map linearly to [0, 1] (clip
 _SIGNALS_LEVELS = 4095  # 12-bit quantisation of [0, 1]
 
 
-def make_signals(
+def create_signals(
     n_per_class: int, seed: int, length: int = SIGNALS_LENGTH
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate the SYNTHETIC accelerometer data set behind the ``signals`` name.
@@ -79,7 +79,7 @@ def make_signals(
         raise InputError(f"n_per_class must be an integer, got {n_per_class!r}.")
     if n_per_class < 1 or length < 8:
         raise InputError(
-            f"make_signals needs n_per_class >= 1 and length >= 8, got {n_per_class}, {length}."
+            f"create_signals needs n_per_class >= 1 and length >= 8, got {n_per_class}, {length}."
         )
     rng = np.random.Generator(np.random.PCG64(int(seed)))
     n_classes = len(_SIGNAL_CLASSES)

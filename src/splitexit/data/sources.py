@@ -13,7 +13,7 @@ import numpy as np
 from splitexit.errors import CorruptFileError, DatasetMissingError
 
 from .idx import read_idx_cached
-from .signals import SIGNALS_CLASS_NAMES, make_signals
+from .signals import SIGNALS_CLASS_NAMES, create_signals
 from .splits import Dataset, dataset_from_indices, stratified_split
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs its files.
@@ -220,8 +220,8 @@ def fashion_mnist_dataset(
 
 @functools.lru_cache(maxsize=1)
 def _signals_source() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x_train, y_train = make_signals(SIGNALS_TRAIN_PER_CLASS, SIGNALS_TRAIN_SEED)
-    x_test, y_test = make_signals(SIGNALS_TEST_PER_CLASS, SIGNALS_TEST_SEED)
+    x_train, y_train = create_signals(SIGNALS_TRAIN_PER_CLASS, SIGNALS_TRAIN_SEED)
+    x_test, y_test = create_signals(SIGNALS_TEST_PER_CLASS, SIGNALS_TEST_SEED)
     _readonly(x_train, y_train, x_test, y_test)
     return x_train, y_train, x_test, y_test
 

@@ -187,6 +187,15 @@ def _export_segments(program, path: Path, opset: int) -> tuple[list[onnx.ModelPr
     return segments, program.num_classes
 
 
+def _input_position(name: str, count: int) -> int:
+    """Which payload tensor a piece's graph input ``in{k}`` is."""
+    k = name[2:] if name.startswith("in") else ""
+    if not k.isdigit() or int(k) >= count:
+        raise InputError(f"a piece's ONNX input is named {name!r}; expected in0 .. "
+                         f"in{count - 1} (pieces are exported by splitexit.program.export_pieces)")
+    return int(k)
+
+
 def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
                       example: torch.Tensor | None = None, opset: int = DEFAULT_OPSET) -> Path:
     """Export a model with ``policy`` as one batch-1 ONNX graph that exits early by itself.
@@ -213,7 +222,9 @@ def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
         """Nodes and initializers running segments ``e..last`` on ``inputs``."""
         prefix = f"e{e}_"
         seg = segments[e]
-        mapping = {i.name: n for i, n in zip(seg.graph.input, inputs)}
+        # by name (in0, in1 ...: payload tensor k), not position: the exporter drops an
+        # input the piece never reads, which shifts the ones after it
+        mapping = {i.name: inputs[_input_position(i.name, len(inputs))] for i in seg.graph.input}
         nodes, inits, outs = _renamed(seg, prefix, mapping)
         logits_out, exit_out = f"logits_{e}", f"exit_{e}"
         if e == last:

@@ -31,6 +31,7 @@ class ExitGate(nn.Module):
     def __init__(self, input_shape: Sequence[int], hidden: int = 16, grid: int = 4):
         super().__init__()
         self.input_shape = tuple(input_shape)
+        self.hidden, self.grid = int(hidden), int(grid)
         dims = len(self.input_shape) - 1
         if dims == 2:
             self.pool = nn.AdaptiveAvgPool2d(grid)
@@ -80,7 +81,20 @@ class GatedMultiExitModel(MultiExitModel):
         gate = gate or ExitGate(model.input_shape)
         wrapped = cls(model.backbone, dict(zip(model.head_cuts, model.heads)), gate,
                       model.input_shape, gate_threshold)
+        wrapped.spec = model.config()
         return wrapped.train(model.training)
+
+    def config(self) -> dict:
+        """The wrapped model's description plus the gate's (size and threshold)."""
+        inner = super().config()
+        if inner:
+            inner["gate"] = {"hidden": self.gate.hidden, "grid": self.gate.grid,
+                             "threshold": self.gate_threshold}
+        return inner
+
+    def keep_exits(self, exits):
+        raise InputError("keep the exits before adding the gate: "
+                         "GatedMultiExitModel.from_multiexit(model.keep_exits(...))")
 
     def is_hard(self, probability: torch.Tensor) -> torch.Tensor:
         """The gate's decision; a threshold of 1 never gates."""

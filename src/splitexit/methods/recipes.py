@@ -26,7 +26,7 @@ from torch import nn
 from ..compress.binary import count_binary_layers
 from ..cost import cost_table
 from ..errors import InputError
-from ..heads import ExitHead, make_head
+from ..heads import ExitHead, create_head
 from ..multiexit import MultiExitModel
 from ..policies import AdditiveEnsemble, Entropy, ExitPolicy, MaxProb, Patience
 from ..registry import Registry
@@ -142,8 +142,8 @@ def with_heads(model: MultiExitModel, head: str | None, head_kwargs: dict | None
     for cut, old in zip(new.head_cuts, new.heads):
         if not isinstance(old, ExitHead):
             raise InputError(f"the head at {cut!r} is a {type(old).__name__}, not an ExitHead "
-                             "with a known input shape; build the model with make_head heads")
-        heads[cut] = make_head(head, old.in_shape, old.num_classes, **(head_kwargs or {}))
+                             "with a known input shape; build the model with create_head heads")
+        heads[cut] = create_head(head, old.in_shape, old.num_classes, **(head_kwargs or {}))
     out = MultiExitModel(new.backbone, heads, input_shape=new.input_shape)
     spec = getattr(model, "spec", None)
     if isinstance(spec, dict):

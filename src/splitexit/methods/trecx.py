@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..heads import make_head
+from ..heads import create_head
 from ..multiexit import MultiExitModel
 from ..stages import Stage, StagedModel
 
@@ -89,5 +89,10 @@ def early_view_model(backbone: StagedModel, cut: str, num_classes: int,
         stages.append(Stage(EarlyView(stage, role, assist if last else None), stage.name))
     staged = StagedModel(stages, base.cut_names)
     exit_head = (head if isinstance(head, nn.Module)
-                 else make_head(head, feat_shape, num_classes, **(head_kwargs or {})))
-    return MultiExitModel(staged, {cut: exit_head}, input_shape=input_shape)
+                 else create_head(head, feat_shape, num_classes, **(head_kwargs or {})))
+    model = MultiExitModel(staged, {cut: exit_head}, input_shape=input_shape)
+    described = getattr(backbone, "spec", None)
+    if isinstance(described, dict) and described and hasattr(exit_head, "config"):
+        # rebuilt as: the backbone as described, then this early exit with assistance
+        model.spec = {**described, "trecx": {"cut": cut, "head": exit_head.config()}}
+    return model

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from ..errors import CorruptFileError, InputError
-from ..policies import ExitPolicy, make_policy
+from ..policies import ExitPolicy, create_policy
 from .device import OrtDevice
 from .loop import check_policy
 from .ort import OrtProgram, OrtSession
@@ -214,7 +214,7 @@ def _check(path: Path, doc: dict) -> None:
             raise _bad(path, "the exit graph covers a whole model; a split bundle has none")
     if not isinstance(doc["policy"], dict) or "name" not in doc["policy"]:
         raise _bad(path, "policy must be an object with a name")
-    policy = make_policy(doc["policy"])  # a bad field is an InputError naming it
+    policy = create_policy(doc["policy"])  # a bad field is an InputError naming it
     try:
         check_policy(policy, len(exits))
     except InputError as exc:
@@ -243,7 +243,7 @@ class Bundle:
         if verify:
             self.verify()
         m = self.manifest
-        self.policy: ExitPolicy = make_policy(m["policy"])
+        self.policy: ExitPolicy = create_policy(m["policy"])
         self.input_shape = tuple(m["input"]["shape"])
         self.normalisation = m["input"].get("normalisation")
         self.classes = list(m["classes"])

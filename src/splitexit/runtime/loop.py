@@ -158,12 +158,12 @@ def _not_a_policy(policy) -> InputError:
     known = ", ".join(POLICIES.list())
     if isinstance(policy, str):
         return InputError(f"the policy must be an exit policy object, got the string "
-                          f"{policy!r}; build one with splitexit.make_policy({policy!r}, ...) "
+                          f"{policy!r}; build one with splitexit.create_policy({policy!r}, ...) "
                           f"(known: {known})")
     if isinstance(policy, (int, float)) and not isinstance(policy, bool):
         return InputError(f"the policy must be an exit policy object, got the number {policy!r}; "
                           f"to exit on a confidence threshold write MaxProb({policy!r}) (or "
-                          f"splitexit.make_policy('maxprob', threshold={policy!r}))")
+                          f"splitexit.create_policy('maxprob', threshold={policy!r}))")
     return InputError(f"the policy must be an exit policy object (MaxProb(0.9), Entropy(0.1), "
                       f"Patience(2), ...; known: {known}), got {type(policy).__name__}")
 

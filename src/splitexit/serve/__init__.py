@@ -22,7 +22,7 @@ import importlib
 
 _LAZY = {
     "create_app": "app", "MicroBatcher": "batcher", "ServerMetrics": "metrics",
-    "PayloadSpec": "splitexit.stages", "ServerSettings": "settings",
+    "PayloadSpec": "splitexit.payload", "ServerSettings": "settings",
     "BackgroundServer": "runner", "free_port": "runner", "serve": "runner",
     "uvicorn_config": "runner", "wait_until_healthy": "runner",
     "DevicePart": "device",

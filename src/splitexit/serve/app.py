@@ -7,7 +7,7 @@ and a bounded queue. :func:`splitexit.serve.runner.serve` runs it with uvicorn (
 shutdown on SIGINT/SIGTERM) behind the connection guards of :mod:`splitexit.serve.connections`
 (header deadline, connection cap, keep-alive timeout). Payloads are decoded with
 :func:`splitexit.split.codec.decode` under a byte limit and checked against the expected
-per-sample shapes (:class:`~splitexit.stages.PayloadSpec`) before anything is queued;
+per-sample shapes (:class:`~splitexit.payload.PayloadSpec`) before anything is queued;
 nothing is unpickled.
 
 Endpoints::
@@ -44,7 +44,7 @@ from torch import nn
 from splitexit.errors import PayloadError
 from splitexit.split import codec as wire
 
-from ..stages import PayloadSpec
+from ..payload import PayloadSpec
 from .batcher import HTTPError, MicroBatcher
 from .connections import LOGGER
 from .metrics import ServerMetrics

@@ -27,7 +27,7 @@ from torch import nn
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.runtime.bundle import MANIFEST, Bundle, load_bundle
 
-from ..stages import PayloadSpec
+from ..payload import PayloadSpec
 from .modeldir import check_server
 from .settings import RUNTIMES
 

@@ -27,11 +27,11 @@ from torch import nn
 from splitexit import checkpoint
 from splitexit.errors import CorruptFileError, InputError
 from splitexit.multiexit import MultiExitModel
-from splitexit.policies import ExitPolicy, NeverExit, make_policy
+from splitexit.policies import ExitPolicy, NeverExit, create_policy
 from splitexit.split.codec import Codec
 from splitexit.stages import StagedModel
 
-from ..stages import PayloadSpec
+from ..payload import PayloadSpec
 from .device import DevicePart
 from .settings import RUNTIMES
 
@@ -236,7 +236,7 @@ def _check_policy_and_codec(cfg: ServeConfig, directory) -> None:
     """The device's policy and codec: a bad field is refused when the server starts, too."""
     where = Path(directory) / CONFIG
     try:
-        make_policy(cfg.policy)
+        create_policy(cfg.policy)
     except (InputError, TypeError, ValueError, KeyError) as exc:
         raise CorruptFileError(f"{where}: invalid policy {cfg.policy!r} ({exc}); fix it or "
                                "export the model directory again") from exc
@@ -321,4 +321,4 @@ def load_device(directory: str | os.PathLike) -> tuple[DevicePart, ExitPolicy, S
     cfg = read_config(directory)
     device = DevicePart(_rebuild(cfg, directory, "device"), cfg.cut)
     checkpoint.load_weights(device, Path(directory) / "device")
-    return device.eval(), make_policy(cfg.policy), cfg
+    return device.eval(), create_policy(cfg.policy), cfg

@@ -20,7 +20,8 @@ from torch import nn
 
 from ..cost import cost_table, count_macs
 from ..errors import InputError
-from ..stages import Payload, PayloadSpec, StagedModel
+from ..payload import PayloadSpec
+from ..stages import Payload, StagedModel
 from .bottleneck import BottleneckedModel, BottleneckSpec, eval_mode, inject_bottleneck
 from .codec import DEFAULT_MAX_BYTES, Codec
 from .planner import LOCAL, OFFLOAD, CutCost
@@ -58,7 +59,7 @@ class SplitModel(nn.Module):
         server_half: Stages after the cut.
         cut: Name of the cut.
         codec: Wire codec, or None for no serialisation.
-        payload_spec: What the server accepts (:class:`~splitexit.stages.PayloadSpec`).
+        payload_spec: What the server accepts (:class:`~splitexit.payload.PayloadSpec`).
         max_bytes: Largest message the server decodes.
     """
 

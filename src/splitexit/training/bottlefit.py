@@ -86,7 +86,7 @@ def quantization_noise(z: torch.Tensor, levels: int,
 
 def head_distillation_targets(student: BottleneckedModel) -> list[str]:
     """Default targets: the decoded cut and every later cut (plus the output if there is none)."""
-    start = student.cut_names.index(decoded_cut_name(student.source_cut))
+    start = student.cut_index(decoded_cut_name(student.source_cut))
     targets = student.cut_names[start:]
     return targets if len(targets) > 1 else [*targets, OUTPUT]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...cost import measure_latency
+from ...measure import measure_latency
 from .layers import KERNELS, sparse_layers
 
 __all__ = ["choose_kernels"]

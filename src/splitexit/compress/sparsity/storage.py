@@ -14,7 +14,7 @@ from torch import nn
 
 from ...errors import CorruptFileError, InputError
 from .layers import SparseLayer, sparse_layers
-from .surgery import make_sparse, set_submodule
+from .surgery import create_sparse, set_submodule
 
 __all__ = ["load_sparse", "save_sparse"]
 
@@ -141,7 +141,7 @@ def load_sparse(module: nn.Module, path: str | Path) -> nn.Module:
         if int(mask.sum()) != out_units * info["fan_in"]:
             raise CorruptFileError(f"{path}: repeated indices in layer {name!r}")
         if not isinstance(layer, SparseLayer):
-            layer = make_sparse(layer, mask)
+            layer = create_sparse(layer, mask)
             set_submodule(module, name, layer)
             modules = dict(module.named_modules())
         else:

@@ -14,10 +14,10 @@ from ...errors import InputError
 from .layers import SparseConv1d, SparseConv2d, SparseLinear, sparse_layers
 from .masks import PATTERNS, block_structure, fixed_fan_mask
 
-__all__ = ["apply_masks_", "make_sparse", "set_submodule", "sparsify"]
+__all__ = ["apply_masks_", "create_sparse", "set_submodule", "sparsify"]
 
 
-def make_sparse(layer: nn.Module, mask: torch.Tensor, rescale: bool = False) -> nn.Module:
+def create_sparse(layer: nn.Module, mask: torch.Tensor, rescale: bool = False) -> nn.Module:
     """The sparse twin of a Linear / Conv layer with ``mask``: same shape, dtype, mode and
     (masked) weights; ``rescale`` scales the kept weights by ``sqrt(in / fan_in)``."""
     if isinstance(layer, nn.Linear):
@@ -116,7 +116,7 @@ def sparsify(module: nn.Module, density: float | Mapping[str, float],
             raise InputError(f"layer {name!r} ({type(layer).__name__} {in_units}->"
                              f"{out_units}): {exc}; or keep it dense with exclude=[{name!r}]"
                              ) from exc
-        set_submodule(module, name, make_sparse(layer, mask, rescale_init))
+        set_submodule(module, name, create_sparse(layer, mask, rescale_init))
         fan_out = mask.sum(0)
         summary[name] = {"shape": [out_units, in_units], "fan_in": int(mask[0].sum()),
                          "fan_out_min": int(fan_out.min()), "fan_out_max": int(fan_out.max()),
