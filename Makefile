@@ -64,6 +64,7 @@ test-edge: edge-venv $(STAMP)
 	rm -rf $(EDGE_BUNDLES)
 	$(BIN)/python scripts/edge_bundles.py $(EDGE_BUNDLES)
 	$(EDGE_BIN)/python scripts/edge_smoke.py $(EDGE_BUNDLES)/split $(EDGE_BUNDLES)/device
+	$(EDGE_BIN)/splitexit edge --help > /dev/null  # the command line too, without torch
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

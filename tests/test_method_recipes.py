@@ -99,6 +99,9 @@ def test_train_method_on_the_command_line(tmp_path, capsys):
     assert checkpoint.load_policy(out).name == "geometric-ensemble"
     assert main(["calibrate", str(out), "--max-drop", "0.05"]) == 0  # the ensemble's thresholds
     assert "geometric-ensemble" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["train", "--model", "resnet8", "--method", "nope", "--out", str(tmp_path / "n")])
+    assert main(["train", "--model", "resnet8", "--method", "nope", "--out",
+                 str(tmp_path / "n")]) == 2
+    assert "unknown method 'nope'; known: " in capsys.readouterr().err
+    assert main(["list", "methods"]) == 0
+    assert "ztw" in capsys.readouterr().out
     assert main([*ztw, "--strategy", "joint"]) == 2

@@ -155,12 +155,6 @@ def _load_checkpoint(directory, model_arg: str | None, if_needed: bool = False):
     return checkpoint.load(directory, model=model_arg)
 
 
-def _method_names() -> list[str]:
-    from .methods import list_methods
-
-    return list_methods()
-
-
 def _cmd_train(args) -> int:
     from . import checkpoint
     from .data import load_dataset
@@ -175,7 +169,7 @@ def _cmd_train(args) -> int:
     if args.method:
         from .methods import METHODS
 
-        if METHODS.get(args.method).frozen_backbone and not args.init:
+        if METHODS.get(args.method).frozen_backbone and not args.init:  # unknown: lists them
             raise InputError(f"method {args.method!r} trains on a frozen backbone: give --init "
                              "CHECKPOINT of a trained baseline (splitexit train --strategy "
                              "baseline --out CHECKPOINT ...)")
@@ -293,6 +287,11 @@ def _cmd_list(args) -> int:
 
     if args.what == "models":
         print("\n".join(list_models()))
+    elif args.what == "methods":
+        from .methods import METHODS
+
+        for name in METHODS.list():
+            print(f"{name:18s} {METHODS.get(name).paper}: {METHODS.get(name).summary}")
     else:
         shape = tuple(int(v) for v in args.input_shape.split(","))
         print("\n".join(list_cuts(create_model(args.model, input_shape=shape))))
@@ -325,9 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--strategy", default=None, choices=["baseline", "joint", "heads-only"],
                    help="plain training: baseline (no exits), joint (default) or heads-only")
-    p.add_argument("--method", default=None, choices=_method_names(),
+    # no choices=: listing them would import torch and every method whenever the CLI starts
+    # (the torch-free edge runs this parser too); an unknown name gets the list in its error
+    p.add_argument("--method", default=None,
                    help="instead of --strategy: a published method's recipe (heads, training, "
-                        "policy and fit step; splitexit.methods). Methods that keep the "
+                        "policy and fit step; `splitexit list methods`). Methods that keep the "
                         "backbone frozen need --init with a trained baseline")
     p.add_argument("--exits", default=None,
                    help="zoo model: comma-separated cut names for exit heads (default: the "
@@ -369,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("list", help="list zoo models or a model's cuts")
-    p.add_argument("what", choices=["models", "cuts"])
+    p = sub.add_parser("list", help="list zoo models, a model's cuts, or the published methods")
+    p.add_argument("what", choices=["models", "cuts", "methods"])
     p.add_argument("--model", default="resnet8")
     p.add_argument("--input-shape", default="1,28,28")
     p.set_defaults(func=_cmd_list)
