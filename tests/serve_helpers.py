@@ -27,7 +27,7 @@ from splitexit.serve import (
     export_model_dir,
     load_serving,
 )
-from splitexit.serve.app import free_port, wait_until_healthy  # noqa: F401 (re-exported for tests)
+from splitexit.serve.runner import free_port, wait_until_healthy  # noqa: F401 (re-exported for tests)
 from splitexit.zoo import create_multiexit
 
 CUT = "block1"

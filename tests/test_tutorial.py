@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from splitexit.serve.app import wait_until_healthy
+from splitexit.serve.runner import wait_until_healthy
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "TUTORIAL.md"
 BIN = Path(sys.executable).parent

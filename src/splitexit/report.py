@@ -116,16 +116,22 @@ def load_report(path: str | os.PathLike) -> dict:
     return json.loads((p / "report.json" if p.is_dir() else p).read_text())
 
 
-def plot_pareto(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[float, float]]],
-                points: Mapping[str, tuple[float, float]] | None = None,
-                xlabel: str = "mean MACs per sample", ylabel: str = "accuracy",
-                title: str | None = None) -> Path:
-    """Accuracy-vs-cost curves (lines) and single operating points (markers) in one PNG."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks write PNGs, never windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_pareto(path: str | os.PathLike, curves: Mapping[str, Sequence[tuple[float, float]]],
+                points: Mapping[str, tuple[float, float]] | None = None,
+                xlabel: str = "mean MACs per sample", ylabel: str = "accuracy",
+                title: str | None = None) -> Path:
+    """Accuracy-vs-cost curves (lines) and single operating points (markers) in one PNG."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for name, pts in curves.items():
         pts = sorted(pts)

@@ -31,13 +31,13 @@ from ..cost import count_macs, param_bytes
 from ..data import load_dataset
 from ..devices import get_device, measure_host_profile
 from ..errors import InputError
+from ..measure import interleaved_latency, throughput, torch_threads
 from ..policies import Entropy
 from ..program import lower
 from ..report import write_report
 from ..runtime.ort import OrtSession
 from .cbnet_plot import plot_pareto
 from .cbnet_train import train_models
-from .measure import interleaved_latency, throughput, torch_threads
 
 __all__ = ["CBNetBenchSettings", "run_cbnet_bench", "register"]
 

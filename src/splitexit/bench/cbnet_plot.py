@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..report import pyplot
+
 __all__ = ["pareto_front", "plot_pareto"]
 
 
@@ -29,10 +31,7 @@ def _short(method: str) -> str:
 def plot_pareto(path: Path, rows: list[dict]) -> None:
     """One panel per data set and runtime (ONNX Runtime, PyTorch eager): every method as a
     point (mean batch-1 latency, test accuracy), the Pareto front as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     runtimes = [("onnx_latency_ms", "ONNX Runtime"), ("latency_ms", "PyTorch eager")]

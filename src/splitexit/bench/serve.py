@@ -33,12 +33,12 @@ from ..cost import cost_table
 from ..data import load_dataset
 from ..devices import get_device, get_link, measure_host_profile
 from ..errors import InputError
+from ..measure import throughput, torch_threads
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb, NeverExit
-from ..report import write_report
-from ..serve.app import free_port, wait_until_healthy
+from ..report import pyplot, write_report
+from ..serve.runner import free_port, wait_until_healthy
 from ..split.codec import Codec
-from .measure import throughput, torch_threads
 
 __all__ = ["ServeBenchSettings", "run_serve_bench", "register"]
 
@@ -776,10 +776,7 @@ def _fault_targets(faults: list[dict]) -> list[dict]:
 
 
 def _plot(rows: list[dict], links, out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / len(METHODS)

@@ -38,7 +38,8 @@ from ..calibration import paired_drop_ci
 from ..cost import count_macs
 from ..data import load_dataset
 from ..devices import get_link, load_links, measure_host_profile
-from ..report import write_report
+from ..measure import torch_threads
+from ..report import pyplot, write_report
 from ..split.bottleneck import (
     BottleneckSpec,
     freeze_tables,
@@ -55,7 +56,6 @@ from ..training import Baseline, train
 from ..training.bottlefit import autoencoder_baseline, bottlefit
 from ..training.entropy import entropic_student
 from ..zoo import create_model
-from .measure import torch_threads
 
 __all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "paired_drop_ci", "register"]
 
@@ -837,10 +837,7 @@ def _entropy_targets(rows: list[dict], unsplit_acc: float, control_acc: float | 
 
 def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: float) -> str | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     out.mkdir(parents=True, exist_ok=True)
@@ -877,10 +874,7 @@ def _plot_curves(out: Path, rows: list[dict], references: list[dict], image_rows
                  unsplit_acc: float, control_acc: float | None) -> str | None:
     """Accuracy against bytes per one-sample message: one line per method family."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     out.mkdir(parents=True, exist_ok=True)

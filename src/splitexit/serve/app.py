@@ -49,7 +49,6 @@ from .batcher import HTTPError, MicroBatcher
 from .connections import LOGGER
 from .metrics import ServerMetrics
 from .protocol import HEALTH_PATH, INFER_PATH, METRICS_PATH
-from .runner import free_port, wait_until_healthy  # noqa: F401 (old path; the bench suites use it)
 from .settings import ServerSettings
 
 __all__ = ["CLIENT_CLOSED", "create_app"]

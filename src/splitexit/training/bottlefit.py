@@ -127,15 +127,7 @@ class HeadDistillation(Strategy):
 
     def prepare(self, model: nn.Module, data=None) -> None:
         student = _check_student(model)
-        if self.targets is None:
-            self.targets = head_distillation_targets(student)
-        teacher_names = [*self._teacher.cut_names, OUTPUT]
-        for t in self.targets:
-            mapped = OUTPUT if t == OUTPUT else student.teacher_cut(t)
-            if mapped is None or mapped not in teacher_names:
-                raise InputError(f"distillation target {t!r} has no counterpart in the teacher "
-                                 f"(teacher cuts: {self._teacher.cut_names}); choose among "
-                                 f"{head_distillation_targets(student)}")
+        self.targets = check_targets(student, self._teacher, self.targets)
         e = student.encoder_index
         freeze([student])
         first = 0 if self.trainable == "head" else e
@@ -144,25 +136,75 @@ class HeadDistillation(Strategy):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         student: BottleneckedModel = model
-        with torch.no_grad():
-            outs = self._teacher.forward_intermediates(x)
-        teacher = dict(zip([*self._teacher.cut_names, OUTPUT], outs, strict=True))
-        names = [*student.cut_names, OUTPUT]
-        remaining = set(self.targets)
-        total = x.new_zeros(())
-        payload: Payload = x
         noisy = student.bottleneck_cut if self.noise_levels and student.training else None
-        for stage, name in zip(student.stages, names, strict=True):
-            payload = stage(payload)
-            if name == noisy:
-                payload = quantization_noise(payload, self.noise_levels)
-            if name in remaining:
-                key = OUTPUT if name == OUTPUT else student.teacher_cut(name)
-                total = total + _mse(payload, teacher[key])
-                remaining.discard(name)
-                if not remaining:
-                    break
-        return total
+
+        def outputs():
+            payload: Payload = x
+            for stage, name in zip(student.stages, [*student.cut_names, OUTPUT], strict=True):
+                payload = stage(payload)
+                if name == noisy:
+                    payload = quantization_noise(payload, self.noise_levels)
+                yield name, payload
+
+        return feature_mse(student, outputs(), self._teacher, x, self.targets)
+
+
+def check_targets(student, teacher: StagedModel, targets: Sequence[str] | None) -> list[str]:
+    """The student cuts head distillation matches (default :func:`head_distillation_targets`),
+    each checked to have a counterpart in the teacher."""
+    targets = list(targets) if targets is not None else head_distillation_targets(student)
+    teacher_names = [*teacher.cut_names, OUTPUT]
+    for t in targets:
+        mapped = OUTPUT if t == OUTPUT else student.teacher_cut(t)
+        if mapped is None or mapped not in teacher_names:
+            raise InputError(f"distillation target {t!r} has no counterpart in the teacher "
+                             f"(teacher cuts: {teacher.cut_names}); choose among "
+                             f"{head_distillation_targets(student)}")
+    return targets
+
+
+def feature_mse(student, outputs, teacher: StagedModel, x: torch.Tensor,
+                targets: Sequence[str]) -> torch.Tensor:
+    """Sum of the MSEs between the student's payload at each target cut and the teacher's at
+    the matching cut. ``outputs`` yields ``(cut name, payload)`` in stage order, lazily: it is
+    not advanced past the last target."""
+    with torch.no_grad():
+        feats = dict(zip([*teacher.cut_names, OUTPUT], teacher.forward_intermediates(x),
+                         strict=True))
+    remaining = set(targets)
+    total = x.new_zeros(())
+    for name, payload in outputs:
+        if name in remaining:
+            total = total + _mse(payload, feats[OUTPUT if name == OUTPUT
+                                                else student.teacher_cut(name)])
+            remaining.discard(name)
+            if not remaining:
+                break
+    return total
+
+
+def check_kd(teacher: StagedModel | None, temperature: float, alpha: float) -> None:
+    """Clear errors for the knowledge-distillation settings of a stage-2 strategy."""
+    if teacher is not None and not isinstance(teacher, StagedModel):
+        raise InputError(f"teacher must be a StagedModel or None, got {type(teacher).__name__}")
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise InputError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def kd_loss(logits: torch.Tensor, y: torch.Tensor, teacher: StagedModel | None,
+            x: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+    """``alpha`` x KD from ``teacher`` at ``temperature`` + ``(1 - alpha)`` x cross-entropy
+    (cross-entropy alone without a teacher or with ``alpha == 0``)."""
+    loss = F.cross_entropy(logits, y)
+    if teacher is None or alpha == 0:
+        return loss
+    with torch.no_grad():
+        target = F.softmax(teacher(x) / temperature, dim=1)
+    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target,
+                  reduction="batchmean") * temperature ** 2
+    return alpha * kd + (1 - alpha) * loss
 
 
 def _mse(a: Payload, b: Payload) -> torch.Tensor:
@@ -186,12 +228,7 @@ class BottleneckFineTune(Strategy):
 
     def __init__(self, teacher: StagedModel | None = None, temperature: float = 1.0,
                  alpha: float = 0.5, codec: Codec | None = None):
-        if teacher is not None and not isinstance(teacher, StagedModel):
-            raise InputError(f"teacher must be a StagedModel or None, got {type(teacher).__name__}")
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= alpha <= 1:
-            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        check_kd(teacher, temperature, alpha)
         if codec is not None and not isinstance(codec, Codec):
             raise InputError(f"codec must be a Codec or None, got {type(codec).__name__}")
         self._teacher = teacher
@@ -216,15 +253,8 @@ class BottleneckFineTune(Strategy):
             if self._codec is not None:
                 z = torch.cat([self._codec.decode(self._codec.encode(z[i: i + 1]))
                                for i in range(z.shape[0])])
-        logits = student.run(z, e + 1)
-        loss = F.cross_entropy(logits, y)
-        if self._teacher is None or self.alpha == 0:
-            return loss
-        with torch.no_grad():
-            target = F.softmax(self._teacher(x) / self.temperature, dim=1)
-        kd = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target,
-                      reduction="batchmean") * self.temperature ** 2
-        return self.alpha * kd + (1 - self.alpha) * loss
+        return kd_loss(student.run(z, e + 1), y, self._teacher, x, self.temperature,
+                       self.alpha)
 
 
 @dataclass

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -32,7 +31,7 @@ from ..split.bottleneck import (
 )
 from ..stages import Payload, StagedModel
 from .base import Strategy, TrainConfig, TrainHistory, freeze, train
-from .bottlefit import OUTPUT, _mse, _unfreeze, head_distillation_targets
+from .bottlefit import OUTPUT, _unfreeze, check_kd, check_targets, feature_mse, kd_loss
 
 __all__ = ["RateDistillation", "EntropyFineTune", "EntropicStudentResult", "entropic_student"]
 
@@ -94,13 +93,7 @@ class RateDistillation(Strategy):
 
     def prepare(self, model: nn.Module, data=None) -> None:
         student = _check(model)
-        if self.targets is None:
-            self.targets = head_distillation_targets(student)
-        for t in self.targets:
-            mapped = OUTPUT if t == OUTPUT else student.teacher_cut(t)
-            if mapped is None or mapped not in [*self._teacher.cut_names, OUTPUT]:
-                raise InputError(f"distillation target {t!r} has no counterpart in the teacher; "
-                                 f"choose among {head_distillation_targets(student)}")
+        self.targets = check_targets(student, self._teacher, self.targets)
         e = student.encoder_index
         freeze([student])
         _unfreeze([*student.stages[: e + 2], student.prior])
@@ -108,9 +101,6 @@ class RateDistillation(Strategy):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         student: EntropyBottleneckedModel = model
-        with torch.no_grad():
-            outs = self._teacher.forward_intermediates(x)
-        teacher = dict(zip([*self._teacher.cut_names, OUTPUT], outs, strict=True))
         e = student.encoder_index
         z = student.run(x, 0, e + 1)
         if student.training:
@@ -119,21 +109,16 @@ class RateDistillation(Strategy):
             z = torch.round(z)
         bits = student.prior.bits(z).mean()
         self.last_bits = float(bits.detach())
-        payload: Payload = student.stages[e + 1].module[1](z)  # the decoder, no rounding
         names = [*student.cut_names, OUTPUT]
-        remaining = set(self.targets)
-        total = x.new_zeros(())
-        for i in range(e + 1, len(student.stages)):
-            if i > e + 1:
+
+        def outputs():
+            payload: Payload = student.stages[e + 1].module[1](z)  # the decoder, no rounding
+            yield names[e + 1], payload
+            for i in range(e + 2, len(student.stages)):
                 payload = student.stages[i](payload)
-            name = names[i]
-            if name in remaining:
-                key = OUTPUT if name == OUTPUT else student.teacher_cut(name)
-                total = total + _mse(payload, teacher[key])
-                remaining.discard(name)
-                if not remaining:
-                    break
-        return total + self.beta * bits
+                yield names[i], payload
+
+        return feature_mse(student, outputs(), self._teacher, x, self.targets) + self.beta * bits
 
     def parameters(self, model: nn.Module) -> list:
         """Parameter groups: the prior's at :data:`PRIOR_LR_FACTOR` times the learning rate."""
@@ -158,12 +143,7 @@ class EntropyFineTune(Strategy):
 
     def __init__(self, teacher: StagedModel | None = None, temperature: float = 1.0,
                  alpha: float = 0.5, prior_lr: float = 2e-3 * PRIOR_LR_FACTOR):
-        if teacher is not None and not isinstance(teacher, StagedModel):
-            raise InputError(f"teacher must be a StagedModel or None, got {type(teacher).__name__}")
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= alpha <= 1:
-            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        check_kd(teacher, temperature, alpha)
         self._teacher = teacher
         self.temperature = float(temperature)
         self.alpha = float(alpha) if teacher is not None else 0.0
@@ -188,14 +168,7 @@ class EntropyFineTune(Strategy):
             q = torch.round(student.run(x, 0, e + 1))
         rate = student.prior.bits(q).mean() / q[0].numel()  # trains the prior only
         logits = student.run(q, e + 1)
-        loss = F.cross_entropy(logits, y)
-        if self._teacher is not None and self.alpha > 0:
-            with torch.no_grad():
-                target = F.softmax(self._teacher(x) / self.temperature, dim=1)
-            kd = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), target,
-                          reduction="batchmean") * self.temperature ** 2
-            loss = self.alpha * kd + (1 - self.alpha) * loss
-        return loss + rate
+        return kd_loss(logits, y, self._teacher, x, self.temperature, self.alpha) + rate
 
     def config(self) -> dict:
         return {"name": self.name, "temperature": self.temperature, "alpha": self.alpha}
