@@ -225,17 +225,14 @@ def _quicknets_fit(ctx: FitContext):
 
 
 def _gate_fit(ctx: FitContext):
-    from ..calibration import choose_operating_point, sweep
+    from ..calibration import calibrate
 
     model, calib = ctx.model, as_split(ctx.calib, "calib")
     costs = cost_table(model, calib.x[:8], measure=False)
     with torch.no_grad():
         logits = model.collect_logits(calib.x)
-    # the operating point the gate learns to anticipate: the cheapest within max_drop of the
-    # final exit on calib (calibrate the gated model afterwards for a guarded point)
-    final = float((logits[-1].argmax(1) == calib.y).double().mean())
-    op = choose_operating_point(sweep(logits, calib.y, costs.exit_macs, ctx.policy),
-                                reference_accuracy=final, max_drop=ctx.max_drop)
+    # the operating point the gate learns to anticipate: within max_drop on calib
+    op = calibrate(logits, calib.y, costs.exit_macs, ctx.policy, max_drop=ctx.max_drop)
     gated = GatedMultiExitModel.from_multiexit(model)
     fitted = fit_gate(gated, ctx.train, op.policy, seed=ctx.seed)
     chosen = calibrate_gate(gated, calib, op.policy, costs.exit_macs, costs.backbone_macs)
