@@ -29,7 +29,7 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)
-	$(BIN)/splitexit demo --out runs/demo
+	$(BIN)/python -m benchmarks demo --out runs/demo
 
 # Fashion-MNIST is a Debian package (needs root or sudo); the tests that use it say so if it is absent.
 data:
@@ -67,10 +67,10 @@ test-edge: edge-venv $(STAMP)
 	$(EDGE_BIN)/splitexit edge --help > /dev/null  # the command line too, without torch
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests benchmarks
 
 bench: $(STAMP) data
-	$(BIN)/splitexit bench early-exit --out reports/early-exit
+	$(BIN)/python -m benchmarks early-exit --out reports/early-exit
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) runs .pytest_cache

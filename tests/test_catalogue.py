@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from splitexit.bench.catalogue import MAIN, CatalogueSettings, run_catalogue
-from splitexit.cli import main
+from benchmarks.__main__ import main as bench_main
+from benchmarks.catalogue import MAIN, CatalogueSettings, run_catalogue
 from splitexit.errors import InputError
 
 
@@ -44,5 +44,5 @@ def test_catalogue_bad_input(tmp_path):
     with pytest.raises(InputError, match="unknown methods"):
         run_catalogue(tmp_path, CatalogueSettings(configs=["digits:resnet8"], methods=["nope"],
                                                   baseline_epochs=0))
-    assert main(["bench", "early-exit-methods", "--configs", "digits", "--out",
+    assert bench_main(["early-exit-methods", "--configs", "digits", "--out",
                  str(tmp_path)]) == 2

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from splitexit.bench.cbnet import CBNetBenchSettings, run_cbnet_bench
+from benchmarks.cbnet import CBNetBenchSettings, run_cbnet_bench
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.cbnet_plot import pareto_front
 from splitexit import cbnet
-from splitexit.bench.cbnet_plot import pareto_front
 from splitexit.cbnet.fallback import check_confidence
 from splitexit.cbnet.search import ConverterSpec, select_fastest
 from splitexit.data import load_dataset

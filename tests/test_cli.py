@@ -1,16 +1,18 @@
-"""The command line wraps the public functions: demo, train, calibrate, evaluate."""
+"""The command line wraps the public functions: train, calibrate, evaluate, bench; and the
+benchmark suites' command line (python -m benchmarks), with the demo."""
 
 import json
 
 import pytest
 
+from benchmarks.__main__ import main as bench_main
 from splitexit.cli import main
 
 
 @pytest.mark.slow
 def test_demo_writes_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--epochs", "3", "--models", "mlp",
+    assert bench_main(["demo", "--out", str(out), "--epochs", "3", "--models", "mlp",
                  "--latency-samples", "40"]) == 0
     report = json.loads((out / "report.json").read_text())
     methods = [r["method"] for r in report["rows"]]
@@ -40,11 +42,11 @@ def test_demo_writes_reports(tmp_path, capsys):
 
 
 def test_bench_parts_and_missing_models_are_clear_errors(tmp_path, capsys):
-    assert main(["bench", "compress", "--parts", "bogus", "--out", str(tmp_path)]) == 2
+    assert bench_main(["compress", "--parts", "bogus", "--out", str(tmp_path)]) == 2
     assert "parts must be among" in capsys.readouterr().err
-    assert main(["bench", "compress", "--parts", "exits", "--exit-model",
-                 str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
-    assert "bench early-exit" in capsys.readouterr().err
+    assert bench_main(["compress", "--parts", "exits", "--exit-model",
+                       str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no multi-exit checkpoint" in capsys.readouterr().err
 
 
 def test_train_calibrate_evaluate(tmp_path, capsys):
@@ -56,6 +58,25 @@ def test_train_calibrate_evaluate(tmp_path, capsys):
     assert main(["evaluate", str(ckpt), "--latency-samples", "20"]) == 0
     report = json.loads((ckpt / "evaluation" / "report.json").read_text())
     assert report["rows"][0]["accuracy"] > 0.5
+    # your checkpoint against its own backbone without exits, side by side in one run
+    assert main(["bench", str(ckpt), "--latency-samples", "20", "--drops", "2",
+                 "--no-select-exits"]) == 0
+    report = json.loads((ckpt / "bench" / "report.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["baseline"]["latency_ratio"] == 1.0 and rows["baseline"]["macs_ratio"] == 1.0
+    point = next(r for r in report["rows"] if r.get("target_drop_pt") == 2.0)
+    assert point["infer_matches_simulate"] and point["macs_ratio"] < 1.0
+    assert point["latency_ms"] > 0 and "oracle (bound)" in rows
+    assert (ckpt / "bench" / "pareto.png").is_file()
+    assert "the same network without its exit heads" in " ".join(report["notes"])
+    # a checkpoint without exits is not something bench can compare
+    base = tmp_path / "base"
+    assert main(["train", "--model", "mlp", "--strategy", "baseline", "--epochs", "1",
+                 "--out", str(base)]) == 0
+    assert main(["bench", str(base)]) == 2
+    assert "without exits" in capsys.readouterr().err
+    assert main(["bench", str(ckpt), "--baseline", str(ckpt)]) == 2
+    assert "has exits" in capsys.readouterr().err
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
@@ -72,15 +93,15 @@ def test_early_exit_bench_control_is_the_stricter_reference(trained_resnet8, dig
 
     import torch
 
-    from splitexit.bench.early_exit import EarlyExitSettings, evaluate_pair
+    from splitexit.compare import CompareSettings, compare_exits
     from splitexit.zoo import create_model
 
     torch.manual_seed(0)
     weak = create_model("resnet8", digits.num_classes, digits.input_shape).eval()  # untrained
     strong = copy.deepcopy(trained_resnet8.backbone).eval()
-    s = EarlyExitSettings(runtimes=("eager",), latency_samples=20, select_exits=False,
-                          drops=(0.02,), timing_chunks=2)
-    rows, _ = evaluate_pair(digits, "resnet8", weak, trained_resnet8, s, control=strong)
+    s = CompareSettings(runtimes=("eager",), latency_samples=20, select_exits=False,
+                        drops=(0.02,), timing_chunks=2)
+    rows, _ = compare_exits(digits, "resnet8", weak, trained_resnet8, s, control=strong)
     control = next(r for r in rows if r["method"].startswith("control"))
     with torch.no_grad():
         calib = float((strong(digits.calib.x).argmax(1) == digits.calib.y).double().mean())

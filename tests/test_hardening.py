@@ -20,14 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from serve_helpers import (
-    device_payload,
-    free_port,
-    own_bundle,
-    running_server,
-    zoo_bundle,
-)
-from splitexit.bench.hostile import (
+from benchmarks.hostile import (
     FatAnswer,
     HalfOpenAttacker,
     RawServer,
@@ -36,6 +29,13 @@ from splitexit.bench.hostile import (
     serve_process,
     trickle,
     valid_requests,
+)
+from serve_helpers import (
+    device_payload,
+    free_port,
+    own_bundle,
+    running_server,
+    zoo_bundle,
 )
 from splitexit.errors import InputError
 from splitexit.serve import EdgeRuntime, EdgeSettings, load_serving

@@ -54,7 +54,7 @@ def test_paired_drop_ci_lives_in_the_library():
     assert paired_drop_ci(ref, ref.clone()) == (0.0, 0.0, 0.0)
     with pytest.raises(InputError, match="one length"):
         paired_drop_ci(ref, ref[:5])
-    from splitexit.bench import split  # the bench imports it from the library
+    from benchmarks import split  # the bench imports it from the library
     assert split.paired_drop_ci is paired_drop_ci
 
 
@@ -123,14 +123,14 @@ def test_guarded_bounds_the_drop_vs_a_given_reference(pooled, digits):
 
 
 def test_demo_rows_state_target_test_drop_and_interval(trained_resnet8, digits):
-    from splitexit.bench.early_exit import EarlyExitSettings, evaluate_pair
+    from splitexit.compare import CompareSettings, compare_exits
 
     baseline = copy.deepcopy(trained_resnet8.backbone).eval()
-    s = EarlyExitSettings(runtimes=("eager",), latency_samples=20, select_exits=False,
-                          drops=(0.005, 0.02), timing_chunks=2, throughput_batch=128)
+    s = CompareSettings(runtimes=("eager",), latency_samples=20, select_exits=False,
+                        drops=(0.005, 0.02), timing_chunks=2, throughput_batch=128)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)  # in the report, not on stderr
-        rows, _ = evaluate_pair(digits, "resnet8", baseline, trained_resnet8, s)
+        rows, _ = compare_exits(digits, "resnet8", baseline, trained_resnet8, s)
     targets = [r for r in rows if "target_drop_pt" in r]
     assert [r["target_drop_pt"] for r in targets] == [0.5, 2.0]
     base_acc = next(r["accuracy"] for r in rows if r["method"] == "baseline")

@@ -263,7 +263,7 @@ def test_full_queue_gets_503_not_unbounded_memory(small_model, model_dir, digits
 
 
 def test_serve_bench_thresholds_are_chosen_against_the_unsplit_model(trained_resnet8, digits):
-    from splitexit.bench.serve import _choose_policy
+    from benchmarks.serve import _choose_policy
 
     with torch.inference_mode():
         unsplit = float((trained_resnet8.backbone(digits.calib.x).argmax(1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from splitexit.bench import split as split_bench
-from splitexit.bench.split import DEFAULT_CODECS, SplitBenchSettings
-from splitexit.cli import main
+from benchmarks import split as split_bench
+from benchmarks.__main__ import main as bench_main
+from benchmarks.split import DEFAULT_CODECS, SplitBenchSettings
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def captured(monkeypatch):
 
 
 def test_defaults_reach_the_settings(captured, tmp_path):
-    assert main(["bench", "split", "--out", str(tmp_path)]) == 0
+    assert bench_main(["split", "--out", str(tmp_path)]) == 0
     s = captured["settings"]
     d = SplitBenchSettings()
     assert s.cuts == d.cuts and s.widths == d.widths and s.codecs == DEFAULT_CODECS
@@ -36,14 +36,14 @@ def test_defaults_reach_the_settings(captured, tmp_path):
 
 
 def test_restricted_grid_and_training_options(captured, tmp_path, monkeypatch):
-    argv = ["bench", "split", "--out", str(tmp_path), "--cuts", "", "--widths", "2,3",
+    argv = ["split", "--out", str(tmp_path), "--cuts", "", "--widths", "2,3",
             "--bottleneck-cut", "stem", "--stride", "2", "--encoder-hidden", "6",
             "--decoder-hidden", "32", "--stage1-epochs", "6", "--stage2-epochs", "5",
             "--stage2-codec", "int4:v2", "--stage1-noise", "15", "--lr", "0.001",
             "--autoencoder-widths", "", "--autoencoder-epochs", "3", "--train-samples", "0",
             "--codecs", "int8:v2,int4:v2"]
-    monkeypatch.setattr(sys, "argv", ["splitexit", *argv])  # what the report records
-    assert main(argv) == 0
+    monkeypatch.setattr(sys, "argv", ["benchmarks", *argv])  # what the report records
+    assert bench_main(argv) == 0
     s = captured["settings"]
     assert s.cuts == () and s.widths == (2, 3) and s.bottleneck_cut == "stem" and s.stride == 2
     assert s.encoder_hidden == 6 and s.decoder_hidden == 32
@@ -52,13 +52,13 @@ def test_restricted_grid_and_training_options(captured, tmp_path, monkeypatch):
     assert s.autoencoder_widths == () and s.autoencoder_epochs == 3
     assert s.train_samples is None and s.codecs == ("int8:v2", "int4:v2")
     assert "--stage1-noise 15" in captured["command"]
-    assert main(["bench", "split", "--out", str(tmp_path), "--stage2-codec", "none"]) == 0
+    assert bench_main(["split", "--out", str(tmp_path), "--stage2-codec", "none"]) == 0
     assert captured["settings"].stage2_codec is None
 
 
 @pytest.mark.parametrize("flag", ["--codecs", "--stage2-codec"])
 def test_bad_codec_spellings_fail_before_any_training(captured, tmp_path, capsys, flag):
-    assert main(["bench", "split", "--out", str(tmp_path), flag, "int3"]) == 2
+    assert bench_main(["split", "--out", str(tmp_path), flag, "int3"]) == 2
     assert "valid" in capsys.readouterr().err
     assert "settings" not in captured
 
@@ -82,14 +82,14 @@ def test_paired_drop_ci():
 def test_entropy_curve_options_reach_the_settings(captured, tmp_path):
     d = SplitBenchSettings()
     assert len(d.entropy_betas) >= 5 and d.control and d.cache == "reports/split/models"
-    assert main(["bench", "split", "--out", str(tmp_path)]) == 0
+    assert bench_main(["split", "--out", str(tmp_path)]) == 0
     s = captured["settings"]
     assert s.entropy_betas == d.entropy_betas and s.image_qualities == d.image_qualities
     assert s.teacher is None and s.control
-    argv = ["bench", "split", "--out", str(tmp_path), "--entropy-betas", "0.5,0.05",
+    argv = ["split", "--out", str(tmp_path), "--entropy-betas", "0.5,0.05",
             "--entropy-width", "4", "--image-qualities", "", "--no-control",
             "--teacher", "some/checkpoint"]
-    assert main(argv) == 0
+    assert bench_main(argv) == 0
     s = captured["settings"]
     assert s.entropy_betas == (0.5, 0.05) and s.entropy_width == 4
     assert s.image_qualities == () and not s.control and s.teacher == "some/checkpoint"

@@ -36,7 +36,7 @@ from torch import fx, nn
 
 from .errors import CorruptFileError, InputError
 
-__all__ = ["save", "load", "load_weights", "read_meta", "load_policy", "canonical_keys",
+__all__ = ["save", "load", "load_multiexit", "load_weights", "read_meta", "load_policy", "canonical_keys",
            "canonical_state_dict", "load_canonical_state_dict"]
 
 FORMAT = "splitexit-checkpoint"
@@ -368,6 +368,32 @@ def load(directory: str | os.PathLike, model: nn.Module | str | None = None) -> 
                          "and call splitexit.checkpoint.load_weights(model, directory) (or "
                          f"load(directory, model=your_module)){hint}")
     return load_weights(model, directory)
+
+
+def load_multiexit(directory: str | os.PathLike, dataset: str | None = None,
+                   model: nn.Module | str | None = None):
+    """:func:`load` for a multi-exit model, checked: a multi-exit checkpoint, trained on
+    ``dataset`` when given (as its metadata records).
+
+    Raises:
+        InputError: nothing there, a model without exits, or one trained on another data set
+            (each message says what to pass instead).
+    """
+    from .multiexit import MultiExitModel
+
+    if not (Path(directory) / "model.json").is_file() and not (
+            Path(directory) / "manifest.json").is_file():
+        raise InputError(f"no multi-exit checkpoint at {directory}; `splitexit train --out DIR` "
+                         "(or the early-exit benchmark, in OUT/models) saves one")
+    loaded = load(directory, model)
+    if not isinstance(loaded, MultiExitModel):
+        raise InputError(f"{directory} holds a {type(loaded).__name__}, not a multi-exit model; "
+                         "pass the directory of a MultiExitModel checkpoint")
+    trained_on = read_meta(directory).get("dataset") if (
+        Path(directory) / "model.json").is_file() else None
+    if dataset is not None and trained_on not in (None, dataset):
+        raise InputError(f"{directory} was trained on {trained_on!r}, this run uses {dataset!r}")
+    return loaded
 
 
 def _rebuild(spec: Mapping, model, where: str) -> nn.Module:

@@ -1,7 +1,8 @@
 """The ``splitexit`` command line; every command is a thin wrapper over a public function.
 
 Feature packages add their commands through :data:`COMMAND_MODULES` (each module has
-``register(subparsers)``) and benchmark suites through :data:`BENCH_MODULES`.
+``register(subparsers)``). The benchmark suites that regenerate the README's tables live
+outside the package (``python -m benchmarks``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,9 @@ from pathlib import Path
 
 from .errors import SplitexitError
 
-# Modules adding top-level commands / benchmark suites; each has register(subparsers).
+# Modules adding top-level commands; each has register(subparsers).
 COMMAND_MODULES: list[str] = ["splitexit.serve.cli", "splitexit.split.cli", "splitexit.cbnet_cli",
                               "splitexit.deploy_cli"]
-BENCH_MODULES: list[str] = ["splitexit.bench.split", "splitexit.bench.cbnet",
-                            "splitexit.bench.catalogue", "splitexit.bench.serve",
-                            "splitexit.bench.compress",
-                            "splitexit.bench.deploy"]
 
 
 def _command_line() -> str:
@@ -34,44 +31,7 @@ def _print_rows(report: dict) -> None:
     print(markdown_table(report["rows"]))
 
 
-# demo / bench early-exit ---------------------------------------------------------------------
-def _early_exit_args(p: argparse.ArgumentParser, dataset: str, models: str, out: str,
-                     epochs: int) -> None:
-    p.add_argument("--dataset", default=dataset, help=f"data set (default {dataset})")
-    p.add_argument("--models", default=models, help=f"comma-separated zoo models ({models})")
-    p.add_argument("--out", default=out, help=f"output directory (default {out})")
-    p.add_argument("--epochs", type=int, default=epochs, help="baseline training epochs")
-    p.add_argument("--finetune-epochs", type=int, default=None,
-                   help="multi-exit training epochs (default: --epochs)")
-    p.add_argument("--train-samples", type=int, default=None,
-                   help="train on a stratified subset of this many samples (quicker)")
-    p.add_argument("--no-reuse", action="store_true",
-                   help="retrain even if OUT/models holds trained checkpoints")
-    p.add_argument("--strategy", default="joint", choices=["joint", "heads-only"])
-    p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin"])
-    p.add_argument("--head", default="resnet8=sdn",
-                   help="exit head type for every model, or per model as 'resnet8=sdn,mlp=linear' "
-                        "(models not named use their default; default: resnet8=sdn)")
-    p.add_argument("--latency-samples", type=int, default=None,
-                   help="test samples timed at batch 1 (default: all)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while timing")
-    p.add_argument("--runtimes", default="eager,torchscript",
-                   help="where to time, comma-separated: eager (PyTorch) and/or torchscript "
-                        "(frozen graphs; each runtime has its own baseline)")
-    p.add_argument("--no-select-exits", action="store_true",
-                   help="skip choosing the subset of exit heads with the lowest predicted latency")
-    p.add_argument("--max-overhead", type=float, default=1.10,
-                   help="when choosing exit heads for latency, keep only subsets whose measured "
-                        "no-exit latency is at most this times the baseline's (default 1.10; "
-                        "0 = no bound)")
-    p.add_argument("--control", action="store_true",
-                   help="also train the baseline as long as the multi-exit model, without exits, "
-                        "and choose operating points against the better of the two")
-    _calibration_mode_args(p)
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _calibration_mode_args(p: argparse.ArgumentParser) -> None:
+def calibration_mode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", default="auto", choices=["auto", "sweep", "guarded"],
                    help="how thresholds meet an accuracy-drop target: auto (default) uses the "
                         "guarded mode when a plain sweep cannot be shown to hold the target "
@@ -80,27 +40,6 @@ def _calibration_mode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=0.05,
                    help="guarded mode: tolerated probability that the drop bound fails "
                         "(default 0.05)")
-
-
-def _run_early_exit(args, suite: str) -> int:
-    from .bench.early_exit import EarlyExitSettings, run_early_exit
-
-    settings = EarlyExitSettings(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-                                 reuse_models=not args.no_reuse,
-                                 train_samples=args.train_samples,
-                                 strategy=args.strategy, policy=args.policy,
-                                 head=args.head, latency_samples=args.latency_samples,
-                                 threads=args.threads, seed=args.seed,
-                                 runtimes=tuple(args.runtimes.split(",")),
-                                 select_exits=not args.no_select_exits,
-                                 max_overhead=args.max_overhead or None,
-                                 control=args.control, calibration=args.calibration,
-                                 delta=args.delta)
-    report = run_early_exit(args.dataset, args.models.split(","), args.out, settings,
-                            suite=suite, command=_command_line())
-    _print_rows(report)
-    print(f"wrote {Path(args.out) / 'report.md'}, report.json and pareto.png")
-    return 0
 
 
 # train / calibrate / evaluate ------------------------------------------------------------------
@@ -281,6 +220,65 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    """Your multi-exit checkpoint against its baseline, measured side by side."""
+    import copy
+
+    from .compare import CompareSettings, compare_exits
+    from .errors import InputError
+    from .measure import torch_threads
+    from .multiexit import MultiExitModel
+    from .optimize import fuse_for_inference
+    from .report import plot_pareto, write_report
+
+    model, ds = _checkpoint_and_data(args)
+    if not isinstance(model, MultiExitModel):
+        raise InputError(f"{args.checkpoint} holds a {type(model).__name__} without exits; "
+                         "`splitexit bench` measures a multi-exit checkpoint (`splitexit train "
+                         "--strategy joint` saves one)")
+    if args.baseline:
+        baseline = _load_checkpoint(args.baseline, args.baseline_model)
+        if isinstance(baseline, MultiExitModel):
+            raise InputError(f"--baseline {args.baseline} has exits; give a checkpoint of the "
+                             "network without them (`splitexit train --strategy baseline`)")
+        reference = f"the baseline checkpoint {args.baseline}"
+    else:
+        baseline = copy.deepcopy(model.backbone)
+        reference = "the same network without its exit heads (its backbone, same weights)"
+    drops = tuple(float(d) / 100 for d in args.drops.split(","))
+    s = CompareSettings(policy=args.policy, drops=drops, calibration=args.calibration,
+                        delta=args.delta, latency_samples=args.latency_samples,
+                        threads=args.threads, runtimes=tuple(args.runtimes.split(",")),
+                        select_exits=not args.no_select_exits,
+                        max_overhead=args.max_overhead or None, seed=args.seed,
+                        strategy=args.label)
+    baseline, model = fuse_for_inference(baseline.eval()), fuse_for_inference(model.eval())
+    name = Path(args.checkpoint).name
+    with torch_threads(args.threads):
+        rows, extra = compare_exits(ds, name, baseline, model, s)
+    out = Path(args.out or Path(args.checkpoint) / "bench")
+    plot = plot_pareto(out / "pareto.png", extra["curves"], extra["points"],
+                       xlabel="mean MACs / baseline MACs", title=f"{name}: accuracy vs compute")
+    notes = [f"baseline: {reference}; BatchNorm folded into convolutions in both alike.",
+             "Thresholds come from the calibration split; every figure is measured on the "
+             "test split in this run. 'target <= x pt drop' is what the threshold aimed at; "
+             "test_drop_vs_reference_pt is the result, test_drop_ci95_pt its paired 95% "
+             "interval. Every method of a runtime is timed on the same samples, interleaved "
+             "with its baseline; ratios are to that runtime's baseline.",
+             "no exit fires: every head and decision runs and nothing leaves (the overhead).",
+             "oracle: each sample leaves at the earliest correct exit (a bound, not runnable)."]
+    report = write_report(out, "bench", rows, dataset=ds.name, model=str(args.checkpoint),
+                          sections={"anytime (stop at exit k)": extra["anytime"],
+                                    "exit subsets (latency selection, calibration split)":
+                                    extra["subsets"]},
+                          notes=notes, command=_command_line(),
+                          settings=vars(s), test_samples=len(ds.test),
+                          calib_samples=len(ds.calib), plots=[plot.name])
+    _print_rows(report)
+    print(f"wrote {out / 'report.md'}, report.json and {plot.name}")
+    return 0
+
+
 def _cmd_list(args) -> int:
     from .stages import list_cuts
     from .zoo import create_model, list_models
@@ -308,11 +306,6 @@ def _checkpoint_model_arg(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitexit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="train, calibrate and measure a multi-exit model on the "
-                       "embedded digits data set (a few minutes on 2 cores)")
-    _early_exit_args(p, "digits", "resnet8,b-lenet", "runs/demo", 30)
-    p.set_defaults(func=lambda a: _run_early_exit(a, "demo"))
 
     p = sub.add_parser("train", help="train a zoo model or your own and save a checkpoint")
     p.add_argument("--model", required=True,
@@ -356,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="maximum accuracy drop vs the final exit, as a fraction (0.01 = 1 pt)")
     p.add_argument("--macs-budget", type=float, default=None,
                    help="instead: mean MACs as a fraction of running every exit")
-    _calibration_mode_args(p)
+    calibration_mode_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate)
 
@@ -370,19 +363,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("bench", help="your multi-exit checkpoint against its baseline: accuracy "
+                       "at drop targets, MACs, batch-1 latency, throughput, no-exit overhead "
+                       "(report.json/.md and a plot)")
+    p.add_argument("checkpoint", help="a multi-exit checkpoint (splitexit train --out DIR)")
+    _checkpoint_model_arg(p)
+    p.add_argument("--baseline", default=None,
+                   help="a checkpoint of the network without exits to compare with (default: "
+                        "the checkpoint's own backbone without its exit heads)")
+    p.add_argument("--baseline-model", default=None,
+                   help="--model for a --baseline trained from your own code")
+    p.add_argument("--dataset", default=None, help="default: the one the checkpoint records")
+    p.add_argument("--drops", default="0.5,1", help="accuracy-drop targets in points (0.5,1)")
+    p.add_argument("--policy", default="maxprob", choices=["maxprob", "entropy", "margin"])
+    calibration_mode_args(p)
+    p.add_argument("--latency-samples", type=int, default=1000,
+                   help="test samples timed at batch 1 (default 1000)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    p.add_argument("--runtimes", default="eager",
+                   help="eager and/or torchscript, comma-separated (each its own baseline)")
+    p.add_argument("--no-select-exits", action="store_true",
+                   help="skip choosing the subset of exit heads with the lowest latency")
+    p.add_argument("--max-overhead", type=float, default=1.10,
+                   help="also the best exit subset whose no-exit cost is at most this times "
+                        "the baseline's (0 = no bound)")
+    p.add_argument("--label", default="exits", help="how the rows name the model's training")
+    p.add_argument("--out", default=None, help="output directory (default CHECKPOINT/bench)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("list", help="list zoo models, a model's cuts, or the published methods")
     p.add_argument("what", choices=["models", "cuts", "methods"])
     p.add_argument("--model", default="resnet8")
     p.add_argument("--input-shape", default="1,28,28")
     p.set_defaults(func=_cmd_list)
 
-    bench = sub.add_parser("bench", help="benchmark suites (write report.json/.md and plots)")
-    suites = bench.add_subparsers(dest="suite", required=True)
-    p = suites.add_parser("early-exit", help="baseline vs multi-exit at chosen accuracy drops")
-    _early_exit_args(p, "fashion-mnist", "resnet8,b-lenet", "reports/early-exit", 6)
-    p.set_defaults(func=lambda a: _run_early_exit(a, "early-exit"))
-    for name in BENCH_MODULES:
-        _register(name, suites)
     for name in COMMAND_MODULES:
         _register(name, sub)
     return parser
@@ -400,7 +415,7 @@ def _register(module: str, subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("bench", "demo"):  # every method timed in the same allocator state
+    if args.command == "bench":  # every method timed in the same allocator state
         from .measure import steady_allocator
 
         steady_allocator()

@@ -75,13 +75,16 @@ def write_report(out_dir: str | os.PathLike, suite: str, rows: Sequence[Mapping]
     Args:
         rows: the main table (DESIGN.md's row fields: method, accuracy, mean_macs, ...).
         sections: further named tables (anytime, budgeted, per-link ...).
-        notes: sentences printed under the table (how to read it, what is an estimate).
+        notes: sentences printed under the table (how to read it, what is an estimate); also
+            kept in report.json as ``notes``.
         extra: more top-level JSON fields (command, seed, plots ...).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"suite": suite, "dataset": dataset, "model": model, "device": host_description(),
               "rows": [dict(r) for r in rows], **extra}
+    if notes:
+        report["notes"] = list(notes)
     if sections:
         report["sections"] = {k: [dict(r) for r in v] for k, v in sections.items()}
     report = {k: v for k, v in report.items() if v is not None}

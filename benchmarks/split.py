@@ -33,29 +33,29 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import checkpoint
-from ..calibration import paired_drop_ci
-from ..cost import count_macs
-from ..data import load_dataset
-from ..devices import get_link, load_links, measure_host_profile
-from ..measure import torch_threads
-from ..report import pyplot, write_report
-from ..split.bottleneck import (
+from splitexit import checkpoint
+from splitexit.calibration import paired_drop_ci
+from splitexit.cost import count_macs
+from splitexit.data import load_dataset
+from splitexit.devices import get_link, load_links, measure_host_profile
+from splitexit.measure import torch_threads
+from splitexit.report import pyplot, write_report
+from splitexit.split.bottleneck import (
     BottleneckSpec,
     freeze_tables,
     inject_bottleneck,
     inject_entropy_bottleneck,
 )
-from ..split.codec import Codec
-from ..split.entropy import EntropyCodec, EntropyTables
-from ..split.entropy import register as register_codec
-from ..split.halves import SplitModel, num_params, split_model
-from ..split.planner import LOCAL, CutCost, plan
-from ..stages import StagedModel
-from ..training import Baseline, train
-from ..training.bottlefit import autoencoder_baseline, bottlefit
-from ..training.entropy import entropic_student
-from ..zoo import create_model
+from splitexit.split.codec import Codec
+from splitexit.split.entropy import EntropyCodec, EntropyTables
+from splitexit.split.entropy import register as register_codec
+from splitexit.split.halves import SplitModel, num_params, split_model
+from splitexit.split.planner import LOCAL, CutCost, plan
+from splitexit.stages import StagedModel
+from splitexit.training import Baseline, train
+from splitexit.training.bottlefit import autoencoder_baseline, bottlefit
+from splitexit.training.entropy import entropic_student
+from splitexit.zoo import create_model
 
 __all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "paired_drop_ci", "register"]
 
@@ -430,8 +430,8 @@ def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session=None) -> d
 
 
 def _ort_session(split: SplitModel, x: torch.Tensor, out: Path):
-    from ..export.onnx import export_piece
-    from ..runtime.ort import OrtSession
+    from splitexit.export.onnx import export_piece
+    from splitexit.runtime.ort import OrtSession
 
     path = export_piece(split.device_half, x[:2], out / "work" / "entropy_device.onnx")
     return OrtSession(path, threads=1)
@@ -909,7 +909,7 @@ def _plot_curves(out: Path, rows: list[dict], references: list[dict], image_rows
 
 
 def register(suites) -> None:
-    """Add ``splitexit bench split`` to the bench sub-commands."""
+    """Add ``python -m benchmarks split`` to the bench sub-commands."""
     p = suites.add_parser("split", help="split computing: bytes vs accuracy per cut, "
                           "bottleneck and codec; planner vs emulated links")
     d = SplitBenchSettings()
@@ -958,7 +958,7 @@ def register(suites) -> None:
 
 
 def _cmd(args) -> int:
-    from ..cli import _command_line
+    from .common import command_line
 
     stage2_codec = None if args.stage2_codec.lower() in ("", "none") else args.stage2_codec
     settings = SplitBenchSettings(
@@ -984,6 +984,6 @@ def _cmd(args) -> int:
     # One thread: on a shared machine the small convolutions train faster without
     # oversubscription, and the batch-1 timings need it anyway.
     with torch_threads(1):
-        report = run_split_bench(args.out, settings, command=_command_line())
+        report = run_split_bench(args.out, settings, command=command_line())
     print(f"wrote {Path(args.out) / 'report.md'}; targets: {report['targets']}")
     return 0

@@ -1,4 +1,4 @@
-"""Training for ``splitexit bench cbnet``: every model, cached by its settings.
+"""Training for ``python -m benchmarks cbnet``: every model, cached by its settings.
 
 Weights go to ``<models>/<dataset>/<name>-<hash of every setting it depends on>.safetensors``
 (safetensors only, nothing pickled), so a rerun with the same settings loads them in seconds
@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import cbnet
-from ..cbnet.search import PUBLISHED, SEARCH_SPACE, ConverterSpec, finetune_joint
-from ..data import Dataset
-from ..multiexit import MultiExitModel
-from ..training import Baseline, train
-from ..zoo import create_model, create_multiexit
+from splitexit import cbnet
+from splitexit.cbnet.search import PUBLISHED, SEARCH_SPACE, ConverterSpec, finetune_joint
+from splitexit.data import Dataset
+from splitexit.multiexit import MultiExitModel
+from splitexit.training import Baseline, train
+from splitexit.zoo import create_model, create_multiexit
 
 __all__ = ["Trained", "train_models", "candidate_specs"]
 
@@ -34,7 +34,7 @@ def candidate_specs(names: tuple[str, ...] | None) -> list[ConverterSpec]:
     if names is None:
         return list(SEARCH_SPACE)
     by = {s.name: s for s in SEARCH_SPACE} | {s.key(): s for s in SEARCH_SPACE}
-    from ..errors import InputError
+    from splitexit.errors import InputError
 
     unknown = [n for n in names if n not in by]
     if unknown:

@@ -28,17 +28,17 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import choose_operating_point, sweep
-from ..cost import cost_table
-from ..data import load_dataset
-from ..devices import get_device, get_link, measure_host_profile
-from ..errors import InputError
-from ..measure import throughput, torch_threads
-from ..multiexit import MultiExitModel
-from ..policies import MaxProb, NeverExit
-from ..report import pyplot, write_report
-from ..serve.runner import free_port, wait_until_healthy
-from ..split.codec import Codec
+from splitexit.calibration import choose_operating_point, sweep
+from splitexit.cost import cost_table
+from splitexit.data import load_dataset
+from splitexit.devices import get_device, get_link, measure_host_profile
+from splitexit.errors import InputError
+from splitexit.measure import throughput, torch_threads
+from splitexit.multiexit import MultiExitModel
+from splitexit.policies import MaxProb, NeverExit
+from splitexit.report import pyplot, write_report
+from splitexit.serve.runner import free_port, wait_until_healthy
+from splitexit.split.codec import Codec
 
 __all__ = ["ServeBenchSettings", "run_serve_bench", "register"]
 
@@ -48,7 +48,7 @@ METHODS = ("local-only", "full offload", "split", "split + bottleneck",
 
 @dataclass
 class ServeBenchSettings:
-    """Settings of ``splitexit bench serve`` (defaults: about 15 minutes on 2 busy cores)."""
+    """Settings of ``python -m benchmarks serve`` (defaults: about 15 minutes on 2 busy cores)."""
 
     train_samples: int = 8000
     epochs: int = 3
@@ -78,11 +78,11 @@ class ServeBenchSettings:
 
 # ------------------------------------------------------------------ models
 def _train_models(ds, s: ServeBenchSettings):
-    from .. import checkpoint
-    from ..split.bottleneck import BottleneckSpec, inject_bottleneck
-    from ..training import HeadsOnly, JointWeighted, train
-    from ..training.bottlefit import bottlefit
-    from ..zoo import create_multiexit
+    from splitexit import checkpoint
+    from splitexit.split.bottleneck import BottleneckSpec, inject_bottleneck
+    from splitexit.training import HeadsOnly, JointWeighted, train
+    from splitexit.training.bottlefit import bottlefit
+    from splitexit.zoo import create_multiexit
 
     cache = Path(s.cache)
     train_split = ds.train.subset(s.train_samples, seed=s.seed) if s.train_samples else ds.train
@@ -90,10 +90,10 @@ def _train_models(ds, s: ServeBenchSettings):
     model = create_multiexit("resnet8", ds.num_classes, ds.input_shape)
     spec = BottleneckSpec(s.bottleneck_channels, stride=s.bottleneck_stride)
     tag = f"resnet8-{s.train_samples}-{s.epochs}-{s.seed}"
-    if s.model:  # a multi-exit ResNet-8 trained elsewhere (e.g. by `bench early-exit`)
-        from .early_exit import load_exit_model
+    if s.model:  # a multi-exit ResNet-8 trained elsewhere (e.g. by `python -m benchmarks early-exit`)
+        from splitexit.checkpoint import load_multiexit
 
-        model = load_exit_model(s.model, ds.name)
+        model = load_multiexit(s.model, ds.name)
         stamp = int((Path(s.model) / "weights.safetensors").stat().st_mtime)
         tag = f"{Path(s.model).name}-{stamp}-{s.seed}"
     elif (cache / tag / "model.json").is_file():
@@ -187,7 +187,7 @@ def _full_test_accuracy(teacher, student, composite, policy, ds) -> dict[str, fl
 
 
 def _device_class():
-    from ..serve.device import DevicePart
+    from splitexit.serve.device import DevicePart
 
     class EmulatedDevicePart(DevicePart):
         """A device part held for ``factor - 1`` times its host compute time."""
@@ -313,7 +313,7 @@ def _server_process(model_dir: Path, port: int, max_batch: int, max_wait_ms: flo
 
 
 def _throughput_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[dict]:
-    from ..serve.modeldir import export_model_dir
+    from splitexit.serve.modeldir import export_model_dir
 
     rows: list[dict] = []
     for cut in (s.cut, None):
@@ -328,7 +328,7 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
                      model_dir: Path, runtime: str) -> list[dict]:
     """The server half in process vs behind HTTP, both on ``runtime``; the ratio's reference
     is the faster of that runtime and eager PyTorch in process, measured between the windows."""
-    from ..serve.modeldir import load_server
+    from splitexit.serve.modeldir import load_server
 
     modules = {rt: load_server(model_dir, rt)[0] for rt in dict.fromkeys((runtime, "eager"))}
     device = model.backbone.split(cut)[0] if cut else torch.nn.Identity()
@@ -395,8 +395,8 @@ def _throughput_rows(model, ds, s: ServeBenchSettings, cut: str | None,
 
 def _ray_rows(model_dir: Path, s: ServeBenchSettings, bodies: list[bytes], inproc,
               half: str) -> list[dict]:
-    from ..serve import ServerSettings
-    from ..serve.ray_app import deploy, ray_available, shutdown
+    from splitexit.serve import ServerSettings
+    from splitexit.serve.ray_app import deploy, ray_available, shutdown
 
     if ray_available():
         return [{"server": half, "method": "Ray Serve", "note": ray_available()}]
@@ -444,10 +444,11 @@ def _hardening_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[di
 
     import numpy as np
 
-    from ..deploy import bundle
-    from ..serve import EdgeRuntime, EdgeSettings
-    from ..serve.cli import load_edge_device
-    from ..serve.modeldir import export_model_dir
+    from splitexit.deploy import bundle
+    from splitexit.serve import EdgeRuntime, EdgeSettings
+    from splitexit.serve.cli import load_edge_device
+    from splitexit.serve.modeldir import export_model_dir
+
     from .hostile import (
         FatAnswer,
         HalfOpenAttacker,
@@ -558,7 +559,7 @@ def _hardening_section(model, ds, s: ServeBenchSettings, cache: Path) -> list[di
 def run_serve_bench(out_dir: str | Path, settings: ServeBenchSettings | None = None,
                     command: str | None = None) -> dict:
     """Run the suite and write ``report.json`` / ``report.md`` / ``latency.png``."""
-    from ..serve import (
+    from splitexit.serve import (
         BackgroundServer,
         EdgeRuntime,
         EdgeSettings,
@@ -797,7 +798,7 @@ def _plot(rows: list[dict], links, out: Path) -> str:
 
 
 def register(suites) -> None:
-    """Add ``splitexit bench serve``."""
+    """Add ``python -m benchmarks serve``."""
     d = ServeBenchSettings()
     p = suites.add_parser("serve", help="edge runtime + HTTP server over emulated links; server "
                           "throughput, micro-batching, Ray Serve replicas")
@@ -832,7 +833,7 @@ def register(suites) -> None:
 
 
 def _cmd(args) -> int:
-    from ..cli import _command_line
+    from .common import command_line
 
     s = ServeBenchSettings(train_samples=args.train_samples, epochs=args.epochs,
                            model=args.model, bottleneck_epochs=args.bottleneck_epochs,
@@ -847,7 +848,7 @@ def _cmd(args) -> int:
     Codec.parse(s.codec)
     for link in s.links:
         get_link(link)
-    report = run_serve_bench(args.out, s, command=_command_line())
+    report = run_serve_bench(args.out, s, command=command_line())
     for t in report["targets"]:
         print(f"{'MET' if t['met'] else 'NOT MET'}: {t['target']} {t.get('detail', '')}")
     print(f"wrote {Path(args.out) / 'report.md'}")

@@ -27,12 +27,18 @@ from pathlib import Path
 
 import torch
 
-from ..calibration import choose_operating_point, guarded_threshold, oracle, pareto_front, sweep
-from ..cost import cost_table
-from ..data import Dataset, load_dataset
-from ..errors import InputError
-from ..measure import latency_batch1, torch_threads
-from ..methods import (
+from splitexit.calibration import (
+    choose_operating_point,
+    guarded_threshold,
+    oracle,
+    pareto_front,
+    sweep,
+)
+from splitexit.cost import cost_table
+from splitexit.data import Dataset, load_dataset
+from splitexit.errors import InputError
+from splitexit.measure import latency_batch1, torch_threads
+from splitexit.methods import (
     METHODS,
     Fitted,
     GatedMultiExitModel,
@@ -41,20 +47,20 @@ from ..methods import (
     fit_gate,
     fit_method,
 )
-from ..multiexit import MultiExitModel, simulate_exits
-from ..policies import (
+from splitexit.multiexit import MultiExitModel, simulate_exits
+from splitexit.policies import (
     ExitPolicy,
     GeometricEnsemble,
     Patience,
     ThresholdPolicy,
     ensemble_logits,
 )
-from ..report import plot_pareto, write_report
-from ..training import (
+from splitexit.report import plot_pareto, write_report
+from splitexit.training import (
     Baseline,
     train,
 )
-from ..zoo import create_model, create_multiexit
+from splitexit.zoo import create_model, create_multiexit
 
 __all__ = ["CatalogueSettings", "run_catalogue", "MAIN", "EXTRA", "DEFAULT_CONFIGS", "register"]
 
@@ -517,7 +523,7 @@ def run_catalogue(out: str | Path, settings: CatalogueSettings | None = None,
 
 
 def register(suites) -> None:
-    """Add ``splitexit bench early-exit-methods`` to the CLI."""
+    """Add ``python -m benchmarks early-exit-methods`` to the CLI."""
     p = suites.add_parser("early-exit-methods", help="every early-exit method on the same "
                           "backbones and data: anytime, budgeted, Pareto, oracle, latency")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
@@ -541,7 +547,7 @@ def register(suites) -> None:
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from ..cli import _command_line, _print_rows
+    from .common import command_line, print_rows
 
     settings = CatalogueSettings(
         configs=args.configs.split(","),
@@ -552,9 +558,9 @@ def _cli(args: argparse.Namespace) -> int:
         threads=args.threads, seed=args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run_catalogue(args.out, settings, command=_command_line(),
+    report = run_catalogue(args.out, settings, command=command_line(),
                            write=not args.parts_only)
     if report is not None:
-        _print_rows(report)
+        print_rows(report)
         print(f"wrote {Path(args.out) / 'report.md'} and report.json")
     return 0

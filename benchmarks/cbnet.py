@@ -14,8 +14,6 @@ Pareto plot of accuracy against latency. Trained models are cached by their sett
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,17 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import cbnet
-from ..cbnet.search import select_fastest
-from ..cost import count_macs, param_bytes
-from ..data import load_dataset
-from ..devices import get_device, measure_host_profile
-from ..errors import InputError
-from ..measure import interleaved_latency, throughput, torch_threads
-from ..policies import Entropy
-from ..program import lower
-from ..report import write_report
-from ..runtime.ort import OrtSession
+from splitexit import cbnet
+from splitexit.cbnet.search import select_fastest
+from splitexit.cost import count_macs, param_bytes
+from splitexit.data import load_dataset
+from splitexit.devices import get_device, measure_host_profile
+from splitexit.errors import InputError
+from splitexit.measure import interleaved_latency, throughput, torch_threads
+from splitexit.policies import Entropy
+from splitexit.program import lower
+from splitexit.report import write_report
+from splitexit.runtime.ort import OrtSession
 from .cbnet_plot import plot_pareto
 from .cbnet_train import train_models
 
@@ -383,7 +381,7 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..report import markdown_table
+    from splitexit.report import markdown_table
 
     settings = CBNetBenchSettings(
         datasets=tuple(args.datasets.split(",")), lenet_epochs=args.lenet_epochs,
@@ -395,7 +393,9 @@ def _run(args: argparse.Namespace) -> int:
         latency_samples=args.latency_samples, select_samples=args.select_samples,
         threads=args.threads, seed=args.seed, max_drop=args.max_drop, models=args.models,
         train_only=args.train_only, progress=True if args.progress else None)
-    command = "splitexit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    from .common import command_line
+
+    command = command_line()
     report = run_cbnet_bench(args.out, settings, command)
     if not report:
         print("trained (or found cached) every model; nothing measured (--train-only)")
@@ -413,7 +413,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``splitexit bench cbnet``."""
+    """Add ``python -m benchmarks cbnet``."""
     d = CBNetBenchSettings()
     p = subparsers.add_parser("cbnet", help="LeNet vs BranchyNet vs CBNet (published, searched "
                               "converters, folded, with a fallback exit): accuracy, batch-1 "

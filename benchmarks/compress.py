@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..calibration import choose_operating_point, sweep
-from ..compress.quantize import check_quantized, onnx_weight_bytes, quantize_onnx
-from ..compress.sparsity import (
+from splitexit.calibration import choose_operating_point, sweep
+from splitexit.compress.quantize import check_quantized, onnx_weight_bytes, quantize_onnx
+from splitexit.compress.sparsity import (
     choose_kernels,
     dense_weight_bytes,
     effective_macs,
@@ -36,19 +36,19 @@ from ..compress.sparsity import (
     sparse_layers,
     sparsify,
 )
-from ..cost import cost_table, count_macs, mean_macs
-from ..data import Dataset, load_dataset
-from ..deploy import bundle, load_bundle
-from ..errors import InputError
-from ..export import export_piece
-from ..measure import interleaved_latency, interleaved_throughput, torch_threads
-from ..multiexit import MultiExitModel
-from ..policies import MaxProb
-from ..report import plot_pareto, write_report
-from ..runtime.loop import ExitResult
-from ..runtime.ort import OrtProgram, OrtSession
-from ..training import Baseline, JointWeighted, train
-from ..zoo import create_model, create_multiexit
+from splitexit.cost import cost_table, count_macs, mean_macs
+from splitexit.data import Dataset, load_dataset
+from splitexit.deploy import bundle, load_bundle
+from splitexit.errors import InputError
+from splitexit.export import export_piece
+from splitexit.measure import interleaved_latency, interleaved_throughput, torch_threads
+from splitexit.multiexit import MultiExitModel
+from splitexit.policies import MaxProb
+from splitexit.report import plot_pareto, write_report
+from splitexit.runtime.loop import ExitResult
+from splitexit.runtime.ort import OrtProgram, OrtSession
+from splitexit.training import Baseline, JointWeighted, train
+from splitexit.zoo import create_model, create_multiexit
 
 __all__ = ["CompressSettings", "run_compress_bench", "register"]
 
@@ -74,7 +74,7 @@ class CompressSettings:
         exit_widths: ResNet-8 channel widths of the early-exit model.
         exit_epochs, exit_train_samples: its training.
         exit_model: load this multi-exit ResNet-8 checkpoint instead of training one (e.g. the
-            one ``splitexit bench early-exit`` trained on the full training split).
+            one ``python -m benchmarks early-exit`` trained on the full training split).
         selection_samples: calibration inputs each candidate exit subset's graph is timed on.
         parts: ``"sparsity"`` (MLPs dense vs sparse vs int8) and/or ``"exits"`` (early exits
             on ONNX Runtime).
@@ -324,9 +324,9 @@ def _sparsity_rows(ds: Dataset, s: CompressSettings, work: Path, models: Path | 
 def _exit_model(ds: Dataset, s: CompressSettings) -> tuple[MultiExitModel, float | None]:
     """The early-exit ResNet-8: loaded from ``s.exit_model`` or trained here."""
     if s.exit_model:
-        from .early_exit import load_exit_model
+        from splitexit.checkpoint import load_multiexit
 
-        model = load_exit_model(s.exit_model, ds.name)
+        model = load_multiexit(s.exit_model, ds.name)
         return model, None
     torch.manual_seed(s.seed)
     model = create_multiexit("resnet8", ds.num_classes, ds.input_shape,
@@ -605,7 +605,7 @@ def _targets(rows: list[dict], exit_rows: list[dict], s: CompressSettings) -> di
 
 
 def register(suites) -> None:
-    """Add ``splitexit bench compress`` to the bench sub-commands."""
+    """Add ``python -m benchmarks compress`` to the bench sub-commands."""
     d = CompressSettings()
     p = suites.add_parser("compress", help="predefined sparsity and int8 vs dense; early-exit "
                           "bundle on ONNX Runtime vs the full model")
@@ -635,8 +635,9 @@ def register(suites) -> None:
 
 
 def _cmd(args) -> int:
-    from ..cli import _command_line
-    from ..report import markdown_table
+    from splitexit.report import markdown_table
+
+    from .common import command_line
 
     s = CompressSettings(
         hidden=tuple(int(v) for v in args.hidden.split(",") if v),
@@ -648,7 +649,7 @@ def _cmd(args) -> int:
         max_drop=args.max_drop, latency_samples=args.latency_samples,
         exit_model=args.exit_model, parts=tuple(p for p in args.parts.split(",") if p),
         published=not args.no_published, seed=args.seed)
-    report = run_compress_bench(args.out, s, command=_command_line())
+    report = run_compress_bench(args.out, s, command=command_line())
     print(markdown_table(report["rows"]))
     print(f"targets: {report['targets']}")
     print(f"wrote {Path(args.out) / 'report.md'}")

@@ -1,4 +1,4 @@
-"""Hostile peers on loopback, shared by the hardening tests and ``splitexit bench serve``.
+"""Hostile peers on loopback, shared by the hardening tests and ``python -m benchmarks serve``.
 
 - :class:`HalfOpenAttacker` holds many half-sent requests open against a server;
 - :class:`RawServer` is an HTTP server that misbehaves on purpose: :func:`trickle` answers one
@@ -159,7 +159,7 @@ def serve_process(target, *extra: str, env: dict | None = None, nofile: int | No
     """``splitexit serve target`` on 127.0.0.1 as a subprocess, its log in the file ``log``
     (a pipe nobody reads would block a server that logs a lot), optionally with a lowered
     open-file limit. Yields ``(process, url, port)``; the process is killed on exit."""
-    from ..serve.runner import free_port, wait_until_healthy
+    from splitexit.serve.runner import free_port, wait_until_healthy
 
     port = free_port()
 

@@ -1,21 +1,21 @@
-"""Early-exit benchmark: a backbone trained without exits vs the same backbone with exits.
+"""A multi-exit model measured against its baseline, side by side in one run.
 
-Thresholds are chosen on the calibration split for a maximum accuracy drop vs the baseline;
-accuracy, mean MACs, batch-1 latency and batched throughput are then measured on the test
-split in the same run, with ratios to the baseline. The demo is this suite on a small data set.
+:func:`compare_exits` is what ``splitexit bench`` runs on your checkpoint and what the
+early-exit benchmark runs on zoo models: thresholds chosen on the calibration split for each
+accuracy-drop target (:func:`~splitexit.calibration.calibrate`), then, on the test split and
+on every runtime asked for, accuracy with its paired 95% interval, mean MACs, batch-1 latency
+(interleaved with the baseline) and batched throughput as ratios to that runtime's baseline,
+the cost when no exit fires, the subsets of exits chosen for latency, and the oracle bound.
 """
 
 from __future__ import annotations
 
-import copy
 import warnings
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from .. import checkpoint
-from ..calibration import (
+from .calibration import (
     CalibrationWarning,
     calibrate,
     exit_costs,
@@ -25,33 +25,30 @@ from ..calibration import (
     select_exits,
     sweep,
 )
-from ..cost import cost_table
-from ..data import Dataset, load_dataset
-from ..errors import InputError
-from ..measure import (
+from .cost import cost_table
+from .data import Dataset
+from .errors import InputError
+from .measure import (
     interleaved_latency,
     interleaved_throughput,
     measure_exit_latency,
     torch_threads,
 )
-from ..multiexit import MultiExitModel, simulate_exits
-from ..optimize import fuse_for_inference, trace_for_inference
-from ..policies import create_policy, leave_at
-from ..report import plot_pareto, write_report
-from ..training import Baseline, HeadsOnly, JointWeighted, train
-from ..zoo import create_model, create_multiexit
+from .multiexit import MultiExitModel, simulate_exits
+from .optimize import trace_for_inference
+from .policies import create_policy, leave_at
 
-__all__ = ["EarlyExitSettings", "run_early_exit", "train_pair", "evaluate_pair", "load_exit_model"]
+__all__ = ["CompareSettings", "compare_exits"]
 
 
 @dataclass
-class EarlyExitSettings:
-    """What the suite trains and how it measures.
+class CompareSettings:
+    """How :func:`compare_exits` chooses operating points and measures them.
 
     Attributes:
-        strategy: ``"joint"`` (BranchyNet: backbone initialised from the trained baseline,
-            then every exit trained jointly) or ``"heads-only"`` (SDN IC-only: frozen baseline).
-        drops: accuracy drop targets vs the baseline (fractions) to pick operating points for.
+        strategy: how the multi-exit model was trained; it labels the rows (``"joint"``).
+        policy: the exit policy by name (``"maxprob"``, ``"entropy"``, ``"margin"``).
+        drops: accuracy drop targets vs the reference (fractions) to pick operating points for.
         calibration: how each target's threshold is chosen
             (:func:`~splitexit.calibration.calibrate`): ``"auto"`` (the guarded mode when the
             calibration set can certify the target and a plain sweep's margin is too thin, a
@@ -59,30 +56,19 @@ class EarlyExitSettings:
             ``"guarded"``. Every row states its target and its test drop with a 95% interval.
         delta: the guarded mode's tolerated probability that its bound fails.
         latency_samples: test samples timed one at a time (``None``: the whole test set).
+        throughput_batch: batch size of the throughput measurement.
         threads: torch threads while timing (1 mimics a single edge core and is steadier).
-        train_samples: train on a stratified subset of this size (quicker runs; the report
-            says so). Calibration and test splits are always whole.
-        reuse_models: load ``out/models/<model>-{baseline,multiexit}`` when present instead of
-            training again (delete them to retrain).
-        fuse: fold BatchNorm into convolutions before timing, in both models alike.
         runtimes: where to time: ``"eager"`` PyTorch and/or ``"torchscript"`` (frozen
             TorchScript graphs, one per stage for the multi-exit model, one for the baseline).
         select_exits: also pick, per accuracy target and runtime, the subset of exit heads and
             threshold with the lowest expected batch-1 latency, from the latency of leaving at
             each exit measured on that runtime (``selection_samples`` calibration inputs).
-        control: also fine-tune the baseline, without exits, for as many epochs and at the
-            same learning rate as the multi-exit model's joint training (saved as
-            ``<model>-control``). The multi-exit model has then had the same training as this
-            control, so operating points are chosen against the more accurate of the two
-            references and every row reports its drop against both. Joint strategy only
-            (heads-only training leaves the baseline's backbone as it is).
+        max_overhead: with ``select_exits``, also the best subset whose no-exit latency is at
+            most this times the baseline's (``None``: no such row).
+        timing_chunks: interleaving groups of the latency measurement.
+        seed: shuffles the interleaving order.
     """
 
-    epochs: int = 12
-    finetune_epochs: int | None = None
-    lr: float = 2e-3
-    batch_size: int = 128
-    head: str | None = None
     strategy: str = "joint"
     policy: str = "maxprob"
     drops: tuple[float, ...] = (0.005, 0.01)
@@ -91,80 +77,12 @@ class EarlyExitSettings:
     latency_samples: int | None = None
     throughput_batch: int = 256
     threads: int | None = 1
-    seed: int = 0
-    progress: bool | None = None
-    train_samples: int | None = None
-    save_models: bool = True
-    reuse_models: bool = True
-    fuse: bool = True
     runtimes: tuple[str, ...] = ("eager", "torchscript")
     select_exits: bool = True
     max_overhead: float | None = 1.10
-    control: bool = False
     selection_samples: int = 300
     timing_chunks: int = 20
-    extra_notes: list[str] = field(default_factory=list)
-
-
-def load_exit_model(path: str | Path, dataset: str | None = None) -> MultiExitModel:
-    """A multi-exit checkpoint saved by this suite (``OUT/models/<model>-multiexit``), for the
-    benchmarks that reuse it (``bench compress --exit-model``, ``bench serve --model``).
-
-    Raises:
-        InputError: nothing there (the message names the command that makes one), not a
-            multi-exit model, or trained on another data set.
-    """
-    if not (Path(path) / "model.json").is_file():
-        raise InputError(f"no multi-exit checkpoint at {path}; `splitexit bench early-exit "
-                         "--out reports/early-exit` trains and saves one in OUT/models")
-    model = checkpoint.load(path)
-    if not isinstance(model, MultiExitModel):
-        raise InputError(f"{path} holds a {type(model).__name__}, not a multi-exit model; pass "
-                         "the directory of a MultiExitModel checkpoint")
-    trained_on = checkpoint.read_meta(path).get("dataset")
-    if dataset is not None and trained_on not in (None, dataset):
-        raise InputError(f"{path} was trained on {trained_on!r}, this run uses {dataset!r}")
-    return model
-
-
-def train_pair(ds: Dataset, model_name: str, s: EarlyExitSettings,
-               baseline: torch.nn.Module | None = None
-               ) -> tuple[torch.nn.Module, MultiExitModel, dict]:
-    """Train the baseline backbone (unless given), then the multi-exit model initialised
-    from it."""
-    base_seconds = None
-    if baseline is None:
-        baseline = create_model(model_name, ds.num_classes, ds.input_shape)
-        base_seconds = train(baseline, ds.train, Baseline(), epochs=s.epochs, lr=s.lr,
-                             batch_size=s.batch_size, seed=s.seed, progress=s.progress).seconds
-    multi = create_multiexit(model_name, ds.num_classes, ds.input_shape,
-                             head=_head_for(model_name, s.head))
-    multi.backbone.load_state_dict(baseline.state_dict())
-    strategy, lr = _finetune_schedule(s)
-    h_multi = train(multi, ds.train, strategy, epochs=s.finetune_epochs or s.epochs, lr=lr,
-                    batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
-    return baseline, multi, {"baseline_train_s": base_seconds,
-                             "multiexit_train_s": h_multi.seconds}
-
-
-def _finetune_schedule(s: EarlyExitSettings):
-    """The multi-exit model's training strategy and learning rate."""
-    if s.strategy == "joint":
-        return JointWeighted(), s.lr / 2
-    if s.strategy == "heads-only":
-        return HeadsOnly(), s.lr
-    raise InputError(f"unknown strategy {s.strategy!r}: use 'joint' or 'heads-only'")
-
-
-def train_control(ds: Dataset, baseline: torch.nn.Module, s: EarlyExitSettings
-                  ) -> tuple[torch.nn.Module, float]:
-    """A copy of the baseline trained further, without exits, on the multi-exit model's
-    schedule (same epochs, learning rate and data order): the equally trained reference."""
-    control = copy.deepcopy(baseline)
-    _, lr = _finetune_schedule(s)
-    h = train(control, ds.train, Baseline(), epochs=s.finetune_epochs or s.epochs, lr=lr,
-              batch_size=s.batch_size, seed=s.seed + 1, progress=s.progress)
-    return control, h.seconds
+    seed: int = 0
 
 
 def _never_fires(policy, heads: int):
@@ -173,29 +91,22 @@ def _never_fires(policy, heads: int):
     return leave_at(policy, heads, heads + 1)
 
 
-def _head_for(model_name: str, spec: str | None) -> str | None:
-    """``"sdn"`` for every model, or ``"resnet8=sdn,b-lenet=published"`` per model."""
-    if not spec or "=" not in spec:
-        return spec
-    pairs = dict(part.split("=", 1) for part in spec.split(","))
-    return pairs.get(model_name)
-
-
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).double().mean())
 
 
 @torch.no_grad()
-def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
-                  multi: MultiExitModel, s: EarlyExitSettings,
+def compare_exits(ds: Dataset, model_name: str, baseline: torch.nn.Module,
+                  multi: MultiExitModel, s: CompareSettings | None = None,
                   control: torch.nn.Module | None = None) -> tuple[list[dict], dict]:
     """Rows for one backbone: baseline, operating points, no-exit overhead, oracle.
 
     Every runtime in ``s.runtimes`` (eager PyTorch, TorchScript) times its own baseline and
     its own early-exit rows, so each ratio compares like with like. With a ``control`` (the
-    baseline trained as long as the multi-exit model, see :func:`train_control`), operating
+    baseline trained as long as the multi-exit model, for example ``benchmarks/early_exit.py``'s ``train_control``), operating
     points are chosen against the more accurate of the two and rows carry their drop vs it.
     """
+    s = s or CompareSettings()
     baseline.eval()
     multi.eval()
     example = ds.calib.x[:64]
@@ -225,8 +136,7 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
         control_rows.append({"method": "control: baseline trained as long, no exits",
                              "model": model_name, "accuracy": control_test_acc,
                              "accuracy_drop_pt": 100 * (base_test_acc - control_test_acc),
-                             "calib_accuracy": control_calib_acc,
-                             "epochs": s.epochs + (s.finetune_epochs or s.epochs)})
+                             "calib_accuracy": control_calib_acc})
         if control_calib_acc > ref_calib_acc:  # the stricter reference
             ref_calib, ref_calib_acc, ref_test, ref_name = (control_calib, control_calib_acc,
                                                             control_test, "control")
@@ -414,103 +324,3 @@ def evaluate_pair(ds: Dataset, model_name: str, baseline: torch.nn.Module,
     marks = {f"{model_name} baseline": (1.0, base_test_acc),
              f"{model_name} oracle": (orc["mean_macs"] / base_macs, orc["accuracy"])}
     return rows, {"anytime": anytime, "curves": curves, "points": marks, "subsets": subsets}
-
-
-def run_early_exit(dataset: str, models: list[str], out: str | Path,
-                   settings: EarlyExitSettings | None = None, suite: str = "early-exit",
-                   command: str | None = None) -> dict:
-    """Train, calibrate and measure every model; write report.json, report.md and a plot."""
-    s = settings or EarlyExitSettings()
-    out = Path(out)
-    ds = load_dataset(dataset, seed=s.seed)
-    if s.train_samples and s.train_samples < len(ds.train):
-        ds = replace(ds, train=ds.train.subset(s.train_samples, seed=s.seed))
-    rows, anytime, subsets, curves, points, timings = [], [], [], {}, {}, {}
-    for name in models:
-        saved = [out / "models" / f"{name}-{kind}" for kind in ("baseline", "multiexit")]
-        have = [s.reuse_models and (p / "model.json").is_file() for p in saved]
-        if all(have):
-            baseline, multi = (checkpoint.load(p) for p in saved)
-            timings[name] = {"reused": [str(p) for p in saved]}
-        else:  # a saved baseline alone is reused; the multi-exit model is trained from it
-            baseline = checkpoint.load(saved[0]) if have[0] else None
-            baseline, multi, timings[name] = train_pair(ds, name, s, baseline)
-            if have[0]:
-                timings[name]["reused"] = [str(saved[0])]
-            if s.save_models:
-                for model, path in zip((baseline, multi), saved):
-                    checkpoint.save(model, path, dataset=dataset, settings=vars(s))
-        control = None
-        if s.control and s.strategy == "joint":
-            path = out / "models" / f"{name}-control"
-            if s.reuse_models and (path / "model.json").is_file():
-                control = checkpoint.load(path)
-                timings[name].setdefault("reused", []).append(str(path))
-            else:
-                control, timings[name]["control_train_s"] = train_control(ds, baseline, s)
-                if s.save_models:
-                    checkpoint.save(control, path, dataset=dataset, settings=vars(s))
-        if s.fuse:
-            baseline, multi = fuse_for_inference(baseline), fuse_for_inference(multi)
-        with torch_threads(s.threads):  # small tensors: extra threads only contend
-            r, extra = evaluate_pair(ds, name, baseline, multi, s, control=control)
-        rows += r
-        anytime += extra["anytime"]
-        subsets += extra["subsets"]
-        curves.update(extra["curves"])
-        points.update(extra["points"])
-    plot = plot_pareto(out / "pareto.png", curves, points, xlabel="mean MACs / baseline MACs",
-                       title=f"{dataset}: accuracy vs compute")
-    notes = ["Thresholds were chosen on the calibration split (carved from training data; "
-             f"{len(ds.calib)} samples); every figure is measured on the test split in this "
-             "run.",
-             "Operating points: 'target <= x pt drop' is what the threshold aimed at, not a "
-             "result. target_drop_pt is the target; test_drop_vs_reference_pt the test accuracy "
-             "drop against the reference it aimed at (target_reference: the baseline, or the "
-             "control when more accurate on the calibration split), test_drop_ci95_pt its 95% "
-             "interval (paired over test samples, splitexit.calibration.paired_drop_ci), "
-             "target_met_on_test whether the test drop is within the target; "
-             "accuracy_drop_ci95_pt is the same interval for accuracy_drop_pt (vs the "
-             "baseline). calib_mode (splitexit.calibration.calibrate, mode "
-             f"{s.calibration!r}): 'guarded' (Learn-then-Test: the drop is within the target "
-             f"with probability >= {1 - s.delta:g}) when the calibration set can certify the "
-             "target and a plain sweep's calibration interval reaches past it; 'sweep' "
-             "otherwise, with a note when the calibration set is too small for the target "
-             "(then nothing bounds the test drop). Rows 'exits chosen for latency' are sweeps.",
-             "latency_ms is the mean batch-1 latency over the timed test samples; every method "
-             "of a runtime (and its baseline) is timed on the same samples, interleaved in "
-             f"{s.timing_chunks} groups with the methods' order shuffled per group, and "
-             "ratios are to that runtime's baseline. torchscript = frozen TorchScript graphs "
-             "(splitexit.optimize.trace_for_inference): one for the baseline, one per stage "
-             "and head for the multi-exit model.",
-             "'exits chosen for latency': the subset of exit heads and threshold with the "
-             "lowest expected batch-1 latency on the calibration split "
-             "(splitexit.calibration.select_exits), from the measured latency of leaving at "
-             "each exit on that runtime (the policy's statistic computed at every exit on "
-             "the way), timed interleaved with the baseline on calibration inputs; "
-             "predicted_latency_ratio is that expectation over the baseline's latency, "
-             "predicted_no_exit_ratio the measured no-exit latency over the baseline's."
-             + ("" if not s.select_exits or s.max_overhead is None else
-                f" 'no-exit cost <= {s.max_overhead:g}x': the same among the subsets whose "
-                f"predicted_no_exit_ratio is at most {s.max_overhead:g}: a bound on what a "
-                "sample pays when no exit fires."),
-             "no exit fires: every head and every exit decision runs (the policy with "
-             "thresholds it cannot reach), nothing leaves; overhead_batch1 = its batch-1 "
-             "latency / the baseline's; overhead_batched = the baseline's batched throughput "
-             "/ its own.",
-             "oracle: each sample leaves at the earliest correct exit (a bound, not runnable).",
-             *([f"control: the baseline trained {s.finetune_epochs or s.epochs} more epochs "
-                "without exits on the multi-exit model's schedule; operating points are chosen "
-                "against the more accurate of baseline and control on the calibration split, "
-                "and drop_vs_control_pt is each row's test accuracy drop against the control "
-                "(same architecture as the baseline, so the latency ratios apply to it too)."]
-               if s.control else []),
-             *s.extra_notes]
-    return write_report(out, suite, rows, dataset=dataset, model=", ".join(models),
-                        sections={"anytime (stop at exit k)": anytime,
-                                  "exit subsets (latency selection, calibration split)": subsets},
-                        notes=notes,
-                        command=command, settings={k: v for k, v in vars(s).items()},
-                        train_seconds=timings, train_samples=len(ds.train),
-                        calib_samples=len(ds.calib), test_samples=len(ds.test),
-                        plots=[plot.name])

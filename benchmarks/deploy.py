@@ -1,4 +1,4 @@
-"""``splitexit bench deploy``: bundles of a zoo model and of a user's own model, measured.
+"""``python -m benchmarks deploy``: bundles of a zoo model and of a user's own model, measured.
 
 For the early-exit suite's Fashion-MNIST ResNet-8 (SDN heads, 6 + 10 epochs, with the
 equally trained control) and for a residual network that is not in the zoo (a user's file,
@@ -32,22 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint
-from ..calibration import choose_operating_point, sweep
-from ..cost import cost_table
-from ..data import load_dataset
-from ..deploy import bundle, load_bundle
-from ..errors import InputError
-from ..export.exit_graph import export_exit_graph
-from ..export.onnx import export_piece
-from ..measure import interleaved_seconds, steady_allocator, torch_threads
-from ..policies import MaxProb, leave_at
-from ..program import lower
-from ..report import write_report
-from ..runtime.ort import OrtSession
-from ..training import Baseline, JointWeighted, train
-from ..usermodel import build_backbone, build_multiexit
-from ..zoo import create_model, create_multiexit
+from splitexit import checkpoint
+from splitexit.calibration import choose_operating_point, sweep
+from splitexit.cost import cost_table
+from splitexit.data import load_dataset
+from splitexit.deploy import bundle, load_bundle
+from splitexit.errors import InputError
+from splitexit.export.exit_graph import export_exit_graph
+from splitexit.export.onnx import export_piece
+from splitexit.measure import interleaved_seconds, steady_allocator, torch_threads
+from splitexit.policies import MaxProb, leave_at
+from splitexit.program import lower
+from splitexit.report import write_report
+from splitexit.runtime.ort import OrtSession
+from splitexit.training import Baseline, JointWeighted, train
+from splitexit.usermodel import build_backbone, build_multiexit
+from splitexit.zoo import create_model, create_multiexit
 
 __all__ = ["DeployBenchSettings", "run_deploy", "register"]
 
@@ -293,7 +293,7 @@ def _dist_size(names: list[str]) -> tuple[float, list[str]]:
 
 
 def _edge_rows(ds, s: DeployBenchSettings, out: Path) -> list[dict]:
-    from ..serve import export_model_dir
+    from splitexit.serve import export_model_dir
 
     multi = _load(out / "models" / "resnet8-multiexit", "resnet8", s)
     info = json.loads((out / "bundles" / "resnet8" / "manifest.json").read_text())
@@ -381,21 +381,21 @@ def run_deploy(dataset: str, out: str | Path, s: DeployBenchSettings | None = No
 
 
 def _cmd(args) -> int:
-    from ..cli import _command_line, _print_rows
+    from .common import command_line, print_rows
 
     s = DeployBenchSettings(epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                             max_drop=args.max_drop, max_overhead=args.max_overhead,
                             latency_samples=args.latency_samples or None, threads=args.threads,
                             seed=args.seed, user_model=args.user_model,
                             models=tuple(args.models.split(",")), edge_runs=args.edge_runs)
-    report = run_deploy(args.dataset, args.out, s, command=_command_line())
-    _print_rows(report)
+    report = run_deploy(args.dataset, args.out, s, command=command_line())
+    print_rows(report)
     print(f"wrote {Path(args.out) / 'report.md'} and report.json")
     return 0
 
 
 def register(suites) -> None:
-    """Add ``splitexit bench deploy``."""
+    """Add ``python -m benchmarks deploy``."""
     d = DeployBenchSettings()
     p = suites.add_parser("deploy", help="bundles of ResNet-8 and of a user's own residual "
                           "network: ONNX Runtime speed-up, parity with PyTorch, edge process "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..report import pyplot
+from splitexit.report import pyplot
 
 __all__ = ["pareto_front", "plot_pareto"]
 

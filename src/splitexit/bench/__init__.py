@@ -1,1 +1,0 @@
-"""Benchmark suites; each writes report.json, report.md and plots (run via ``splitexit bench``)."""
