@@ -1,34 +1,13 @@
-"""Neurosurgeon-style split planner working on cost data.
-
-Given, for every candidate cut, the MACs (or host-measured latencies) on each side, the bytes
-sent at the cut and the fraction of samples that leave at a device-side early exit, the planner
-predicts per-sample latency and device energy for a device, a server and a link, and picks the
-cut that minimises the objective (Kang et al., "Neurosurgeon", ASPLOS'17; with early exits as in
-SPINN). It never touches a model: the cost table is produced elsewhere.
-
-Per cut, with ``p = 1 - exit_fraction`` (samples that do not exit on the device):
-
-* ``device_s`` = device MACs / device rate (or the host latency scaled to the device);
-* ``tx_s`` = p x (uplink time of the payload + downlink time of the answer);
-* ``server_s`` = p x (server MACs / server rate, or the host latency scaled to the server);
-* ``latency_s`` = device_s + tx_s + server_s;
-* ``energy_mj`` = device active power x device_s + idle power x (tx_s + server_s)
-  + radio energy of p x payload bits sent and p x answer bits received.
-
-Two cut names are special: ``"local"`` (everything on the device; nothing is sent) and
-``"offload"`` (the input is sent). Every figure in a :class:`Plan` is an estimate and is
-labelled ``estimate=True``.
-
-:class:`Planner` keeps the cuts and profiles, tracks the uplink bandwidth with an EWMA of
-observed transfers (:meth:`Planner.observe`) and re-plans, recording when the choice changes.
-"""
+"""Neurosurgeon-style split planning on cost data: per-cut latency and device energy
+estimates for a device, a server and a link, and the choice of the cut that minimises the
+objective (the formulas are in :mod:`splitexit.split.planner`)."""
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from splitexit.devices import (
@@ -40,23 +19,15 @@ from splitexit.devices import (
 )
 from splitexit.errors import InputError
 
-__all__ = [
-    "LOCAL",
-    "OBJECTIVES",
-    "OFFLOAD",
-    "CutCost",
-    "Plan",
-    "PlanRow",
-    "Planner",
-    "plan",
-]
+__all__ = ["LOCAL", "OBJECTIVES", "OFFLOAD", "CutCost", "Plan", "PlanRow", "plan"]
 
 LOCAL = "local"
 OFFLOAD = "offload"
 OBJECTIVES = ("latency", "energy", "latency+energy")
 
 
-def _finite_nonneg(owner: str, what: str, value: Any) -> float:
+def finite_nonneg(owner: str, what: str, value: Any) -> float:
+    """``value`` as a float; InputError naming ``owner`` and ``what`` unless finite and >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(f"{owner}: {what} must be a finite number >= 0, got {value!r}")
     if value < 0:
@@ -64,7 +35,8 @@ def _finite_nonneg(owner: str, what: str, value: Any) -> float:
     return float(value)
 
 
-def _positive(what: str, value: Any) -> float:
+def positive(what: str, value: Any) -> float:
+    """``value`` as a float; InputError naming ``what`` unless finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value <= 0:
         raise InputError(f"{what} must be a finite number > 0, got {value!r}")
@@ -104,12 +76,12 @@ class CutCost:
             raise InputError(f"CutCost.name must be a non-empty string, got {self.name!r}")
         owner = f"cut {self.name!r}"
         for fname in ("device_macs", "server_macs", "payload_bytes"):
-            object.__setattr__(self, fname, _finite_nonneg(owner, fname, getattr(self, fname)))
+            object.__setattr__(self, fname, finite_nonneg(owner, fname, getattr(self, fname)))
         for fname in ("device_latency_s", "server_latency_s"):
             value = getattr(self, fname)
             if value is not None:
-                object.__setattr__(self, fname, _finite_nonneg(owner, fname, value))
-        frac = _finite_nonneg(owner, "exit_fraction", self.exit_fraction)
+                object.__setattr__(self, fname, finite_nonneg(owner, fname, value))
+        frac = finite_nonneg(owner, "exit_fraction", self.exit_fraction)
         if frac > 1:
             raise InputError(f"{owner}: exit_fraction must be in [0, 1], got {frac}")
         object.__setattr__(self, "exit_fraction", frac)
@@ -252,7 +224,8 @@ def _this_host() -> DeviceProfile:
     return measure_host_profile()
 
 
-def _normalize_cuts(cuts: Iterable[CutCost | Mapping[str, Any]]) -> tuple[CutCost, ...]:
+def normalize_cuts(cuts: Iterable[CutCost | Mapping[str, Any]]) -> tuple[CutCost, ...]:
+    """The cuts as CutCost objects with unique names (dicts are converted)."""
     if isinstance(cuts, (CutCost, Mapping, str, bytes)):
         raise InputError("cuts must be a list of CutCost (or of dicts with CutCost fields)")
     try:
@@ -276,10 +249,11 @@ def _normalize_cuts(cuts: Iterable[CutCost | Mapping[str, Any]]) -> tuple[CutCos
     return tuple(out)
 
 
-def _check_objective(objective: str, latency_weight: float) -> float:
+def check_objective(objective: str, latency_weight: float) -> float:
+    """Validate the objective; the latency weight as a float in [0, 1]."""
     if objective not in OBJECTIVES:
         raise InputError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
-    w = _finite_nonneg("plan", "latency_weight", latency_weight)
+    w = finite_nonneg("plan", "latency_weight", latency_weight)
     if w > 1:
         raise InputError(f"latency_weight must be in [0, 1], got {w}")
     return w
@@ -349,10 +323,10 @@ def plan(
         InputError: Empty or malformed cuts, negative numbers, unknown profile names, unknown
             objective.
     """
-    cut_list = _normalize_cuts(cuts)
-    weight = _check_objective(objective, latency_weight)
+    cut_list = normalize_cuts(cuts)
+    weight = check_objective(objective, latency_weight)
     dev, srv, lnk = get_device(device), get_device(server), get_link(link)
-    resp = _finite_nonneg("plan", "response_bytes", response_bytes)
+    resp = finite_nonneg("plan", "response_bytes", response_bytes)
     if host is not None and not isinstance(host, DeviceProfile):
         raise InputError(f"host must be a DeviceProfile or None, got {type(host).__name__}")
 
@@ -396,148 +370,3 @@ def plan(
         response_bytes=resp,
         latency_weight=weight,
     )
-
-
-class Planner:
-    """Holds cuts and profiles; tracks the uplink bandwidth and re-plans when it changes.
-
-    The bandwidth estimate starts at the link profile's uplink rate and is updated by an
-    exponentially weighted moving average of observed transfers (:meth:`observe`), or set
-    directly (:meth:`replan`). Every change of choice is appended to :attr:`switches` and
-    reported to ``on_change``.
-
-    Args:
-        cuts: Candidate cuts, as for :func:`plan`.
-        device: Device profile or name.
-        server: Server profile or name.
-        link: Link profile or name (its RTT, loss and energy figures are kept; only the uplink
-            bandwidth is tracked).
-        objective: As for :func:`plan`.
-        response_bytes: As for :func:`plan`.
-        host: As for :func:`plan`.
-        latency_weight: As for :func:`plan`.
-        alpha: EWMA weight of a new observation, in (0, 1].
-        hysteresis: Switch cut only if the new best scores at least this fraction lower than
-            the current choice (0 switches on any improvement); avoids flapping.
-        on_change: Called as ``on_change(old_choice, new_plan)`` when the choice changes.
-
-    Attributes:
-        switches: One dict per change of choice: ``bandwidth_mbps``, ``from``, ``to``.
-        observations: Number of transfers observed.
-    """
-
-    def __init__(
-        self,
-        cuts: Iterable[CutCost | Mapping[str, Any]],
-        device: str | DeviceProfile,
-        server: str | DeviceProfile,
-        link: str | LinkProfile,
-        objective: str = "latency",
-        response_bytes: float = 40,
-        *,
-        host: DeviceProfile | None = None,
-        latency_weight: float = 0.5,
-        alpha: float = 0.3,
-        hysteresis: float = 0.0,
-        on_change: Callable[[str, Plan], None] | None = None,
-    ) -> None:
-        self.cuts = _normalize_cuts(cuts)
-        self.device = get_device(device)
-        self.server = get_device(server)
-        self.link = get_link(link)
-        self.objective = objective
-        self.latency_weight = _check_objective(objective, latency_weight)
-        self.response_bytes = _finite_nonneg("Planner", "response_bytes", response_bytes)
-        self.host = host
-        self.alpha = _positive("alpha", alpha)
-        if self.alpha > 1:
-            raise InputError(f"alpha must be in (0, 1], got {alpha}")
-        self.hysteresis = _finite_nonneg("Planner", "hysteresis", hysteresis)
-        if self.hysteresis >= 1:
-            raise InputError(f"hysteresis must be in [0, 1), got {hysteresis}")
-        self.on_change = on_change
-        self.switches: list[dict[str, Any]] = []
-        self.observations = 0
-        self._bandwidth = self.link.uplink_mbps
-        self._plan = self._compute(previous=None)
-
-    @property
-    def bandwidth_mbps(self) -> float:
-        """Current uplink bandwidth estimate, Mbit/s."""
-        return self._bandwidth
-
-    @property
-    def plan(self) -> Plan:
-        """The current plan."""
-        return self._plan
-
-    @property
-    def choice(self) -> str:
-        """Name of the currently chosen cut."""
-        return self._plan.choice
-
-    def replan(self, bandwidth_mbps: float | None = None) -> Plan:
-        """Re-plan, optionally with a new uplink bandwidth.
-
-        Args:
-            bandwidth_mbps: New uplink bandwidth estimate (> 0), replacing the EWMA state; None
-                re-plans with the current estimate.
-
-        Returns:
-            The new current plan.
-        """
-        if bandwidth_mbps is not None:
-            self._bandwidth = _positive("bandwidth_mbps", bandwidth_mbps)
-        return self._update()
-
-    def observe(self, nbytes: float, seconds: float) -> Plan:
-        """Fold one observed uplink transfer into the bandwidth estimate and re-plan.
-
-        ``seconds`` is the wall time of the transfer as :meth:`LinkProfile.bytes_time_s`
-        models it (one-way latency + serialisation). The link's one-way latency (RTT / 2) is
-        subtracted when the transfer took longer than that, and the loss rate is undone, so a
-        transfer that took exactly the modelled time reproduces the modelled bandwidth.
-
-        Args:
-            nbytes: Bytes sent (> 0).
-            seconds: Seconds the transfer took (> 0).
-
-        Returns:
-            The new current plan.
-        """
-        nbytes = _positive("nbytes", nbytes)
-        seconds = _positive("seconds", seconds)
-        one_way = self.link.rtt_ms / 2e3
-        serial = seconds - one_way if seconds > one_way else seconds
-        sample = nbytes * 8.0 / serial / 1e6 / (1.0 - self.link.loss_rate)
-        self._bandwidth = self.alpha * sample + (1.0 - self.alpha) * self._bandwidth
-        self.observations += 1
-        return self._update()
-
-    def _compute(self, previous: str | None) -> Plan:
-        new = plan(
-            self.cuts,
-            self.device,
-            self.server,
-            self.link.with_bandwidth(self._bandwidth),
-            self.objective,
-            self.response_bytes,
-            host=self.host,
-            latency_weight=self.latency_weight,
-        )
-        if previous is not None and new.choice != previous and self.hysteresis > 0:
-            kept = new.row(previous).score
-            if new.best.score > kept * (1.0 - self.hysteresis):
-                new = replace(new, choice=previous)
-        return new
-
-    def _update(self) -> Plan:
-        old = self._plan.choice
-        self._plan = self._compute(previous=old)
-        if self._plan.choice != old:
-            self.switches.append(
-                {"bandwidth_mbps": self._bandwidth, "from": old, "to": self._plan.choice}
-            )
-            if self.on_change is not None:
-                self.on_change(old, self._plan)
-        return self._plan
