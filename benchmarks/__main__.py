@@ -1,9 +1,13 @@
-"""``python -m benchmarks <suite> ...``: the suites that regenerate the README's tables."""
+"""``python -m benchmarks <suite> ...``: the suites that regenerate the README's tables.
+
+Errors print as one line; BENCH_TRACE=1 in the environment shows their traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from splitexit.errors import SplitexitError
@@ -28,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SplitexitError as exc:
+        if os.environ.get("BENCH_TRACE"):
+            raise
         print(f"benchmarks: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,10 @@ loaded from the path the settings name), the suite:
 1. trains (or reuses, from ``OUT/models``) the baseline, the multi-exit model and the control;
 2. calibrates a max-prob threshold on the calibration split within ``max_drop`` of the better
    of baseline and control;
-3. writes a bundle (``OUT/bundles/<model>``), with ``--max-overhead`` when given;
+3. writes a bundle (``OUT/bundles/<model>``), with ``--max-overhead`` when given; then (unless
+   ``--one-threshold``) chooses one threshold per kept exit on the calibration split, again
+   within ``max_drop``, for the cost of leaving at each exit measured on ONNX Runtime
+   (:func:`splitexit.calibration.per_exit_thresholds`), and bundles again with them;
 4. checks on every test sample that the bundle on ONNX Runtime gives the PyTorch model's exits
    and predictions (batched through the pieces, and one sample at a time through the exit
    graph);
@@ -77,6 +80,7 @@ class DeployBenchSettings:
     edge_runs: int = 5
     models: tuple[str, ...] = ("resnet8", "usernet")
     progress: bool | None = None
+    per_exit: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -143,6 +147,21 @@ def _summary(times: list[float]) -> dict:
     return {"latency_ms": statistics.fmean(ms), "latency_p50_ms": statistics.median(ms)}
 
 
+def _one_threshold_row(name: str, one: dict, lat: dict, x, y, base_test: float,
+                       control_test: float) -> dict:
+    """Every exit with the single threshold calibrated over all of them (the bundle before
+    exits and thresholds were chosen for the runtime), timed in the same interleaved run."""
+    result = one["program"].infer(x.numpy(), one["policy"])
+    accuracy = float((result.predictions == y.numpy()).mean())
+    fractions = np.bincount(result.exit_index, minlength=one["program"].num_exits) / len(x)
+    return {"method": "bundle, one threshold for every exit", "model": name,
+            "accuracy": accuracy, "accuracy_drop_pt": 100 * (base_test - accuracy),
+            "drop_vs_control_pt": 100 * (control_test - accuracy), **lat["one_threshold"],
+            "speedup_mean": lat["full"]["latency_ms"] / lat["one_threshold"]["latency_ms"],
+            "speedup_p50": lat["full"]["latency_p50_ms"] / lat["one_threshold"]["latency_p50_ms"],
+            "exit_fractions": fractions.tolist(), "policy": one["policy"].config()}
+
+
 def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
                 ) -> tuple[list, list, dict]:
     baseline, multi, control, trained = models
@@ -158,13 +177,32 @@ def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
     points = sweep(calib_logits, ds.calib.y, costs.exit_macs, MaxProb())
     op = choose_operating_point(points, reference_accuracy=reference, max_drop=s.max_drop)
     example = ds.calib.x[: s.bundle_samples]
-    directory = bundle(multi, out / "bundles" / name, policy=op.policy, example=example,
-                       max_overhead=s.max_overhead, threads=s.threads,
-                       classes=getattr(ds, "classes", None))
+    work = out / "work" / name
+    work.mkdir(parents=True, exist_ok=True)
+    extra_fns, one_threshold = {}, None
+    if s.per_exit:
+        # the exit subset and one threshold per kept exit, chosen at bundling for the latency
+        # of leaving at each exit on ONNX Runtime; the single threshold over every exit is
+        # bundled beside it and timed in the same run
+        directory = bundle(multi, out / "bundles" / name, policy=MaxProb(), example=example,
+                           calibration=(ds.calib.x, ds.calib.y), max_drop=s.max_drop,
+                           reference_accuracy=reference, max_overhead=s.max_overhead,
+                           threads=s.threads, classes=getattr(ds, "classes", None))
+        first = load_bundle(bundle(multi, work / "one-threshold", policy=op.policy,
+                                   example=example, threads=s.threads, measure=False))
+        one_threshold = {"policy": op.policy, "program": first.program(threads=s.threads)}
+        extra_fns["one_threshold"] = (lambda p, pol: lambda a: p.infer(a, pol))(
+            one_threshold["program"], one_threshold["policy"])
+    else:
+        directory = bundle(multi, out / "bundles" / name, policy=op.policy, example=example,
+                           max_overhead=s.max_overhead, threads=s.threads,
+                           classes=getattr(ds, "classes", None))
     b = load_bundle(directory)
+    # the kept exits by name (a manifest's model_exit counts the bundled model's exits)
+    keep = [multi.exit_names.index(e["name"]) for e in b.manifest["exits"][:-1]]
+    deployed = multi.keep_exits(keep)
     program = b.program(threads=s.threads)
     policy = b.policy
-    deployed = multi.keep_exits([e["model_exit"] for e in b.manifest["exits"][:-1]])
     x, y = ds.test.x, ds.test.y
     with torch.inference_mode():
         ref = deployed.infer(x, policy)
@@ -181,8 +219,6 @@ def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
         "samples": len(x)}
     accuracy = float((single_preds == y.numpy()).mean())
     # batch-1 timing on ONNX Runtime, interleaved, on test samples
-    work = out / "work" / name
-    work.mkdir(parents=True, exist_ok=True)
     full = OrtSession(export_piece(deployed.backbone, x[:2], work / "full.onnx"), s.threads)
     never = leave_at(policy, deployed.num_exits - 1, deployed.num_exits)
     never_graph = OrtSession(export_exit_graph(lower(deployed, never), never,
@@ -190,7 +226,7 @@ def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
     xs = x[: s.latency_samples].numpy() if s.latency_samples else x.numpy()
     fns = {"full": lambda a: full.run_arrays([a]),
            "bundle": lambda a: program.infer(a, policy),
-           "no_exit": lambda a: never_graph.run_arrays([a])}
+           "no_exit": lambda a: never_graph.run_arrays([a]), **extra_fns}
     times = interleaved_seconds(fns, xs, warmup=50, chunks=20)
     lat = {k: _summary(v) for k, v in times.items()}
     fractions = np.bincount(single_exits, minlength=deployed.num_exits) / len(single_exits)
@@ -210,12 +246,16 @@ def _model_rows(ds, name: str, s: DeployBenchSettings, out: Path, models: tuple
          "exit_fractions": fractions.tolist(), **parity},
         {"method": "bundle, no exit fires", "model": name, **lat["no_exit"],
          "latency_ratio": lat["no_exit"]["latency_ms"] / lat["full"]["latency_ms"]},
+        *([_one_threshold_row(name, one_threshold, lat, x, y, base_test, control_test)]
+          if one_threshold else []),
         {"method": "control: baseline trained as long, no exits", "model": name,
          "accuracy": control_test, "accuracy_drop_pt": 100 * (base_test - control_test)},
     ]
     selection = [{"model": name, **row} for row in
                  b.manifest.get("selection", {}).get("subsets", [])]
     info = {"trained": trained, "policy": policy.config(), "calib_reference": reference,
+            "one_threshold_calib_accuracy": op.accuracy,
+            "selection": b.manifest.get("selection"),
             "bundle": str(directory), "bundle_latency": b.manifest["latency"]}
     return rows, selection, info
 
@@ -296,7 +336,11 @@ def _edge_rows(ds, s: DeployBenchSettings, out: Path) -> list[dict]:
     from splitexit.serve import export_model_dir
 
     multi = _load(out / "models" / "resnet8-multiexit", "resnet8", s)
-    info = json.loads((out / "bundles" / "resnet8" / "manifest.json").read_text())
+    # every exit with the single threshold on both sides (a model directory, today's edge,
+    # rebuilds zoo models with all their exits only)
+    one = out / "work" / "resnet8" / "one-threshold" / "manifest.json"
+    info = json.loads((one if one.is_file() else out / "bundles" / "resnet8" / "manifest.json")
+                      .read_text())
     policy = MaxProb(**{k: v for k, v in info["policy"].items() if k != "name"})
     split = bundle(multi, out / "bundles" / "resnet8-split", cut=s.edge_cut, policy=policy,
                    codec=s.edge_codec, measure=False)
@@ -365,7 +409,15 @@ def run_deploy(dataset: str, out: str | Path, s: DeployBenchSettings | None = No
         "(the exit graph).",
         f"Operating point: max-prob threshold on the calibration split within "
         f"{100 * s.max_drop:g} pt of the better of baseline and control; the control is the "
-        "baseline trained as long as the multi-exit model, without exits.",
+        "baseline trained as long as the multi-exit model, without exits."
+        + (" The bundle itself chooses its exits and one threshold per kept exit "
+           "(splitexit.deploy.bundle with calibration=): for every exit subset, thresholds "
+           f"within the same {100 * s.max_drop:g} pt on the calibration split that minimise "
+           "the mean of the batch-1 latency of leaving at each exit, measured on ONNX Runtime "
+           "(splitexit.calibration.per_exit_thresholds); the fastest subset within "
+           "--max-overhead is bundled (every subset tried: the selection section). 'bundle, "
+           "one threshold for every exit' keeps every exit with the single threshold, timed "
+           "in the same run." if s.per_exit else ""),
         "Edge: a fresh process from start to the first answer of one sample (no server: the "
         "local answer), median of the runs, interleaved; peak RSS from getrusage. Install "
         "size: installed files of the distributions each side needs, with their "
@@ -387,7 +439,8 @@ def _cmd(args) -> int:
                             max_drop=args.max_drop, max_overhead=args.max_overhead,
                             latency_samples=args.latency_samples or None, threads=args.threads,
                             seed=args.seed, user_model=args.user_model,
-                            models=tuple(args.models.split(",")), edge_runs=args.edge_runs)
+                            models=tuple(args.models.split(",")), edge_runs=args.edge_runs,
+                            per_exit=not args.one_threshold)
     report = run_deploy(args.dataset, args.out, s, command=command_line())
     print_rows(report)
     print(f"wrote {Path(args.out) / 'report.md'} and report.json")
@@ -414,6 +467,8 @@ def register(suites) -> None:
                         "the full model's")
     p.add_argument("--latency-samples", type=int, default=d.latency_samples)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--one-threshold", action="store_true",
+                   help="keep one threshold for every exit (skip the per-exit thresholds)")
     p.add_argument("--edge-runs", type=int, default=d.edge_runs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=_cmd)

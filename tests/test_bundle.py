@@ -329,6 +329,41 @@ def test_graph_inputs_must_match_the_manifest(good_bundle, user_model, tmp_path)
         load_bundle(b).server()
 
 
+@pytest.mark.slow
+def test_bundle_chooses_exits_and_a_threshold_per_exit_on_calibration_data(user_model, digits,
+                                                                         tmp_path):
+    """With calibration data the bundler tries every exit subset, gives each kept exit its own
+    threshold within max_drop for the latency of leaving there on ONNX Runtime, and bundles
+    the fastest; the bundle then runs with the PyTorch model's exits."""
+    cal_x, cal_y = digits.calib.x, digits.calib.y
+    model = user_model.keep_exits([0, 2])
+    b = load_bundle(bundle(model, tmp_path / "c", policy=MaxProb(), example=cal_x[:40],
+                           calibration=(cal_x, cal_y), max_drop=0.02, max_overhead=2.0))
+    sel = b.manifest["selection"]
+    assert sel["max_drop"] == 0.02 and sel["calib_samples"] == len(cal_y)
+    assert len(sel["subsets"]) == 4  # 2 heads: every subset, timed together
+    chosen = [s for s in sel["subsets"] if s.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["meets_bound"]
+    assert chosen[0]["calib_accuracy"] >= sel["reference_accuracy"] - 0.02 - 1e-9
+    tried = [s for s in sel["subsets"] if "predicted_mean_ms" in s and s["meets_bound"]]
+    assert chosen[0]["predicted_mean_ms"] == min(s["predicted_mean_ms"] for s in tried)
+    assert b.exit_names == [*chosen[0]["exits"], "final"]
+    if len(chosen[0]["exits"]) > 1:
+        assert isinstance(b.policy.threshold, tuple)
+    kept = model.keep_exits([model.head_cuts.index(n) for n in chosen[0]["exits"]])
+    x = digits.test.x[:100]
+    _same(b.program().infer(x.numpy(), b.policy), kept.infer(x, b.policy))
+    with pytest.raises(InputError, match="max_drop"):
+        bundle(user_model, tmp_path / "d", policy=MaxProb(), calibration=(cal_x, cal_y),
+               measure=False)
+    with pytest.raises(InputError, match="one non-zero length"):
+        bundle(user_model, tmp_path / "d", policy=MaxProb(), calibration=(cal_x, cal_y[:5]),
+               max_drop=0.02, measure=False)
+    with pytest.raises(InputError, match="max-prob, entropy or margin"):
+        bundle(user_model, tmp_path / "d", policy=Patience(), calibration=(cal_x, cal_y),
+               max_drop=0.02, measure=False)
+
+
 def test_bad_bundle_arguments(user_model, tmp_path):
     with pytest.raises(CutError, match="Valid cuts"):
         bundle(user_model, tmp_path / "x", cut="nope", measure=False)

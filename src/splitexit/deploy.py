@@ -135,11 +135,113 @@ def _select(model: MultiExitModel, policy: ExitPolicy, samples: np.ndarray, exam
     return best[0], rows
 
 
+def _leave_at_sessions(model: MultiExitModel, policy: ExitPolicy, example, threads: int | None,
+                       opset: int, work: Path) -> list[OrtSession]:
+    """One exit graph per exit of ``model``, each forced to leave there (every decision on
+    the way computed; the last: no exit fires), on ONNX Runtime."""
+    work.mkdir(parents=True, exist_ok=True)
+    sessions = []
+    for k in range(model.num_exits):
+        forced = leave_at(policy, k, model.num_exits)
+        path = export_exit_graph(lower(model, forced, None, example), forced,
+                                 work / f"leave-at-{k}.onnx", opset=opset)
+        sessions.append(OrtSession(path, threads))
+    return sessions
+
+
+def _runner(session: OrtSession):
+    return lambda x: session.run_arrays([x])
+
+
+def _no_heads(final: torch.Tensor, labels: torch.Tensor, seconds: float, policy: ExitPolicy,
+              reference_accuracy: float, max_drop: float):
+    """The subset without heads: the final exit alone, if it is accurate enough."""
+    from .calibration import OperatingPoint
+
+    accuracy = float((final.argmax(1) == labels).double().mean())
+    if accuracy < reference_accuracy - max_drop - 1e-12:
+        raise InputError(f"the final exit alone is {accuracy:.4f}, below the target")
+    return OperatingPoint(policy, accuracy, seconds, [1.0])
+
+
+def _select_calibrated(model: MultiExitModel, family: ExitPolicy, calibration, max_drop: float,
+                       reference_accuracy: float | None, max_overhead: float | None,
+                       samples: np.ndarray, example, threads: int | None, opset: int,
+                       work: Path) -> tuple[list[int], ExitPolicy, dict]:
+    """The exit subset and one threshold per kept exit with the lowest expected batch-1
+    latency on ONNX Runtime, within ``max_drop`` of the reference on the calibration split
+    and (with ``max_overhead``) within that no-exit latency of the full model's."""
+    from .calibration import per_exit_thresholds
+
+    if not is_plain_threshold(family):
+        raise InputError("thresholds chosen at bundling need a max-prob, entropy or margin "
+                         f"policy (its family and temperature), got {family.name!r}")
+    cal_x, cal_y = (torch.as_tensor(np.asarray(v)) for v in calibration)
+    if len(cal_x) != len(cal_y) or len(cal_y) == 0:
+        raise InputError(f"calibration is (inputs, labels) of one non-zero length, got "
+                         f"{len(cal_x)} inputs and {len(cal_y)} labels")
+    heads = len(model.heads)
+    if max_overhead is not None and heads > 6:
+        raise InputError(f"{heads} exit heads give {2 ** heads} subsets to time; pass a model "
+                         "with at most 6 heads (model.keep_exits(...)) or no max_overhead")
+    with torch.inference_mode():
+        logits = model.collect_logits(cal_x.float())
+    if reference_accuracy is None:  # the model's own final exit
+        reference_accuracy = float((logits[-1].argmax(1) == cal_y).double().mean())
+    subsets = ([list(k) for r in range(heads, -1, -1)
+                for k in itertools.combinations(range(heads), r)]
+               if max_overhead is not None else [list(range(heads))])
+    # every subset's exits timed in one interleaved run, so their costs compare
+    policies = {tuple(k): policy_for_exits(family, [*k, heads]) for k in subsets}
+    fns = {"full": _runner(_full_graph(model, example, work / "full.onnx", opset))}
+    for i, keep in enumerate(subsets):
+        sessions = _leave_at_sessions(model.keep_exits(keep), policies[tuple(keep)], example,
+                                      threads, opset, work / f"subset{i}")
+        fns.update({(i, k): _runner(sess) for k, sess in enumerate(sessions)})
+    seconds = {name: statistics.fmean(t) for name, t in _latencies(fns, samples).items()}
+    rows, best = [], None
+    for i, keep in enumerate(subsets):
+        policy = policies[tuple(keep)]  # per-exit temperatures follow their exits
+        costs = [seconds[(i, k)] for k in range(len(keep) + 1)]
+        try:
+            op = (per_exit_thresholds([logits[e] for e in keep] + [logits[-1]], cal_y, costs,
+                                      policy, reference_accuracy=reference_accuracy,
+                                      max_drop=max_drop) if keep
+                  else _no_heads(logits[-1], cal_y, costs[0], policy, reference_accuracy,
+                                 max_drop))
+        except InputError as exc:  # no thresholds of this subset keep the accuracy
+            rows.append({"exits": [model.head_cuts[e] for e in keep], "note": str(exc)})
+            continue
+        ratio = costs[-1] / seconds["full"] if keep else 1.0
+        row = {"exits": [model.head_cuts[e] for e in keep], "policy": op.policy.config(),
+               "calib_accuracy": op.accuracy, "exit_fractions": op.exit_fractions,
+               "exit_latency_ms": [1e3 * c for c in costs],
+               "predicted_mean_ms": 1e3 * op.mean_macs,
+               "predicted_speedup_mean": seconds["full"] / op.mean_macs,
+               "no_exit_ratio": ratio,
+               "meets_bound": max_overhead is None or ratio <= max_overhead}
+        rows.append(row)
+        if row["meets_bound"] and (best is None or op.mean_macs < best[2]):
+            best = (keep, op.policy, op.mean_macs, row)
+    if best is None:
+        raise InputError(f"no exit subset keeps the calibration accuracy within {max_drop:g} of "
+                         f"{reference_accuracy:.4f}"
+                         + ("" if max_overhead is None else
+                            f" and the no-exit latency within {max_overhead:g}x")
+                         + "; relax max_drop or max_overhead")
+    for row in rows:
+        row["chosen"] = row is best[3]
+    info = {"max_drop": max_drop, "reference_accuracy": reference_accuracy,
+            "calib_samples": int(len(cal_y)), "max_overhead": max_overhead, "subsets": rows}
+    return best[0], best[1], info
+
+
 def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None,
            policy: ExitPolicy | None = None, codec: str = "fp32",
            example: torch.Tensor | None = None, *, classes: Sequence[str] | None = None,
            normalisation: dict | None = None, max_overhead: float | None = None,
-           measure: bool = True, threads: int | None = 1, opset: int = DEFAULT_OPSET,
+           calibration: tuple | None = None, max_drop: float | None = None,
+           reference_accuracy: float | None = None, measure: bool = True, threads: int | None = 1, opset: int = DEFAULT_OPSET,
            overwrite: bool = True) -> Path:
     """Write a deployment bundle of ``model``.
 
@@ -161,6 +263,18 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
         max_overhead: keep only exit subsets whose no-exit batch-1 latency on ONNX Runtime is
             at most this times the full model's; the fastest such subset is bundled (device
             bundles only; the subsets tried are recorded in the manifest).
+        calibration: ``(inputs, labels)`` of held-out data (device bundles with a max-prob,
+            entropy or margin ``policy``): choose one threshold per kept exit there, within
+            ``max_drop`` of ``reference_accuracy``, for the lowest expected batch-1 latency
+            on ONNX Runtime, with the cost of leaving at each exit measured on ``example``
+            (:func:`splitexit.calibration.per_exit_thresholds`); with ``max_overhead`` every
+            exit subset is tried this way and the fastest within the bound is bundled. The
+            policy then gives only the statistic and temperature; the manifest records every
+            subset tried (``selection``).
+        max_drop: with ``calibration``, the largest calibration accuracy drop (a fraction).
+        reference_accuracy: with ``calibration``, the accuracy the drop is measured from (the
+            baseline's, or an equally trained control's); the model's final exit's on the
+            calibration data when ``None``.
         measure: time batch-1 latency on ONNX Runtime at bundling (full model, bundle, no
             exit firing), interleaved, and record it in the manifest.
         threads: ONNX Runtime intra-op threads while timing.
@@ -172,7 +286,8 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
 
     Raises:
         InputError: an unknown cut, a model or piece that cannot be exported, a bad policy,
-            or no exit subset within ``max_overhead``.
+            no exit subset within ``max_overhead`` (and ``max_drop``), or ``calibration``
+            without ``max_drop``, or with a cut.
     """
     from .split.codec import Codec
 
@@ -200,7 +315,15 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
         was_training = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            if max_overhead is not None and cut is None and len(model.heads) > 0:
+            if calibration is not None:
+                if max_drop is None or cut is not None:
+                    raise InputError("calibration=(inputs, labels) chooses thresholds within "
+                                     "max_drop for a device bundle: pass max_drop=, no cut")
+                keep, policy, selection = _select_calibrated(
+                    model, policy, calibration, max_drop, reference_accuracy, max_overhead,
+                    samples, example, threads, opset, work / "select")
+                model = model.keep_exits(keep)
+            elif max_overhead is not None and cut is None and len(model.heads) > 0:
                 keep, selection = _select(model, policy, samples, example, max_overhead,
                                           threads, opset, work / "select")
                 policy = policy_for_exits(policy, [*keep, len(model.heads)])
@@ -209,7 +332,9 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
             stage = work / "bundle"
             manifest = _write(program, stage, example, codec_spec, classes, normalisation,
                               opset)
-            if selection is not None:
+            if isinstance(selection, dict):  # thresholds chosen here, per subset
+                manifest["selection"] = selection
+            elif selection is not None:
                 manifest["selection"] = {"max_overhead": max_overhead, "subsets": selection}
             if measure:
                 manifest["latency"] = _measure(work / "measure", lower(model, policy, None,

@@ -22,6 +22,7 @@ from .guarded import (
     learn_then_test,
     min_calibration_samples,
 )
+from .per_exit import per_exit_thresholds
 from .selection import ExitSelection, exit_costs, select_exits
 from .sweep import (
     CALIBRATION_MODES,
@@ -39,4 +40,4 @@ __all__ = ["OperatingPoint", "sweep", "pareto_front", "oracle", "choose_operatin
            "candidate_thresholds", "GuardedResult", "guarded_threshold", "learn_then_test",
            "min_calibration_samples", "guard_grid", "drop_losses", "final_decision",
            "exit_costs", "select_exits", "ExitSelection", "paired_drop_ci", "calibrate",
-           "Calibration", "CalibrationWarning", "CALIBRATION_MODES"]
+           "Calibration", "CalibrationWarning", "CALIBRATION_MODES", "per_exit_thresholds"]
