@@ -259,3 +259,15 @@ def test_cli_bundle_command(own, digits, tmp_path, capsys):
     assert main(["bundle", str(ckpt), "--out", str(tmp_path / "bad"), "--cut", "nope",
                  "--model", own_model_file(), "--no-measure"]) == 2
     assert "nope" in capsys.readouterr().err
+    # a device bundle whose thresholds are chosen for ONNX Runtime on the calibration split
+    dev = tmp_path / "dev"
+    assert main(["bundle", str(ckpt), "--out", str(dev), "--model", own_model_file(),
+                 "--max-drop", "2", "--samples", "16"]) == 0
+    b = load_bundle(dev)
+    sel = b.manifest["selection"]
+    assert sel["max_drop"] == 0.02 and sel["calib_samples"] == len(digits.calib)
+    chosen = next(s for s in sel["subsets"] if s.get("chosen"))
+    assert chosen["calib_accuracy"] >= sel["reference_accuracy"] - 0.02 - 1e-9
+    assert main(["bundle", str(ckpt), "--out", str(tmp_path / "x"), "--model",
+                 own_model_file(), "--max-drop", "2", "--cut", OWN_SPLIT]) == 2
+    assert "no cut" in capsys.readouterr().err

@@ -18,7 +18,8 @@ __all__ = ["register", "bundle_checkpoint"]
 def bundle_checkpoint(checkpoint_dir, out, *, cut: str | None = None, policy: str | None = None,
                       codec: str = "fp32", max_overhead: float | None = None,
                       model: str | None = None, dataset: str | None = None, samples: int = 256,
-                      measure: bool = True, threads: int | None = 1):
+                      measure: bool = True, threads: int | None = 1,
+                      max_drop: float | None = None):
     """Bundle a checkpoint; returns ``(bundle directory, manifest)``.
 
     Args:
@@ -30,7 +31,11 @@ def bundle_checkpoint(checkpoint_dir, out, *, cut: str | None = None, policy: st
             code from that file).
         dataset: data set whose calibration split gives the example inputs (the checkpoint's
             when ``None``).
-        samples: how many calibration samples to take.
+        samples: how many calibration samples to take (for export and timing).
+        max_drop: choose the exits (with ``max_overhead``) and one threshold per exit for
+            the lowest batch-1 latency on ONNX Runtime, within this calibration accuracy drop
+            of the model's final exit, on the data set's whole calibration split; the policy
+            then gives only its statistic and temperature.
 
     Raises:
         InputError: no policy for a model with exits, an unknown cut or data set, a
@@ -47,8 +52,10 @@ def bundle_checkpoint(checkpoint_dir, out, *, cut: str | None = None, policy: st
     meta = checkpoint.read_meta(checkpoint_dir)
     net = checkpoint.load(checkpoint_dir, model=model)
     heads = len(getattr(net, "heads", ()) or ())
-    chosen = checkpoint.load_policy(checkpoint_dir, policy,
-                                    default=None if heads else NeverExit())
+    from splitexit.policies import MaxProb
+
+    fallback = NeverExit() if not heads else MaxProb() if max_drop is not None else None
+    chosen = checkpoint.load_policy(checkpoint_dir, policy, default=fallback)
     name = dataset or meta.get("dataset")
     example = classes = None
     if name:
@@ -60,9 +67,15 @@ def bundle_checkpoint(checkpoint_dir, out, *, cut: str | None = None, policy: st
               "bundle is exported and timed on zero inputs (where samples exit decides the "
               "latency; pass --dataset NAME)", file=sys.stderr)
     cut_name = None if cut in (None, "", "none") else cut
+    calibration = None
+    if max_drop is not None:
+        if not name:
+            raise InputError("--max-drop chooses thresholds on a calibration split: pass "
+                             "--dataset NAME (the checkpoint names none)")
+        calibration = (ds.calib.x, ds.calib.y)
     path = bundle(net, out, cut=cut_name, policy=chosen, codec=codec, example=example,
                   classes=classes, max_overhead=max_overhead, measure=measure,
-                  threads=threads)
+                  threads=threads, calibration=calibration, max_drop=max_drop)
     manifest = json.loads((path / "manifest.json").read_text())
     return path, manifest
 
@@ -71,7 +84,8 @@ def _cmd_bundle(args) -> int:
     out, manifest = bundle_checkpoint(
         args.checkpoint, args.out, cut=args.cut, policy=args.policy, codec=args.codec,
         max_overhead=args.max_overhead, model=args.model, dataset=args.dataset,
-        samples=args.samples, measure=not args.no_measure, threads=args.threads)
+        samples=args.samples, measure=not args.no_measure, threads=args.threads,
+        max_drop=None if args.max_drop is None else args.max_drop / 100)
     cut = manifest.get("cut")
     where = ("device only" if cut is None else "full offload" if cut == "input"
              else f"split at {cut}")
@@ -117,6 +131,11 @@ def register(sub) -> None:
                         "function that build it (RUNS CODE FROM THAT FILE)")
     p.add_argument("--dataset", default=None, help="data set whose calibration split gives "
                    "the example inputs for shapes and timing (default: the checkpoint's)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="PT",
+                   help="device bundles: choose one threshold per exit (and, with "
+                        "--max-overhead, the exits) for the lowest batch-1 latency on ONNX "
+                        "Runtime, within PT points of the final exit's accuracy on the data "
+                        "set's calibration split")
     p.add_argument("--samples", type=int, default=256, help="calibration samples to take")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads for timing")
     p.add_argument("--no-measure", action="store_true",
