@@ -34,6 +34,7 @@ from splitexit.policies import Entropy
 from splitexit.program import lower
 from splitexit.report import write_report
 from splitexit.runtime.ort import OrtSession
+
 from .cbnet_plot import plot_pareto
 from .cbnet_train import train_models
 
@@ -41,6 +42,9 @@ __all__ = ["CBNetBenchSettings", "run_cbnet_bench", "register"]
 
 LENET, BRANCHY = "LeNet", "BranchyNet (B-LeNet, entropy exits)"
 TRUNCATED, PUBLISHED_ROW = "B-LeNet truncated after exit 0", "CBNet published (reproduction)"
+LENET_LEAN = "LeNet, lean chain (control)"
+CONTROL = "BranchyNet trained as long as the CBNets (equal-training control)"
+TRUNCATED_LEAN = "B-LeNet truncated after exit 0, lean chain (floor of an unfolded CBNet)"
 
 
 @dataclass
@@ -63,6 +67,8 @@ class CBNetBenchSettings:
         latency_samples: test images timed at batch 1 (``None``: the whole test set).
         threads: torch and ONNX Runtime threads while training and timing.
         models: where trained weights are cached (``None``: ``<out>/models``).
+        equal_training_control: also train BranchyNet on until it has had as many epochs as
+            the longest-trained CBNet (the equally trained control row).
     """
 
     datasets: tuple[str, ...] = ("fashion-mnist", "mnist5k")
@@ -88,6 +94,7 @@ class CBNetBenchSettings:
     batch_size: int = 128
     seed: int = 0
     models: str | None = None
+    equal_training_control: bool = True
     train_only: bool = False
     progress: bool | None = None
 
@@ -128,15 +135,16 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
     shape = ds.input_shape
     calib = ds.calib
     policy = Entropy(t.threshold)
-    branchy_calib = float((t.branchy.infer(calib.x, policy).predictions == calib.y)
-                          .double().mean())
+    branchy_calib_pred = t.branchy.infer(calib.x, policy).predictions
+    branchy_calib = float((branchy_calib_pred == calib.y).double().mean())
     lenet_calib = float((t.lenet(calib.x).argmax(1) == calib.y).double().mean())
     facts.update(branchynet_calib_accuracy=branchy_calib, lenet_calib_accuracy=lenet_calib)
 
-    # 1-2. candidates, unfolded and folded, chosen on the calibration split by ONNX latency
-    pipes: dict[str, torch.nn.Module] = {}
+    # 1-2. candidates, unfolded and folded, chosen on the calibration split by ONNX latency;
+    # every one runs as its lean chain (bit-exact to the module pipeline it comes from)
+    sources: dict[str, torch.nn.Module] = {}
     for name, (_spec, pipe, _variant) in t.candidates.items():
-        pipes[f"CBNet {name}"] = pipe
+        sources[f"CBNet {name}"] = pipe
         try:
             folded = cbnet.fold_pipeline(pipe)
         except InputError as exc:  # a converter whose output is not linear
@@ -146,11 +154,20 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
             facts[f"not folded: {name}"] = (f"the folded dense layer would cost "
                                             f"{folded.macs():.3g} MACs vs {pipe.macs():.3g}")
             continue
-        pipes[f"CBNet {name}, folded"] = folded
+        sources[f"CBNet {name}, folded"] = folded
+    pipes: dict[str, torch.nn.Module] = {}
+    for row, source in sources.items():
+        try:
+            pipes[row] = cbnet.lean_pipeline(source)
+        except InputError as exc:
+            facts[f"not lean: {row}"] = str(exc)
+            pipes[row] = source
     with torch_threads(s.threads):
-        selection = select_fastest(pipes, calib, branchy_calib, samples=s.select_samples,
+        selection = select_fastest(pipes, calib, branchy_calib, reference=branchy_calib_pred,
+                                   samples=s.select_samples,
                                    threads=s.threads, directory=work / "select")
     facts["selected_converter"] = selection.chosen
+    facts["selected_ahead_of_branchynet_with_confidence"] = selection.guarded
 
     # 3. fallback CBNet on the chosen pipeline (or the most accurate one if none qualified)
     base_name = selection.chosen or max(selection.table,
@@ -159,7 +176,7 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
     for on in ("converted", "original"):
         # on the converted image: B-LeNet's main path continues from the features of the
         # first conv it shares with the light classifier; on the original image: all of LeNet
-        model = cbnet.fallback_model(pipes[base_name], t.branchy if on == "converted"
+        model = cbnet.fallback_model(sources[base_name], t.branchy if on == "converted"
                                      else t.lenet, on)
         try:
             fallbacks[on] = cbnet.calibrate_fallback(model, calib, lenet_calib, on=on)
@@ -187,7 +204,20 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
     methods[LENET] = _plain(t.lenet.eval(), onnx_dir / "lenet.onnx", shape)
     example = torch.full((1, *shape), 0.5)
     methods[BRANCHY] = _exits(t.branchy, policy, onnx_dir / "branchy", 0.0)
+    methods[BRANCHY]["threshold"] = t.threshold
+    if t.control is not None:
+        control_threshold = cbnet.choose_threshold(t.control, calib, s.max_drop)
+        methods[CONTROL] = _exits(t.control, Entropy(control_threshold),
+                                  onnx_dir / "branchy-control", 0.0)
+        methods[CONTROL]["threshold"] = control_threshold
+        facts["control_epochs"] = t.control_epochs
     methods[TRUNCATED] = _plain(t.light, onnx_dir / "light.onnx", shape)
+    # controls: the same exact lean rewrites applied to LeNet, and the light classifier alone
+    # as a lean chain, the floor of every unfolded CBNet
+    for row, module, file in ((LENET_LEAN, t.lenet, "lenet-lean.onnx"),
+                              (TRUNCATED_LEAN, t.light, "light-lean.onnx")):
+        lean = cbnet.LeanPipeline(cbnet.lean_layers(module), shape, ds.num_classes).eval()
+        methods[row] = _plain(lean, onnx_dir / file, shape)
     methods[PUBLISHED_ROW] = _plain(t.published, onnx_dir / "published.onnx", shape)
     for i, (name, pipe) in enumerate(pipes.items()):
         methods[name] = _plain(pipe, onnx_dir / f"candidate{i}.onnx", shape)
@@ -206,7 +236,7 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
         if "exits" in m:
             fr = m["exits"](x)
             m["fractions"] = fr
-            if name == BRANCHY:
+            if name in (BRANCHY, CONTROL):
                 m["macs"] = fr[0] * first_branchy + fr[1] * full_branchy
             else:
                 em = cbnet.fallback.exit_macs(m["fallback"].model)
@@ -246,14 +276,18 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
                "rpi4_test_set_energy_j_est": rpi.energy_mj(rpi_onnx_s) * len(x) / 1e3,
                "rpi4_latency_ms_from_macs_est": 1e3 * rpi.compute_time_s(m["macs"]),
                "selected": name in chosen_rows,
-               "role": ("selected: fastest at BranchyNet's calibration accuracy"
+               "role": (("selected: fastest at BranchyNet's calibration accuracy with 95% "
+                         "one-sided confidence" if selection.guarded else
+                         "selected: fastest at BranchyNet's calibration accuracy (point "
+                         "estimate; no candidate was ahead with 95% confidence)")
                         if name in chosen_rows else
                         "most accurate candidate (none reached BranchyNet's calibration "
                         "accuracy); base of the fallback CBNet"
                         if selection.chosen is None and name == base_name else "")}
         if "fractions" in m:
             row.update(exit_fractions=m["fractions"], hard_share=m["fractions"][1],
-                       threshold=t.threshold if name == BRANCHY else m["fallback"].threshold)
+                       threshold=m["threshold"] if "threshold" in m else
+                       m["fallback"].threshold)
         if name == PUBLISHED_ROW:
             row["hard_share"] = methods[BRANCHY]["fractions"][1]  # test images at exit 1
         if "fallback" in m:
@@ -263,6 +297,13 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
                            else "other fallback input")
         rows.append(row)
     facts["latency_samples"] = limit
+    # the ceiling of any unfolded CBNet: its light classifier alone, with a converter of no cost
+    by = {r["method"]: r for r in rows}
+    for prefix, label in (("", "torch"), ("onnx_", "onnx")):
+        floor = by[TRUNCATED_LEAN][prefix + "latency_ms"]
+        for ref, key in ((BRANCHY, "branchynet"), (LENET, "lenet")):
+            facts[f"{label}_ceiling_speedup_vs_{key} (light classifier alone, lean)"] = (
+                by[ref][prefix + "latency_ms"] / floor)
     selection_rows = [{"dataset": ds.name, **r} for r in selection.table]
     fb_rows = [{"dataset": ds.name, "base": base_name, **r} for r in fb_choice]
     return rows, facts, selection_rows, fb_rows
@@ -276,17 +317,24 @@ def _targets(rows: list[dict]) -> list[dict]:
         if not r["method"].startswith("CBNet"):
             continue
         lenet, branchy = by[(r["dataset"], LENET)], by[(r["dataset"], BRANCHY)]
+        lenet_lean = by[(r["dataset"], LENET_LEAN)]
+        control = by.get((r["dataset"], CONTROL))
         fallback = "fallback" in r["method"]
         e = {"dataset": r["dataset"], "method": r["method"], "selected": r["selected"],
              "role": r.get("role", ""),
              "accuracy": r["accuracy"], "accuracy_minus_branchynet_pt":
              100 * (r["accuracy"] - branchy["accuracy"]),
              "accuracy_minus_lenet_pt": 100 * (r["accuracy"] - lenet["accuracy"])}
+        if control is not None:
+            e["accuracy_minus_equal_training_control_pt"] = 100 * (r["accuracy"]
+                                                                 - control["accuracy"])
         for prefix, label in (("", "torch"), ("onnx_", "onnx")):
             for stat, suffix in (("latency_ms", ""), ("latency_p50_ms", "_p50")):
                 e[f"{label}{suffix}_speedup_vs_branchynet"] = (
                     branchy[prefix + stat] / r[prefix + stat])
                 e[f"{label}{suffix}_speedup_vs_lenet"] = lenet[prefix + stat] / r[prefix + stat]
+                e[f"{label}{suffix}_speedup_vs_lenet_lean_control"] = (
+                    lenet_lean[prefix + stat] / r[prefix + stat])
         if r["method"] == PUBLISHED_ROW:
             e["target"] = "reproduction row (no target)"
             e["target_met"] = None
@@ -344,9 +392,21 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "fine-tuned on its converted images, or converter and classifier jointly fine-tuned "
         "on the labels) unfolded and folded; accuracy on the calibration split, batch-1 "
         "latency on ONNX Runtime over select_samples calibration images; chosen: the fastest "
-        "at BranchyNet's calibration accuracy or better. 'selected' marks it in the main table.",
+        "whose paired calibration accuracy gain over BranchyNet has a one-sided 95% lower "
+        "bound >= 0 (gain_low_pt; splitexit.calibration.paired_drop_ci), or, when none has, "
+        "the fastest at BranchyNet's calibration accuracy or better (the role says which). "
+        "'selected' marks it in the main table.",
         "Folded: the converter's output Linear and the classifier's first Conv2d composed into "
         "one dense layer over the converter's hidden code (splitexit.cbnet.fold_pipeline).",
+        "Lean chains: every CBNet row (and the fallback's exit-0 head) runs as "
+        "splitexit.cbnet.lean_pipeline, a flat chain of its primitive layers with exact "
+        "rewrites (ReLU before MaxPool / reshapes, so ONNX Runtime fuses it into the Conv or "
+        "Gemm before; Unflatten as one constant Reshape) and, in PyTorch inference, a "
+        "functional forward without per-layer module dispatch; its logits equal the module "
+        "pipeline's bit for bit (tests/test_cbnet_lean.py). The same rewrites applied to LeNet "
+        "and to the light classifier give the 'lean chain' control rows; the targets are "
+        "judged against LeNet and BranchyNet as the library runs them, and the "
+        "*_vs_lenet_lean_control columns give the ratio against the lean LeNet.",
         "CBNet with fallback exit: a MultiExitModel (exit 0: converter + light classifier; "
         "final: B-LeNet's main path after its first conv on the converted image's features, "
         "or LeNet from its first conv on the original image); MaxProb threshold calibrated as the "
@@ -355,8 +415,14 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "of input by calibration latency).",
         "BranchyNet on ONNX Runtime: its exit program's batch-1 exit graph (one ONNX graph "
         "with an If node); batched accuracy through the pieces.",
-        "PyTorch CBNet pipelines validate their input range on every call and multi-exit "
-        "models check their input in infer; LeNet and the truncated B-LeNet do not.",
+        "Equal-training control: the suite's B-LeNet trained on (BranchyNet's loss) until "
+        "LeNet + B-LeNet epochs equal the longest-trained candidate CBNet's converter + "
+        "classifier fine-tuning + joint epochs ('control_epochs'); its entropy threshold "
+        "chosen on the calibration split like BranchyNet's. The targets are judged against "
+        "the suite's BranchyNet; accuracy_minus_equal_training_control_pt compares with it.",
+        "PyTorch CBNet pipelines and lean chains (the control rows too) validate their input "
+        "range on every call and multi-exit models check their input in infer; LeNet and the "
+        "truncated B-LeNet do not.",
         "rpi4_* are ESTIMATES, not measurements: host latency x (host GMAC/s / Raspberry Pi 4 "
         "GMAC/s) from splitexit.devices, energy = Pi active power x estimated time; "
         "rpi4_latency_ms_from_macs_est = MACs / the Pi's estimated MAC rate.",
@@ -392,7 +458,8 @@ def _run(args: argparse.Namespace) -> int:
         targets_per_class=args.targets_per_class, train_limit=args.train_limit,
         latency_samples=args.latency_samples, select_samples=args.select_samples,
         threads=args.threads, seed=args.seed, max_drop=args.max_drop, models=args.models,
-        train_only=args.train_only, progress=True if args.progress else None)
+        train_only=args.train_only, equal_training_control=not args.no_control,
+        progress=True if args.progress else None)
     from .common import command_line
 
     command = command_line()
@@ -439,5 +506,7 @@ def register(subparsers) -> None:
     p.add_argument("--models", default=None, help="model cache (default: <out>/models)")
     p.add_argument("--train-only", action="store_true",
                    help="train (or load) every model and stop; fills the cache")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the equally trained BranchyNet control")
     p.add_argument("--progress", action="store_true", help="always show progress bars")
     p.set_defaults(func=_run)

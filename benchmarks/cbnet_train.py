@@ -23,7 +23,7 @@ from splitexit import cbnet
 from splitexit.cbnet.search import PUBLISHED, SEARCH_SPACE, ConverterSpec, finetune_joint
 from splitexit.data import Dataset
 from splitexit.multiexit import MultiExitModel
-from splitexit.training import Baseline, train
+from splitexit.training import Baseline, JointWeighted, train
 from splitexit.zoo import create_model, create_multiexit
 
 __all__ = ["Trained", "train_models", "candidate_specs"]
@@ -79,6 +79,9 @@ class Trained:
     candidates: dict[str, tuple[ConverterSpec, cbnet.CBNetPipeline, str]] = field(
         default_factory=dict)
     facts: dict = field(default_factory=dict)
+    #: B-LeNet trained as many epochs in all as the longest-trained CBNet (None: not built)
+    control: MultiExitModel | None = None
+    control_epochs: int = 0
 
 
 def train_models(ds: Dataset, s, models: Path | None) -> Trained:
@@ -175,17 +178,49 @@ def train_models(ds: Dataset, s, models: Path | None) -> Trained:
         pipe = cbnet.CBNetPipeline(conv, tuned, ds.num_classes).eval()
         trained.candidates[f"{spec.name}, fine-tuned classifier"] = (
             spec, pipe, "fine-tuned classifier")
-        if s.joint_epochs:
-            joint_set = {**ft_set, "joint_epochs": s.joint_epochs, "joint_lr": s.finetune_lr}
+        joint_epochs = s.joint_epochs if spec.joint_epochs is None else spec.joint_epochs
+        joint_lr = s.finetune_lr if spec.joint_lr is None else spec.joint_lr
+        if joint_epochs:
+            joint_set = {**ft_set, "joint_epochs": joint_epochs, "joint_lr": joint_lr}
 
-            def fit_joint(m):
-                return finetune_joint(m, train_split, epochs=s.joint_epochs, lr=s.finetune_lr,
-                                      batch_size=s.batch_size, seed=s.seed,
+            teacher = {None: None, "published": published}[spec.joint_teacher]
+
+            def fit_joint(m, joint_epochs=joint_epochs, joint_lr=joint_lr, teacher=teacher):
+                return finetune_joint(m, train_split, epochs=joint_epochs, lr=joint_lr,
+                                      batch_size=s.batch_size, seed=s.seed, teacher=teacher,
                                       progress=s.progress).seconds
 
             joint, sec = _cached(where, _key("joint-" + spec.key(), joint_set),
                                  lambda pipe=pipe: copy.deepcopy(pipe), fit_joint)
             facts[f"joint_s {spec.name}"] = sec
-            trained.candidates[f"{spec.name}, jointly fine-tuned"] = (
-                spec, joint.eval(), "jointly fine-tuned")
+            label = "jointly fine-tuned" + (f" ({joint_epochs} epochs)"
+                                            if spec.joint_epochs is not None else "") + (
+                ", distilling the published CBNet" if spec.joint_teacher else "")
+            trained.candidates[f"{spec.name}, {label}"] = (spec, joint.eval(), label)
+    if s.equal_training_control:
+        _control(trained, ds, s, train_split, where, branchy_set, conv_epochs)
     return trained
+
+
+def _control(trained: Trained, ds: Dataset, s, train_split, where, branchy_set: dict,
+             conv_epochs: int) -> None:
+    """BranchyNet trained on for as many epochs as the longest-trained candidate CBNet got in
+    all (converter + classifier fine-tuning + joint), counting LeNet's and B-LeNet's."""
+    joint = max((spec.joint_epochs if spec.joint_epochs is not None else s.joint_epochs)
+                for spec, _, _ in trained.candidates.values()) if trained.candidates else 0
+    extra = conv_epochs + s.finetune_epochs + joint - s.lenet_epochs - s.branchy_epochs
+    if extra <= 0:
+        return
+    control_set = {**branchy_set, "control_extra_epochs": extra}
+
+    def fit(m):
+        m.load_state_dict(trained.branchy.state_dict())
+        return train(m, train_split, JointWeighted(cbnet.BRANCHYNET_WEIGHTS), epochs=extra,
+                     lr=s.lr / 2, batch_size=s.batch_size, seed=s.seed + 2,
+                     progress=s.progress).seconds
+
+    trained.control, trained.facts["control_train_s"] = _cached(
+        where, _key("branchy-control", control_set),
+        lambda: create_multiexit("b-lenet", ds.num_classes, ds.input_shape, head="published"),
+        fit)
+    trained.control_epochs = s.lenet_epochs + s.branchy_epochs + extra

@@ -10,7 +10,7 @@ from benchmarks.cbnet import CBNetBenchSettings, run_cbnet_bench
 @pytest.mark.slow
 def test_bench_cbnet_small(tmp_path):
     s = CBNetBenchSettings(datasets=("mnist5k",), lenet_epochs=1, branchy_epochs=1,
-                           converter_epochs=1, converter_min_steps=5, finetune_epochs=1,
+                           converter_epochs=2, converter_min_steps=5, finetune_epochs=1,
                            joint_epochs=0, candidates=("fc_h32_linear",), train_limit=300,
                            select_samples=20, latency_samples=20, latency_chunks=2,
                            throughput_batch=128, progress=False)
@@ -21,6 +21,12 @@ def test_bench_cbnet_small(tmp_path):
     assert "CBNet published (reproduction)" in methods
     assert "CBNet fc 784-32-784, fine-tuned classifier, folded" in methods
     assert any(m.startswith("CBNet with fallback exit") for m in methods)
+    # controls: lean LeNet, the light classifier's lean floor, BranchyNet trained as long
+    # (2 converter + 1 fine-tuning epochs vs 1 LeNet + 1 B-LeNet: one more epoch)
+    assert {"LeNet, lean chain (control)",
+            "BranchyNet trained as long as the CBNets (equal-training control)"} <= set(methods)
+    assert report["sections"]["per data set"][0]["control_epochs"] == 3
+    assert all("onnx_speedup_vs_lenet_lean_control" in e for e in report["sections"]["targets"])
     for r in report["rows"]:
         # ONNX Runtime gives the PyTorch predictions (folded or not, exits or not)
         assert r["onnx_agreement"] >= 0.998, r["method"]

@@ -176,6 +176,29 @@ def test_select_fastest_respects_the_accuracy_floor(setup):
         select_fastest(candidates, calib, 89.0)
 
 
+def test_select_fastest_with_a_reference_needs_confidence(setup):
+    ds, _, _, lenet, pipe = setup
+    calib = ds.calib.subset(200, seed=0)
+    candidates = {"cbnet": pipe, "lenet": lenet}
+    with torch.no_grad():
+        ref = lenet(calib.x).argmax(1)
+    floor = float((ref == calib.y).double().mean())
+    sel = select_fastest(candidates, calib, floor, samples=20, reference=ref)
+    row = next(r for r in sel.table if r["candidate"] == "lenet")
+    # the reference against itself: no gain, and a zero-width interval
+    assert row["gain_pt"] == 0 and row["gain_low_pt"] == 0
+    assert row["meets_accuracy_with_confidence"]
+    for r in sel.table:
+        assert r["meets_accuracy_with_confidence"] == (r["meets_accuracy"]
+                                                       and r["gain_low_pt"] >= 0)
+    assert sel.guarded is True and next(r for r in sel.table if r["chosen"])[
+        "meets_accuracy_with_confidence"]
+    with pytest.raises(InputError, match="one predicted class per calibration image"):
+        select_fastest(candidates, calib, floor, samples=5, reference=ref[:10])
+    with pytest.raises(InputError, match="quantile"):
+        select_fastest(candidates, calib, floor, samples=5, reference=ref, z=-1.0)
+
+
 def test_distilled_converter_learns_the_teacher(setup):
     ds, data, _, _, pipe = setup
     student = ConverterSpec("s", hidden=(16,), distilled=True).build(ds.input_shape)
@@ -187,6 +210,35 @@ def test_distilled_converter_learns_the_teacher(setup):
         bad = cbnet.ConvertingAutoencoder((1, 28, 28), "fc", (8,), output="linear")
         bad.net[-1] = nn.Unflatten(1, (4, 14, 14))
         cbnet.distill_converter(bad, pipe.converter, data.x[:8], epochs=1)
+
+
+def test_joint_distillation_pulls_the_pipeline_towards_the_teacher(setup):
+    import copy
+
+    import torch.nn.functional as F
+
+    from splitexit.cbnet.search import finetune_joint
+
+    ds, data, _, lenet, pipe = setup
+    student = copy.deepcopy(pipe)
+    x = data.x[:256]
+
+    def kl():
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(student.eval()(x) / 4, 1),
+                                  F.softmax(lenet(x) / 4, 1), reduction="batchmean"))
+
+    before = kl()
+    with torch_threads(1):  # alpha=1: the teacher's soft labels only
+        finetune_joint(student, data, epochs=2, lr=2e-3, batch_size=32, teacher=lenet,
+                       alpha=1.0, progress=False)
+    assert kl() < 0.7 * before
+    spec = ConverterSpec("kd", hidden=(16,), joint_epochs=4, joint_teacher="published")
+    assert spec.key() == "fc_h16_linear_j4_kd-published"  # cached apart from plain joint runs
+    with pytest.raises(InputError, match="temperature"):
+        finetune_joint(copy.deepcopy(pipe), data, epochs=1, teacher=lenet, temperature=0.0)
+    with pytest.raises(InputError, match="alpha"):
+        finetune_joint(copy.deepcopy(pipe), data, epochs=1, teacher=lenet, alpha=1.5)
 
 
 def test_pareto_front():

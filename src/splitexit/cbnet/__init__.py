@@ -19,6 +19,9 @@ The method (Dogra et al., CBNet; TECHNIQUES.md section 3), step by step:
    ONNX (:func:`export_onnx`, run with :class:`OnnxPipeline`); as an exit program
    (:func:`splitexit.program.as_multiexit`) it also bundles like any model
    (:func:`splitexit.deploy.bundle`).
+7. For deployment, :func:`fold_pipeline` composes the converter's linear output layer with the
+   classifier's first convolution, and :func:`lean_pipeline` runs the chain as flat primitive
+   layers with exact rewrites (fused ReLUs in ONNX, no module dispatch in PyTorch).
 
 :func:`train_cbnet` runs steps 1 to 6 from a data set.
 
@@ -48,6 +51,7 @@ from .core import (
 )
 from .fallback import FallbackCBNet, calibrate_fallback, fallback_model
 from .fold import FoldedPipeline, fold_linear, fold_pipeline
+from .lean import LeanPipeline, Reshape, lean_layers, lean_pipeline
 from .pipeline import (
                         CBNetPipeline,
                         CBNetRun,
@@ -61,9 +65,10 @@ from .pipeline import (
 
 __all__ = [
     "BRANCHYNET_WEIGHTS", "CBNetSettings", "CBNetRun", "CBNetTargets", "CBNetPipeline",
-    "ConvertingAutoencoder", "FallbackCBNet", "FoldedPipeline", "OnnxPipeline",
-    "calibrate_fallback", "choose_threshold", "convert", "distill_converter", "export_onnx",
-    "fallback_model", "finetune_classifier", "first_exit_entropy", "first_exit_logits",
-    "fold_linear", "fold_pipeline", "light_classifier", "load_pipeline", "save_pipeline",
-    "select_targets", "train_branchynet", "train_cbnet", "train_converter",
+    "ConvertingAutoencoder", "FallbackCBNet", "FoldedPipeline", "LeanPipeline", "OnnxPipeline",
+    "Reshape", "calibrate_fallback", "choose_threshold", "convert", "distill_converter",
+    "export_onnx", "fallback_model", "finetune_classifier", "first_exit_entropy",
+    "first_exit_logits", "fold_linear", "fold_pipeline", "lean_layers", "lean_pipeline",
+    "light_classifier", "load_pipeline", "save_pipeline", "select_targets", "train_branchynet",
+    "train_cbnet", "train_converter",
 ]

@@ -200,10 +200,9 @@ def finetune_classifier(classifier: nn.Module, converter: nn.Module, data: Split
 # Input checks ------------------------------------------------------------------------------
 def _check_images(x: torch.Tensor, input_shape: Sequence[int]) -> None:
     check_input(x, input_shape)
-    lo, hi = torch.aminmax(x)
-    if lo < 0 or hi > 1:
+    lo, hi = (float(v) for v in torch.aminmax(x))  # Python floats: no tensor comparisons
+    if not (lo >= 0.0 and hi <= 1.0):
         raise InputError(f"CBNet takes images with values in [0, 1], got values in "
-                         f"[{float(lo):.4g}, {float(hi):.4g}]; scale 8-bit images with "
-                         "x.float() / 255")
+                         f"[{lo:.4g}, {hi:.4g}]; scale 8-bit images with x.float() / 255")
 
 

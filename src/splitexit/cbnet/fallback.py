@@ -7,8 +7,8 @@ calibration (:func:`calibrate_fallback`, or the guarded thresholds of
 :mod:`splitexit.calibration`), :func:`splitexit.program.lower` and ONNX Runtime (pieces, or the
 batch-1 exit graph), bundles (:func:`splitexit.deploy.bundle`).
 
-Its exit 0 is the CBNet pipeline (converter, then the light classifier, folded or not); its
-final exit is the rest of LeNet, on one of two inputs:
+Its exit 0 is the CBNet pipeline (converter, then the light classifier, folded or not, as a
+flat chain with :func:`~splitexit.cbnet.lean_layers`' exact rewrites); its final exit is the rest of LeNet, on one of two inputs:
 
 - ``on="converted"``: LeNet continues from the first convolution's output on the converted
   image, the very features the light classifier's branch read (nothing is recomputed);
@@ -33,6 +33,7 @@ from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..policies import MaxProb
 from ..stages import Stage, StagedModel
+from .lean import lean_layers
 
 __all__ = ["FallbackCBNet", "fallback_model", "calibrate_fallback", "check_confidence"]
 
@@ -61,6 +62,15 @@ def _backbone(rest: nn.Module) -> StagedModel:
     return rest
 
 
+def _chain(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` as one flat ``nn.Sequential`` of its primitive layers
+    (:func:`~splitexit.cbnet.lean_layers`), or a plain copy when it has other layers."""
+    try:
+        return nn.Sequential(*copy.deepcopy(lean_layers(module)))
+    except InputError:
+        return copy.deepcopy(module)
+
+
 def fallback_model(pipeline: nn.Module, rest: nn.Module, on: str = "original") -> MultiExitModel:
     """The fallback CBNet as a multi-exit model (modules copied; the inputs are unchanged).
 
@@ -86,8 +96,8 @@ def fallback_model(pipeline: nn.Module, rest: nn.Module, on: str = "original") -
                          "(splitexit.cbnet.light_classifier: first convolution, then branch)")
     backbone = _backbone(rest)
     input_shape = tuple(pipeline.input_shape)
-    front = nn.Sequential(copy.deepcopy(pipeline.converter),
-                          copy.deepcopy(classifier.stages[0].module))
+    # the CBNet parts as flat primitive chains (lean_layers: exact rewrites, fused ReLUs)
+    front = _chain(nn.Sequential(pipeline.converter, classifier.stages[0].module))
     branch = copy.deepcopy(classifier.stages[1].module)
     later = [copy.deepcopy(s.module) for s in backbone.stages[1:]]
     names = list(backbone.cut_names)
@@ -99,7 +109,7 @@ def fallback_model(pipeline: nn.Module, rest: nn.Module, on: str = "original") -
         first = copy.deepcopy(backbone.stages[0].module)
         stages = [Stage(nn.Identity(), "image"),
                   *(Stage(m, n) for m, n in zip([first, *later], names + ["output"]))]
-        heads = {"image": nn.Sequential(front, branch)}
+        heads = {"image": _chain(pipeline)}
     staged = StagedModel(stages, [s.name for s in stages[:-1]])
     try:
         model = MultiExitModel(staged, heads, input_shape)

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..calibration import paired_drop_ci
 from ..data import Split
 from ..errors import InputError
 from ..training import Baseline, train
-from ..training.base import TrainHistory
+from ..training.base import Strategy, TrainHistory
+from ..training.bottlefit import check_kd, kd_loss
 from .converter import ConvertingAutoencoder
 
 __all__ = ["ConverterSpec", "PUBLISHED", "SEARCH_SPACE", "Selection", "finetune_joint",
@@ -36,6 +38,10 @@ class ConverterSpec:
         name: label in reports.
         kind, hidden, channels, output: :class:`ConvertingAutoencoder` arguments.
         distilled: trained on the published converter's outputs instead of the targets.
+        joint_epochs, joint_lr: joint fine-tuning of this candidate (``None``: the suite's
+            defaults), e.g. longer for a narrow code that needs it.
+        joint_teacher: ``"published"``: the joint fine-tuning also distils the published
+            CBNet pipeline's logits (:func:`finetune_joint`); ``None``: labels only.
     """
 
     name: str
@@ -44,6 +50,9 @@ class ConverterSpec:
     channels: tuple[int, ...] = (16, 32)
     output: str = "linear"
     distilled: bool = False
+    joint_epochs: int | None = None
+    joint_lr: float | None = None
+    joint_teacher: str | None = None
 
     def build(self, input_shape: Sequence[int]) -> ConvertingAutoencoder:
         return ConvertingAutoencoder(input_shape, self.kind, self.hidden, self.channels,
@@ -56,6 +65,12 @@ class ConverterSpec:
             parts.append("c" + "-".join(map(str, self.channels)))
         if self.distilled:
             parts.append("distilled")
+        if self.joint_epochs is not None:
+            parts.append(f"j{self.joint_epochs}")
+        if self.joint_lr is not None:
+            parts.append(f"jlr{self.joint_lr:g}")
+        if self.joint_teacher is not None:
+            parts.append(f"kd-{self.joint_teacher}")
         return "_".join(parts)
 
     def to_dict(self) -> dict:
@@ -74,18 +89,50 @@ SEARCH_SPACE: tuple[ConverterSpec, ...] = (
     ConverterSpec("conv 4-8 code 32", kind="conv", hidden=(32,), channels=(4, 8)),
     ConverterSpec("fc 784-128-64-784", hidden=(128, 64)),
     ConverterSpec("fc 784-256-64-784 distilled", hidden=(256, 64), distilled=True),
+    # a 32-wide code folds into a dense layer no dearer than the conv it replaces; the
+    # narrow code needs longer joint fine-tuning to reach BranchyNet's accuracy
+    ConverterSpec("fc 784-128-32-784", hidden=(128, 32), joint_epochs=10, joint_lr=1e-3,
+                  joint_teacher="published"),
+    ConverterSpec("fc 784-256-32-784", hidden=(256, 32), joint_epochs=10, joint_lr=1e-3,
+                  joint_teacher="published"),
 )
 
 
+class _JointDistill(Strategy):
+    """Cross-entropy on the labels plus knowledge distillation from a fixed teacher's logits
+    (:func:`splitexit.training.bottlefit.kd_loss`)."""
+
+    name = "cbnet-joint-distill"
+
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float):
+        check_kd(None, temperature, alpha)  # the teacher may be any module
+        self._teacher = teacher.eval()
+        self.temperature, self.alpha = float(temperature), float(alpha)
+
+    def loss(self, model, x, y):
+        return kd_loss(model(x), y, self._teacher, x, self.temperature, self.alpha)
+
+
 def finetune_joint(pipeline: nn.Module, data: Split, *, epochs: int = 2, lr: float = 5e-4,
-                   batch_size: int = 128, seed: int = 0, progress: bool | None = None
-                   ) -> TrainHistory:
-    """Fine-tune converter and classifier together on the labels (cross-entropy).
+                   batch_size: int = 128, seed: int = 0, teacher: nn.Module | None = None,
+                   temperature: float = 4.0, alpha: float = 0.7,
+                   progress: bool | None = None) -> TrainHistory:
+    """Fine-tune converter and classifier together on the labels (cross-entropy), optionally
+    distilling a trained ``teacher``'s logits (e.g. the published CBNet pipeline).
 
     The converter then no longer aims at the target images: it learns whatever code the light
     classifier reads best. Reports must label such pipelines as jointly fine-tuned.
+
+    Args:
+        teacher: a fixed model mapping the same images to logits; ``None``: labels only.
+        temperature, alpha: the distillation temperature and the weight of its term
+            (``1 - alpha`` weighs the cross-entropy).
+
+    Raises:
+        InputError: ``temperature <= 0`` or ``alpha`` outside [0, 1].
     """
-    return train(pipeline, data, Baseline(), epochs=epochs, lr=lr, batch_size=batch_size,
+    strategy = Baseline() if teacher is None else _JointDistill(teacher, temperature, alpha)
+    return train(pipeline, data, strategy, epochs=epochs, lr=lr, batch_size=batch_size,
                  seed=seed, progress=progress)
 
 
@@ -114,20 +161,34 @@ class Selection:
         chosen: the fastest candidate at the accuracy floor (``None``: none reached it).
         min_accuracy: the floor.
         table: per candidate: calibration accuracy, ONNX Runtime batch-1 mean and median
-            latency (ms), whether it reached the floor.
+            latency (ms), whether it reached the floor; with a reference also the paired
+            accuracy gain over it and the gain's lower confidence bound (points).
+        guarded: with a reference: whether ``chosen`` is ahead of it with confidence
+            (``False``: no candidate was, and ``chosen`` only reached the point floor);
+            ``None`` without a reference.
     """
 
     chosen: str | None
     min_accuracy: float
     table: list[dict] = field(default_factory=list)
+    guarded: bool | None = None
 
 
 @torch.no_grad()
 def select_fastest(pipelines: Mapping[str, nn.Module], calib: Split, min_accuracy: float, *,
                    samples: int = 2000, threads: int = 1,
-                   directory: str | Path | None = None) -> Selection:
+                   directory: str | Path | None = None, reference: torch.Tensor | None = None,
+                   z: float = 1.645) -> Selection:
     """The fastest pipeline on ONNX Runtime (batch 1) among those whose calibration accuracy
     is at least ``min_accuracy``.
+
+    With ``reference`` (the reference model's predictions on the calibration images, e.g.
+    BranchyNet's), a candidate must be at least as accurate as the reference with confidence:
+    the lower bound of its paired accuracy gain (:func:`splitexit.calibration.paired_drop_ci`,
+    normal quantile ``z``; 1.645: one-sided 95%) must be >= 0. A point floor alone picks the
+    luckiest candidate on a small calibration split; the bound guards against that. When no
+    candidate clears the bound, the fastest at the point floor is chosen and
+    :attr:`Selection.guarded` says so.
 
     Args:
         pipelines: ``{name: pipeline}`` (any modules mapping images to logits).
@@ -136,28 +197,46 @@ def select_fastest(pipelines: Mapping[str, nn.Module], calib: Split, min_accurac
         samples: calibration images timed one at a time.
         threads: ONNX Runtime threads.
         directory: where the ONNX files go (a temporary directory when ``None``).
+        reference: the reference's predicted class per calibration image (optional).
+        z: normal quantile of the confidence bound.
 
     Raises:
-        InputError: no pipelines, or ``min_accuracy`` outside [0, 1].
+        InputError: no pipelines, ``min_accuracy`` outside [0, 1], a reference that is not
+            one prediction per calibration image, or ``z < 0``.
     """
     if not pipelines:
         raise InputError("no candidate pipelines to select from")
     if not 0.0 <= min_accuracy <= 1.0:
         raise InputError(f"min_accuracy is a fraction in [0, 1], got {min_accuracy!r}")
-    accuracy = {}
+    if reference is not None and tuple(reference.shape) != (len(calib.y),):
+        raise InputError(f"reference must be one predicted class per calibration image, shape "
+                         f"({len(calib.y)},), got {tuple(reference.shape)}")
+    if not z >= 0:
+        raise InputError(f"z is a normal quantile >= 0 (1.645: one-sided 95%), got {z!r}")
+    accuracy, gain = {}, {}
     for name, module in pipelines.items():
         module.eval()
         pred = torch.cat([module(calib.x[i: i + 1024]).argmax(1)
                           for i in range(0, len(calib.x), 1024)])
         accuracy[name] = float((pred == calib.y).double().mean())
+        if reference is not None:
+            drop, _, high = paired_drop_ci(reference == calib.y, pred == calib.y, z)
+            gain[name] = (-drop, -high)
     with tempfile.TemporaryDirectory(prefix="splitexit-search-") as tmp:
         latency = onnx_latency(pipelines, calib.x[:samples], directory or tmp, threads)
     table = [{"candidate": n, "calib_accuracy": accuracy[n],
               "onnx_latency_ms": latency[n]["mean_ms"],
               "onnx_latency_p50_ms": latency[n]["median_ms"],
               "meets_accuracy": accuracy[n] >= min_accuracy} for n in pipelines]
-    ok = [r for r in table if r["meets_accuracy"]]
+    guarded = None
+    if reference is not None:
+        for r in table:
+            r["gain_pt"], r["gain_low_pt"] = gain[r["candidate"]]
+            r["meets_accuracy_with_confidence"] = r["meets_accuracy"] and r["gain_low_pt"] >= 0
+        guarded = any(r["meets_accuracy_with_confidence"] for r in table)
+    ok = [r for r in table if r["meets_accuracy_with_confidence" if guarded else
+                               "meets_accuracy"]]
     chosen = min(ok, key=lambda r: r["onnx_latency_ms"])["candidate"] if ok else None
     for r in table:
         r["chosen"] = r["candidate"] == chosen
-    return Selection(chosen, min_accuracy, table)
+    return Selection(chosen, min_accuracy, table, guarded if chosen else None)
