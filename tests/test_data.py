@@ -57,7 +57,8 @@ def _row_hashes(x: torch.Tensor) -> list[bytes]:
 
 
 def test_list_datasets():
-    assert list_datasets() == ["digits", "fashion-mnist", "mnist5k", "signals"]
+    assert list_datasets() == ["cluttered-fashion", "cluttered-mnist", "digits", "fashion-canvas",
+                               "fashion-mnist", "mnist-canvas", "mnist5k", "signals"]
 
 
 @pytest.mark.parametrize("name", list(_params()))

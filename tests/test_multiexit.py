@@ -73,7 +73,7 @@ def test_exits_are_accurate_after_training(trained_resnet8, digits):
     assert accs[-1] > 0.9 and min(accs) > 0.25  # chance is 0.1
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models(task="classification"))
 def test_every_zoo_model_runs_and_agrees(name):
     shape = (3, 64) if name == "cnn1d" else (1, 12, 12)
     torch.manual_seed(0)

@@ -84,6 +84,9 @@ class MultiExitModel(nn.Module):
             their cuts here (a head built for another shape is refused at once); when
             ``None``, the shape of the first batch the model sees is adopted (and checked the
             same way), and later batches must match it.
+        dense: the model outputs per-pixel logits ``(N, classes, H, W)`` at every exit (a
+            segmentation network; see :mod:`splitexit.segmentation`) instead of ``(N,
+            classes)``. Its heads must be dense heads giving the final exit's shape.
 
     Inputs must have the dtype of the model's weights (float32 unless you converted the
     model): a float64 or float16 batch is refused with an :class:`InputError`, never
@@ -96,8 +99,9 @@ class MultiExitModel(nn.Module):
     """
 
     def __init__(self, backbone: StagedModel, heads: Mapping[str, nn.Module] | Iterable,
-                 input_shape: Sequence[int] | None = None):
+                 input_shape: Sequence[int] | None = None, dense: bool = False):
         super().__init__()
+        self.dense = bool(dense)
         if not isinstance(backbone, StagedModel):
             raise InputError(f"the backbone must be a StagedModel, got {type(backbone).__name__}; "
                              "cut your module with StagedModel.from_module(module, cuts) (or "
@@ -174,15 +178,35 @@ class MultiExitModel(nn.Module):
             for m, mode in modes:
                 m.training = mode
         final = payload_tensors(payload)[0]
-        if final.dim() != 2:
+        if self.dense:
+            self._check_dense(final, shape)
+        elif final.dim() != 2:
             raise InputError(f"the backbone's output has shape {tuple(final.shape)} for an input "
-                             f"of shape {shape}; a multi-exit model ends in logits (N, classes)")
+                             f"of shape {shape}; a multi-exit model ends in logits (N, classes)"
+                             " (or pass dense=True for a per-pixel output)")
         for e, count in enumerate(classes):
             if count is not None and count != final.shape[1]:
                 raise InputError(
                     f"the exit head at cut {self.head_cuts[e]!r} gives {count} classes, but the "
                     f"final exit gives {final.shape[1]}; build every head for the model's "
                     "number of classes")
+
+    def _check_dense(self, final: torch.Tensor, shape) -> None:
+        """A dense model ends in per-pixel logits and every head gives that map (its
+        ``out_shape``)."""
+        if final.dim() < 3:
+            raise InputError(f"dense=True, but the backbone's output has shape "
+                             f"{tuple(final.shape)} for an input of shape {shape}; a dense model "
+                             "ends in per-pixel logits (N, classes, H, W)")
+        want = tuple(final.shape[1:])
+        for cut, head in zip(self.head_cuts, self.heads):
+            got = getattr(head, "out_shape", None)
+            if got is None or tuple(got) != want:
+                gives = "one logit row per sample" if got is None else tuple(got)
+                raise InputError(
+                    f"the exit head at cut {cut!r} gives {gives}, but the final exit gives "
+                    f"per-pixel logits {want}; attach dense heads "
+                    "(splitexit.segmentation.create_dense_head) built for that output")
 
     def _probe_head(self, e: int, payload: Payload, previous, shape
                     ) -> tuple[int | None, torch.Tensor | None]:
@@ -241,7 +265,8 @@ class MultiExitModel(nn.Module):
                 getattr(h, "uses_previous", False) for h in self.heads):
             raise InputError("cascading heads take the previous head's logits; they cannot be "
                              "dropped one by one")
-        kept = MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits})
+        kept = MultiExitModel(self.backbone, {self.head_cuts[e]: self.heads[e] for e in exits},
+                              dense=self.dense)
         kept.input_shape = self.input_shape  # its heads fit: no need to check them again
         described = self.config()
         if described:  # rebuilt as: the full model, then these heads kept

@@ -324,7 +324,7 @@ def lower(model: nn.Module, policy: ExitPolicy | None = None, cut: str | int | N
         for m, mode in was_training:
             m.training = mode
     final = payload_tensors(payload)[0]
-    if final.dim() != 2:
+    if final.dim() != 2 and not getattr(model, "dense", False):
         raise InputError(f"the model's output has shape {tuple(final.shape)}; an exit program "
                          "ends in logits (N, classes)")
     exit_stages.append(len(pieces) - 1)

@@ -26,12 +26,17 @@ __all__ = ["create_model", "create_multiexit", "list_models", "register_model", 
 
 @dataclass
 class ZooEntry:
-    """What a builder returns: the backbone, its default exit cuts and default head type."""
+    """What a builder returns: the backbone, its default exit cuts and default head type.
+
+    A dense model (per-pixel logits, e.g. segmentation) sets ``dense`` and gives the
+    ``head_builder`` of its head types (``fn(kind, in_shape, num_classes, **kw)``)."""
 
     backbone: StagedModel
     default_exits: list[str]
     default_head: str = "conv"
     published_heads: dict[str, Callable[[], nn.Module]] = field(default_factory=dict)
+    dense: bool = False
+    head_builder: Callable[..., nn.Module] | None = None
 
 
 #: zoo builders ``fn(num_classes, input_shape, **kw) -> ZooEntry``, by name
@@ -43,9 +48,12 @@ def register_model(name: str):
     return MODELS.register(name)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a glob pattern, e.g. ``list_models('res*')``."""
-    return MODELS.list(pattern)
+def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
+    """Registered model names matching a glob pattern, e.g. ``list_models('res*')``; with
+    ``task`` (``"classification"``, ``"segmentation"``) only the models of that task (a
+    builder's ``task`` attribute, classification by default)."""
+    return [n for n in MODELS.list(pattern)
+            if task is None or getattr(MODELS.get(n), "task", "classification") == task]
 
 
 def _entry(name: str, num_classes: int, input_shape: Sequence[int], **kwargs) -> ZooEntry:
@@ -91,8 +99,9 @@ def create_multiexit(name: str, num_classes: int = 10, input_shape: Sequence[int
             if len(shapes[cut]) != 1:
                 raise InputError(f"cut {cut!r} carries {len(shapes[cut])} tensors; attach "
                                  "exit heads at single-tensor cuts")
-            heads[cut] = create_head(head, shapes[cut][0], num_classes, **(head_kwargs or {}))
-    model = MultiExitModel(backbone, heads, input_shape=input_shape)
+            build = entry.head_builder or create_head
+            heads[cut] = build(head, shapes[cut][0], num_classes, **(head_kwargs or {}))
+    model = MultiExitModel(backbone, heads, input_shape=input_shape, dense=entry.dense)
     model.spec = {**backbone.spec, "exits": exits, "head": head,
                   "head_kwargs": head_kwargs or {}}
     return model
@@ -252,3 +261,6 @@ def cnn1d(num_classes: int = 6, input_shape=(3, 128), width: int = 16) -> ZooEnt
                                      nn.Linear(4 * w, num_classes))),
     ]
     return ZooEntry(_staged(parts), ["block1", "block2"], "conv")
+
+
+from .segmentation import backbone as _segmentation  # noqa: E402,F401  (registers "segnet")

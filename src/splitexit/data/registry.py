@@ -10,6 +10,8 @@ import numpy as np
 from splitexit.errors import InputError
 from splitexit.registry import Registry
 
+from .canvas import fashion_canvas_dataset, mnist_canvas_dataset
+from .cluttered import cluttered_fashion_dataset, cluttered_mnist_dataset
 from .sources import digits_dataset, fashion_mnist_dataset, mnist5k_dataset, signals_dataset
 from .splits import Dataset
 
@@ -21,6 +23,10 @@ DATASETS: Registry[Callable[[float, int, str | os.PathLike | None], Dataset]] = 
 for _name, _loader in (("digits", digits_dataset), ("mnist5k", mnist5k_dataset),
                        ("fashion-mnist", fashion_mnist_dataset), ("signals", signals_dataset)):
     DATASETS.add(_name, _loader)
+DATASETS.add("cluttered-fashion", cluttered_fashion_dataset)
+DATASETS.add("cluttered-mnist", cluttered_mnist_dataset)
+DATASETS.add("fashion-canvas", fashion_canvas_dataset)
+DATASETS.add("mnist-canvas", mnist_canvas_dataset)
 
 
 def register_dataset(name: str):

@@ -5,8 +5,9 @@ leave now and the logits their prediction comes from. Its state is a dict of ten
 first dimension is the batch; the runtime filters that state with the same index it uses to
 shrink the batch, so :meth:`MultiExitModel.infer` and :meth:`MultiExitModel.simulate` agree.
 
-The policies live in ``base`` (the protocol, statistics and plain policies), ``ensembles`` and
-``gated``; this package registers them (:data:`POLICIES`) and builds them by name.
+The policies live in ``base`` (the protocol, statistics and plain policies), ``ensembles``,
+``gated`` and ``dense`` (per-pixel confidence, for segmentation); this package registers them
+(:data:`POLICIES`) and builds them by name.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .base import (
     margin_statistic,
     maxprob_statistic,
 )
+from .dense import MeanConfidence, PixelShare
 from .ensembles import (
     AdditiveEnsemble,
     GeometricEnsemble,
@@ -42,7 +44,8 @@ __all__ = ["POLICIES", "ExitPolicy", "ThresholdPolicy", "MaxProb", "Entropy", "M
            "Patience", "NeverExit", "FixedExit", "create_policy", "register_policy",
            "fit_temperature", "GeometricEnsemble", "AdditiveEnsemble", "GatedMaxProb",
            "fit_ensemble_weights", "ensemble_logits", "leave_at", "is_plain_threshold",
-           "maxprob_statistic", "entropy_statistic", "margin_statistic", "Gated"]
+           "maxprob_statistic", "entropy_statistic", "margin_statistic", "Gated",
+           "PixelShare", "MeanConfidence"]
 
 _ = _per_exit  # re-exported for the TorchScript exits (splitexit.optimize)
 
@@ -50,7 +53,7 @@ _ = _per_exit  # re-exported for the TorchScript exits (splitexit.optimize)
 #: policy classes by their ``name``
 POLICIES: Registry[type[ExitPolicy]] = Registry("policy")
 for _cls in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit, GeometricEnsemble,
-             AdditiveEnsemble, GatedMaxProb, Gated):
+             AdditiveEnsemble, GatedMaxProb, Gated, PixelShare, MeanConfidence):
     POLICIES.add(_cls.name, _cls)
 
 

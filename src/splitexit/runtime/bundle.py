@@ -193,7 +193,8 @@ def _check(path: Path, doc: dict) -> None:
     if not isinstance(classes, list) or not 2 <= len(classes) <= 1_000_000:
         raise _bad(path, "classes must list the class names (at least 2)")
     last = pieces[-1]["outputs"]
-    if len(last) != 1 or last[0]["shape"] != [len(classes)]:
+    # logits (classes,), or a dense map (classes, H, W) of a segmentation model
+    if len(last) != 1 or not last[0]["shape"] or last[0]["shape"][0] != len(classes):
         raise _bad(path, f"the last piece gives {last}, not the logits of {len(classes)} classes")
     device = doc["device"]
     n_dev = device["pieces"]

@@ -106,14 +106,24 @@ def check_batch(x, input_shape: Sequence[int] | None = None,
 def check_logits(logits: Sequence, labels=None) -> None:
     """Raise a clear :class:`InputError` unless ``logits`` is a non-empty list of finite
     ``(N, C)`` arrays, one per exit (the same ``N``), and ``labels`` (when given) ``N``
-    class indices in ``0 .. C - 1`` of the final exit."""
+    class indices in ``0 .. C - 1`` of the final exit.
+
+    Dense exits (per-pixel logits ``(N, C, H, W)``, e.g. segmentation) are accepted when every
+    exit has the final exit's shape; their labels are per pixel, which a per-sample accuracy
+    does not score (see :mod:`splitexit.segmentation` for mIoU), so labels are refused then."""
     if isinstance(logits, (str, bytes)) or not isinstance(logits, Sequence) or not logits:
         raise InputError("expected every exit's logits as a list of (N, C) tensors, one per "
                          f"exit (what model.collect_logits(x) returns), got {type(logits).__name__}")
     n = None
+    final = logits[-1]
+    dense = getattr(final, "ndim", 0) > 2
     for e, lg in enumerate(logits):
-        if not (is_torch(lg) or isinstance(lg, np.ndarray)) or lg.ndim != 2:
-            raise InputError(f"exit {e}'s logits must be an (N, C) tensor, got "
+        if not (is_torch(lg) or isinstance(lg, np.ndarray)) or (
+                lg.ndim != 2 if not dense else tuple(lg.shape[1:]) != tuple(final.shape[1:])):
+            want = ("an (N, C) tensor" if not dense else
+                    f"a dense (N, {', '.join(map(str, final.shape[1:]))}) tensor like the final "
+                    "exit's")
+            raise InputError(f"exit {e}'s logits must be {want}, got "
                              f"{getattr(lg, 'shape', type(lg).__name__)}")
         if n is None:
             n = lg.shape[0]
@@ -125,20 +135,27 @@ def check_logits(logits: Sequence, labels=None) -> None:
                              "on them means anything; find where they come from (NaN inputs, "
                              "or a model that overflows) and fix that first")
     if labels is not None:
+        if dense:
+            raise InputError("these logits are dense (per pixel); a per-sample accuracy does not "
+                             "score them: use splitexit.segmentation (mIoU, pixel accuracy, "
+                             "its threshold sweep) instead")
         check_labels(labels, logits[-1].shape[1], n)
 
 
-def check_labels(labels, num_classes: int | None = None, n: int | None = None) -> None:
+def check_labels(labels, num_classes: int | None = None, n: int | None = None,
+                 dense: bool = False) -> None:
     """Raise a clear :class:`InputError` unless ``labels`` are ``n`` integer class indices in
-    ``0 .. num_classes - 1`` (torch or numpy)."""
+    ``0 .. num_classes - 1`` (torch or numpy); with ``dense``, ``n`` label maps (one class
+    per pixel, ``(N, H, W)``) of a dense model."""
     torch_in = is_torch(labels)
     if not torch_in and not isinstance(labels, np.ndarray):
         raise InputError(f"labels must be a tensor of class indices, got "
                          f"{type(labels).__name__}; convert with torch.as_tensor(y).long()")
     integer = (not labels.is_floating_point() and not labels.is_complex()) if torch_in else \
         labels.dtype.kind in "iu"
-    if not integer or labels.ndim != 1:
-        raise InputError(f"labels must be a 1-D tensor of integer class indices, got dtype "
+    if not integer or (labels.ndim != 1 and not dense) or labels.ndim < 1:
+        kind = "a 1-D tensor" if not dense else "(N, H, W) label maps"
+        raise InputError(f"labels must be {kind} of integer class indices, got dtype "
                          f"{labels.dtype} and shape {tuple(labels.shape)}; use y.long()")
     if n is not None and labels.shape[0] != n:
         raise InputError(f"{labels.shape[0]} labels for {n} samples; give one label per sample")
@@ -303,20 +320,21 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy,
             leaving = ops.count(fire)
         if leaving == m:  # everyone left (always so at batch 1 once an exit fires)
             if m == n:  # nobody left before: whole-batch results, no scatter
-                result.predictions = decision.argmax(1)
+                result.predictions = ops.classes(decision)
                 ops.fill(result.exit_index, e)
                 result.logits = decision if result.logits is None else ops.cast_like(
                     decision, result.logits)
             else:
-                result.predictions[active] = decision.argmax(1)
+                result.predictions[active] = ops.classes(decision)
                 result.exit_index[active] = e
                 result.logits[active] = ops.cast_like(decision, result.logits)
             return ExitRun(result, active[:0], None, None, None, None, e, k + 1, e + 1)
         if leaving:
             if result.logits is None:  # sized by the first decision written (an exit gate's
                 result.logits = ops.empty_like_rows(n, decision)  # logits are not classes)
+                result.predictions = ops.predictions_like(n, decision)  # per pixel if dense
             rows = active[fire]
-            result.predictions[rows] = decision[fire].argmax(1)
+            result.predictions[rows] = ops.classes(decision[fire])
             result.exit_index[rows] = e
             result.logits[rows] = ops.cast_like(decision[fire], result.logits)
             keep = ~fire
@@ -330,7 +348,7 @@ def advance_exits(run: ExitRun, step: Step, exit_stages: Sequence[int], policy,
 
 
 def _one_sample(ops, decision, e: int) -> ExitResult:
-    return ExitResult(decision.argmax(1), ops.full_long(1, e), decision)
+    return ExitResult(ops.classes(decision), ops.full_long(1, e), decision)
 
 
 def infer_exits(step: Step, exit_stages: Sequence[int], policy, end: int, x) -> ExitResult:
@@ -382,19 +400,20 @@ def all_exit_logits(step: Step, exit_stages: Sequence[int], end: int, x) -> list
 
 
 def simulate_exits(logits: Sequence, policy) -> ExitResult:
-    """Offline replay of a policy over per-exit logits ``[(N, C), ...]``.
+    """Offline replay of a policy over per-exit logits ``[(N, C), ...]`` (or dense
+    ``[(N, C, H, W), ...]``: predictions are then per pixel, ``(N, H, W)``).
 
     Raises:
-        InputError: logits that are not ``(N, C)`` per exit or not finite, or a policy that
-            does not fit this many exits.
+        InputError: logits that are not ``(N, C)`` (or all dense) per exit or not finite,
+            or a policy that does not fit this many exits.
     """
     check_logits(logits)
     check_policy(policy, len(logits))
     ops = ops_of(logits[0])
-    n, c = logits[0].shape
+    n, c = logits[0].shape[:2]
     state = init_state(policy, n, c, ops)
     decided = ops.full_bool(n, False)
-    predictions = ops.empty_long(n)
+    predictions = ops.predictions_like(n, logits[0])
     exit_index = ops.empty_long(n)
     out = ops.empty_like_rows(n, logits[0])
     last = len(logits) - 1
@@ -404,7 +423,7 @@ def simulate_exits(logits: Sequence, policy) -> ExitResult:
         else:
             fire, decision = policy.decide(e, lg, state)
             new = fire & ~decided
-        predictions[new] = decision[new].argmax(1)
+        predictions[new] = ops.classes(decision[new])
         exit_index[new] = e
         out[new] = ops.cast_like(decision[new], out)
         decided |= new

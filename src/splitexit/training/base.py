@@ -128,7 +128,7 @@ def train(model: nn.Module, data, strategy: Strategy, config: TrainConfig | None
                          f"splitexit.training), got {type(strategy).__name__}")
     data = as_split(data)
     classes = model_classes(model)
-    check_labels(data.y, classes, len(data.x))
+    check_labels(data.y, classes, len(data.x), dense=getattr(model, "dense", False))
     unknown = sorted(set(overrides) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise InputError(f"unknown training option(s) {', '.join(map(repr, unknown))}; the "

@@ -1,0 +1,44 @@
+"""Glance and focus (GFNet): a cheap glance at the whole image downsampled, then full-resolution
+patches at places a patch policy picks, one recurrent step each, exiting after any step when
+confident. The steps are the exits of a :class:`~splitexit.multiexit.MultiExitModel`, so the
+one exit loop, calibration, lowering and ONNX export all apply.
+
+Example:
+    >>> net = GFNet(GFNetConfig(image=160, glance=32, patch=40, stride=12, steps=4))
+    >>> fit_gfnet(net, load_dataset("cluttered-fashion").train)
+    >>> model = net.multiexit("learned")      # or "random", "centre"
+    >>> result = model.infer(x, MaxProb(0.9))  # real per-sample exits
+"""
+
+from .grid import PatchGrid, crop_patches
+from .model import (
+    FocusStage,
+    FusionCell,
+    GFNet,
+    GFNetConfig,
+    GlanceStage,
+    conv_encoder,
+    full_resolution_backbone,
+)
+from .patch_policies import (
+    PATCH_POLICIES,
+    CentrePatchPolicy,
+    LearnedPatchPolicy,
+    PatchPolicy,
+    RandomPatchPolicy,
+)
+from .ppo import PPOConfig, gae, ppo_update
+from .train import (
+    GFNetSchedule,
+    fit_gfnet,
+    step_accuracies,
+    train_backbone,
+    train_classifier_stages,
+    train_policy,
+)
+
+__all__ = ["PatchGrid", "crop_patches", "GFNet", "GFNetConfig", "GlanceStage", "FocusStage",
+           "FusionCell", "conv_encoder", "full_resolution_backbone", "PatchPolicy",
+           "LearnedPatchPolicy", "RandomPatchPolicy", "CentrePatchPolicy", "PATCH_POLICIES",
+           "PPOConfig", "gae", "ppo_update", "GFNetSchedule", "fit_gfnet", "train_classifier_stages",
+           "train_policy", "train_backbone", "step_accuracies"]

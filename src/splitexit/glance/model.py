@@ -1,0 +1,296 @@
+"""GFNet (glance and focus) as a chain of stages whose steps are its exits.
+
+Stage 0, the glance: the whole image downsampled by an average pool through a small CNN;
+its pooled features start a recurrent state ``h``. Stage ``t >= 1``, focus step ``t``: the
+patch policy picks an unused location of the grid, the full-resolution patch there (a gather)
+goes through a second CNN, and a GRU-style cell fuses its features into ``h``. One linear
+classifier reads ``h`` after every step; those are the exits. The payload between stages is
+the step's state: ``(image, h, glance feature map, used locations, the policy's image-only
+scores)``; the last step ends in
+the logits. So :class:`~splitexit.multiexit.MultiExitModel`'s ``infer`` (real per-sample
+exits), ``simulate``, calibration, lowering, ONNX export and measurement all apply unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import InputError
+from ..multiexit import MultiExitModel
+from ..stages import Stage, StagedModel
+from .grid import PatchGrid, crop_patches
+from .patch_policies import (
+    PATCH_POLICIES,
+    CentrePatchPolicy,
+    LearnedPatchPolicy,
+    PatchPolicy,
+    RandomPatchPolicy,
+)
+
+__all__ = ["GFNetConfig", "GFNet", "conv_encoder", "FusionCell", "full_resolution_backbone",
+           "GlanceStage", "FocusStage", "GlanceNet", "FocusNet", "mark_used"]
+
+
+@dataclass(frozen=True)
+class GFNetConfig:
+    """Sizes of a GFNet.
+
+    Attributes:
+        image: side of the (square) input image.
+        glance: side of the downsampled glance (must divide ``image``).
+        patch, stride: side of the focus patches and the step of their grid.
+        steps: the patch budget, focus steps after the glance (>= 1).
+        channels: channels of the CNN blocks (the glance and the focus CNN share the design,
+            not the weights; the full-resolution backbone uses the same design).
+        hidden: size of the recurrent state.
+        num_classes, in_channels: classes and image channels.
+    """
+
+    image: int = 160
+    glance: int = 32
+    patch: int = 40
+    stride: int = 12
+    steps: int = 4
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    hidden: int = 128
+    num_classes: int = 10
+    in_channels: int = 1
+    strides: tuple[int, ...] = field(default=(2, 2, 2, 1))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise InputError(f"the patch budget (steps) must be an integer >= 1 (one focus "
+                             f"step after the glance at least), got {self.steps!r}; a budget "
+                             "of 0 is the glance alone: use the glance network as a classifier")
+        grid = self.grid
+        if self.steps > grid.locations:
+            raise InputError(f"a patch budget of {self.steps} exceeds the {grid.locations} "
+                             "patch locations of the grid; use fewer steps")
+        if len(self.channels) != len(self.strides) or not self.channels:
+            raise InputError(f"channels {self.channels} and strides {self.strides} must have "
+                             "the same non-zero length")
+
+    @property
+    def grid(self) -> PatchGrid:
+        return PatchGrid(self.image, self.patch, self.stride, self.glance)
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> GFNetConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def conv_encoder(in_channels: int, channels, strides) -> nn.Sequential:
+    """3x3 convolutions with batch norm and ReLU (a small all-convolutional CNN)."""
+    layers: list[nn.Module] = []
+    c = in_channels
+    for out, s in zip(channels, strides):
+        layers += [nn.Conv2d(c, out, 3, s, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+        c = out
+    return nn.Sequential(*layers)
+
+
+class FusionCell(nn.Module):
+    """A GRU cell written with linear layers (it exports to ONNX as plain MatMul/Sigmoid/Tanh).
+
+    ``h' = (1 - z) * n + z * h`` with ``z, r = sigmoid(W [f, h])``, ``n = tanh(W_f f + r * W_h h)``.
+    """
+
+    def __init__(self, features: int, hidden: int):
+        super().__init__()
+        self.gates = nn.Linear(features + hidden, 2 * hidden)
+        self.new_f = nn.Linear(features, hidden)
+        self.new_h = nn.Linear(hidden, hidden)
+
+    def forward(self, f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        z, r = torch.sigmoid(self.gates(torch.cat([f, h], 1))).chunk(2, 1)
+        n = torch.tanh(self.new_f(f) + r * self.new_h(h))
+        return (1 - z) * n + z * h
+
+
+class GlanceNet(nn.Module):
+    """The glance: average-pool the image by ``factor``, the glance CNN, global average pool,
+    the fusion cell from a zero state. Returns ``(h, glance feature map)``."""
+
+    def __init__(self, encoder: nn.Module, cell: FusionCell, factor: int, hidden: int):
+        super().__init__()
+        self.encoder, self.cell, self.factor, self.hidden = encoder, cell, factor, hidden
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        small = F.avg_pool2d(x, self.factor) if self.factor > 1 else x
+        glance_map = self.encoder(small)
+        f = glance_map.mean((2, 3))
+        return self.cell(f, f.new_zeros((f.shape[0], self.hidden))), glance_map
+
+
+class FocusNet(nn.Module):
+    """A focus step's network: crop patch ``location`` of each image (a gather), the focus
+    CNN, global average pool, fuse into ``h``. Returns the new ``h``."""
+
+    def __init__(self, encoder: nn.Module, cell: FusionCell, grid: PatchGrid):
+        super().__init__()
+        self.encoder, self.cell, self.patch = encoder, cell, grid.patch
+        self.register_buffer("pixel_index", grid.pixel_index(), persistent=False)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+        patch = crop_patches(x, self.pixel_index, location, self.patch)
+        return self.cell(self.encoder(patch).mean((2, 3)), h)
+
+
+class GFNet(nn.Module):
+    """The networks of glance and focus: glance CNN, focus CNN, fusion cell, classifier and the
+    learned patch policy (actor-critic). :meth:`multiexit` assembles them, with a patch policy,
+    into a :class:`~splitexit.multiexit.MultiExitModel` whose exits are the steps.
+    """
+
+    def __init__(self, config: GFNetConfig | None = None):
+        super().__init__()
+        self.config = config = config or GFNetConfig()
+        self.grid = grid = config.grid
+        cell = FusionCell(config.channels[-1], config.hidden)
+        self.glance = GlanceNet(conv_encoder(config.in_channels, config.channels,
+                                             config.strides), cell, grid.factor, config.hidden)
+        self.focus = FocusNet(conv_encoder(config.in_channels, config.channels, config.strides),
+                              cell, grid)
+        self.classifier = nn.Linear(config.hidden, config.num_classes)
+        with torch.no_grad():
+            probe = self.glance.encoder(torch.zeros(1, config.in_channels, config.glance,
+                                                    config.glance))
+        self.map_shape = tuple(int(d) for d in probe.shape[1:])
+        self.policy = LearnedPatchPolicy(grid, self.map_shape, config.hidden,
+                                         config.in_channels)
+
+    def patch_policy(self, name: str | PatchPolicy, seed: int = 0) -> PatchPolicy:
+        """The patch policy called ``name`` (``learned``, ``random``, ``centre``), or the
+        policy object given."""
+        if isinstance(name, PatchPolicy):
+            return name
+        if name == "learned":
+            return self.policy
+        if name == "random":
+            return RandomPatchPolicy(self.grid, self.config.in_channels, seed).to(
+                self.classifier.weight.device)
+        if name == "centre":
+            return CentrePatchPolicy(self.grid).to(self.classifier.weight.device)
+        raise InputError(f"unknown patch policy {name!r}; known: {', '.join(PATCH_POLICIES)}")
+
+    def rollout(self, x: torch.Tensor, policy: str | PatchPolicy = "learned",
+                steps: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every step's logits (glance first) and the chosen locations ``(N, steps)``."""
+        policy = self.patch_policy(policy)
+        steps = self.config.steps if steps is None else steps
+        h, glance_map = self.glance(x)
+        used = h.new_zeros(x.shape[0], self.grid.locations)
+        prior = policy.prior(x)
+        logits, chosen = [self.classifier(h)], []
+        for _ in range(steps):
+            location = policy.choose(prior, h, glance_map, used)
+            h = self.focus(x, h, location)
+            used = mark_used(used, location)
+            logits.append(self.classifier(h))
+            chosen.append(location)
+        return logits, torch.stack(chosen, 1)
+
+    # the chain of stages ------------------------------------------------------------------
+    def multiexit(self, policy: str | PatchPolicy = "learned", steps: int | None = None
+                  ) -> MultiExitModel:
+        """The glance and ``steps`` focus steps (default: the budget) as a multi-exit model
+        with ``policy`` choosing the patches; modules are shared with this GFNet.
+
+        Raises:
+            InputError: an unknown policy, or a budget outside ``1 .. config.steps``.
+        """
+        steps = self.config.steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps:
+            raise InputError(f"the patch budget must be an integer >= 1, got {steps!r}; a "
+                             "budget of 0 is the glance alone")
+        if steps > self.grid.locations:
+            raise InputError(f"a patch budget of {steps} exceeds the {self.grid.locations} "
+                             "patch locations")
+        chosen = self.patch_policy(policy)
+        stages = [Stage(GlanceStage(self.glance, self.grid.locations), "glance")] + [
+            Stage(FocusStage(self.focus, chosen, self.classifier if t == steps else None,
+                             first=t == 1), f"focus{t}", 5) for t in range(1, steps + 1)]
+        cuts = ["glance"] + [f"focus{t}" for t in range(1, steps)]
+        c = self.config
+        model = MultiExitModel(StagedModel(stages, cuts),
+                               {f"{cut}@1": self.classifier for cut in cuts},
+                               (c.in_channels, c.image, c.image))
+        return model.train(self.training)
+
+    # persistence --------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Weights (safetensors) and configuration (JSON) into ``directory``."""
+        from safetensors.torch import save_model
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(d / "gfnet.safetensors"))
+        (d / "gfnet.json").write_text(json.dumps(self.config.to_json(), indent=1))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> GFNet:
+        """A GFNet saved by :meth:`save` (no pickle)."""
+        from safetensors.torch import load_model
+
+        d = Path(directory)
+        net = cls(GFNetConfig.from_json(json.loads((d / "gfnet.json").read_text())))
+        load_model(net, str(d / "gfnet.safetensors"))
+        return net.eval()
+
+
+class GlanceStage(nn.Module):
+    """Stage 0: image -> ``(image, h, glance map, used, prior)``; the prior (the patch
+    policy's image-only scores) is computed by the first focus step, zeros until then."""
+
+    def __init__(self, glance: GlanceNet, locations: int):
+        super().__init__()
+        self.glance, self.locations = glance, locations
+
+    def forward(self, x: torch.Tensor):
+        h, glance_map = self.glance(x)
+        zeros = h.new_zeros((h.shape[0], self.locations))
+        return x, h, glance_map, zeros, zeros
+
+
+class FocusStage(nn.Module):
+    """Focus step: ``(image, h, glance map, used, prior)`` -> the same after one patch, or
+    the logits (``classifier``) when it is the last. The first step computes the prior."""
+
+    def __init__(self, focus: FocusNet, policy: PatchPolicy, classifier: nn.Module | None,
+                 first: bool):
+        super().__init__()
+        self.focus, self.patch_policy, self.classifier = focus, policy, classifier
+        self.first = first
+
+    def forward(self, x, h, glance_map, used, prior):
+        if self.first:  # + the zeros the glance sent: keeps the input in an exported graph
+            prior = self.patch_policy.prior(x) + prior
+        location = self.patch_policy.choose(prior, h, glance_map, used)
+        h = self.focus(x, h, location)
+        if self.classifier is not None:
+            return self.classifier(h)
+        return x, h, glance_map, mark_used(used, location), prior
+
+
+def mark_used(used: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    """``used`` with ``location`` marked (a one-hot written as a comparison, for ONNX)."""
+    grid = torch.arange(used.shape[1], device=used.device)
+    return used + (location[:, None] == grid[None, :]).to(used.dtype)
+
+
+def full_resolution_backbone(config: GFNetConfig) -> nn.Sequential:
+    """The backbone without exits: the same CNN on the whole full-resolution image, global
+    average pooling and a linear classifier (what GFNet is compared with)."""
+    return nn.Sequential(conv_encoder(config.in_channels, config.channels, config.strides),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(config.channels[-1], config.num_classes))

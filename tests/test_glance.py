@@ -1,0 +1,287 @@
+"""Glance and focus (GFNet) and the cluttered data set: determinism, real exits equal to the
+offline replay, ONNX parity of the steps, PPO learning, patch crops, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitexit import InputError, MaxProb
+from splitexit.data.cluttered import make_cluttered
+from splitexit.glance import (
+    GFNet,
+    GFNetConfig,
+    PatchGrid,
+    PPOConfig,
+    crop_patches,
+    gae,
+    ppo_update,
+    train_classifier_stages,
+    train_policy,
+)
+
+TINY = GFNetConfig(image=32, glance=8, patch=16, stride=8, steps=3, channels=(4, 8),
+                   strides=(2, 2), hidden=16, num_classes=4)
+
+
+def _items(n=40, side=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, side, side), dtype=np.uint8), rng.integers(0, 4, n)
+
+
+def _net(seed=0) -> GFNet:
+    torch.manual_seed(seed)
+    net = GFNet(TINY).eval()
+    with torch.no_grad():  # spread the classifier so thresholds split the samples
+        net.classifier.weight.mul_(20)
+    return net
+
+
+def _images(n=23, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.round(torch.rand(n, 1, 32, 32, generator=g) * 255) / 255
+
+
+def _between(logits) -> float:
+    """A threshold halfway between two middle max-probabilities (far from every sample's
+    value, so batch-size rounding differences cannot flip a decision)."""
+    stats = torch.cat([torch.softmax(lg, 1).amax(1) for lg in logits[:-1]]).sort().values
+    gaps = stats[1:] - stats[:-1]
+    mid = len(stats) // 2
+    k = mid - 3 + int(gaps[mid - 3: mid + 3].argmax())
+    return float((stats[k] + stats[k + 1]) / 2)
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def test_cluttered_is_deterministic_and_places_the_item():
+    images, labels = _items()
+    a = make_cluttered(images, labels, 30, 40, fragments=3, fragment_size=5, seed=7)
+    b = make_cluttered(images, labels, 30, 40, fragments=3, fragment_size=5, seed=7)
+    c = make_cluttered(images, labels, 30, 40, fragments=3, fragment_size=5, seed=8)
+    assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
+    assert not np.array_equal(a.x, c.x)
+    assert a.x.shape == (30, 1, 40, 40) and a.x.dtype == np.uint8
+    for i in range(30):  # the whole item lies on the canvas (max-composited over clutter)
+        r, col = a.top_left[i]
+        window = a.x[i, 0, r: r + 12, col: col + 12]
+        assert np.all(window >= images[a.source_index[i]])
+        assert a.y[i] == labels[a.source_index[i]]
+
+
+def test_cluttered_rejects_bad_sizes():
+    images, labels = _items()
+    with pytest.raises(InputError, match="cannot hold"):
+        make_cluttered(images, labels, 5, 10)
+    with pytest.raises(InputError, match="fragment_size"):
+        make_cluttered(images, labels, 5, 40, fragment_size=13)
+    with pytest.raises(InputError, match="labels"):
+        make_cluttered(images, labels[:3], 5, 40)
+
+
+@pytest.mark.slow
+def test_registered_cluttered_set_has_fixed_splits():
+    from splitexit.data import list_datasets, load_dataset
+
+    assert {"cluttered-fashion", "cluttered-mnist"} <= set(list_datasets())
+    a = load_dataset("cluttered-mnist", seed=0)
+    b = load_dataset("cluttered-mnist", seed=1)
+    assert a.input_shape == (1, 160, 160)
+    assert torch.equal(a.test.x, b.test.x)  # the test split never depends on the seed
+    assert not torch.equal(a.calib.y, b.calib.y) or not torch.equal(a.calib.x, b.calib.x)
+    assert float(a.train.x.max()) <= 1.0
+
+
+# -- the grid and the crop ----------------------------------------------------------------------
+
+def test_crop_is_the_patch_at_the_location():
+    grid = PatchGrid(32, 16, 8, 8)
+    x = torch.rand(5, 2, 32, 32)
+    loc = torch.tensor([0, 3, 4, 8, 5])
+    patches = crop_patches(x, grid.pixel_index(), loc, 16)
+    for i, g in enumerate(loc.tolist()):
+        r, c = grid.corners()[g].tolist()
+        assert torch.equal(patches[i], x[i, :, r: r + 16, c: c + 16])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"image": 12, "patch": 16, "stride": 4, "glance": 4}, "smaller than a patch"),
+    ({"image": 30, "patch": 16, "stride": 4, "glance": 8}, "not divisible by the glance"),
+    ({"image": 32, "patch": 16, "stride": 5, "glance": 8}, "do not tile"),
+])
+def test_grid_rejects_bad_geometry(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        PatchGrid(**kwargs)
+
+
+def test_patch_budget_of_zero_is_refused():
+    with pytest.raises(InputError, match="budget"):
+        GFNetConfig(image=32, glance=8, patch=16, stride=8, steps=0)
+    net = _net()
+    with pytest.raises(InputError, match="budget"):
+        net.multiexit("learned", steps=0)
+    with pytest.raises(InputError, match="unknown patch policy"):
+        net.multiexit("everywhere")
+
+
+def test_wrong_image_size_is_refused():
+    model = _net().multiexit("centre")
+    with pytest.raises(InputError, match="shape"):
+        model(torch.rand(2, 1, 28, 28))
+
+
+# -- exits --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["learned", "random", "centre"])
+def test_real_exits_equal_offline_replay(policy):
+    net = _net()
+    model = net.multiexit(policy)
+    x = _images()
+    with torch.no_grad():
+        logits = model(x)
+    assert len(logits) == TINY.steps + 1
+    threshold = _between(logits)
+    offline = model.simulate(logits, MaxProb(threshold))
+    assert len(set(offline.exit_index.tolist())) > 1  # samples leave at different steps
+    for batch in (1, 5, len(x)):
+        got = [model.infer(x[i: i + batch], MaxProb(threshold)) for i in range(0, len(x), batch)]
+        assert torch.equal(torch.cat([r.exit_index for r in got]), offline.exit_index)
+        assert torch.equal(torch.cat([r.predictions for r in got]), offline.predictions)
+
+
+@pytest.mark.parametrize("policy", ["learned", "random", "centre"])
+def test_patches_are_distinct_and_rollout_matches_the_stages(policy):
+    net = _net()
+    x = _images(9)
+    logits, chosen = net.rollout(x, policy)
+    assert chosen.shape == (9, TINY.steps)
+    assert all(len(set(row)) == TINY.steps for row in chosen.tolist())
+    staged = net.multiexit(policy)(x)
+    for a, b in zip(logits, staged):
+        torch.testing.assert_close(a, b)
+
+
+def test_random_policy_depends_on_the_sample_not_the_batch():
+    net = _net()
+    x = _images(12)
+    _, alone = net.rollout(x[3:4], "random")
+    _, together = net.rollout(x, "random")
+    assert torch.equal(alone[0], together[3])
+    assert len({tuple(r) for r in together.tolist()}) > 1  # not one sequence for all
+
+
+@pytest.mark.slow
+def test_bundle_on_onnx_runtime_exits_as_pytorch(tmp_path):
+    """The steps export to ONNX (the crop is a gather with computed indices) and bundle like
+    any model; ONNX Runtime makes the same per-sample exits at batch > 1 and batch 1."""
+    from splitexit import bundle, load_bundle
+
+    net = _net()
+    model = net.multiexit("learned")
+    x = _images(11)
+    with torch.no_grad():
+        logits = model(x)
+    policy = MaxProb(_between(logits))
+    program = load_bundle(bundle(model, tmp_path / "b", policy=policy, example=x,
+                                 measure=False)).program()
+    ref = model.infer(x, policy)
+    ort = program.infer(x.numpy(), policy)
+    assert np.array_equal(np.asarray(ort.exit_index), ref.exit_index.numpy())
+    assert np.array_equal(np.asarray(ort.predictions), ref.predictions.numpy())
+    one = np.concatenate([np.asarray(program.infer(x[i: i + 1].numpy(), policy).exit_index)
+                          for i in range(3)])
+    assert np.array_equal(one, ref.exit_index[:3].numpy())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    net = _net()
+    net.save(tmp_path)
+    again = GFNet.load(tmp_path)
+    x = _images(4)
+    for a, b in zip(net.multiexit()(x), again.multiexit()(x)):
+        assert torch.equal(a, b)
+
+
+# -- PPO ----------------------------------------------------------------------------------------
+
+def test_learned_policy_scores_are_a_distribution_over_unused_locations():
+    net = _net()
+    x = _images(6)
+    h, glance_map = net.glance(x)
+    used = torch.zeros(6, net.grid.locations)
+    used[:, :3] = 1
+    logits, values = net.policy.actor_critic(net.policy.downsample(x), h, glance_map, used)
+    probs = torch.softmax(logits, 1)
+    torch.testing.assert_close(probs.sum(1), torch.ones(6))
+    assert float(probs[:, :3].detach().max()) == 0.0 and values.shape == (6,)
+
+
+def test_gae_of_one_step_episodes_is_reward_minus_value():
+    r = torch.tensor([[1.0], [0.0]])
+    v = torch.tensor([[0.25], [0.5]])
+    adv, ret = gae(r, v, 0.9, 0.95)
+    torch.testing.assert_close(adv, r - v)
+    torch.testing.assert_close(ret, r)
+
+
+def test_ppo_learns_a_contextual_bandit():
+    torch.manual_seed(0)
+    arms = 6
+    net = torch.nn.Sequential(torch.nn.Linear(arms, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, arms + 1))
+
+    def actor_critic(state):
+        out = net(state)
+        return out[:, :arms], out[:, arms]
+
+    config = PPOConfig(lr=2e-2, epochs=3, minibatch=128, entropy_coef=0.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(0)
+    rewards = []
+    for _ in range(12):
+        target = torch.randint(0, arms, (256,), generator=gen)
+        state = torch.nn.functional.one_hot(target, arms).float()
+        with torch.no_grad():
+            logits, value = actor_critic(state)
+            action = torch.multinomial(torch.softmax(logits, 1), 1, generator=gen).squeeze(1)
+            log_prob = torch.log_softmax(logits, 1).gather(1, action[:, None]).squeeze(1)
+        reward = (action == target).float()
+        rewards.append(float(reward.mean()))
+        adv, ret = gae(reward[:, None], value[:, None], 0.9, 0.95)
+        ppo_update(actor_critic, optimizer, [state], action, log_prob, adv[:, 0], ret[:, 0],
+                   config, gen)
+    assert rewards[0] < 0.4 and np.mean(rewards[-3:]) > 0.9
+
+
+def test_training_stages_train_what_they_should():
+    """Stage 1 trains the classifier stages but not the policy; stage 2 (PPO) only the policy;
+    stage 3 the focus CNN and the classifier."""
+    torch.manual_seed(0)
+    from splitexit.data.splits import Split
+
+    images, labels = _items(30, 12, 3)
+    data = make_cluttered(images, labels, 48, 32, fragments=2, fragment_size=4, seed=0)
+    split = Split(torch.from_numpy(data.x).float() / 255, torch.from_numpy(data.y))
+    net = GFNet(TINY)
+
+    def snapshot():
+        return {k: v.clone() for k, v in net.state_dict().items()}
+
+    def changed(before):
+        after = net.state_dict()
+        return {k.split(".")[0] + "." + k.split(".")[1] for k in before
+                if not torch.equal(before[k], after[k])}
+
+    before = snapshot()
+    train_classifier_stages(net, split, 1, batch_size=16)
+    assert {"glance.encoder", "focus.encoder", "classifier.weight"} <= changed(before)
+    assert not any(k.startswith("policy") for k in changed(before))
+    before = snapshot()
+    log = train_policy(net, split, 3, batch=16, config=PPOConfig(minibatch=16, epochs=1))
+    assert len(log) == 3 and all(np.isfinite(e["mean_return"]) for e in log)
+    assert changed(before) and all(k.startswith("policy") for k in changed(before))
+    before = snapshot()
+    train_classifier_stages(net, split, 1, policy="learned", batch_size=16)
+    assert changed(before) <= {"focus.encoder", "classifier.weight", "classifier.bias"}
+    assert "focus.encoder" in changed(before)
