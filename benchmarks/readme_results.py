@@ -15,6 +15,7 @@ from splitexit.report import markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 COLUMNS = ["method", "model", "runtime", "dataset", "link", "accuracy", "full_test_accuracy",
+           "miou", "pixel_accuracy", "miou_drop_pt",
            "accuracy_drop_pt", "target_drop_pt", "test_drop_ci95_pt", "drop_vs_control_pt",
            "macs_ratio", "latency_ms",
            "latency_p50_ms", "latency_ratio", "p50_ms", "throughput_sps", "throughput_ratio",
@@ -37,7 +38,7 @@ def render(reports_dir: Path = ROOT / "reports") -> str:
     for path in paths:
         report = json.loads(path.read_text())
         rows = [_compact(r) for r in report.get("rows", []) if "accuracy" in r or "p50_ms" in r
-                or "bytes_per_sample" in r]
+                or "bytes_per_sample" in r or "miou" in r]
         shown = rows[:MAX_ROWS]
         rel = path.parent.relative_to(ROOT)
         parts.append(f"### {rel.relative_to('reports')} ({report.get('dataset', '')})\n")
