@@ -10,7 +10,8 @@ bottleneck (:mod:`splitexit.training.entropy`, range-coded by
 :class:`splitexit.split.entropy.EntropyCodec`) at several rate weights beta, next to BottleFit
 through int8/int4 (+zstd), the raw image, PNG, JPEG and WebP at several qualities (Pillow), the
 unsplit model and the equally trained control (the unsplit model trained as many more epochs
-as the bottlenecks, on the same samples and learning rate).
+as the bottlenecks, on the same samples and learning rate); those pieces live in
+:mod:`benchmarks.split_rate`.
 
 Emulation: each option's device side (device half + encode) and server side (decode + server
 half) are timed at batch 1 on this host; the link adds RTT + bytes / bandwidth (with the loss
@@ -48,7 +49,6 @@ from splitexit.split.bottleneck import (
 )
 from splitexit.split.codec import Codec
 from splitexit.split.entropy import EntropyCodec, EntropyTables
-from splitexit.split.entropy import register as register_codec
 from splitexit.split.halves import SplitModel, num_params, split_model
 from splitexit.split.planner import LOCAL, CutCost, plan
 from splitexit.stages import StagedModel
@@ -57,7 +57,19 @@ from splitexit.training.bottlefit import autoencoder_baseline, bottlefit
 from splitexit.training.entropy import entropic_student
 from splitexit.zoo import create_model
 
-__all__ = ["SplitBenchSettings", "run_split_bench", "png_bytes", "paired_drop_ci", "register"]
+from .split_rate import (
+    EntropyCurve,
+    _curve_rows,
+    _entropy_targets,
+    _image_codec_rows,
+    _ort_identical,
+    _ort_session,
+    _plot_curves,
+    _time_entropy,
+)
+
+__all__ = ["SplitBenchSettings", "EntropyCurve", "run_split_bench", "png_bytes", "paired_drop_ci",
+           "register"]
 
 DEFAULT_CODECS = ("fp32", "fp16", "int8", "int4", "fp32+zstd", "fp16+zstd", "int8+zstd",
                   "int4+zstd", "int8:v2", "int4:v2")
@@ -93,8 +105,11 @@ class SplitBenchSettings:
         seed: Seed.
         teacher: Checkpoint directory of the unsplit model to use instead of training the
             baseline (None: train or reuse the cached baseline).
-        entropy_betas: Rate weights of the entropy bottlenecks (one model each; empty: none).
-        entropy_width: Latent channels of the entropy bottlenecks.
+        entropy_betas: Rate weights of the default entropy curve (one model each; empty: none).
+        entropy_width: Latent channels of the default entropy curve.
+        entropy_curves: Further entropy curves (:class:`EntropyCurve`: cut, stage-1 objective,
+            stride, width, betas); the default curve is the BottleFit cut and stride, head
+            distillation, ``entropy_width`` and ``entropy_betas``.
         image_qualities: JPEG and WebP qualities of the input-codec curves (empty: none).
         control: Train the equally trained control (the unsplit model trained
             ``stage1_epochs + stage2_epochs`` more epochs on the same samples).
@@ -124,6 +139,7 @@ class SplitBenchSettings:
     teacher: str | None = None
     entropy_betas: tuple[float, ...] = (3e-05, 0.0001, 0.0003, 0.001, 0.003)
     entropy_width: int = 2
+    entropy_curves: tuple[EntropyCurve, ...] = ()
     image_qualities: tuple[int, ...] = (5, 10, 25, 50, 75, 90)
     control: bool = True
     notes: list[str] = field(default_factory=list)
@@ -301,28 +317,35 @@ def _save_cached(model: torch.nn.Module, path: Path, meta: dict) -> None:
     path.with_suffix(".json").write_text(json.dumps(meta))
 
 
-def _entropy_model(teacher: StagedModel, beta: float, ds, train_split,
+def _entropy_curves(settings: SplitBenchSettings) -> list[EntropyCurve]:
+    default = EntropyCurve(settings.bottleneck_cut, "head", settings.stride,
+                           settings.entropy_width, settings.entropy_betas)
+    return [c for c in (default, *settings.entropy_curves) if c.betas]
+
+
+def _entropy_model(teacher: StagedModel, curve: EntropyCurve, beta: float, ds, train_split,
                    settings: SplitBenchSettings):
     """Train (or load from the cache) an entropy bottleneck; its frozen tables and seconds."""
-    spec = BottleneckSpec(settings.entropy_width, settings.stride,
+    spec = BottleneckSpec(curve.width, curve.stride,
                           hidden=settings.encoder_hidden, decoder_hidden=settings.decoder_hidden)
-    key = (f"entropy-{settings.bottleneck_cut}-c{settings.entropy_width}-s{settings.stride}-h"
+    e1, e2 = curve.epochs or (settings.stage1_epochs, settings.stage2_epochs)
+    key = (f"entropy-{curve.cut}-c{curve.width}-s{curve.stride}-h"
            f"{settings.encoder_hidden}-d{settings.decoder_hidden}-beta{beta:g}-e"
-           f"{settings.stage1_epochs}x{settings.stage2_epochs}-lr{settings.lr:g}-n"
+           f"{e1}x{e2}-lr{settings.lr:g}-n"
            f"{settings.train_samples}-b{settings.baseline_epochs}-seed{settings.seed}"
-           f"{_teacher_tag(settings)}")
+           f"{_teacher_tag(settings)}{'' if curve.stage1 == 'head' else '-' + curve.stage1}")
     path = Path(settings.cache) / "bottlenecks" / f"{key}.safetensors"
     tables_path = path.with_suffix(".tables.json")
     if path.is_file() and tables_path.is_file():
-        model = inject_entropy_bottleneck(teacher, settings.bottleneck_cut, spec, ds.test.x[:8])
+        model = inject_entropy_bottleneck(teacher, curve.cut, spec, ds.test.x[:8])
         model.load_state_dict(load_file(str(path)))
         meta = json.loads(path.with_suffix(".json").read_text())
         tables = EntropyTables.load(tables_path, expect_sha256=meta.get("tables_sha256"))
         return model.eval(), tables, meta.get("train_seconds")
     t0 = time.perf_counter()
-    model = entropic_student(teacher, settings.bottleneck_cut, spec, train_split, beta,
-                             stage1_epochs=settings.stage1_epochs,
-                             stage2_epochs=settings.stage2_epochs, lr=settings.lr,
+    model = entropic_student(teacher, curve.cut, spec, train_split, beta,
+                             stage1=curve.stage1, stage1_epochs=e1, stage2_epochs=e2,
+                             lr=settings.lr,
                              seed=settings.seed).model
     seconds = time.perf_counter() - t0
     tables = freeze_tables(model)
@@ -348,105 +371,6 @@ def _control_model(teacher: StagedModel, ds, train_split, settings: SplitBenchSe
                     seed=settings.seed + 1)
     _save_cached(model, path, {"train_seconds": history.seconds, "key": key})
     return model.eval(), history.seconds
-
-
-def _gray_roundtrip(data: bytes) -> np.ndarray:
-    from PIL import Image
-
-    return np.array(Image.open(io.BytesIO(data)).convert("L"))  # WebP decodes to RGB
-
-
-def image_codec_bytes(image: np.ndarray, fmt: str, quality: int) -> bytes:
-    """A grayscale JPEG or WebP (lossy) of ``image`` (H, W uint8) through Pillow."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format=fmt, quality=quality)
-    return buf.getvalue()
-
-
-@torch.no_grad()
-def _image_codec_rows(teacher: StagedModel, pixels: torch.Tensor, y: torch.Tensor,
-                      qualities: tuple[int, ...], unsplit_correct: torch.Tensor,
-                      control_acc: float | None) -> list[dict]:
-    rows = []
-    for fmt in ("JPEG", "WEBP"):
-        for q in qualities:
-            blobs = [image_codec_bytes(p[0].numpy(), fmt, q) for p in pixels]
-            back = torch.stack([torch.from_numpy(_gray_roundtrip(b)) for b in blobs])
-            imgs = back[:, None].float() / 255
-            correct = torch.cat([teacher(imgs[i: i + 256]).argmax(1) == y[i: i + 256]
-                                 for i in range(0, len(imgs), 256)])
-            acc = int(correct.sum()) / len(y)
-            _, lo, hi = paired_drop_ci(unsplit_correct, correct)
-            rows.append({"method": f"{fmt} q={q}", "curve": fmt, "quality": q,
-                         "accuracy": acc,
-                         "accuracy_drop_pt": 100 * (float(unsplit_correct.double().mean())
-                                                    - acc),
-                         "accuracy_drop_ci95_pt": [round(lo, 3), round(hi, 3)],
-                         "drop_vs_control_pt": (100 * (control_acc - acc)
-                                                if control_acc is not None else None),
-                         "bytes_per_sample": statistics.fmean(len(b) for b in blobs),
-                         "device_macs": 0.0})
-    return rows
-
-
-def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session=None) -> dict:
-    """Interleaved batch-1 medians/means: device half (PyTorch, and ONNX Runtime when a
-    session is given), entropy encode, entropy decode."""
-    dev, enc, dec, ort = [], [], [], []
-    codec = split.codec
-    with torch.inference_mode():
-        for i in range(n + 5):
-            xi = x[i % len(x): i % len(x) + 1]
-            t0 = time.perf_counter()
-            z = split.device_half(xi)
-            t1 = time.perf_counter()
-            msg = codec.encode(z)
-            t2 = time.perf_counter()
-            codec.decode(msg)
-            t3 = time.perf_counter()
-            if session is not None:
-                session.run_arrays([xi.numpy()])
-            t4 = time.perf_counter()
-            if i >= 5:
-                dev.append(t1 - t0)
-                enc.append(t2 - t1)
-                dec.append(t3 - t2)
-                ort.append(t4 - t3)
-    med = {k: statistics.median(v) for k, v in (("device", dev), ("encode", enc),
-                                                 ("decode", dec))}
-    mean = {k: statistics.fmean(v) for k, v in (("device", dev), ("encode", enc),
-                                                ("decode", dec))}
-    return {"device_half_ms_median": 1e3 * med["device"], "encode_ms_median": 1e3 * med["encode"],
-            "decode_ms_median": 1e3 * med["decode"], "device_half_ms_mean": 1e3 * mean["device"],
-            "encode_ms_mean": 1e3 * mean["encode"], "decode_ms_mean": 1e3 * mean["decode"],
-            "codec_share_of_device_half_median": (med["encode"] + med["decode"]) / med["device"],
-            "codec_share_of_device_half_mean": (mean["encode"] + mean["decode"]) / mean["device"],
-            **({"ort_device_half_ms_median": 1e3 * statistics.median(ort),
-                "codec_share_of_ort_device_half_median":
-                    (med["encode"] + med["decode"]) / statistics.median(ort)}
-               if session is not None else {})}
-
-
-def _ort_session(split: SplitModel, x: torch.Tensor, out: Path):
-    from splitexit.export.onnx import export_piece
-    from splitexit.runtime.ort import OrtSession
-
-    path = export_piece(split.device_half, x[:2], out / "work" / "entropy_device.onnx")
-    return OrtSession(path, threads=1)
-
-
-def _ort_identical(split: SplitModel, x: torch.Tensor, session) -> dict:
-    """Messages from the device half on ONNX Runtime vs PyTorch, sample by sample."""
-    same = 0
-    with torch.inference_mode():
-        for i in range(0, len(x), 256):
-            zt = split.device_half(x[i: i + 256]).numpy()
-            zo = session.run_arrays([x[i: i + 256].numpy()])[0]
-            for j in range(len(zt)):
-                same += split.codec.encode(zt[j: j + 1]) == split.codec.encode(zo[j: j + 1])
-    return {"samples": len(x), "identical_messages": int(same)}
 
 
 def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
@@ -562,33 +486,40 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
                            "accuracy_drop_pt": 100 * (unsplit_acc - control_acc),
                            "device_macs": total_macs, "device_params": whole_params})
         say(f"control: acc {control_acc:.4f}")
-    entropy_timing: dict = {}
-    ort_check: dict = {}
-    for beta in settings.entropy_betas:
-        say(f"training entropy bottleneck beta={beta:g} ...")
-        model, tables, seconds = _entropy_model(teacher, beta, ds, train_split, settings)
-        if seconds is not None:
-            train_times[f"entropy beta={beta:g}"] = seconds
-        codec = register_codec(EntropyCodec(tables))
-        split = split_model(model, codec=codec, example=example)
-        before = codec.clamped
-        add(f"entropy C={settings.entropy_width} beta={beta:g}", split,
-            {"cut": split.cut, "bottleneck_channels": settings.entropy_width, "beta": beta,
-             "bottleneck_shape": list(split.payload_spec[0].shape),
-             "table_symbols": tables.symbols, "table_range": [tables.lo, tables.hi],
-             "tables_sha256": tables.sha256})
-        rows[-1]["clamped_values"] = codec.clamped - before
-        with torch.no_grad():
-            q = torch.cat([torch.round(split.device_half(x[i: i + 256]))
-                           for i in range(0, len(x), 256)]).numpy()
-        rows[-1]["ideal_bytes_per_sample"] = float(tables.bits(q).mean() / 8)
-        session = _ort_session(split, x, Path(out))
-        with torch_threads(1):
-            entropy_timing[rows[-1]["method"]] = _time_entropy(split, x,
-                                                               settings.latency_samples, session)
-        rows[-1].update(entropy_timing[rows[-1]["method"]])
-        if not ort_check:
-            ort_check = {"method": rows[-1]["method"], **_ort_identical(split, x, session)}
+    ort_checks: list[dict] = []
+    for curve in _entropy_curves(settings):
+        for beta in curve.betas:
+            method = f"{curve.name} beta={beta:g}"
+            say(f"training {method} ...")
+            model, tables, seconds = _entropy_model(teacher, curve, beta, ds, train_split,
+                                                    settings)
+            if seconds is not None:
+                train_times[method] = seconds
+            # not registered: the split decodes with its own codec object, and 8-bit codec ids
+            # of a dozen tables collide (the registry refuses a second table with the same id)
+            codec = EntropyCodec(tables)
+            split = split_model(model, codec=codec, example=example)
+            before = codec.clamped
+            add(method, split,
+                {"cut": split.cut, "bottleneck_channels": curve.width, "beta": beta,
+                 "curve": curve.name, "stage1": curve.stage1,
+                 "bottleneck_shape": list(split.payload_spec[0].shape),
+                 "table_symbols": tables.symbols, "table_range": [tables.lo, tables.hi],
+                 "tables_sha256": tables.sha256,
+                 "device_macs_share_of_unsplit": None})
+            row = rows[-1]
+            row["device_macs_share_of_unsplit"] = row["device_macs"] / total_macs
+            row["clamped_values"] = codec.clamped - before
+            with torch.no_grad():
+                q = torch.cat([torch.round(split.device_half(x[i: i + 256]))
+                               for i in range(0, len(x), 256)]).numpy()
+            row["ideal_bytes_per_sample"] = float(tables.bits(q).mean() / 8)
+            session = _ort_session(split, x, Path(out))
+            with torch_threads(1):
+                row.update(_time_entropy(split, x, settings.latency_samples, session))
+            if not any(c["curve"] == curve.name for c in ort_checks):
+                ort_checks.append({"curve": curve.name, "method": method,
+                                   **_ort_identical(split, x, session)})
     image_rows = _image_codec_rows(teacher, pixels, y, settings.image_qualities,
                                    unsplit_correct, control_acc)
     if control_acc is not None:
@@ -652,7 +583,7 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
                                                  default=None),
         "planner_within_5pct_every_link": all(r["within_5pct"] for r in link_rows),
     }
-    ent_targets, ent_notes = _entropy_targets(rows, unsplit_acc, control_acc, ort_check)
+    ent_targets, ent_notes = _entropy_targets(rows, unsplit_acc, control_acc, ort_checks)
     targets.update(ent_targets)
     plot = _plot(Path(out), rows, references, unsplit_acc)
     curve_plot = _plot_curves(Path(out), rows, references, image_rows, unsplit_acc,
@@ -717,17 +648,22 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         "baseline_train_seconds are the wall times of the runs that trained them (1 thread, "
         "shared machine).",
         *target_notes,
-        "Rate-accuracy curves: 'entropy C=c beta=b' is the learned entropy bottleneck (same "
-        "cut, stride, encoder and decoder as BottleFit; factorized prior of a 3-component "
-        "logistic mixture per latent element, frozen into 16-bit integer frequency tables and "
-        "range-coded with constriction; stage 1 head distillation + beta x bits per sample with "
-        "uniform-noise relaxation, stage 2 KD on the integer latent with the device half and "
-        "encoder frozen, same epochs, samples and learning rate as BottleFit). Its message is "
+        "Rate-accuracy curves: 'entropy CUT STAGE1/STRIDE C=c beta=b' is the learned entropy "
+        "bottleneck at that cut (encoder and decoder built as BottleFit's, encoder width "
+        f"{settings.encoder_hidden}; factorized prior of a 3-component logistic mixture per "
+        "latent element, frozen into 16-bit integer frequency tables and range-coded with "
+        "constriction). Stage 1 'head': head distillation + beta x bits per sample with "
+        "uniform-noise relaxation, the later stages frozen; stage 1 'task': end to end, every "
+        "stage trained on KD from the unsplit model (T=1, alpha=0.5) on the rounded latent "
+        "(straight-through) + beta x bits of the noise-relaxed latent. Stage 2 (both): KD on "
+        "the integer latent with the device half and encoder frozen. Same epochs, samples and "
+        "learning rate as BottleFit and the control. Its message is "
         "the compact entropy message: 4 bytes of header and check byte (tag, 8-bit codec id, "
         "bitstream length, keyed CRC check byte) plus the range-coded bitstream (whole 32-bit "
         "words). ideal_bytes_per_sample: the tables' code "
         "length / 8, without header. clamped_values: latent values outside the tables' range, "
-        "clamped (never wrapped).",
+        "clamped (never wrapped). device_macs_share_of_unsplit: the device half's MACs "
+        "(encoder included) / the unsplit model's.",
         "JPEG q=N / WEBP q=N: the 8-bit image through Pillow at quality N (grayscale), file "
         "size without any header, classified by the unsplit model; PNG likewise (lossless).",
         "drop_vs_control_pt: accuracy of the equally trained control minus that option's (the "
@@ -735,9 +671,12 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         f"{settings.stage1_epochs + settings.stage2_epochs} more epochs on the bottlenecks' "
         "training samples at the same learning rate, plain cross-entropy)."
         if control_acc is not None else "No control in this run.",
-        "Timing of the entropy codec (encode on the device + decode on the server, numpy + "
-        "constriction) against the device half (PyTorch, batch 1, 1 thread), interleaved per "
-        "sample: see encode_ms_*, decode_ms_*, device_half_ms_* and codec_share_*.",
+        "Timing of the entropy codec at batch 1, 1 thread, interleaved per sample as deployed: "
+        "the device half on ONNX Runtime (ort_device_half_ms_*), the encode of its output in "
+        "numpy + constriction (encode_ms_*, as on the torch-free edge) and the decode on the "
+        "server (decode_ms_*); the PyTorch device half (device_half_ms_*) in a pass of its "
+        "own after it. codec_share_of_ort_device_half_* and codec_share_of_device_half_* are "
+        "(encode + decode) / device half.",
         *ent_notes,
     ]
     settings_dict = {k: v for k, v in asdict(settings).items() if k != "notes"}
@@ -748,91 +687,7 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
         command=command, plots=[p for p in (curve_plot, plot) if p], settings=settings_dict,
         targets=targets, bottleneck_train_seconds=train_times,
         baseline_train_seconds=train_seconds, host_gmacs_per_s=host.compute_gmacs_per_s,
-        image_codec_rows=image_rows, entropy_ort_check=ort_check)
-
-
-def _curve_rows(rows: list[dict], references: list[dict], image_rows: list[dict]) -> list[dict]:
-    """One row per point of the rate-accuracy curves (the plot's data)."""
-    out = []
-    for r in references[1:]:
-        if r["bytes_per_sample"] > 0:
-            out.append({"curve": r["method"], "method": r["method"],
-                        "bytes_per_sample": r["bytes_per_sample"], "accuracy": r["accuracy"]})
-    for r in image_rows:
-        out.append({k: r.get(k) for k in ("curve", "method", "bytes_per_sample", "accuracy",
-                                          "accuracy_drop_pt", "drop_vs_control_pt")})
-    for r in rows:
-        m = r["method"]
-        if m.startswith("entropy") or (m.startswith("bottlefit") and r["codec"] in _CURVE_CODECS):
-            out.append({"curve": m.split(" beta")[0] if m.startswith("entropy")
-                        else f"{m.rsplit(' ', 1)[0]} {r['codec']}", "method": m,
-                        "bytes_per_sample": r["bytes_per_sample"],
-                        "batched_bytes_per_sample": r["batched_bytes_per_sample"],
-                        "accuracy": r["accuracy"], "accuracy_drop_pt": r["accuracy_drop_pt"],
-                        "drop_vs_control_pt": r.get("drop_vs_control_pt")})
-    return out
-
-
-_CURVE_CODECS = ("int8", "int4", "int8+zstd", "int4+zstd", "int8:v2", "int4:v2")
-
-
-def _entropy_targets(rows: list[dict], unsplit_acc: float, control_acc: float | None,
-                     ort_check: dict) -> tuple[dict, list[str]]:
-    ent = [r for r in rows if r["method"].startswith("entropy")]
-    if not ent:
-        return {}, ["No entropy bottleneck in this run."]
-    ref_acc = control_acc if control_acc is not None else unsplit_acc
-    ref_name = "the equally trained control" if control_acc is not None else "the unsplit model"
-    within = [r for r in ent if 100 * (ref_acc - r["accuracy"]) <= 0.5]
-    small = min(within, key=lambda r: r["bytes_per_sample"], default=None)
-    bf = [r for r in rows if r["method"].startswith("bottlefit") and r["codec"] == "int4:v2"]
-    bf = min(bf, key=lambda r: abs(r["bytes_per_sample"] - 71.0), default=None)
-    at = [r for r in ent if bf is not None and r["bytes_per_sample"] <= bf["bytes_per_sample"]]
-    best_at = max(at, key=lambda r: r["accuracy"], default=None)
-    gain = 100 * (best_at["accuracy"] - bf["accuracy"]) if best_at and bf else None
-    timed = small or min(ent, key=lambda r: r["bytes_per_sample"])
-    share = timed.get("codec_share_of_device_half_median")
-    t = {
-        "entropy_reference": ref_name, "entropy_reference_accuracy": ref_acc,
-        "entropy_smallest_within_0.5pt": small and {
-            k: small[k] for k in ("method", "bytes_per_sample", "batched_bytes_per_sample",
-                                  "accuracy", "accuracy_drop_pt")
-        } | {"drop_vs_reference_pt": 100 * (ref_acc - small["accuracy"])},
-        "entropy_24B_within_0.5pt_met": bool(small and small["bytes_per_sample"] <= 24),
-        "bottlefit_comparison_row": bf and bf["method"],
-        "entropy_best_at_bottlefit_bytes": best_at and best_at["method"],
-        "entropy_gain_at_bottlefit_bytes_pt": gain,
-        "entropy_gain_0.3pt_met": bool(gain is not None and gain >= 0.3),
-        "entropy_codec_share_of_device_half_median": share,
-        "entropy_codec_share_met": bool(share is not None and share <= 0.10),
-        "entropy_ort_identical_messages": ort_check,
-    }
-    notes = [
-        "Target <= 24 B per one-sample message within 0.5 pt of " + ref_name + ": "
-        + ("met" if t["entropy_24B_within_0.5pt_met"] else "not met")
-        + (f" (smallest within 0.5 pt: {small['method']}, {small['bytes_per_sample']:.1f} B, "
-           f"{100 * (ref_acc - small['accuracy']):.2f} pt below it, "
-           f"{small['batched_bytes_per_sample']:.1f} B per sample batched)" if small
-           else " (no entropy bottleneck within 0.5 pt)") + ".",
-        "Target >= 0.3 pt more accurate than BottleFit at its bytes: "
-        + ("met" if t["entropy_gain_0.3pt_met"] else "not met")
-        + (f" ({best_at['method']}, {best_at['bytes_per_sample']:.1f} B, "
-           f"{100 * best_at['accuracy']:.2f}% vs {bf['method']}, {bf['bytes_per_sample']:.1f} B, "
-           f"{100 * bf['accuracy']:.2f}%: {gain:+.2f} pt)" if gain is not None
-           else " (no comparable rows)") + ".",
-        "Target entropy encode + decode <= 10% of the device half's batch-1 latency: "
-        + ("met" if t["entropy_codec_share_met"] else "not met")
-        + (f" ({timed['method']}: encode {timed['encode_ms_median']:.3f} ms + decode "
-           f"{timed['decode_ms_median']:.3f} ms vs device half "
-           f"{timed['device_half_ms_median']:.3f} ms, medians; {share:.1%}; against the device "
-           f"half on ONNX Runtime, {timed.get('ort_device_half_ms_median', float('nan')):.3f} "
-           f"ms: {timed.get('codec_share_of_ort_device_half_median', float('nan')):.1%})"
-           if share is not None else "") + ".",
-        (f"ONNX Runtime vs PyTorch device half ({ort_check['method']}): identical messages for "
-         f"{ort_check['identical_messages']} of {ort_check['samples']} test samples."
-         if ort_check else "No ONNX Runtime check in this run."),
-    ]
-    return t, notes
+        image_codec_rows=image_rows, entropy_ort_checks=ort_checks)
 
 
 def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: float) -> str | None:
@@ -868,44 +723,6 @@ def _plot(out: Path, rows: list[dict], references: list[dict], unsplit_acc: floa
     fig.savefig(out / "bytes_vs_accuracy.png", dpi=120)
     plt.close(fig)
     return "bytes_vs_accuracy.png"
-
-
-def _plot_curves(out: Path, rows: list[dict], references: list[dict], image_rows: list[dict],
-                 unsplit_acc: float, control_acc: float | None) -> str | None:
-    """Accuracy against bytes per one-sample message: one line per method family."""
-    try:
-        plt = pyplot()
-    except ImportError:
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    curves = _curve_rows(rows, references, image_rows)
-    groups: dict[str, list[dict]] = {}
-    for r in curves:
-        groups.setdefault(r["curve"], []).append(r)
-    for name, rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["bytes_per_sample"])
-        style = "o-" if name.startswith("entropy") else ("s--" if name in ("JPEG", "WEBP")
-                                                        else "^")
-        ax.plot([r["bytes_per_sample"] for r in rs], [100 * r["accuracy"] for r in rs], style,
-                label=name, ms=4, lw=1.5 if name.startswith("entropy") else 0.8)
-    ax.axhline(100 * unsplit_acc, ls=":", color="k", lw=0.8, label="unsplit")
-    if control_acc is not None:
-        ax.axhline(100 * control_acc, ls="-.", color="gray", lw=0.8, label="control")
-        ax.axhline(100 * control_acc - 0.5, ls=":", color="gray", lw=0.6)
-    for b, text in ((24, "24 B"), (51, "LoRaWAN 51 B")):
-        ax.axvline(b, ls=":", color="r", lw=0.6)
-        ax.text(b, 100 * unsplit_acc - 9, text, rotation=90, fontsize=7)
-    ax.set_xscale("log")
-    lowest = min((100 * r["accuracy"] for r in curves), default=100 * unsplit_acc)
-    ax.set_ylim(max(0, min(lowest, 100 * unsplit_acc - 10) - 1), 100 * unsplit_acc + 1.5)
-    ax.set_xlabel("bytes per one-sample message (header included)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "rate_accuracy.png", dpi=120)
-    plt.close(fig)
-    return "rate_accuracy.png"
 
 
 def register(suites) -> None:
@@ -950,6 +767,10 @@ def register(suites) -> None:
                    help="rate weights of the entropy bottlenecks, comma-separated (empty: none)")
     p.add_argument("--entropy-width", type=int, default=d.entropy_width,
                    help="latent channels of the entropy bottlenecks")
+    p.add_argument("--entropy-curve", action="append", default=[],
+                   metavar="CUT:STAGE1:STRIDE:WIDTH:BETAS",
+                   help="a further entropy curve, e.g. block2:task:4:2:0.001/0.003 (STAGE1 "
+                   "'head' or 'task'; repeatable)")
     p.add_argument("--image-qualities", default=",".join(map(str, d.image_qualities)),
                    help="JPEG/WebP qualities, comma-separated (empty: none)")
     p.add_argument("--no-control", action="store_true",
@@ -977,6 +798,7 @@ def _cmd(args) -> int:
         cache=args.cache, seed=args.seed, teacher=args.teacher or None,
         entropy_betas=tuple(float(b) for b in args.entropy_betas.split(",") if b),
         entropy_width=args.entropy_width,
+        entropy_curves=tuple(EntropyCurve.parse(c) for c in args.entropy_curve),
         image_qualities=tuple(int(q) for q in args.image_qualities.split(",") if q),
         control=not args.no_control)
     for c in (*settings.codecs, *([stage2_codec] if stage2_codec else [])):

@@ -342,6 +342,33 @@ def test_rate_term_and_tables_follow_beta(teacher, digits):
     assert t.shape == (2, 4, 4) and t.lo <= 0 <= t.hi
 
 
+def test_task_stage_trains_every_stage_on_kd_plus_rate(teacher, digits):
+    from splitexit.training.bottlefit import kd_loss
+    from splitexit.training.entropy import RateTaskDistillation, entropic_student
+
+    spec = BottleneckSpec(channels=2, stride=2, hidden=8)
+    model = inject_entropy_bottleneck(teacher, "block2", spec, digits.train.x[:16])
+    x, y = digits.train.x[:32], digits.train.y[:32]
+    s = RateTaskDistillation(teacher, beta=0.5)
+    s.prepare(model)
+    assert all(p.requires_grad for p in model.parameters())  # end to end, prior included
+    model.eval()
+    loss = float(s.loss(model, x, y).detach())
+    with torch.no_grad():
+        kd = float(kd_loss(model(x), y, teacher, x, 1.0, 0.5))  # model(x) rounds the latent
+    assert loss == pytest.approx(kd + 0.5 * s.last_bits, rel=1e-5) and s.last_bits > 0
+    model.train()
+    s.loss(model, x, y).backward()
+    first, last = model.stages[0].module, model.stages[-1].module
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in first.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in last.parameters())
+    assert model.prior.logits.grad is not None
+    with pytest.raises(InputError, match="stage1"):
+        entropic_student(teacher, "block2", spec, digits.train, beta=0.1, stage1="features")
+    with pytest.raises(InputError, match="beta"):
+        RateTaskDistillation(teacher, beta=float("nan"))
+
+
 def test_file_spec_records_the_digest_and_refuses_other_tables(tmp_path):
     path = _tables().save(tmp_path / "t.json")
     c = wire.Codec.parse(f"entropy:{path}")

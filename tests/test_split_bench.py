@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from benchmarks import split as split_bench
+from benchmarks import split_rate
 from benchmarks.__main__ import main as bench_main
 from benchmarks.split import DEFAULT_CODECS, SplitBenchSettings
+from splitexit.errors import InputError
 
 
 @pytest.fixture
@@ -99,26 +101,57 @@ def test_image_codecs_shrink_with_quality():
     rng = np.random.default_rng(0)
     image = (rng.random((28, 28)) * 255).astype(np.uint8)
     for fmt in ("JPEG", "WEBP"):
-        low, high = (len(split_bench.image_codec_bytes(image, fmt, q)) for q in (5, 90))
+        low, high = (len(split_rate.image_codec_bytes(image, fmt, q)) for q in (5, 90))
         assert 0 < low < high
+
+
+def _entropy_row(method: str, curve: str, nbytes: float, acc: float, **timing) -> dict:
+    return {"method": method, "curve": curve, "cut": curve.split()[1], "codec": "entropy:x",
+            "bytes_per_sample": nbytes, "batched_bytes_per_sample": nbytes - 4,
+            "accuracy": acc, "accuracy_drop_pt": 100 * (0.918 - acc), "device_macs": 4e6,
+            "device_macs_share_of_unsplit": 0.4, "ort_device_half_ms_median": 0.2,
+            "codec_share_of_ort_device_half_median": 0.3, "encode_ms_median": 0.03,
+            "decode_ms_median": 0.03, "device_half_ms_median": 0.6,
+            "codec_share_of_device_half_median": 0.1, **timing}
 
 
 def test_entropy_targets_compare_with_control_and_bottlefit():
     rows = [
         {"method": "bottlefit C=2 int4:v2", "codec": "int4:v2", "bytes_per_sample": 71.0,
          "accuracy": 0.910},
-        {"method": "entropy C=2 beta=0.1", "codec": "entropy:x", "bytes_per_sample": 20.0,
-         "batched_bytes_per_sample": 16.0, "accuracy": 0.916, "accuracy_drop_pt": 0.1,
-         "encode_ms_median": 0.02, "decode_ms_median": 0.02, "device_half_ms_median": 0.5,
-         "codec_share_of_device_half_median": 0.08},
-        {"method": "entropy C=2 beta=0.01", "codec": "entropy:y", "bytes_per_sample": 40.0,
-         "batched_bytes_per_sample": 35.0, "accuracy": 0.918, "accuracy_drop_pt": 0.0},
+        _entropy_row("entropy block2 task/4 C=2 beta=0.1", "entropy block2 task/4 C=2", 20.0,
+                     0.916, codec_share_of_ort_device_half_median=0.08),
+        _entropy_row("entropy block1 head/4 C=2 beta=0.01", "entropy block1 head/4 C=2",
+                     40.0, 0.918),
     ]
-    t, notes = split_bench._entropy_targets(rows, 0.918, 0.920, {})
-    assert t["entropy_smallest_within_0.5pt"]["method"] == "entropy C=2 beta=0.1"
+    t, notes = split_rate._entropy_targets(rows, 0.918, 0.920, [])
+    assert t["entropy_smallest_within_0.5pt"]["method"] == "entropy block2 task/4 C=2 beta=0.1"
+    assert t["entropy_smallest_within_0.5pt"]["cut"] == "block2"
+    assert set(t["entropy_smallest_within_0.5pt_per_curve"]) == {
+        "entropy block2 task/4 C=2", "entropy block1 head/4 C=2"}
     assert t["entropy_24B_within_0.5pt_met"] and t["entropy_codec_share_met"]
-    assert t["entropy_best_at_bottlefit_bytes"] == "entropy C=2 beta=0.01"
+    assert t["entropy_best_at_bottlefit_bytes"] == "entropy block1 head/4 C=2 beta=0.01"
     assert t["entropy_gain_at_bottlefit_bytes_pt"] == pytest.approx(0.8)
     assert t["entropy_gain_0.3pt_met"] and any("met" in n for n in notes)
-    t, _ = split_bench._entropy_targets(rows, 0.918, 0.930, {})  # a stronger control
+    t, _ = split_rate._entropy_targets(rows, 0.918, 0.930, [])  # a stronger control
     assert not t["entropy_24B_within_0.5pt_met"]
+    # the codec target is judged against the device half on ONNX Runtime, not PyTorch
+    rows[1]["codec_share_of_ort_device_half_median"] = 0.3
+    t, _ = split_rate._entropy_targets(rows, 0.918, 0.920, [])
+    assert not t["entropy_codec_share_met"]
+
+
+def test_entropy_curves_parse_and_reach_the_settings(captured, tmp_path):
+    c = split_rate.EntropyCurve.parse("block2:task:4:2:0.001/0.003:4x0")
+    assert (c.cut, c.stage1, c.stride, c.width, c.betas, c.epochs) == (
+        "block2", "task", 4, 2, (0.001, 0.003), (4, 0))
+    assert c.name == "entropy block2 task/4 C=2 4+0ep"
+    for bad in ("block2:task:4:2", "block2:features:4:2:0.1", "block2:task:x:2:0.1",
+                "block2:task:4:2:0.1:4"):
+        with pytest.raises(InputError, match="entropy curve"):
+            split_rate.EntropyCurve.parse(bad)
+    argv = ["split", "--out", str(tmp_path), "--entropy-curve", "block2:task:4:2:0.001",
+            "--entropy-curve", "block1:head:2:1:0.01/0.1"]
+    assert bench_main(argv) == 0
+    curves = captured["settings"].entropy_curves
+    assert [cv.cut for cv in curves] == ["block2", "block1"] and curves[1].betas == (0.01, 0.1)
