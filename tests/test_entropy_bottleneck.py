@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,3 +383,34 @@ def test_file_spec_records_the_digest_and_refuses_other_tables(tmp_path):
         np.testing.assert_array_equal(wire.decode_arrays(msg), c.decode_arrays(msg))
     finally:
         unregister(c)
+
+
+@pytest.mark.slow
+def test_a_bundle_carries_its_entropy_tables(student, digits, tmp_path):
+    """The tables travel inside the bundle: it loads after being moved, with the original
+    tables file gone, and a manifest pointing its codec outside the bundle is refused."""
+    import shutil
+
+    from splitexit.deploy import bundle, load_bundle
+
+    model = student.model.eval()
+    tables = freeze_tables(model)
+    source = tables.save(tmp_path / "tables.json")
+    codec = wire.Codec.parse(f"entropy:{source}")
+    try:
+        out = bundle(model, tmp_path / "b", cut="block1/bottleneck", codec=codec.spec(),
+                     example=digits.calib.x[:8], measure=False)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["codec"] == f"entropy:codec/entropy-tables.json@{tables.sha256[:16]}"
+        moved = shutil.move(str(out), str(tmp_path / "elsewhere"))
+        source.unlink()
+        b = load_bundle(moved)
+        assert b.codec.startswith(f"entropy:{moved}/codec/entropy-tables.json@")
+        assert wire.Codec.parse(b.codec).tables.sha256 == tables.sha256
+        doc = json.loads((Path(moved) / "manifest.json").read_text())
+        doc["codec"] = f"entropy:/etc/tables.json@{tables.sha256[:16]}"
+        (Path(moved) / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(CorruptFileError, match="not a file of the bundle"):
+            load_bundle(moved)
+    finally:
+        unregister(codec)

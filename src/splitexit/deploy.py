@@ -332,6 +332,8 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
             stage = work / "bundle"
             manifest = _write(program, stage, example, codec_spec, classes, normalisation,
                               opset)
+            if codec_spec is not None and codec_spec.startswith("entropy:") and "@" in codec_spec:
+                manifest["codec"] = _copy_entropy_tables(codec_spec, stage)
             if isinstance(selection, dict):  # thresholds chosen here, per subset
                 manifest["selection"] = selection
             elif selection is not None:
@@ -352,6 +354,16 @@ def bundle(model: nn.Module, directory: str | Path, cut: str | int | None = None
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(stage, out)
     return out
+
+
+def _copy_entropy_tables(spec: str, stage: Path) -> str:
+    """An entropy codec's tables copied into the bundle; the spec then names that copy
+    (relative to the bundle, checked against the same digest when loaded)."""
+    source, _, digest = spec[len("entropy:"):].rpartition("@")
+    target = stage / "codec" / "entropy-tables.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return f"entropy:codec/entropy-tables.json@{digest}"
 
 
 def _portable(spec):

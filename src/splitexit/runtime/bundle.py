@@ -223,6 +223,19 @@ def _check(path: Path, doc: dict) -> None:
     codec = doc.get("codec")
     if server is not None and not isinstance(codec, str):
         raise _bad(path, "a split bundle names its wire codec")
+    tables = _entropy_tables_file(codec)
+    if tables is not None and (PurePosixPath(tables).is_absolute() or ".." in
+                               PurePosixPath(tables).parts or tables not in doc["files"]):
+        raise _bad(path, f"its entropy codec names the tables {tables!r}, which is not a file "
+                   "of the bundle under the manifest's checksums; bundle the model again")
+
+
+def _entropy_tables_file(codec) -> str | None:
+    """The tables file an ``entropy:<file>@<digest>`` codec spec names, relative to the
+    bundle (``None`` for any other codec)."""
+    if not isinstance(codec, str) or not codec.startswith("entropy:") or "@" not in codec:
+        return None
+    return codec[len("entropy:"):].rpartition("@")[0]
 
 
 class Bundle:
@@ -250,6 +263,9 @@ class Bundle:
         self.classes = list(m["classes"])
         self.cut = m.get("cut")
         self.codec = m.get("codec")
+        tables = _entropy_tables_file(self.codec)
+        if tables is not None:  # the bundle's own copy of the tables, wherever it now lies
+            self.codec = f"entropy:{self.directory / tables}@{self.codec.rpartition('@')[2]}"
         self.exit_names = [e["name"] for e in m["exits"]]
         self.exit_stages = [e["piece"] for e in m["exits"]]
 
