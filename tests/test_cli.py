@@ -77,6 +77,8 @@ def test_train_calibrate_evaluate(tmp_path, capsys):
     assert "without exits" in capsys.readouterr().err
     assert main(["bench", str(ckpt), "--baseline", str(ckpt)]) == 2
     assert "has exits" in capsys.readouterr().err
+    assert main(["bench", str(ckpt), "--drops", "half"]) == 2
+    assert "--drops takes" in capsys.readouterr().err
 
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):

@@ -245,7 +245,11 @@ def _cmd_bench(args) -> int:
     else:
         baseline = copy.deepcopy(model.backbone)
         reference = "the same network without its exit heads (its backbone, same weights)"
-    drops = tuple(float(d) / 100 for d in args.drops.split(","))
+    try:
+        drops = tuple(float(d) / 100 for d in args.drops.split(","))
+    except ValueError:
+        raise InputError(f"--drops takes accuracy-drop targets in points, comma-separated "
+                         f"(e.g. 0.5,1), got {args.drops!r}") from None
     s = CompareSettings(policy=args.policy, drops=drops, calibration=args.calibration,
                         delta=args.delta, latency_samples=args.latency_samples,
                         threads=args.threads, runtimes=tuple(args.runtimes.split(",")),
