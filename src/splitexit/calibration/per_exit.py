@@ -129,6 +129,8 @@ def per_exit_thresholds(logits: Sequence[torch.Tensor], labels: torch.Tensor,
             break
     a, c, first = evaluate(thr[None])
     acc, cost, first = float(a[0]), float(c[0]), first[0]
+    if acc < floor or (cost, -acc) >= (start.mean_macs, -start.accuracy):
+        return start  # nothing cheaper within the target than the single threshold
     chosen = policy.with_threshold(tuple(float(t) for t in thr))
     return OperatingPoint(chosen, acc, cost,
                           (torch.bincount(first, minlength=len(logits)).double() / n).tolist())
