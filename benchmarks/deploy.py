@@ -338,10 +338,8 @@ def _edge_rows(ds, s: DeployBenchSettings, out: Path) -> list[dict]:
     multi = _load(out / "models" / "resnet8-multiexit", "resnet8", s)
     # every exit with the single threshold on both sides (a model directory, today's edge,
     # rebuilds zoo models with all their exits only)
-    one = out / "work" / "resnet8" / "one-threshold" / "manifest.json"
-    info = json.loads((one if one.is_file() else out / "bundles" / "resnet8" / "manifest.json")
-                      .read_text())
-    policy = MaxProb(**{k: v for k, v in info["policy"].items() if k != "name"})
+    one = out / "work" / "resnet8" / "one-threshold"
+    policy = load_bundle(one if one.is_dir() else out / "bundles" / "resnet8").policy
     split = bundle(multi, out / "bundles" / "resnet8-split", cut=s.edge_cut, policy=policy,
                    codec=s.edge_codec, measure=False)
     model_dir = export_model_dir(multi, s.edge_cut, out / "work" / "resnet8-modeldir",

@@ -81,13 +81,13 @@ def _measure(work: Path, program: ExitProgram, samples: np.ndarray, threads: int
                                           threads=threads, opset=opset)
     graph = ort_program.exit_graph
     never = leave_at(program.policy, program.num_exits - 1, program.num_exits)
-    fns = {"full": lambda x: full.run_arrays([x]),
+    fns = {"full": _runner(full),
            "bundle": lambda x: ort_program.infer(x, program.policy)}
     if graph is not None:
         never_graph = work / "never.onnx"
         export_exit_graph(program, never, never_graph, opset=opset)
         never_session = OrtSession(never_graph, threads)
-        fns["no_exit"] = lambda x: never_session.run_arrays([x])  # called as the full model is
+        fns["no_exit"] = _runner(never_session)  # called as the full model is
     else:
         fns["no_exit"] = lambda x: ort_program.infer(x, never)
     times = _latencies(fns, samples)
@@ -101,32 +101,36 @@ def _measure(work: Path, program: ExitProgram, samples: np.ndarray, threads: int
             "form": "exit graph" if graph is not None else "pieces"}
 
 
+def _subsets(heads: int) -> list[list[int]]:
+    """Every subset of ``heads`` exit heads, the largest first (each is timed, so at most 6
+    heads: 64 subsets)."""
+    if heads > 6:
+        raise InputError(f"{heads} exit heads give {2 ** heads} subsets to time; pass a model "
+                         "with at most 6 heads (model.keep_exits(...)) or no max_overhead")
+    return [list(k) for r in range(heads, -1, -1) for k in itertools.combinations(range(heads), r)]
+
+
 def _select(model: MultiExitModel, policy: ExitPolicy, samples: np.ndarray, example,
             max_overhead: float, threads: int | None, opset: int, work: Path
             ) -> tuple[list[int], list[dict]]:
     """The exit subset with the lowest measured mean latency among those whose no-exit
     latency is at most ``max_overhead`` times the full model's (measured together)."""
-    heads = len(model.heads)
-    if heads > 6:
-        raise InputError(f"{heads} exit heads give {2 ** heads} subsets to time; pass a model "
-                         "with at most 6 heads (model.keep_exits(...)) or no max_overhead")
     rows = []
     best = None
-    for r in range(heads, -1, -1):
-        for keep in itertools.combinations(range(heads), r):
-            sub = model.keep_exits(list(keep))
-            program = lower(sub, policy_for_exits(policy, [*keep, len(model.heads)]), None,
-                            example)
-            m = _measure(work / f"subset{len(rows)}", program, samples, threads, opset)
-            # without heads the bundle is the full model's graph: its ratio is 1 by definition
-            ratio = m["no_exit_ratio"] if keep else 1.0
-            speedup = (m["speedup_mean"], m["speedup_p50"]) if keep else (1.0, 1.0)
-            row = {"exits": [model.head_cuts[e] for e in keep], "no_exit_ratio": ratio,
-                   "mean_ms": m["bundle"]["mean_ms"], "speedup_mean": speedup[0],
-                   "speedup_p50": speedup[1], "meets_bound": ratio <= max_overhead}
-            rows.append(row)
-            if row["meets_bound"] and (best is None or row["speedup_mean"] > best[1]):
-                best = (list(keep), row["speedup_mean"])
+    for keep in _subsets(len(model.heads)):
+        sub = model.keep_exits(keep)
+        program = lower(sub, policy_for_exits(policy, [*keep, len(model.heads)]), None,
+                        example)
+        m = _measure(work / f"subset{len(rows)}", program, samples, threads, opset)
+        # without heads the bundle is the full model's graph: its ratio is 1 by definition
+        ratio = m["no_exit_ratio"] if keep else 1.0
+        speedup = (m["speedup_mean"], m["speedup_p50"]) if keep else (1.0, 1.0)
+        row = {"exits": [model.head_cuts[e] for e in keep], "no_exit_ratio": ratio,
+               "mean_ms": m["bundle"]["mean_ms"], "speedup_mean": speedup[0],
+               "speedup_p50": speedup[1], "meets_bound": ratio <= max_overhead}
+        rows.append(row)
+        if row["meets_bound"] and (best is None or row["speedup_mean"] > best[1]):
+            best = (keep, row["speedup_mean"])
     if best is None:
         raise InputError(f"no exit subset keeps the no-exit latency within {max_overhead:g}x "
                          "the full model's (not even no heads at all); raise max_overhead")
@@ -181,16 +185,11 @@ def _select_calibrated(model: MultiExitModel, family: ExitPolicy, calibration, m
         raise InputError(f"calibration is (inputs, labels) of one non-zero length, got "
                          f"{len(cal_x)} inputs and {len(cal_y)} labels")
     heads = len(model.heads)
-    if max_overhead is not None and heads > 6:
-        raise InputError(f"{heads} exit heads give {2 ** heads} subsets to time; pass a model "
-                         "with at most 6 heads (model.keep_exits(...)) or no max_overhead")
     with torch.inference_mode():
         logits = model.collect_logits(cal_x.float())
     if reference_accuracy is None:  # the model's own final exit
         reference_accuracy = float((logits[-1].argmax(1) == cal_y).double().mean())
-    subsets = ([list(k) for r in range(heads, -1, -1)
-                for k in itertools.combinations(range(heads), r)]
-               if max_overhead is not None else [list(range(heads))])
+    subsets = _subsets(heads) if max_overhead is not None else [list(range(heads))]
     # every subset's exits timed in one interleaved run, so their costs compare
     policies = {tuple(k): policy_for_exits(family, [*k, heads]) for k in subsets}
     fns = {"full": _runner(_full_graph(model, example, work / "full.onnx", opset))}
