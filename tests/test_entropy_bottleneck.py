@@ -27,6 +27,7 @@ from splitexit.split.entropy import (
     EntropyCodec,
     EntropyTables,
     register,
+    registered,
     tables_from_pmf,
     unregister,
 )
@@ -124,6 +125,8 @@ def test_torch_tensors_and_arrays_give_the_same_bytes(codec):
     y = _latents(4)
     assert codec.encode(torch.from_numpy(y)) == codec.encode(y)
     assert codec.encode(y.astype(np.float64)) == codec.encode(y)
+    for i in range(4):  # a float32 sample takes the short path, float64 the checked one
+        assert codec.encode(y[i: i + 1]) == codec.encode(y[i: i + 1].astype(np.float64))
 
 
 def test_out_of_range_latents_are_clamped_and_counted(codec):
@@ -139,6 +142,18 @@ def test_out_of_range_latents_are_clamped_and_counted(codec):
         codec.encode(np.full((1, *SHAPE), np.nan, np.float32))
     with pytest.raises(InputError, match="shape"):
         codec.encode(np.zeros((1, 3, 7, 7), np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("n", [1, 64])  # one sample is range-checked in Python, a batch in numpy
+def test_one_non_finite_value_among_finite_ones_is_refused(codec, bad, n):
+    y = _latents(n)
+    y[n - 1, 1, 3, 2] = bad
+    with pytest.raises(InputError, match="NaN/inf"):
+        codec.encode(y)
+    y[n - 1, 1, 3, 2] = 3e38  # finite but far out of range: clamped and counted
+    codec.encode(y)
+    assert codec.last_clamped >= 1
 
 
 def test_spec_parses_to_the_registered_codec_and_files_load(codec, tmp_path):
@@ -181,6 +196,45 @@ def test_corrupt_bitstream_and_other_tables_are_rejected(codec):
     forged[-1] = zlib.crc32(body) & 0xFF  # an unkeyed check does not pass either
     with pytest.raises(PayloadError):
         other.decode_arrays(bytes(forged))
+
+
+def _colliding_tables(tables: EntropyTables) -> EntropyTables:
+    """Other tables whose 8-bit codec id equals ``tables``' (found by perturbing one row)."""
+    freqs = tables.freqs.astype(np.int64)
+    for k in range(1, 5000):
+        f = freqs.copy()
+        f[k % len(f), 0] += k
+        f[k % len(f), f[k % len(f)].argmax()] -= k
+        other = EntropyTables(tables.shape, tables.lo, f.astype(np.uint32), tables.precision)
+        if other.codec_id == tables.codec_id:
+            return other
+    raise AssertionError("no colliding tables found")
+
+
+def test_tables_whose_ids_collide_are_both_served(codec):
+    other = register(_colliding_tables(codec.tables))
+    try:
+        assert other.tables.codec_id == codec.tables.codec_id and other != codec
+        assert {c.tables.sha256 for c in registered()} >= {
+            codec.tables.sha256, other.tables.sha256}
+        y = _latents(200, scale=0.7)
+        right = ambiguous = 0
+        for c in (codec, other):
+            for i in range(len(y)):
+                msg = c.encode(y[i: i + 1])
+                try:
+                    got = wire.decode_arrays(msg)
+                except PayloadError as e:  # both keyed check bytes match: refused, never wrong
+                    assert "collide" in str(e)
+                    ambiguous += 1
+                    continue
+                np.testing.assert_array_equal(got, c.decode_arrays(msg))
+                right += 1
+        assert ambiguous < 0.05 * right  # about 1 in 256
+        assert wire.Codec.parse(other.spec()) is other and wire.Codec.parse(codec.spec()) is codec
+    finally:
+        unregister(other)
+    assert wire.decode_arrays(codec.encode(y[:1])).shape == (1, *SHAPE)
 
 
 def test_forged_sample_count_is_refused_before_allocating(codec):

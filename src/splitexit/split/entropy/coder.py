@@ -27,6 +27,9 @@ from .tables import EntropyTables
 __all__ = ["EntropyCodec"]
 
 _LITTLE = sys.byteorder == "little"
+_SMALL = 1024
+"""Latents with at most this many values are range-checked in Python (a one-sample latent)."""
+_NOT_FINITE = "the latent holds NaN/inf; the entropy codec sends finite values"
 
 
 def _constriction() -> Any:
@@ -66,7 +69,7 @@ class EntropyCodec(Codec):
                   "_encoder": c.stream.queue.RangeEncoder,
                   "_decoder": c.stream.queue.RangeDecoder, "_id": tables.codec_id,
                   "_lo": tables.lo, "_hi": tables.hi, "_numel": tables.numel,
-                  "_shape": tables.shape,
+                  "_shape": tables.shape, "_one": (1, *tables.shape), "_lo_int": np.int32(tables.lo),
                   "_values": np.arange(tables.lo, tables.hi + 1, dtype=np.float32)}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
@@ -98,16 +101,25 @@ class EntropyCodec(Codec):
                 f"the entropy codec takes latents of shape (N, "
                 f"{', '.join(map(str, self._shape))}) with N >= 1, got {tuple(y.shape)}; "
                 "split at the entropy bottleneck's cut")
-        q = np.rint(y.reshape(y.shape[0], -1), dtype=np.float32)  # half to even
-        low, high = float(q.min()), float(q.max())
-        if not -math.inf < low <= high < math.inf:  # False for NaN too
-            raise InputError("the latent holds NaN/inf; the entropy codec sends finite values")
+        q = y.reshape(y.shape[0], -1)
+        q = np.rint(q) if q.dtype == np.float32 else np.rint(q, dtype=np.float32)  # half to even
+        if q.size <= _SMALL:  # one pass in Python beats two numpy reductions on a few values
+            values = q.ravel().tolist()
+            if not math.isfinite(sum(values)):  # any NaN or inf makes the float64 sum so
+                raise InputError(_NOT_FINITE)
+            low, high = min(values), max(values)
+        else:
+            low, high = float(q.min()), float(q.max())
+            if not -math.inf < low <= high < math.inf:  # False for NaN too
+                raise InputError(_NOT_FINITE)
         clamped = 0
         if low < self._lo or high > self._hi:
             clamped = int(np.count_nonzero((q < self._lo) | (q > self._hi)))
             np.clip(q, self._lo, self._hi, out=q)
         # exact: the values are integers within [lo, hi]
-        return np.subtract(q, self._lo, dtype=np.int32, casting="unsafe"), clamped
+        sym = q.astype(np.int32)
+        sym -= self._lo_int
+        return sym, clamped
 
     def encode(self, payload: Any) -> bytes:
         """One message for a latent batch ``(N, C, H, W)`` (tensor or array, float).
@@ -115,6 +127,13 @@ class EntropyCodec(Codec):
         Values are rounded half to even; values outside the tables' range are clamped and
         counted (:attr:`clamped`).
         """
+        if (type(payload) is np.ndarray and payload.shape == self._one
+                and payload.dtype == np.float32):  # one sample, as the edge sends it
+            stream = self._bitstream_of_one(payload)
+            if stream is not None:
+                if self.last_clamped:
+                    object.__setattr__(self, "last_clamped", 0)
+                return frame(self._id, 1, stream, self._key)
         sym, clamped = self.quantize(payload)
         if clamped or self.last_clamped:
             with self._lock:
@@ -126,6 +145,26 @@ class EntropyCodec(Codec):
         words = enc.get_compressed()
         stream = (words if _LITTLE else words.astype("<u4")).tobytes()
         return frame(self._id, len(sym), stream, self._key)
+
+    def _bitstream_of_one(self, y: np.ndarray) -> bytes | None:
+        """The bitstream of one float32 sample whose values are finite and round into the
+        tables' range, else None (:meth:`encode`'s checked path then clamps and counts, or
+        refuses). The range check is constriction's own: it refuses a symbol outside the
+        tables, and the wrapped-around casts of out-of-range values all fall outside them."""
+        q = np.rint(y.reshape(-1))
+        # NaN or inf anywhere, or values beyond int32 (unless they cancel: their casts fall
+        # outside the tables and constriction refuses them below)
+        if not abs(sum(q.tolist())) < 2.0**31:
+            return None
+        sym = q.astype(np.int32)
+        sym -= self._lo_int
+        enc = self._encoder()
+        try:
+            enc.encode(sym, self._model, self._probs)
+        except KeyError:  # a symbol outside the tables (constriction's message)
+            return None
+        words = enc.get_compressed()
+        return (words if _LITTLE else words.astype("<u4")).tobytes()
 
     def _check(self, body: bytes | memoryview) -> int:
         """The check byte of a message body for these tables."""
@@ -169,11 +208,11 @@ class EntropyCodec(Codec):
                                f"decoded, over max_bytes={max_bytes}")
         sym = self._symbols(stream, n)
         # symbol -> value through a float32 table (exact: |lo| <= 2**20, S <= 4096)
-        return self._values[sym].reshape(n, *self._shape)
+        return self._values.take(sym).reshape(n, *self._shape)
 
     def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
         """:meth:`decode_arrays` as a torch tensor (needs PyTorch)."""
-        torch = _require_torch("EntropyCodec.decode")
+        torch = sys.modules.get("torch") or _require_torch("EntropyCodec.decode")
         return torch.from_numpy(self.decode_arrays(data, max_bytes=max_bytes))
 
     def bytes_per_sample(self, payload: Any) -> float:

@@ -55,11 +55,12 @@ def message_overhead(n_samples: int, bitstream_bytes: int) -> int:
 
 def frame(codec_id: int, n: int, stream: bytes, key: int) -> bytes:
     """The message for ``n`` samples coded as ``stream`` (see the module's wire format)."""
-    if n == 1:
-        head = bytes((TAG_ONE, codec_id))
+    if n == 1 and len(stream) < 0x80:  # the common case: a 3-byte header
+        body = bytes((TAG_ONE, codec_id, len(stream))) + stream
+    elif n == 1:
+        body = bytes((TAG_ONE, codec_id)) + _varint(len(stream)) + stream
     else:
-        head = bytes((TAG_MANY, codec_id)) + _varint(n)
-    body = head + _varint(len(stream)) + stream
+        body = bytes((TAG_MANY, codec_id)) + _varint(n) + _varint(len(stream)) + stream
     return body + bytes((check_byte(body, key),))
 
 
