@@ -112,7 +112,8 @@ def _entropy_row(method: str, curve: str, nbytes: float, acc: float, **timing) -
             "device_macs_share_of_unsplit": 0.4, "ort_device_half_ms_median": 0.2,
             "codec_share_of_ort_device_half_median": 0.3, "encode_ms_median": 0.03,
             "decode_ms_median": 0.03, "device_half_ms_median": 0.6,
-            "codec_share_of_device_half_median": 0.1, **timing}
+            "codec_share_of_device_half_median": 0.1, "coder_calls_ms_median": 0.01,
+            "coder_calls_share_of_ort_device_half_median": 0.05, **timing}
 
 
 def test_entropy_targets_compare_with_control_and_bottlefit():
