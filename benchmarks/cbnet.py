@@ -14,6 +14,7 @@ Pareto plot of accuracy against latency. Trained models are cached by their sett
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -137,7 +138,9 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
     policy = Entropy(t.threshold)
     branchy_calib_pred = t.branchy.infer(calib.x, policy).predictions
     branchy_calib = float((branchy_calib_pred == calib.y).double().mean())
-    lenet_calib = float((t.lenet(calib.x).argmax(1) == calib.y).double().mean())
+    with torch.no_grad():
+        lenet_calib_pred = t.lenet(calib.x).argmax(1)
+    lenet_calib = float((lenet_calib_pred == calib.y).double().mean())
     facts.update(branchynet_calib_accuracy=branchy_calib, lenet_calib_accuracy=lenet_calib)
 
     # 1-2. candidates, unfolded and folded, chosen on the calibration split by ONNX latency;
@@ -179,7 +182,8 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
         model = cbnet.fallback_model(sources[base_name], t.branchy if on == "converted"
                                      else t.lenet, on)
         try:
-            fallbacks[on] = cbnet.calibrate_fallback(model, calib, lenet_calib, on=on)
+            fallbacks[on] = cbnet.calibrate_fallback(model, calib, lenet_calib, on=on,
+                                                     reference=lenet_calib_pred)
         except InputError as exc:
             facts[f"fallback on {on} image"] = f"not built: {exc}"
     fb_choice = []
@@ -194,6 +198,8 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
             fb_choice.append({"fallback_on": on, "threshold": fb.threshold,
                               "calib_accuracy": fb.calib_accuracy,
                               "calib_exit_fractions": fb.calib_exit_fractions,
+                              "calib_gain_over_lenet_low_pt": fb.calib_gain_low_pt,
+                              "guarded": fb.guarded,
                               "onnx_latency_ms": lat[on]["mean_ms"],
                               "onnx_latency_p50_ms": lat[on]["median_ms"],
                               "chosen": on == best})
@@ -243,6 +249,8 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
                 m["macs"] = fr[0] * em[0] + fr[1] * em[1]
     facts["test_hard_share"] = methods[BRANCHY]["fractions"][1]
     limit = s.latency_samples or len(x)
+    # the machine's load when the timing starts: above ~1 other processes shared the cores
+    facts["load_average_1min_at_timing_start"] = os.getloadavg()[0]
     with torch_threads(s.threads):
         lat_torch = interleaved_latency({n: m["torch"] for n, m in methods.items()},
                                         x[:limit], warmup=10, chunks=s.latency_chunks)
@@ -297,6 +305,7 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
                            else "other fallback input")
         rows.append(row)
     facts["latency_samples"] = limit
+    facts["load_average_1min_at_timing_end"] = os.getloadavg()[0]
     # the ceiling of any unfolded CBNet: its light classifier alone, with a converter of no cost
     by = {r["method"]: r for r in rows}
     for prefix, label in (("", "torch"), ("onnx_", "onnx")):
@@ -385,12 +394,16 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
     notes = [
         "Latency: the whole test set (or latency_samples) one image at a time, mean and "
         f"median (p50) per image, {s.threads} thread(s), every method interleaved chunk by "
-        "chunk in one run on a shared 2-core machine; throughput: batches of "
+        "chunk in one run on a shared 2-core machine (load_average_1min_at_timing_start / "
+        "_end: the machine's 1-minute load average around the timing; above ~1, other "
+        "processes shared the cores and every latency is inflated); throughput: batches of "
         "throughput_batch.",
         "Converter search ('converter search' table): every candidate (narrow fc, small conv, "
-        "distilled from the published converter; linear output; with the light classifier "
-        "fine-tuned on its converted images, or converter and classifier jointly fine-tuned "
-        "on the labels) unfolded and folded; accuracy on the calibration split, batch-1 "
+        "a conv encoder with an fc decoder (convfc), distilled from the published converter; "
+        "linear output; with the light classifier fine-tuned on its converted images, or "
+        "converter and classifier jointly fine-tuned on the labels, some also distilling the "
+        "published CBNet's or the equal-training BranchyNet control's logits, as each row's "
+        "name says) unfolded and folded; accuracy on the calibration split, batch-1 "
         "latency on ONNX Runtime over select_samples calibration images; chosen: the fastest "
         "whose paired calibration accuracy gain over BranchyNet has a one-sided 95% lower "
         "bound >= 0 (gain_low_pt; splitexit.calibration.paired_drop_ci), or, when none has, "
@@ -410,7 +423,10 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "CBNet with fallback exit: a MultiExitModel (exit 0: converter + light classifier; "
         "final: B-LeNet's main path after its first conv on the converted image's features, "
         "or LeNet from its first conv on the original image); MaxProb threshold calibrated as the "
-        "cheapest reaching LeNet's calibration accuracy; run by model.infer in PyTorch and by "
+        "cheapest reaching LeNet's calibration accuracy whose paired calibration accuracy gain "
+        "over LeNet has a one-sided 95% lower bound >= 0 (calib_gain_over_lenet_low_pt; "
+        "guarded False: no threshold had, the point target chose); run by model.infer in "
+        "PyTorch and by "
         "the exit program's batch-1 exit graph on ONNX Runtime ('fallback' table: the choice "
         "of input by calibration latency).",
         "BranchyNet on ONNX Runtime: its exit program's batch-1 exit graph (one ONNX graph "

@@ -20,8 +20,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from splitexit import cbnet
-from splitexit.cbnet.search import PUBLISHED, SEARCH_SPACE, ConverterSpec, finetune_joint
+from splitexit.cbnet.search import (
+    PUBLISHED,
+    SEARCH_SPACE,
+    ConverterSpec,
+    FinalExit,
+    finetune_joint,
+)
 from splitexit.data import Dataset
+from splitexit.errors import InputError
 from splitexit.multiexit import MultiExitModel
 from splitexit.training import Baseline, JointWeighted, train
 from splitexit.zoo import create_model, create_multiexit
@@ -34,8 +41,6 @@ def candidate_specs(names: tuple[str, ...] | None) -> list[ConverterSpec]:
     if names is None:
         return list(SEARCH_SPACE)
     by = {s.name: s for s in SEARCH_SPACE} | {s.key(): s for s in SEARCH_SPACE}
-    from splitexit.errors import InputError
-
     unknown = [n for n in names if n not in by]
     if unknown:
         raise InputError(f"unknown converter candidates {unknown}; choose from "
@@ -162,8 +167,14 @@ def train_models(ds: Dataset, s, models: Path | None) -> Trained:
     published_conv, _ = converter(PUBLISHED, None)
     published = cbnet.CBNetPipeline(published_conv, light, ds.num_classes).eval()
     trained = Trained(lenet, branchy, threshold, targets, light, published, facts=facts)
+    specs = candidate_specs(s.candidates)
+    # the control first: a candidate may distil it
+    control_key = _control(trained, ds, s, train_split, where, branchy_set, conv_epochs, specs)
+    teachers: dict = {None: (None, None), "published": (published, None)}
+    if trained.control is not None:
+        teachers["control"] = (FinalExit(trained.control).eval(), control_key)
 
-    for spec in candidate_specs(s.candidates):
+    for spec in specs:
         conv, conv_set = converter(spec, published_conv)
         ft_set = {**conv_set, "ft_epochs": s.finetune_epochs, "ft_lr": s.finetune_lr}
 
@@ -178,40 +189,60 @@ def train_models(ds: Dataset, s, models: Path | None) -> Trained:
         pipe = cbnet.CBNetPipeline(conv, tuned, ds.num_classes).eval()
         trained.candidates[f"{spec.name}, fine-tuned classifier"] = (
             spec, pipe, "fine-tuned classifier")
-        joint_epochs = s.joint_epochs if spec.joint_epochs is None else spec.joint_epochs
+        joint_epochs = _joint_epochs(spec, s)
         joint_lr = s.finetune_lr if spec.joint_lr is None else spec.joint_lr
         if joint_epochs:
             joint_set = {**ft_set, "joint_epochs": joint_epochs, "joint_lr": joint_lr}
+            if spec.joint_teacher not in teachers:
+                raise InputError(f"candidate {spec.name!r} distils the {spec.joint_teacher!r} "
+                                 "teacher, which this run does not train; keep the "
+                                 "equal-training control on (no --no-control)")
+            teacher, teacher_key = teachers[spec.joint_teacher]
+            if teacher_key is not None:  # a retrained teacher retrains its students
+                joint_set["teacher"] = teacher_key
 
-            teacher = {None: None, "published": published}[spec.joint_teacher]
-
-            def fit_joint(m, joint_epochs=joint_epochs, joint_lr=joint_lr, teacher=teacher):
+            def fit_joint(m, joint_epochs=joint_epochs, joint_lr=joint_lr, teacher=teacher,
+                          spec=spec):
                 return finetune_joint(m, train_split, epochs=joint_epochs, lr=joint_lr,
                                       batch_size=s.batch_size, seed=s.seed, teacher=teacher,
+                                      shift=spec.joint_shift,
+                                      weight_decay=spec.joint_weight_decay,
                                       progress=s.progress).seconds
 
             joint, sec = _cached(where, _key("joint-" + spec.key(), joint_set),
                                  lambda pipe=pipe: copy.deepcopy(pipe), fit_joint)
             facts[f"joint_s {spec.name}"] = sec
             label = "jointly fine-tuned" + (f" ({joint_epochs} epochs)"
-                                            if spec.joint_epochs is not None else "") + (
-                ", distilling the published CBNet" if spec.joint_teacher else "")
+                                            if spec.joint_epochs is not None else "") + {
+                None: "", "published": ", distilling the published CBNet",
+                "control": ", distilling the equal-training BranchyNet control",
+            }[spec.joint_teacher] + (f", random shifts of up to {spec.joint_shift} px"
+                                     if spec.joint_shift else "")
             trained.candidates[f"{spec.name}, {label}"] = (spec, joint.eval(), label)
-    if s.equal_training_control:
-        _control(trained, ds, s, train_split, where, branchy_set, conv_epochs)
     return trained
 
 
+def _joint_epochs(spec: ConverterSpec, s) -> int:
+    return s.joint_epochs if spec.joint_epochs is None else spec.joint_epochs
+
+
 def _control(trained: Trained, ds: Dataset, s, train_split, where, branchy_set: dict,
-             conv_epochs: int) -> None:
-    """BranchyNet trained on for as many epochs as the longest-trained candidate CBNet got in
-    all (converter + classifier fine-tuning + joint), counting LeNet's and B-LeNet's."""
-    joint = max((spec.joint_epochs if spec.joint_epochs is not None else s.joint_epochs)
-                for spec, _, _ in trained.candidates.values()) if trained.candidates else 0
+             conv_epochs: int, specs: list[ConverterSpec]) -> str | None:
+    """BranchyNet trained on for as many epochs as the longest-trained candidate CBNet gets in
+    all (converter + classifier fine-tuning + joint), counting LeNet's and B-LeNet's.
+
+    Returns:
+        Its cache key (``None``: not built: turned off, or no candidate trains longer).
+    """
+    if not s.equal_training_control:
+        return None
+    # a candidate whose joint epochs are 0 still gets its classifier fine-tuning
+    joint = max((_joint_epochs(spec, s) for spec in specs), default=0)
     extra = conv_epochs + s.finetune_epochs + joint - s.lenet_epochs - s.branchy_epochs
     if extra <= 0:
-        return
+        return None
     control_set = {**branchy_set, "control_extra_epochs": extra}
+    key = _key("branchy-control", control_set)
 
     def fit(m):
         m.load_state_dict(trained.branchy.state_dict())
@@ -220,7 +251,8 @@ def _control(trained: Trained, ds: Dataset, s, train_split, where, branchy_set: 
                      progress=s.progress).seconds
 
     trained.control, trained.facts["control_train_s"] = _cached(
-        where, _key("branchy-control", control_set),
+        where, key,
         lambda: create_multiexit("b-lenet", ds.num_classes, ds.input_shape, head="published"),
         fit)
     trained.control_epochs = s.lenet_epochs + s.branchy_epochs + extra
+    return key

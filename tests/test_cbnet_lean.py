@@ -116,3 +116,33 @@ def test_layers_a_lean_chain_cannot_run_are_refused():
         cbnet.lean_pipeline(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
     with pytest.raises(InputError, match="dim=1"):
         cbnet.lean_layers(nn.Sequential(nn.Unflatten(2, (2, 14))))
+
+
+def test_conv_encoder_fc_decoder_converter_folds_and_runs_lean(images, tmp_path):
+    """The convfc converter (strided convs, fc decoder, linear output) folds like an fc one:
+    its output Linear and the classifier's first conv become one dense layer over the code."""
+    torch.manual_seed(0)
+    conv = cbnet.ConvertingAutoencoder(SHAPE, "convfc", (32,), channels=(4, 8), output="linear")
+    assert [type(m).__name__ for m in conv.net][:5] == ["Conv2d", "ReLU", "Conv2d", "ReLU",
+                                                        "Flatten"]
+    assert conv(images).shape == images.shape
+    pipe = cbnet.CBNetPipeline(conv, cbnet.light_classifier(
+        create_multiexit("b-lenet", 10, SHAPE, head="published")), 10).eval()
+    folded = cbnet.fold_pipeline(pipe)
+    lean = cbnet.lean_pipeline(folded)
+    with torch.inference_mode():
+        ref, got = pipe(images), lean(images)
+    assert torch.allclose(ref, got, atol=1e-4, rtol=1e-4)
+    assert torch.equal(ref.argmax(1), got.argmax(1))
+    dense = folded.classifier.stages[0].module[0]
+    assert isinstance(dense, nn.Linear) and (dense.in_features, dense.out_features) == (
+        32, 5 * 30 * 30)
+    path = cbnet.export_onnx(lean, tmp_path / "convfc.onnx", SHAPE)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 3  # the encoder's two, the classifier's branch; conv1 folded
+    out = OrtSession(path, 1).run_arrays([images.numpy()])[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="divisible by 4"):
+        cbnet.ConvertingAutoencoder((1, 30, 30), "convfc")
+    with pytest.raises(InputError, match="two positive sizes"):
+        cbnet.ConvertingAutoencoder(SHAPE, "convfc", channels=(4,))

@@ -158,6 +158,32 @@ def test_calibrated_fallback_reaches_the_reference_on_calibration(setup):
     assert abs(sum(fb.calib_exit_fractions) - 1) < 1e-6
     with pytest.raises(InputError, match=r"in \[0, 1\]"):
         cbnet.calibrate_fallback(model, calib, reference, thresholds=[0.5, 2.0])
+    assert fb.guarded is None and fb.calib_gain_low_pt is None
+
+
+def test_guarded_fallback_holds_the_reference_with_confidence(setup):
+    from splitexit.calibration import paired_drop_ci
+
+    ds, _, _, lenet, pipe = setup
+    model = cbnet.fallback_model(pipe, lenet, "original")
+    calib = ds.calib.subset(300, seed=0)
+    with torch.no_grad():
+        ref_pred = lenet(calib.x).argmax(1)
+    reference = float((ref_pred == calib.y).double().mean())
+    point = cbnet.calibrate_fallback(model, calib, reference)
+    fb = cbnet.calibrate_fallback(model, calib, reference, reference=ref_pred)
+    # everything falling back to LeNet on the original image is LeNet: a gain of exactly 0,
+    # so a threshold always clears the bound, at a cost of no less than the point target's
+    assert fb.guarded is True and fb.calib_gain_low_pt >= -1e-9
+    assert fb.threshold >= point.threshold and fb.calib_accuracy >= reference - 1e-9
+    pred = model.infer(calib.x, fb.policy).predictions
+    _, _, high = paired_drop_ci(ref_pred == calib.y, pred == calib.y, 1.645)
+    assert -high == pytest.approx(fb.calib_gain_low_pt)
+    assert fb.calib_exit_fractions[1] >= point.calib_exit_fractions[1]
+    with pytest.raises(InputError, match="one predicted class per calibration image"):
+        cbnet.calibrate_fallback(model, calib, reference, reference=ref_pred[:10])
+    with pytest.raises(InputError, match="normal quantile"):
+        cbnet.calibrate_fallback(model, calib, reference, reference=ref_pred, z=-1.0)
 
 
 def test_select_fastest_respects_the_accuracy_floor(setup):
@@ -261,3 +287,53 @@ def test_cli_exports_a_folded_pipeline(setup, tmp_path, capsys):
     got = cbnet.OnnxPipeline(tmp_path / "f.onnx").run(ds.test.x[:16])
     with torch.no_grad():
         np.testing.assert_allclose(got, pipe(ds.test.x[:16]).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_random_shift_translates_each_image_and_rejects_bad_shifts():
+    from splitexit.cbnet.search import random_shift
+
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, 0, 3, 4] = 1.0  # one bright pixel per image
+    torch.manual_seed(0)
+    out = random_shift(x, 2)
+    assert out.shape == x.shape and torch.equal(out.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    where = out[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 8 - 3, where % 8 - 4
+    assert dy.abs().max() <= 2 and dx.abs().max() <= 2
+    assert len({(int(a), int(b)) for a, b in zip(dy, dx)}) > 10  # offsets differ per image
+    edge = torch.zeros(1, 1, 4, 4)
+    edge[0, 0, 0, 0] = 1.0
+    seen = {float(random_shift(edge, 1).sum()) for _ in range(50)}
+    assert seen == {0.0, 1.0}  # shifted off the border: zero fill, nothing wraps around
+    assert random_shift(x, 0) is x
+    for bad in (-1, 8, 1.5, True):
+        with pytest.raises(InputError, match="whole number of pixels"):
+            random_shift(x, bad)
+    with pytest.raises(InputError, match=r"\(N, C, H, W\)"):
+        random_shift(x[0], 1)
+
+
+def test_joint_finetuning_with_shifts_and_a_final_exit_teacher(setup):
+    import copy
+
+    from splitexit.cbnet.search import FinalExit, finetune_joint
+
+    ds, data, branchy, _, pipe = setup
+    student = copy.deepcopy(pipe)
+    teacher = FinalExit(branchy)
+    with torch.no_grad():
+        assert torch.equal(teacher(data.x[:4]), branchy(data.x[:4])[-1])
+    with torch_threads(1):
+        h = finetune_joint(student, data.subset(256, seed=0), epochs=2, lr=2e-3, batch_size=32,
+                           teacher=teacher, shift=2, weight_decay=5e-4, progress=False)
+    assert h.loss[-1] < h.loss[0]
+    changed = [not torch.equal(a, b) for a, b in zip(student.state_dict().values(),
+                                                     pipe.state_dict().values())]
+    assert all(changed)  # converter and classifier both trained
+    with pytest.raises(InputError, match="whole number of pixels"):
+        finetune_joint(copy.deepcopy(pipe), data, epochs=1, shift=-2)
+    with pytest.raises(InputError, match="weight_decay"):
+        finetune_joint(copy.deepcopy(pipe), data, epochs=1, weight_decay=-1e-4)
+    spec = ConverterSpec("r", hidden=(64, 32), joint_epochs=10, joint_teacher="control",
+                         joint_shift=2, joint_weight_decay=5e-4)
+    assert spec.key() == "fc_h64-32_linear_j10_kd-control_shift2_wd0.0005"

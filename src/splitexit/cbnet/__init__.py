@@ -9,8 +9,9 @@ The method (Dogra et al., CBNet; TECHNIQUES.md section 3), step by step:
 3. :func:`select_targets` picks, per class, the training image with the lowest first-exit
    entropy (one target), or, with ``per_class > 1``, k-means clusters of the class, each with
    its own lowest-entropy representative (EncodeNet's multi-target variant).
-4. :class:`ConvertingAutoencoder` (the published fully connected 784-512-384-256-64-784, or a
-   convolutional variant) learns to map every image of a class, hard and easy, to its target
+4. :class:`ConvertingAutoencoder` (the published fully connected 784-512-384-256-64-784, a
+   convolutional variant, or a convolutional encoder with a fully connected decoder) learns
+   to map every image of a class, hard and easy, to its target
    (:func:`train_converter`).
 5. :func:`light_classifier` truncates B-LeNet after its first exit (conv1 + branch);
    :func:`finetune_classifier` optionally adapts it to converted images.

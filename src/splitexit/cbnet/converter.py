@@ -25,9 +25,12 @@ class ConvertingAutoencoder(nn.Module):
     Args:
         input_shape: per-sample image shape ``(C, H, W)``.
         kind: ``"fc"``, the published fully connected network (flatten, ``hidden`` layers with
-            ReLU, a linear layer back to the input size), or ``"conv"``, a convolutional
+            ReLU, a linear layer back to the input size), ``"conv"``, a convolutional
             variant (two stride-2 3x3 convolutions, a linear bottleneck of ``hidden[-1]``
-            units, two stride-2 transposed convolutions; H and W must be divisible by 4).
+            units, two stride-2 transposed convolutions; H and W must be divisible by 4), or
+            ``"convfc"``, a convolutional encoder with a fully connected decoder (the two
+            stride-2 convolutions, ``hidden`` layers with ReLU, a linear layer back to the
+            input size), whose linear output folds into the classifier like ``"fc"``'s.
         hidden: hidden sizes of the fc encoder (published: 512, 384, 256, 64); the conv
             variant uses only the last one (the bottleneck).
         channels: channels of the conv variant's two encoder convolutions.
@@ -57,28 +60,37 @@ class ConvertingAutoencoder(nn.Module):
             raise InputError(f"hidden sizes and input shape must be positive, got hidden "
                              f"{self.hidden}, input shape {self.input_shape}")
         size = math.prod(self.input_shape)
+        if kind not in ("fc", "conv", "convfc"):
+            raise InputError(f"unknown converter kind {kind!r}; use 'fc' (published), 'conv' "
+                             "or 'convfc'")
         if kind == "fc":
             layers: list[nn.Module] = [nn.Flatten()]
             for a, b in zip((size, *self.hidden), self.hidden):
                 layers += [nn.Linear(a, b), nn.ReLU()]
             layers += [nn.Linear(self.hidden[-1], size), *self._squash(),
                        nn.Unflatten(1, self.input_shape)]
-        elif kind == "conv":
-            if len(self.input_shape) != 3 or self.input_shape[1] % 4 or self.input_shape[2] % 4:
-                raise InputError(f"the conv converter needs (C, H, W) images with H and W "
-                                 f"divisible by 4, got {self.input_shape}; use kind='fc'")
-            if len(self.channels) != 2 or min(self.channels) < 1:
-                raise InputError(f"channels must be two positive sizes, got {self.channels}")
-            c, h, w = self.input_shape
-            c1, c2 = self.channels
-            inner = (c2, h // 4, w // 4)
-            layers = [nn.Conv2d(c, c1, 3, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
-                      nn.Flatten(), nn.Linear(math.prod(inner), self.hidden[-1]), nn.ReLU(),
-                      nn.Linear(self.hidden[-1], math.prod(inner)), nn.ReLU(),
-                      nn.Unflatten(1, inner), nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),
-                      nn.ConvTranspose2d(c1, c, 4, 2, 1), *self._squash()]
-        else:
-            raise InputError(f"unknown converter kind {kind!r}; use 'fc' (published) or 'conv'")
+            self.net = nn.Sequential(*layers)
+            return
+        if len(self.input_shape) != 3 or self.input_shape[1] % 4 or self.input_shape[2] % 4:
+            raise InputError(f"the {kind} converter needs (C, H, W) images with H and W "
+                             f"divisible by 4, got {self.input_shape}; use kind='fc'")
+        if len(self.channels) != 2 or min(self.channels) < 1:
+            raise InputError(f"channels must be two positive sizes, got {self.channels}")
+        c, h, w = self.input_shape
+        c1, c2 = self.channels
+        inner = (c2, h // 4, w // 4)
+        layers = [nn.Conv2d(c, c1, 3, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
+                  nn.Flatten()]
+        if kind == "conv":
+            layers += [nn.Linear(math.prod(inner), self.hidden[-1]), nn.ReLU(),
+                       nn.Linear(self.hidden[-1], math.prod(inner)), nn.ReLU(),
+                       nn.Unflatten(1, inner), nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),
+                       nn.ConvTranspose2d(c1, c, 4, 2, 1), *self._squash()]
+        else:  # convfc: a fully connected decoder with a linear output, as fc's
+            for a, b in zip((math.prod(inner), *self.hidden), self.hidden):
+                layers += [nn.Linear(a, b), nn.ReLU()]
+            layers += [nn.Linear(self.hidden[-1], size), *self._squash(),
+                       nn.Unflatten(1, self.input_shape)]
         self.net = nn.Sequential(*layers)
 
     def _squash(self) -> list[nn.Module]:

@@ -20,6 +20,7 @@ flat chain with :func:`~splitexit.cbnet.lean_layers`' exact rewrites); its final
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -142,6 +143,11 @@ class FallbackCBNet:
         on: what the rest of LeNet runs on.
         calib_accuracy: accuracy on the calibration split at ``threshold``.
         calib_exit_fractions: share of calibration samples per exit.
+        guarded: calibrated against a reference's predictions: whether the threshold's paired
+            accuracy gain over the reference has a lower confidence bound >= ``-max_drop``
+            (``False``: no threshold had, and the point target chose it); ``None``: no
+            reference.
+        calib_gain_low_pt: that lower bound (points; ``None`` without a reference).
     """
 
     model: MultiExitModel
@@ -149,6 +155,8 @@ class FallbackCBNet:
     on: str = "original"
     calib_accuracy: float | None = None
     calib_exit_fractions: list[float] | None = None
+    guarded: bool | None = None
+    calib_gain_low_pt: float | None = None
 
     def __post_init__(self):
         self.threshold = check_confidence(self.threshold)
@@ -170,21 +178,57 @@ class FallbackCBNet:
 
 def calibrate_fallback(model: MultiExitModel, calib: Split, reference_accuracy: float, *,
                        max_drop: float = 0.0, on: str = "original",
-                       thresholds: Sequence[float] | None = None) -> FallbackCBNet:
+                       thresholds: Sequence[float] | None = None,
+                       reference: torch.Tensor | None = None, z: float = 1.645
+                       ) -> FallbackCBNet:
     """The cheapest confidence threshold whose calibration accuracy is at least
     ``reference_accuracy - max_drop`` (e.g. LeNet's calibration accuracy, max_drop 0).
 
+    With ``reference`` (the reference model's predicted class per calibration image, e.g.
+    LeNet's), the threshold must also hold the target with confidence: the lower bound of its
+    paired accuracy gain over the reference (:func:`splitexit.calibration.paired_drop_ci`,
+    normal quantile ``z``; 1.645: one-sided 95%) must be at least ``-max_drop``. A point target
+    alone lets a threshold pass on calibration luck; the bound asks for a margin that shrinks
+    as the fallback's predictions approach the reference's. When no threshold clears the
+    bound, the point target decides and :attr:`FallbackCBNet.guarded` is ``False``.
+
     Raises:
-        InputError: no threshold reaches the target (raise ``max_drop``), or a candidate
-            threshold outside [0, 1].
+        InputError: no threshold reaches the target (raise ``max_drop``), a candidate
+            threshold outside [0, 1], a reference that is not one class per calibration
+            image, or ``z < 0``.
     """
+    from ..calibration import paired_drop_ci
+    from ..runtime.loop import simulate_exits
+
     if thresholds is not None:
         thresholds = [check_confidence(t) for t in thresholds]
+    if reference is not None and tuple(reference.shape) != (len(calib.y),):
+        raise InputError(f"reference must be one predicted class per calibration image, shape "
+                         f"({len(calib.y)},), got {tuple(reference.shape)}")
+    if not z >= 0:
+        raise InputError(f"z is a normal quantile >= 0 (1.645: one-sided 95%), got {z!r}")
     logits = model.collect_logits(calib.x)
-    points = sweep(logits, calib.y, exit_macs(model), MaxProb(), thresholds=thresholds, num=200)
-    points.append(next(iter(sweep(logits, calib.y, exit_macs(model), MaxProb(),
+    macs = exit_macs(model)
+    points = sweep(logits, calib.y, macs, MaxProb(), thresholds=thresholds, num=200)
+    points.append(next(iter(sweep(logits, calib.y, macs, MaxProb(),
                                   thresholds=[1.0]))))  # everything falls back
+    guarded, low = None, None
+    if reference is not None:
+        floor = reference_accuracy - max_drop
+        ref_ok = reference == calib.y
+        bounds = {}
+        for p in points:
+            if p.accuracy >= floor - 1e-12:
+                pred = simulate_exits(logits, p.policy).predictions
+                bounds[id(p)] = -paired_drop_ci(ref_ok, pred == calib.y, z)[2]
+        sure = [p for p in points if bounds.get(id(p), -math.inf) >= -100 * max_drop]
+        guarded = bool(sure)
+        if sure:
+            points = sure
     op = choose_operating_point(points, reference_accuracy=reference_accuracy,
                                 max_drop=max_drop)
+    if reference is not None:
+        pred = simulate_exits(logits, op.policy).predictions
+        low = -paired_drop_ci(reference == calib.y, pred == calib.y, z)[2]
     return FallbackCBNet(model, float(op.policy.threshold), on, op.accuracy,
-                         list(op.exit_fractions))
+                         list(op.exit_fractions), guarded, low)

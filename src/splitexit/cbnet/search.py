@@ -26,8 +26,8 @@ from ..training.base import Strategy, TrainHistory
 from ..training.bottlefit import check_kd, kd_loss
 from .converter import ConvertingAutoencoder
 
-__all__ = ["ConverterSpec", "PUBLISHED", "SEARCH_SPACE", "Selection", "finetune_joint",
-           "onnx_latency", "select_fastest"]
+__all__ = ["ConverterSpec", "FinalExit", "PUBLISHED", "SEARCH_SPACE", "Selection",
+           "finetune_joint", "onnx_latency", "random_shift", "select_fastest"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,13 @@ class ConverterSpec:
         joint_epochs, joint_lr: joint fine-tuning of this candidate (``None``: the suite's
             defaults), e.g. longer for a narrow code that needs it.
         joint_teacher: ``"published"``: the joint fine-tuning also distils the published
-            CBNet pipeline's logits (:func:`finetune_joint`); ``None``: labels only.
+            CBNet pipeline's logits (:func:`finetune_joint`); ``"control"``: the final exit
+            of BranchyNet trained as long as the CBNets (the benchmark's equal-training
+            control); ``None``: labels only.
+        joint_shift: joint fine-tuning on images shifted by up to this many pixels (random
+            per image, zero fill; :func:`random_shift`); 0: no augmentation.
+        joint_weight_decay: AdamW weight decay of the joint fine-tuning (``None``: the
+            training default).
     """
 
     name: str
@@ -53,6 +59,8 @@ class ConverterSpec:
     joint_epochs: int | None = None
     joint_lr: float | None = None
     joint_teacher: str | None = None
+    joint_shift: int = 0
+    joint_weight_decay: float | None = None
 
     def build(self, input_shape: Sequence[int]) -> ConvertingAutoencoder:
         return ConvertingAutoencoder(input_shape, self.kind, self.hidden, self.channels,
@@ -61,7 +69,7 @@ class ConverterSpec:
     def key(self) -> str:
         """A file-name-safe key of every setting."""
         parts = [self.kind, "h" + "-".join(map(str, self.hidden)), self.output]
-        if self.kind == "conv":
+        if self.kind in ("conv", "convfc"):
             parts.append("c" + "-".join(map(str, self.channels)))
         if self.distilled:
             parts.append("distilled")
@@ -71,6 +79,10 @@ class ConverterSpec:
             parts.append(f"jlr{self.joint_lr:g}")
         if self.joint_teacher is not None:
             parts.append(f"kd-{self.joint_teacher}")
+        if self.joint_shift:
+            parts.append(f"shift{self.joint_shift}")
+        if self.joint_weight_decay is not None:
+            parts.append(f"wd{self.joint_weight_decay:g}")
         return "_".join(parts)
 
     def to_dict(self) -> dict:
@@ -95,30 +107,76 @@ SEARCH_SPACE: tuple[ConverterSpec, ...] = (
                   joint_teacher="published"),
     ConverterSpec("fc 784-256-32-784", hidden=(256, 32), joint_epochs=10, joint_lr=1e-3,
                   joint_teacher="published"),
+    # a cheaper front than a wide fc layer: two small strided convolutions (a conv encoder,
+    # an fc decoder: its linear output still folds; a 16-wide code halves the folded dense
+    # layer), distilling the equal-training BranchyNet control, the suite budget's best model
+    ConverterSpec("convfc 8-16 code 32", kind="convfc", hidden=(32,), channels=(8, 16),
+                  joint_epochs=10, joint_lr=1e-3, joint_teacher="control"),
+    ConverterSpec("convfc 8-16 code 16", kind="convfc", hidden=(16,), channels=(8, 16),
+                  joint_epochs=10, joint_lr=1e-3, joint_teacher="control"),
 )
 
 
-class _JointDistill(Strategy):
-    """Cross-entropy on the labels plus knowledge distillation from a fixed teacher's logits
-    (:func:`splitexit.training.bottlefit.kd_loss`)."""
+def random_shift(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Every image of ``x`` ``(N, C, H, W)`` translated by its own random offset of up to
+    ``pixels`` in each direction, zero-filled (training augmentation; uses torch's RNG).
 
-    name = "cbnet-joint-distill"
+    Raises:
+        InputError: ``pixels`` not an integer in ``[0, min(H, W))``, or ``x`` not 4-D.
+    """
+    if x.dim() != 4:
+        raise InputError(f"random_shift takes images (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or not 0 <= pixels < min(h, w):
+        raise InputError(f"the shift is a whole number of pixels in [0, {min(h, w)}), got "
+                         f"{pixels!r}")
+    if pixels == 0:
+        return x
+    padded = torch.nn.functional.pad(x, (pixels,) * 4)
+    dy = torch.randint(0, 2 * pixels + 1, (n,))
+    dx = torch.randint(0, 2 * pixels + 1, (n,))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pixels)
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)
 
-    def __init__(self, teacher: nn.Module, temperature: float, alpha: float):
+
+class _Joint(Strategy):
+    """Cross-entropy on the labels, optionally plus knowledge distillation from a fixed
+    teacher's logits (:func:`splitexit.training.bottlefit.kd_loss`), on randomly shifted
+    images when ``shift`` > 0 (the teacher sees the same shifted images)."""
+
+    name = "cbnet-joint"
+
+    def __init__(self, teacher: nn.Module | None, temperature: float, alpha: float,
+                 shift: int):
         check_kd(None, temperature, alpha)  # the teacher may be any module
-        self._teacher = teacher.eval()
-        self.temperature, self.alpha = float(temperature), float(alpha)
+        self._teacher = None if teacher is None else teacher.eval()
+        self.temperature, self.alpha, self.shift = float(temperature), float(alpha), shift
 
     def loss(self, model, x, y):
+        x = random_shift(x, self.shift)
         return kd_loss(model(x), y, self._teacher, x, self.temperature, self.alpha)
+
+
+class FinalExit(nn.Module):
+    """A multi-exit model's final-exit logits (e.g. as a distillation teacher)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
 
 
 def finetune_joint(pipeline: nn.Module, data: Split, *, epochs: int = 2, lr: float = 5e-4,
                    batch_size: int = 128, seed: int = 0, teacher: nn.Module | None = None,
-                   temperature: float = 4.0, alpha: float = 0.7,
+                   temperature: float = 4.0, alpha: float = 0.7, shift: int = 0,
+                   weight_decay: float | None = None,
                    progress: bool | None = None) -> TrainHistory:
     """Fine-tune converter and classifier together on the labels (cross-entropy), optionally
-    distilling a trained ``teacher``'s logits (e.g. the published CBNet pipeline).
+    distilling a trained ``teacher``'s logits (e.g. the published CBNet pipeline) and on
+    randomly shifted images.
 
     The converter then no longer aims at the target images: it learns whatever code the light
     classifier reads best. Reports must label such pipelines as jointly fine-tuned.
@@ -127,13 +185,22 @@ def finetune_joint(pipeline: nn.Module, data: Split, *, epochs: int = 2, lr: flo
         teacher: a fixed model mapping the same images to logits; ``None``: labels only.
         temperature, alpha: the distillation temperature and the weight of its term
             (``1 - alpha`` weighs the cross-entropy).
+        shift: augmentation: images shifted by up to this many pixels (:func:`random_shift`).
+        weight_decay: AdamW weight decay (``None``: the training default).
 
     Raises:
-        InputError: ``temperature <= 0`` or ``alpha`` outside [0, 1].
+        InputError: ``temperature <= 0``, ``alpha`` outside [0, 1], a shift that is not a
+            whole number of pixels smaller than the image, or a negative weight decay.
     """
-    strategy = Baseline() if teacher is None else _JointDistill(teacher, temperature, alpha)
+    check_kd(None, temperature, alpha)
+    if weight_decay is not None and not weight_decay >= 0:
+        raise InputError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    random_shift(data.x[:1], shift)  # a bad shift fails before any training
+    strategy = (Baseline() if teacher is None and not shift
+                else _Joint(teacher, temperature, alpha, shift))
+    extra = {} if weight_decay is None else {"weight_decay": float(weight_decay)}
     return train(pipeline, data, strategy, epochs=epochs, lr=lr, batch_size=batch_size,
-                 seed=seed, progress=progress)
+                 seed=seed, progress=progress, **extra)
 
 
 def onnx_latency(modules: Mapping[str, nn.Module], x: torch.Tensor, directory: str | Path,
