@@ -27,6 +27,7 @@ from splitexit.segmentation import (
     sample_confusions,
     search_heads,
     segmentation_metrics,
+    segmenter_config,
     summarize_candidates,
     summarize_exits,
     train_candidates,
@@ -162,6 +163,72 @@ def test_head_at_a_cut_that_cannot_be_upsampled():
 
         MultiExitModel(backbone, {"down": create_head("linear", (8, 4, 4), 3)}, SHAPE,
                        dense=True)
+
+
+def test_guided_segnet_carries_the_image_to_every_head():
+    from splitexit.segmentation.heads import GUIDE_GAIN
+
+    torch.manual_seed(0)
+    kwargs = {"widths": (4, 8, 8), "dilations": (1, 2), "guided": True, "reduction": 8}
+    model = create_segmenter(CLASSES, SHAPE, [{"cut": "down", "kind": "conv", "depth": 2}],
+                             model_kwargs=kwargs).eval()
+    x = torch.rand(3, *SHAPE)
+    # the cuts hold the image space-to-depth'd by 8 (64 channels at 2x2), then the features
+    assert model.backbone.payload_shapes(x) == {"down": [(64 + 8, 2, 2)],
+                                                "block1": [(64 + 8, 2, 2)]}
+    assert "stem" not in model.backbone.cut_names
+    with torch.no_grad():
+        payloads = [model.backbone.stages[0](x)]
+        payloads.append(model.backbone.stages[1](payloads[0]))
+        for p in payloads:
+            torch.testing.assert_close(p[:, :64], torch.nn.functional.pixel_unshuffle(x, 8))
+        head = model.heads[0]
+        assert head.config()["guide"] == 1 and head.guide_channels == 64 and head.features == 8
+        # the head adds a per-pixel map of the full-resolution image to the upsampled scores
+        want = head.upsample(head.body(payloads[0][:, 64:])) + head.refine(x * GUIDE_GAIN)
+        torch.testing.assert_close(head(payloads[0]), want)
+        outs = model(x)
+    assert [tuple(o.shape) for o in outs] == [(3, CLASSES, 16, 16)] * 2
+    rebuilt = create_segmenter(**segmenter_config(model))
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x)[0], outs[0])
+    # the final classifier as a dense head (with the guide)
+    headed = create_segmenter(CLASSES, SHAPE, model_kwargs={
+        **kwargs, "classifier": {"kind": "conv", "depth": 2, "dilation": 2}}).eval()
+    assert headed.backbone.stages[-1].module[-1].config()["guide"] == 1
+    with torch.no_grad():
+        assert tuple(headed(x)[0].shape) == (3, CLASSES, 16, 16)
+    with pytest.raises(InputError, match="classifier is a dense head"):
+        create_segmenter(CLASSES, SHAPE, model_kwargs={**kwargs, "classifier": {"depth": 2}})
+    # a guide the cut does not carry, and a reduction the backbone does not have
+    with pytest.raises(InputError, match="cannot carry a guide"):
+        create_dense_head("conv", (8, 4, 4), 3, out_size=(16, 16), guide=1)
+    with pytest.raises(InputError, match="reduction is 4 or 8"):
+        create_segmenter(CLASSES, SHAPE, model_kwargs={"reduction": 2})
+    with pytest.raises(InputError, match="divisible by 8"):
+        create_segmenter(CLASSES, (1, 20, 20), model_kwargs={"reduction": 8})
+
+
+def test_guided_model_learns_boundaries_and_runs_on_onnx_runtime(split, tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"widths": (4, 8, 8), "dilations": (1, 2), "guided": True}
+    model = create_segmenter(CLASSES, SHAPE, [{"cut": "down", "kind": "pointwise"}],
+                             model_kwargs=kwargs)
+    train_joint(model, split, 10, progress=False, batch_size=16, lr=3e-2)
+    model.eval()
+    with torch.no_grad():
+        logits = model(split.x)
+    # the guide gives pixel-exact foreground at the 1/4-resolution exit: background is
+    # predicted where (and only where) the canvas is dark
+    dark = split.x[:, 0] < FOREGROUND_LEVEL / 255
+    background = logits[0].argmax(1) == 0
+    assert float((background == dark).double().mean()) > 0.97
+    policy = MeanConfidence(float(MeanConfidence().statistic(logits[0]).median()))
+    program = lower(model, policy).on_onnx_runtime(tmp_path)
+    got, ref = program.infer(split.x.numpy(), policy), model.infer(split.x, policy)
+    np.testing.assert_array_equal(got.exit_index, ref.exit_index.numpy())
+    assert (got.predictions == ref.predictions.numpy()).mean() > 0.999
 
 
 @pytest.mark.parametrize("policy_cls", [PixelShare, MeanConfidence])

@@ -20,8 +20,11 @@ __all__ = ["PixelShare", "MeanConfidence", "pixel_confidence", "per_sample_mean"
 
 
 def pixel_confidence(F, z):
-    """Top softmax probability of every pixel, ``(N, H, W)`` (``(N,)`` for ``(N, C)``)."""
-    return F.amax(F.softmax(z))
+    """Top softmax probability of every pixel, ``(N, H, W)`` (``(N,)`` for ``(N, C)``):
+    ``1 / sum_k exp(z_k - max_k z)``, the softmax's largest entry without the division of
+    every entry and the second reduction (about a third less work on a dense map)."""
+    top = F.amax(z)
+    return 1.0 / F.sum(F.exp(z - top[:, None]))
 
 
 def per_sample_mean(a):

@@ -134,8 +134,16 @@ class NumpyOps(_Arithmetic):
 
     @staticmethod
     def classes(logits):
-        """The predicted class of every row (or every pixel of dense logits)."""
-        return logits.argmax(1)
+        """The predicted class of every row (or every pixel of dense logits). On a dense map
+        the first maximum is found class by class: numpy's ``argmax(1)`` reduces along the
+        strided class axis one pixel at a time (about 1 ms for 11 x 64 x 64)."""
+        if logits.ndim == 2:
+            return logits.argmax(1)
+        top = logits.max(axis=1)
+        out = np.zeros(top.shape, dtype=np.int64)
+        for k in range(logits.shape[1] - 1, -1, -1):  # the lowest class of a tie is kept
+            np.copyto(out, k, where=logits[:, k] == top)
+        return out
 
     @staticmethod
     def where(cond, a, b):

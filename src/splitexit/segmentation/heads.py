@@ -15,7 +15,11 @@ from ..heads import ExitHead, head_in_shape
 from ..registry import Registry
 
 __all__ = ["DENSE_HEADS", "DenseHead", "create_dense_head", "list_dense_heads",
-           "upsample_factor"]
+           "upsample_factor", "GUIDE_GAIN"]
+
+#: the guide image (in [0, 1]) is scaled by this before the guide's 1x1 map, so a per-pixel
+#: intensity threshold (an item pixel against background) is reached in a few hundred steps
+GUIDE_GAIN = 16.0
 
 #: dense head classes ``cls(in_shape, num_classes, out_size, **kw)``, by type name
 DENSE_HEADS: Registry[Callable[..., DenseHead]] = Registry("dense head type")
@@ -54,9 +58,19 @@ class DenseHead(ExitHead):
     Subclasses build ``self.body`` (features -> ``num_classes`` maps at the cut's resolution).
     ``out_shape`` is what :class:`~splitexit.multiexit.MultiExitModel` checks with
     ``dense=True``.
+
+    With ``guide=C`` the cut carries the ``C``-channel input image in front of its features,
+    space-to-depth'd to the cut's resolution (a guided ``segnet``): the head rebuilds the
+    full-resolution image (depth-to-space) and adds a per-pixel, per-class 1x1 map of it to
+    the upsampled scores, so its boundaries follow the image rather than the coarse cut.
+
+    Raises:
+        InputError: no ``out_size``, a cut that cannot be upsampled to it, or a cut too
+            narrow to carry the guide and features.
     """
 
-    def __init__(self, in_shape, num_classes: int, out_size: Sequence[int] | None = None):
+    def __init__(self, in_shape, num_classes: int, out_size: Sequence[int] | None = None,
+                 guide: int = 0):
         super().__init__(in_shape, num_classes)
         if out_size is None:
             raise InputError("a dense head needs out_size=(H, W), the size of the model's "
@@ -64,16 +78,42 @@ class DenseHead(ExitHead):
                              "num_classes, out_size=...))")
         self.factor = upsample_factor(self.in_shape, out_size)
         self.out_size = tuple(int(s) for s in out_size)
+        if isinstance(guide, bool) or not isinstance(guide, int) or guide < 0:
+            raise InputError(f"a dense head's guide is the number of image channels carried "
+                             f"in front of the cut's features (0: none), got {guide!r}")
+        self.guide = guide
+        #: payload channels holding the guide image, space-to-depth'd to the cut's resolution
+        self.guide_channels = guide * self.factor ** 2
+        self.features = self.in_shape[0] - self.guide_channels
+        if self.features < 1:
+            raise InputError(f"a cut of {self.in_shape[0]} channels cannot carry a guide of "
+                             f"{guide} image channel(s) (space-to-depth by {self.factor}: "
+                             f"{self.guide_channels} channels) and features; use guide=0 or "
+                             "a guided backbone (segnet(guided=True))")
+        # the guide's per-pixel, per-class affine map of the full-resolution image, added to
+        # the upsampled scores: boundaries follow the image, not the coarse cut
+        self.refine = nn.Conv2d(guide, num_classes, 1) if guide else None
 
     @property
     def out_shape(self) -> tuple[int, ...]:
         return (self.num_classes, *self.out_size)
 
     def config(self) -> dict:
-        return {**super().config(), "out_size": list(self.out_size)}
+        config = {**super().config(), "out_size": list(self.out_size)}
+        if self.guide:
+            config["guide"] = self.guide
+        return config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.body(x)
+        if self.refine is None:
+            return self.upsample(self.body(x))
+        image = x[:, : self.guide_channels]
+        scores = self.upsample(self.body(x[:, self.guide_channels:]))
+        if self.factor > 1:
+            image = F.pixel_shuffle(image, self.factor)
+        return scores + self.refine(image * GUIDE_GAIN)
+
+    def upsample(self, scores: torch.Tensor) -> torch.Tensor:
         if self.factor == 1:
             return scores
         return F.interpolate(scores, size=self.out_size, mode="bilinear", align_corners=False)
@@ -107,9 +147,9 @@ def create_dense_head(kind: str, in_shape, num_classes: int, out_size: Sequence[
 class PointwiseHead(DenseHead):
     """FCN's score layer: one 1x1 convolution to class maps, then upsampling."""
 
-    def __init__(self, in_shape, num_classes, out_size=None):
-        super().__init__(in_shape, num_classes, out_size)
-        self.body = nn.Conv2d(self.in_shape[0], num_classes, 1)
+    def __init__(self, in_shape, num_classes, out_size=None, guide: int = 0):
+        super().__init__(in_shape, num_classes, out_size, guide)
+        self.body = nn.Conv2d(self.features, num_classes, 1)
 
 
 def _check_ints(**values) -> None:
@@ -125,14 +165,14 @@ class ConvDenseHead(DenseHead):
     each 3x3 conv is depthwise-separable (cheaper for the same receptive field)."""
 
     def __init__(self, in_shape, num_classes, out_size=None, channels: int | None = None,
-                 depth: int = 1, dilation: int = 1, depthwise: bool = False):
-        super().__init__(in_shape, num_classes, out_size)
-        channels = channels or self.in_shape[0]
+                 depth: int = 1, dilation: int = 1, depthwise: bool = False, guide: int = 0):
+        super().__init__(in_shape, num_classes, out_size, guide)
+        channels = channels or self.features
         _check_ints(channels=channels, depth=depth, dilation=dilation)
         self.channels, self.depth, self.dilation = channels, depth, dilation
         self.depthwise = bool(depthwise)
         layers: list[nn.Module] = []
-        c = self.in_shape[0]
+        c = self.features
         for _ in range(depth):
             if self.depthwise:
                 layers += [nn.Conv2d(c, c, 3, 1, dilation, dilation=dilation, groups=c,
@@ -155,5 +195,5 @@ class DepthwiseDenseHead(ConvDenseHead):
     """:class:`ConvDenseHead` with depthwise-separable convolutions."""
 
     def __init__(self, in_shape, num_classes, out_size=None, channels: int | None = None,
-                 depth: int = 1, dilation: int = 1, depthwise: bool = True):
-        super().__init__(in_shape, num_classes, out_size, channels, depth, dilation, True)
+                 depth: int = 1, dilation: int = 1, depthwise: bool = True, guide: int = 0):
+        super().__init__(in_shape, num_classes, out_size, channels, depth, dilation, True, guide)

@@ -38,6 +38,7 @@ def create_segmenter(num_classes: int = 11, input_shape: Sequence[int] = (1, 64,
             raise InputError(f"a head is described as {{'cut': ..., 'kind': ...}}, got "
                              f"{sorted(spec)}") from None
         base.backbone.cut_index(cut)
+        spec.setdefault("guide", getattr(base.backbone, "guide", 0))  # a guided backbone's
         built[cut] = create_dense_head(kind, shapes[cut], num_classes,
                                        out_size=tuple(input_shape[1:]), **spec)
     out = MultiExitModel(base.backbone, built, input_shape=input_shape, dense=True)

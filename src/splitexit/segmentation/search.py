@@ -53,6 +53,7 @@ class CandidateBank(nn.Module):
         heads = []
         for c in self.candidates:
             spec = {k: v for k, v in c.items() if k not in ("cut", "kind")}
+            spec.setdefault("guide", getattr(self.backbone, "guide", 0))
             heads.append(create_dense_head(c["kind"], shapes[c["cut"]], _classes(model), out,
                                            **spec))
         self.heads = nn.ModuleList(heads)
