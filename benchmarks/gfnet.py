@@ -46,20 +46,25 @@ POLICIES = ("learned", "random", "centre")
 
 
 #: bumped when the GFNet's design changes without a change of its configuration
-GFNET_DESIGN = "localiser-policy-v2"
+GFNET_DESIGN = "localiser-policy-v4"
 
 
 def settings(args) -> dict:
     """Every setting that changes the trained models (the cache keys hash them)."""
     if args.quick:
-        schedule = GFNetSchedule(classifier_epochs=1, policy_iterations=5, policy_batch=64,
-                                 finetune_epochs=1, seed=args.seed)
+        schedule = GFNetSchedule(classifier_epochs=1, policy_iterations=4, policy_batch=64,
+                                 finetune_epochs=2, search_epochs=2, search_samples=64,
+                                 rounds=2, inked=0.5, seed=args.seed)
         train_samples = 600
     else:
         schedule = GFNetSchedule(classifier_epochs=args.epochs,
                                  policy_iterations=args.ppo_iterations, policy_batch=256,
-                                 finetune_epochs=args.finetune_epochs, seed=args.seed,
-                                 ppo=PPOConfig())
+                                 finetune_epochs=args.finetune_epochs,
+                                 finetune_lr_scale=args.finetune_lr_scale,
+                                 search_epochs=args.search_epochs,
+                                 search_samples=args.search_samples, rounds=args.rounds,
+                                 inked=args.inked, seed=args.seed,
+                                 ppo=PPOConfig(lr=args.ppo_lr))
         train_samples = args.train_samples
     return {"dataset": args.dataset, "calib_fraction": args.calib_fraction, "seed": args.seed,
             "train_samples": train_samples, "config": GFNetConfig().to_json(),
@@ -67,11 +72,17 @@ def settings(args) -> dict:
             "backbone_epochs": schedule.classifier_epochs + schedule.finetune_epochs}
 
 
+#: the configuration fields :func:`full_resolution_backbone` depends on
+BACKBONE_FIELDS = ("image", "channels", "strides", "num_classes", "in_channels")
+
+
 def backbone_settings(s: dict) -> dict:
     """The settings the backbone depends on (its cache key): the same data, architecture,
-    optimiser, batch, seed and number of epochs as GFNet's classifier stages."""
-    return {k: s[k] for k in ("dataset", "calib_fraction", "seed", "train_samples", "config",
+    optimiser, batch, seed and number of epochs as GFNet's classifier stages (not GFNet's
+    glance, grid, steps or policy, which do not change the backbone)."""
+    return {k: s[k] for k in ("dataset", "calib_fraction", "seed", "train_samples",
                               "backbone_epochs")} | {
+        "backbone": {k: s["config"][k] for k in BACKBONE_FIELDS}} | {
         k: s["schedule"][k] for k in ("lr", "batch_size", "seed")}
 
 
@@ -178,14 +189,17 @@ def _timing(args, ds, backbone, model, policies: dict) -> tuple[dict, dict, dict
     parity = {}
     for j, (name, policy) in enumerate(policies.items()):
         program = lower(model, policy, example=xs[:2]).on_onnx_runtime(
-            Path(tmp.name) / f"gfnet{j}", threads=1)
+            Path(tmp.name) / f"gfnet{j}", exit_graph=True, threads=1)
         fns[name] = lambda s, p=policy: model.infer(s, p)
         fns[name + " [traced]"] = lambda s, p=policy: traced.infer(s, p)
         fns[name + " [onnx]"] = lambda s, p=policy, g=program: g.infer(s.numpy(), p)
         a, b = model.infer(xs, policy), traced.infer(xs, policy)
         c = program.infer(xs.numpy(), policy)
+        one = torch.as_tensor([int(program.infer(xs[i: i + 1].numpy(), policy).exit_index[0])
+                               for i in range(min(100, len(xs)))])  # the batch-1 exit graph
         parity[name] = (float((a.exit_index == b.exit_index).double().mean()),
-                        float((a.exit_index == torch.as_tensor(c.exit_index)).double().mean()))
+                        float((a.exit_index == torch.as_tensor(c.exit_index)).double().mean()),
+                        float((a.exit_index[: len(one)] == one).double().mean()))
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -276,11 +290,15 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
                            "same_exits": float((exits == sim.exit_index).double().mean()),
                            "same_predictions": float((preds == sim.predictions)
                                                      .double().mean())})
-    latency, rates, traced_parity = _timing(args, ds, backbone, learned,
-                                            {n: p.policy for n, p in chosen.items()})
+    floor = "gfnet-learned, every sample leaves at the glance (latency floor)"
+    latency, rates, traced_parity = _timing(args, ds, backbone, learned, {
+        **{n: p.policy for n, p in chosen.items()}, floor: MaxProb(0.0)})
+    glance_acc = float((test_logits["learned"][0].argmax(1) == y).double().mean())
+    rows.append({"method": floor, "accuracy": glance_acc, "mean_macs": exit_macs["learned"][0],
+                 "macs_ratio": exit_macs["learned"][0] / full_macs})
     for entry in parity:
-        (entry["same_exits_traced_vs_eager"],
-         entry["same_exits_onnx_vs_eager"]) = traced_parity[entry["method"]]
+        (entry["same_exits_traced_vs_eager"], entry["same_exits_onnx_vs_eager"],
+         entry["same_exits_onnx_exit_graph_batch1_vs_eager"]) = traced_parity[entry["method"]]
     for row in rows:
         name = row["method"]
         row.update(_timing_fields("backbone" if name.startswith("full-resolution") else name,
@@ -314,10 +332,18 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
             "(mean and median), in three forms, each against the backbone in the same form: "
             "eager PyTorch, TorchScript (splitexit.optimize.trace_for_inference: BatchNorm "
             "folded, one graph per step) and ONNX Runtime (the exit program's pieces, "
-            "splitexit.program.lower(...).on_onnx_runtime); throughput: batches of 256, "
+            "splitexit.program.lower(...).on_onnx_runtime with the batch-1 exit graph, as a "
+            "bundle runs it: one ONNX Runtime call per sample, the steps and the threshold "
+            "tests in one graph; batches run piece by piece); throughput: batches of 256, "
             "one thread.",
             "The backbone is the same CNN on the whole image, trained with the same optimiser, "
             "data and epochs as GFNet's classifier stages (stage 1 + stage 3).",
+            "GFNet training (class labels only; the item's place is never used): stage 1 "
+            "with half of the patches drawn where the glance has most ink, half at random; "
+            "then rounds of (the localiser fitted to a one-step lookahead: the classifier's "
+            "true-class log-probability after a focus step at every location of "
+            f"{s['schedule']['search_samples']} training images; PPO on the whole policy; "
+            "the focus CNN and classifier fine-tuned on the learned policy's patches).",
         ],
         command="python benchmarks/gfnet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         settings=s, models_key=_key(s), curves=curves,
@@ -354,6 +380,13 @@ def _targets(rows: list[dict]) -> list[dict]:
                     value = half[form + stat]
                     out.append({"target": f"batch-1 latency <= 0.6x backbone ({what}, {label})",
                                 "value": value, "met": value <= 0.6})
+        budget = next((r for r in rows if r["method"].startswith("gfnet-learned, all")), None)
+        if budget:  # the patch budget without early exits: a fixed policy, no threshold
+            out.append({"target": "accuracy drop vs backbone <= 0.5 pt (test) at <= 40% MACs, "
+                                  "learned patches, every step (no early exit)",
+                        "value": budget["accuracy_drop_pt"], "macs_ratio": budget["macs_ratio"],
+                        "met": budget["accuracy_drop_pt"] <= 0.5
+                        and budget["macs_ratio"] <= 0.4})
         rnd = next((r for r in rows if r["method"].startswith("gfnet-random at the same")), None)
         if rnd:
             out.append({"target": "learned beats random at the same mean MACs (test)",
@@ -408,9 +441,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--dataset", default="cluttered-fashion")
     parser.add_argument("--calib-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10, help="stage-1 epochs")
-    parser.add_argument("--finetune-epochs", type=int, default=3, help="stage-3 epochs")
-    parser.add_argument("--ppo-iterations", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=4, help="stage-1 epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=9, help="stage-3 epochs")
+    parser.add_argument("--finetune-lr-scale", type=float, default=1.0,
+                        help="stage-3 peak learning rate / stage 1's")
+    parser.add_argument("--search-epochs", type=int, default=30,
+                        help="epochs of the policy's warm start on the one-step lookahead")
+    parser.add_argument("--search-samples", type=int, default=1500,
+                        help="training images the one-step lookahead covers")
+    parser.add_argument("--ppo-iterations", type=int, default=60)
+    parser.add_argument("--ppo-lr", type=float, default=2e-4)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (lookahead warm start, PPO, fine-tuning)")
+    parser.add_argument("--inked", type=float, default=0.5,
+                        help="stage 1's share of patches drawn where the glance has most ink")
     parser.add_argument("--train-samples", type=int, default=8000,
                         help="canvases of the train split used for training (stratified)")
     parser.add_argument("--latency-samples", type=int, default=300)

@@ -256,7 +256,7 @@ def test_ppo_learns_a_contextual_bandit():
 
 def test_training_stages_train_what_they_should():
     """Stage 1 trains the classifier stages but not the policy; stage 2 (PPO) only the policy;
-    stage 3 the focus CNN and the classifier."""
+    stage 3 the focus CNN, the fusion cell and the classifier."""
     torch.manual_seed(0)
     from splitexit.data.splits import Split
 
@@ -283,5 +283,75 @@ def test_training_stages_train_what_they_should():
     assert changed(before) and all(k.startswith("policy") for k in changed(before))
     before = snapshot()
     train_classifier_stages(net, split, 1, policy="learned", batch_size=16)
-    assert changed(before) <= {"focus.encoder", "classifier.weight", "classifier.bias"}
+    assert changed(before) <= {"focus.encoder", "focus.cell", "glance.cell",
+                               "classifier.weight", "classifier.bias"}
     assert "focus.encoder" in changed(before)
+
+
+# -- the lookahead warm start and the inked stage 1 ---------------------------------------------
+
+def test_one_step_lookahead_is_the_true_class_log_probability_after_each_location():
+    from splitexit.glance import one_step_lookahead
+
+    net = _net()
+    x, y = _images(3), torch.tensor([0, 2, 3])
+    scores = one_step_lookahead(net, x, y, batch_size=2)
+    assert scores.shape == (3, net.grid.locations)
+    with torch.no_grad():
+        h, _ = net.glance(x)
+        for g in range(net.grid.locations):
+            loc = torch.full((3,), g)
+            want = torch.log_softmax(net.classifier(net.focus(x, h, loc)), 1)[torch.arange(3), y]
+            torch.testing.assert_close(scores[:, g], want, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_start_fits_only_the_localiser_to_the_lookahead():
+    from splitexit.data.splits import Split
+    from splitexit.glance import warm_start_policy
+
+    torch.manual_seed(0)
+    net = _net()
+    x = _images(32, seed=4)
+    split = Split(x, torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(0)))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    log = warm_start_policy(net, split, 20, lr=3e-2)
+    after = net.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("policy.localiser") for k in moved)
+    assert log[-1]["loss"] < log[0]["loss"]
+    # the localiser's best location agrees with the lookahead's more often than at first
+    # and than chance (1 in 9 locations)
+    assert log[-1]["argmax_agreement"] > max(log[0]["argmax_agreement"],
+                                             2 / net.grid.locations)
+
+
+def test_inked_patches_go_where_the_ink_is():
+    from splitexit.glance.train import _inked_locations, ink_scores
+
+    net = _net()
+    x = torch.zeros(50, 1, 32, 32)
+    x[:, :, 18:30, 17:29] = 1.0  # a bright item under the bottom-right patches
+    ink = ink_scores(net, x)
+    best = int(ink[0].argmax())
+    used = torch.zeros(50, net.grid.locations)
+    gen = torch.Generator().manual_seed(0)
+    inked = _inked_locations(ink, used, gen, share=1.0)
+    assert (inked == best).float().mean() > 0.5
+    uniform = _inked_locations(ink, used, gen, share=0.0)
+    assert (uniform == best).float().mean() < 0.5
+    used[:, best] = 1
+    assert not (_inked_locations(ink, used, gen, share=1.0) == best).any()
+
+
+def test_bad_schedule_values_are_refused():
+    from splitexit.data.splits import Split
+    from splitexit.glance import GFNetSchedule, fit_gfnet, warm_start_policy
+
+    net = _net()
+    split = Split(_images(8), torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(InputError, match="inked"):
+        train_classifier_stages(net, split, 1, inked=1.5)
+    with pytest.raises(InputError, match="temperature"):
+        warm_start_policy(net, split, 1, temperature=0.0)
+    with pytest.raises(InputError, match="rounds"):
+        fit_gfnet(net, split, GFNetSchedule(rounds=0))

@@ -4,7 +4,7 @@ confident. The steps are the exits of a :class:`~splitexit.multiexit.MultiExitMo
 one exit loop, calibration, lowering and ONNX export all apply.
 
 Example:
-    >>> net = GFNet(GFNetConfig(image=160, glance=32, patch=40, stride=12, steps=4))
+    >>> net = GFNet(GFNetConfig(image=160, glance=40, patch=40, stride=8, steps=2))
     >>> fit_gfnet(net, load_dataset("cluttered-fashion").train)
     >>> model = net.multiexit("learned")      # or "random", "centre"
     >>> result = model.infer(x, MaxProb(0.9))  # real per-sample exits
@@ -31,14 +31,18 @@ from .ppo import PPOConfig, gae, ppo_update
 from .train import (
     GFNetSchedule,
     fit_gfnet,
+    ink_scores,
+    one_step_lookahead,
     step_accuracies,
     train_backbone,
     train_classifier_stages,
     train_policy,
+    warm_start_policy,
 )
 
 __all__ = ["PatchGrid", "crop_patches", "GFNet", "GFNetConfig", "GlanceStage", "FocusStage",
            "FusionCell", "conv_encoder", "full_resolution_backbone", "PatchPolicy",
            "LearnedPatchPolicy", "RandomPatchPolicy", "CentrePatchPolicy", "PATCH_POLICIES",
            "PPOConfig", "gae", "ppo_update", "GFNetSchedule", "fit_gfnet", "train_classifier_stages",
-           "train_policy", "train_backbone", "step_accuracies"]
+           "train_policy", "train_backbone", "step_accuracies", "one_step_lookahead",
+           "warm_start_policy", "ink_scores"]

@@ -50,18 +50,21 @@ class GFNetConfig:
             not the weights; the full-resolution backbone uses the same design).
         hidden: size of the recurrent state.
         num_classes, in_channels: classes and image channels.
+        localiser: width of the learned patch policy's localiser (its convolutions on the
+            glance image).
     """
 
     image: int = 160
-    glance: int = 32
+    glance: int = 40
     patch: int = 40
-    stride: int = 12
-    steps: int = 4
+    stride: int = 8
+    steps: int = 2
     channels: tuple[int, ...] = (16, 32, 64, 64)
     hidden: int = 128
     num_classes: int = 10
     in_channels: int = 1
     strides: tuple[int, ...] = field(default=(2, 2, 2, 1))
+    localiser: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -72,6 +75,10 @@ class GFNetConfig:
         if self.steps > grid.locations:
             raise InputError(f"a patch budget of {self.steps} exceeds the {grid.locations} "
                              "patch locations of the grid; use fewer steps")
+        if isinstance(self.localiser, bool) or not isinstance(self.localiser, int) or \
+                self.localiser < 1:
+            raise InputError(f"the localiser width must be an integer >= 1, got "
+                             f"{self.localiser!r}")
         if len(self.channels) != len(self.strides) or not self.channels:
             raise InputError(f"channels {self.channels} and strides {self.strides} must have "
                              "the same non-zero length")
@@ -166,7 +173,7 @@ class GFNet(nn.Module):
                                                     config.glance))
         self.map_shape = tuple(int(d) for d in probe.shape[1:])
         self.policy = LearnedPatchPolicy(grid, self.map_shape, config.hidden,
-                                         config.in_channels)
+                                         config.in_channels, localiser=config.localiser)
 
     def patch_policy(self, name: str | PatchPolicy, seed: int = 0) -> PatchPolicy:
         """The patch policy called ``name`` (``learned``, ``random``, ``centre``), or the

@@ -72,18 +72,22 @@ class LearnedPatchPolicy(PatchPolicy):
         hidden: size of the recurrent state.
         in_channels: image channels.
         width: width of the trunk.
+        map_channels: channels of the glance map's 1x1 reduction.
+        localiser: width of the localiser's two 3x3 convolutions.
     """
 
     name = "learned"
 
     def __init__(self, grid: PatchGrid, map_shape: tuple[int, int, int], hidden: int,
-                 in_channels: int = 1, width: int = 128, map_channels: int = 8):
+                 in_channels: int = 1, width: int = 128, map_channels: int = 8,
+                 localiser: int = 16):
         super().__init__()
         c, a, b = map_shape
         self.factor = grid.factor
-        self.localiser = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
-                                       nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-                                       nn.Conv2d(16, 1, 1))
+        w = localiser
+        self.localiser = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(w, 1, 1))
         self.footprint = max(1, grid.patch // grid.factor)
         side = grid.glance - self.footprint + 1
         corners = torch.clamp(torch.round(grid.corners().double() / grid.factor).long(), 0,
@@ -95,6 +99,8 @@ class LearnedPatchPolicy(PatchPolicy):
             nn.Linear(width, width), nn.ReLU())
         self.actor = nn.Linear(width, grid.locations)
         self.critic = nn.Linear(width, 1)
+        nn.init.zeros_(self.actor.weight)  # the policy starts as the localiser alone
+        nn.init.zeros_(self.actor.bias)
 
     def downsample(self, x: torch.Tensor) -> torch.Tensor:
         """The glance image the localiser looks at."""

@@ -3,8 +3,13 @@
 1. the classifier stages (glance CNN, focus CNN, fusion cell, classifier) with patches at
    random locations, the loss summed over every step;
 2. the patch policy by PPO with everything else frozen: an episode is one image's focus steps,
-   the reward of a step the gain in the true class's softmax probability;
-3. the focus CNN and the classifier fine-tuned with the learned policy's patches.
+   the reward of a step the gain in the true class's softmax probability. Optionally (when
+   ``search_epochs > 0``) PPO starts from a warm start: a one-step lookahead over every
+   location of every training image (the classifier's true-class log-probability after the
+   glance and a focus step there; class labels only, never the item's place) whose
+   softmax the policy's first-step distribution is fitted to (:func:`warm_start_policy`);
+3. the focus CNN, fusion cell and classifier fine-tuned with the learned policy's patches (on images
+   where the item now tends to be inside the patch: the "well-placed" patches).
 
 Plus :func:`train_backbone`, the same optimiser and data for the full-resolution backbone
 without exits (the equally trained control).
@@ -26,7 +31,8 @@ from .patch_policies import masked_scores
 from .ppo import PPOConfig, gae, ppo_update
 
 __all__ = ["GFNetSchedule", "train_classifier_stages", "train_policy", "train_backbone",
-           "fit_gfnet", "step_accuracies"]
+           "fit_gfnet", "step_accuracies", "one_step_lookahead", "warm_start_policy",
+           "ink_scores"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,18 @@ class GFNetSchedule:
         policy_iterations: stage 2 PPO iterations (one batch of rollouts each).
         policy_batch: images per PPO rollout batch.
         finetune_epochs: stage 3 epochs (learned patches).
+        finetune_lr_scale: stage 3's peak rate as a multiple of ``lr``.
+        inked: stage 1's share of patches drawn where the glance has most ink (see
+            :func:`train_classifier_stages`; 0: all at random, as the paper).
+        search_epochs: epochs of the policy's warm start on the one-step lookahead (0: PPO
+            from scratch).
+        search_temperature: temperature of the lookahead's target distribution (in units of
+            the lookahead's standard deviation over an image's locations).
+        search_samples: training images the lookahead covers (a stratified subset; it costs
+            one focus step per location per image).
+        search_lr: Adam rate of the warm start.
+        rounds: rounds of (warm start, PPO, fine-tuning), sharing ``policy_iterations`` and
+            ``finetune_epochs``.
         lr, batch_size, seed: the classifier stages' Adam rate, batch and seed.
         ppo: PPO hyper-parameters.
     """
@@ -46,6 +64,13 @@ class GFNetSchedule:
     policy_iterations: int = 120
     policy_batch: int = 256
     finetune_epochs: int = 2
+    finetune_lr_scale: float = 0.25
+    inked: float = 0.0
+    search_epochs: int = 0
+    search_temperature: float = 0.3
+    search_samples: int = 2000
+    search_lr: float = 5e-3
+    rounds: int = 1
     lr: float = 2e-3
     batch_size: int = 128
     seed: int = 0
@@ -57,6 +82,27 @@ class GFNetSchedule:
 
 def _random_locations(used: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     scores = torch.rand(used.shape, generator=generator)
+    return masked_scores(scores, used).argmax(1)
+
+
+def ink_scores(net: GFNet, x: torch.Tensor) -> torch.Tensor:
+    """``(N, locations)``: the mean intensity of the glance under each patch's footprint,
+    standardised per image (where there is most to see; a training aid, label-free)."""
+    with torch.no_grad():
+        policy = net.policy
+        small = policy.downsample(x).mean(1, keepdim=True)
+        mass = F.avg_pool2d(small, policy.footprint, stride=1).flatten(1)[:, policy.sites]
+        return (mass - mass.mean(1, keepdim=True)) / (mass.std(1, keepdim=True) + 1e-6)
+
+
+def _inked_locations(ink: torch.Tensor, used: torch.Tensor, generator: torch.Generator,
+                     share: float, temperature: float = 0.5) -> torch.Tensor:
+    """Per sample, with probability ``share`` a location drawn from ``softmax(ink / T)``
+    (Gumbel-max), else a uniformly random one; never a used one."""
+    u = torch.rand(ink.shape, generator=generator).clamp_(1e-9, 1 - 1e-9)
+    inked = ink / temperature - torch.log(-torch.log(u))
+    pick = torch.rand((ink.shape[0], 1), generator=generator) < share
+    scores = torch.where(pick, inked, torch.rand(ink.shape, generator=generator))
     return masked_scores(scores, used).argmax(1)
 
 
@@ -91,12 +137,18 @@ def _check_epochs(name: str, value) -> int:
 
 def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "random",
                             lr: float = 2e-3, batch_size: int = 128, seed: int = 0,
-                            log: list | None = None) -> list:
+                            inked: float = 0.0, log: list | None = None) -> list:
     """Stage 1 (``policy="random"``: every module but the patch policy, patches at random
-    locations) or stage 3 (``policy="learned"``: the focus CNN and the classifier, patches
-    where the frozen learned policy looks). The loss is the mean cross-entropy of all steps.
+    locations) or stage 3 (``policy="learned"``: the focus CNN, the fusion cell and the
+    classifier, patches where the frozen learned policy looks). The loss is the mean cross-entropy of all steps.
+
+    ``inked`` (stage 1 only): the share of patches drawn where the glance has most ink
+    (:func:`ink_scores`, sampled at temperature 0.5) instead of uniformly, so that the
+    classifier sees the item early when it is small on a large canvas.
     """
     _check_epochs("epochs", epochs)
+    if not 0.0 <= inked <= 1.0:
+        raise InputError(f"inked is a share in [0, 1], got {inked!r}")
     if policy not in ("random", "learned"):
         raise InputError(f"the classifier stages train with 'random' (stage 1) or 'learned' "
                          f"(stage 3) patches, got {policy!r}")
@@ -106,7 +158,7 @@ def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "ran
     if policy == "random":
         trained = [net.glance, net.focus, net.classifier]
     else:
-        trained = [net.focus.encoder, net.classifier]
+        trained = [net.focus, net.classifier]  # focus CNN, fusion cell (shared), classifier
     params = list({id(p): p for m in trained for p in m.parameters()}.values())
     for p in net.parameters():
         p.requires_grad_(False)
@@ -121,8 +173,11 @@ def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "ran
             with torch.no_grad():
                 prior = net.policy.prior(x)
         loss = F.cross_entropy(net.classifier(h), y)
+        ink = ink_scores(net, x) if policy == "random" and inked > 0 else None
         for _ in range(steps):
-            if policy == "random":
+            if ink is not None:
+                location = _inked_locations(ink, used, gen, inked)
+            elif policy == "random":
                 location = _random_locations(used, gen)
             else:
                 with torch.no_grad():
@@ -214,6 +269,85 @@ def train_policy(net: GFNet, data, iterations: int, *, batch: int = 256,
     return log
 
 
+@torch.no_grad()
+def one_step_lookahead(net: GFNet, x: torch.Tensor, y: torch.Tensor,
+                       batch_size: int = 16) -> torch.Tensor:
+    """``(N, locations)``: the log-probability of the true class after the glance and one
+    focus step at each location (what the classifier would gain by looking there)."""
+    net.eval()
+    grid, out = net.grid, []
+    index = net.focus.pixel_index
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i: i + batch_size], y[i: i + batch_size]
+        n, c = xb.shape[:2]
+        h, _ = net.glance(xb)
+        patches = xb.reshape(n, c, -1)[:, :, index]  # (n, c, locations, P*P)
+        patches = patches.permute(0, 2, 1, 3).reshape(n * grid.locations, c, grid.patch,
+                                                      grid.patch)
+        f = net.focus.encoder(patches).mean((2, 3))
+        h1 = net.focus.cell(f, h.repeat_interleave(grid.locations, 0))
+        logp = F.log_softmax(net.classifier(h1), 1)
+        out.append(logp.gather(1, yb.repeat_interleave(grid.locations)[:, None])
+                   .reshape(n, grid.locations))
+    return torch.cat(out)
+
+
+def warm_start_policy(net: GFNet, data, epochs: int, *, temperature: float = 0.3,
+                      samples: int | None = None, lr: float = 2e-3, batch_size: int = 128,
+                      seed: int = 0, log: list | None = None) -> list:
+    """Fit the policy's localiser (its image-only spatial scores, the first step's logits
+    before PPO) to ``softmax(z / temperature)``, ``z`` the per-image standardised
+    :func:`one_step_lookahead` on ``data`` (or a stratified subset of ``samples`` images),
+    by cross-entropy; everything else frozen. A warm start for PPO, from class labels only."""
+    _check_epochs("epochs", epochs)
+    if samples is not None and samples < len(data):
+        data = data.subset(_check_epochs("samples", samples) or 1, seed=seed)
+    if not temperature > 0:
+        raise InputError(f"the lookahead temperature must be > 0, got {temperature!r}")
+    log = [] if log is None else log
+    if epochs == 0:
+        return log
+    t0 = time.perf_counter()
+    net.eval()
+    scores = one_step_lookahead(net, data.x, data.y)
+    with torch.no_grad():
+        small = net.policy.downsample(data.x)
+    # in units of each image's spread, so the target is as sharp early in training (when the
+    # classifier's log-probabilities differ little between locations) as later
+    z = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + 1e-6)
+    target = F.softmax(z / temperature, 1)
+    print(f"[stage2-lookahead] {len(data)} images x {net.grid.locations} locations "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    params = list(net.policy.localiser.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total, hits = 0.0, 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i: i + batch_size]
+            logits = net.policy.spatial(small[idx])
+            loss = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            hits += float((logits.argmax(1) == scores[idx].argmax(1)).sum())
+        log.append({"stage": "stage2-lookahead", "epoch": epoch, "loss": total / len(data),
+                    "argmax_agreement": hits / len(data),
+                    "seconds": time.perf_counter() - t0})
+        print(f"[stage2-lookahead] epoch {epoch + 1}/{epochs} loss {total / len(data):.4f} "
+              f"best-location agreement {hits / len(data):.3f}", flush=True)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+    return log
+
+
 def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,
                    batch_size: int = 128, seed: int = 0, log: list | None = None) -> list:
     """The full-resolution backbone, with the classifier stages' optimiser, schedule and data."""
@@ -226,18 +360,37 @@ def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,
 
 
 def fit_gfnet(net: GFNet, data, schedule: GFNetSchedule | None = None) -> list:
-    """All three stages on ``data`` (a train :class:`~splitexit.data.Split`); returns the log."""
+    """All three stages on ``data`` (a train :class:`~splitexit.data.Split`); returns the log.
+
+    With ``schedule.rounds > 1``, stages 2 and 3 alternate: each round warm-starts the policy
+    on the lookahead of the classifier as it is then, runs its share of the PPO iterations and
+    fine-tunes on its share of the stage-3 epochs (the classifier improves on the patches
+    the policy picks, the lookahead sharpens with it).
+    """
     schedule = schedule or GFNetSchedule()
+    rounds = schedule.rounds
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
     seed_everything(schedule.seed)
     log: list = []
     train_classifier_stages(net, data, schedule.classifier_epochs, policy="random",
                             lr=schedule.lr, batch_size=schedule.batch_size, seed=schedule.seed,
-                            log=log)
-    train_policy(net, data, schedule.policy_iterations, batch=schedule.policy_batch,
-                 config=schedule.ppo, seed=schedule.seed, log=log)
-    train_classifier_stages(net, data, schedule.finetune_epochs, policy="learned",
-                            lr=schedule.lr / 4, batch_size=schedule.batch_size,
-                            seed=schedule.seed + 1000, log=log)
+                            inked=schedule.inked, log=log)
+    for r in range(rounds):
+        share = (schedule.finetune_epochs * (r + 1)) // rounds - (
+            schedule.finetune_epochs * r) // rounds
+        iterations = (schedule.policy_iterations * (r + 1)) // rounds - (
+            schedule.policy_iterations * r) // rounds
+        warm_start_policy(net, data, schedule.search_epochs,
+                          temperature=schedule.search_temperature,
+                          samples=schedule.search_samples, lr=schedule.search_lr,
+                          seed=schedule.seed + r, log=log)
+        train_policy(net, data, iterations, batch=schedule.policy_batch,
+                     config=schedule.ppo, seed=schedule.seed + r, log=log)
+        train_classifier_stages(net, data, share, policy="learned",
+                                lr=schedule.lr * schedule.finetune_lr_scale,
+                                batch_size=schedule.batch_size,
+                                seed=schedule.seed + 1000 + 100 * r, log=log)
     return log
 
 
