@@ -361,3 +361,25 @@ def test_bundle_of_a_segmentation_model(model, split, tmp_path):
     assert loaded.policy == policy  # rebuilt by name from the manifest, no code imported
     got = loaded.program().infer(split.x.numpy(), loaded.policy)
     np.testing.assert_array_equal(got.exit_index, model.infer(split.x, policy).exit_index.numpy())
+
+
+def test_a_segmenter_with_mixed_heads_round_trips_through_a_checkpoint(model, split, tmp_path):
+    from splitexit import checkpoint
+
+    x = split.x[:5]
+    checkpoint.save(model, tmp_path / "mess")  # a conv head and a pointwise head
+    loaded = checkpoint.load(tmp_path / "mess").eval()
+    assert loaded.dense and [type(h).__name__ for h in loaded.heads] == [
+        type(h).__name__ for h in model.heads]
+    with torch.no_grad():
+        for a, b in zip(loaded(x), model(x)):
+            torch.testing.assert_close(a, b)
+    kept = model.keep_exits([1])  # the block1 head and the final exit
+    checkpoint.save(kept, tmp_path / "kept")
+    again = checkpoint.load(tmp_path / "kept").eval()
+    assert again.head_cuts == ["block1"]
+    with torch.no_grad():
+        for a, b in zip(again(x), kept(x)):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(InputError, match="drop the model argument"):
+        checkpoint.load(tmp_path / "mess", model="net.py:build")

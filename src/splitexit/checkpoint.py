@@ -347,7 +347,7 @@ def load(directory: str | os.PathLike, model: nn.Module | str | None = None) -> 
             "directory", "weights")
     meta = read_meta(directory)
     spec = meta.get("spec") if isinstance(meta.get("spec"), dict) else {}
-    if {"keep_exits", "gate", "trecx"} & set(spec):
+    if {"keep_exits", "gate", "trecx", "segmenter"} & set(spec):
         return load_weights(_rebuild(spec, model, str(directory)), directory)
     if "model" in spec:  # zoo
         if isinstance(model, str):
@@ -410,6 +410,18 @@ def _rebuild(spec: Mapping, model, where: str) -> nn.Module:
             raise InputError(f"{where} holds the zoo model {spec['model']!r}, which rebuilds "
                              "from the checkpoint alone; drop the model argument")
         built = model if isinstance(model, nn.Module) else _zoo_model(spec)
+    elif "segmenter" in spec:  # a dense model of splitexit.segmentation (heads may differ)
+        from .segmentation import create_segmenter
+
+        if isinstance(model, str):
+            raise InputError(f"{where} holds a segmentation model, which rebuilds from the "
+                             "checkpoint alone; drop the model argument")
+        try:
+            built = model if isinstance(model, nn.Module) else create_segmenter(
+                **spec["segmenter"])
+        except TypeError as e:
+            raise InputError(f"{where}: malformed segmenter description ({e}); save the "
+                             "model again with splitexit.checkpoint.save") from e
     elif "cuts" in spec and "num_classes" in spec and "input_shape" in spec:
         from .usermodel import rebuild
 

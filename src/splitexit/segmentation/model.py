@@ -42,10 +42,11 @@ def create_segmenter(num_classes: int = 11, input_shape: Sequence[int] = (1, 64,
         built[cut] = create_dense_head(kind, shapes[cut], num_classes,
                                        out_size=tuple(input_shape[1:]), **spec)
     out = MultiExitModel(base.backbone, built, input_shape=input_shape, dense=True)
-    out.spec = {}  # per-exit head types: rebuild with create_segmenter(**segmenter_config)
     out.segmenter = {"num_classes": num_classes, "input_shape": list(input_shape),
                      "model": model, "model_kwargs": dict(model_kwargs or {}),
                      "heads": [dict(h) for h in heads]}
+    # what a checkpoint stores: splitexit.checkpoint.load rebuilds it with create_segmenter
+    out.spec = {"segmenter": segmenter_config(out)}
     return out
 
 
