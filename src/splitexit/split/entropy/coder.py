@@ -161,8 +161,8 @@ class EntropyCodec(Codec):
         enc = self._encoder()
         try:
             enc.encode(sym, self._model, self._probs)
-        except KeyError:  # a symbol outside the tables (constriction's message)
-            return None
+        except Exception:  # noqa: BLE001 - constriction refuses a symbol outside the tables
+            return None  # (KeyError today); the checked path clamps, or raises what is wrong
         words = enc.get_compressed()
         return (words if _LITTLE else words.astype("<u4")).tobytes()
 
