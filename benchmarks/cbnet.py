@@ -64,7 +64,8 @@ class CBNetBenchSettings:
             :data:`splitexit.cbnet.search.SEARCH_SPACE`).
         finetune_epochs: light-classifier fine-tuning on each candidate's converted images.
         joint_epochs: joint converter + classifier fine-tuning (0: no jointly tuned rows).
-        select_samples: calibration images timed for the converter and fallback choices.
+        select_samples: calibration images timed for the converter and fallback choices
+            (in ``latency_chunks`` groups, like the test timing).
         latency_samples: test images timed at batch 1 (``None``: the whole test set).
         threads: torch and ONNX Runtime threads while training and timing.
         models: where trained weights are cached (``None``: ``<out>/models``).
@@ -167,8 +168,8 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
             pipes[row] = source
     with torch_threads(s.threads):
         selection = select_fastest(pipes, calib, branchy_calib, reference=branchy_calib_pred,
-                                   samples=s.select_samples,
-                                   threads=s.threads, directory=work / "select")
+                                   samples=s.select_samples, threads=s.threads,
+                                   directory=work / "select", chunks=s.latency_chunks)
     facts["selected_converter"] = selection.chosen
     facts["selected_ahead_of_branchynet_with_confidence"] = selection.guarded
 
@@ -192,7 +193,8 @@ def _dataset(ds, s: CBNetBenchSettings, models: Path | None, work: Path, host, r
             progs = {on: (lambda p, pol: lambda t_: p.infer(t_.numpy(), pol))(
                 fb.program().on_onnx_runtime(work / f"fb-{on}", exit_graph=True, threads=1),
                 fb.policy) for on, fb in fallbacks.items()}
-            lat = interleaved_latency(progs, calib.x[: s.select_samples], warmup=10)
+            lat = interleaved_latency(progs, calib.x[: s.select_samples], warmup=10,
+                                      chunks=s.latency_chunks)
         best = min(lat, key=lambda on: lat[on]["mean_ms"])
         for on, fb in fallbacks.items():
             fb_choice.append({"fallback_on": on, "threshold": fb.threshold,
@@ -404,7 +406,11 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "converter and classifier jointly fine-tuned on the labels, some also distilling the "
         "published CBNet's or the equal-training BranchyNet control's logits, as each row's "
         "name says) unfolded and folded; accuracy on the calibration split, batch-1 "
-        "latency on ONNX Runtime over select_samples calibration images; chosen: the fastest "
+        "latency on ONNX Runtime over select_samples calibration images (interleaved in "
+        "latency_chunks groups, each candidate warm within a group as in the test timing; "
+        "one image per group ran every call cold and ranked folded forms, whose dense layer "
+        "has the larger weights, behind their unfolded ones, the opposite of the test "
+        "timing); chosen: the fastest "
         "whose paired calibration accuracy gain over BranchyNet has a one-sided 95% lower "
         "bound >= 0 (gain_low_pt; splitexit.calibration.paired_drop_ci), or, when none has, "
         "the fastest at BranchyNet's calibration accuracy or better (the role says which). "

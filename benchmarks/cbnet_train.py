@@ -147,13 +147,17 @@ def train_models(ds: Dataset, s, models: Path | None) -> Trained:
     def converter(spec: ConverterSpec, teacher: nn.Module | None):
         settings = {**target_set, "spec": spec.key()}
 
+        # a candidate's own (shorter) converter training still gets the minimum steps
+        epochs = conv_epochs if spec.converter_epochs is None else max(
+            spec.converter_epochs, math.ceil(s.converter_min_steps / steps_per_epoch))
+
         def fit(m):
             if spec.distilled:
                 return cbnet.distill_converter(
-                    m, teacher, train_split.x, epochs=conv_epochs, lr=s.converter_lr,
+                    m, teacher, train_split.x, epochs=epochs, lr=s.converter_lr,
                     batch_size=s.batch_size, seed=s.seed, progress=s.progress).seconds
             return cbnet.train_converter(
-                m, train_split.x, targets, epochs=conv_epochs, lr=s.converter_lr,
+                m, train_split.x, targets, epochs=epochs, lr=s.converter_lr,
                 batch_size=s.batch_size, seed=s.seed, progress=s.progress).seconds
 
         def build():

@@ -202,6 +202,21 @@ def test_select_fastest_respects_the_accuracy_floor(setup):
         select_fastest(candidates, calib, 89.0)
 
 
+def test_select_fastest_times_in_warm_chunks(setup, tmp_path):
+    """The calibration timing can run each candidate warm over whole groups of images, as the
+    test timing does; every image is still timed once per candidate."""
+    from splitexit.cbnet.search import onnx_latency
+
+    ds, _, _, lenet, pipe = setup
+    calib = ds.calib.subset(120, seed=0)
+    candidates = {"cbnet": pipe, "folded": cbnet.fold_pipeline(pipe), "lenet": lenet}
+    lat = onnx_latency(candidates, calib.x[:40], tmp_path, chunks=4)
+    assert set(lat) == set(candidates)
+    assert all(v["samples"] == 40 and v["mean_ms"] > 0 for v in lat.values())
+    sel = select_fastest(candidates, calib, 0.0, samples=40, chunks=4)
+    assert sel.chosen == min(sel.table, key=lambda r: r["onnx_latency_ms"])["candidate"]
+
+
 def test_select_fastest_with_a_reference_needs_confidence(setup):
     ds, _, _, lenet, pipe = setup
     calib = ds.calib.subset(200, seed=0)
@@ -261,6 +276,9 @@ def test_joint_distillation_pulls_the_pipeline_towards_the_teacher(setup):
     assert kl() < 0.7 * before
     spec = ConverterSpec("kd", hidden=(16,), joint_epochs=4, joint_teacher="published")
     assert spec.key() == "fc_h16_linear_j4_kd-published"  # cached apart from plain joint runs
+    short = ConverterSpec("short", kind="convfc", hidden=(24,), channels=(8, 16),
+                          converter_epochs=5, joint_epochs=10, joint_teacher="control")
+    assert short.key() == "convfc_h24_linear_c8-16_e5_j10_kd-control"
     with pytest.raises(InputError, match="temperature"):
         finetune_joint(copy.deepcopy(pipe), data, epochs=1, teacher=lenet, temperature=0.0)
     with pytest.raises(InputError, match="alpha"):

@@ -38,6 +38,8 @@ class ConverterSpec:
         name: label in reports.
         kind, hidden, channels, output: :class:`ConvertingAutoencoder` arguments.
         distilled: trained on the published converter's outputs instead of the targets.
+        converter_epochs: epochs of the converter's own training (``None``: the suite's),
+            e.g. fewer when joint fine-tuning retrains its code anyway.
         joint_epochs, joint_lr: joint fine-tuning of this candidate (``None``: the suite's
             defaults), e.g. longer for a narrow code that needs it.
         joint_teacher: ``"published"``: the joint fine-tuning also distils the published
@@ -56,6 +58,7 @@ class ConverterSpec:
     channels: tuple[int, ...] = (16, 32)
     output: str = "linear"
     distilled: bool = False
+    converter_epochs: int | None = None
     joint_epochs: int | None = None
     joint_lr: float | None = None
     joint_teacher: str | None = None
@@ -73,6 +76,8 @@ class ConverterSpec:
             parts.append("c" + "-".join(map(str, self.channels)))
         if self.distilled:
             parts.append("distilled")
+        if self.converter_epochs is not None:
+            parts.append(f"e{self.converter_epochs}")
         if self.joint_epochs is not None:
             parts.append(f"j{self.joint_epochs}")
         if self.joint_lr is not None:
@@ -204,9 +209,11 @@ def finetune_joint(pipeline: nn.Module, data: Split, *, epochs: int = 2, lr: flo
 
 
 def onnx_latency(modules: Mapping[str, nn.Module], x: torch.Tensor, directory: str | Path,
-                 threads: int = 1, warmup: int = 10) -> dict[str, dict]:
+                 threads: int = 1, warmup: int = 10, chunks: int | None = None
+                 ) -> dict[str, dict]:
     """Batch-1 latency of each module exported to ONNX and run by ONNX Runtime, interleaved
-    over the samples ``x`` (``{name: {"mean_ms", "median_ms", ...}}``)."""
+    over the samples ``x`` in ``chunks`` groups (:func:`splitexit.measure.interleaved_seconds`;
+    ``None``: one sample per group) (``{name: {"mean_ms", "median_ms", ...}}``)."""
     from ..measure import interleaved_latency
     from ..runtime.ort import OrtSession
     from .pipeline import export_onnx
@@ -217,7 +224,7 @@ def onnx_latency(modules: Mapping[str, nn.Module], x: torch.Tensor, directory: s
         session = OrtSession(export_onnx(module.eval(), directory / f"candidate{i}.onnx",
                                          tuple(x.shape[1:])), threads)
         fns[name] = (lambda s: lambda t: s.run_arrays([t.numpy()])[0])(session)
-    return interleaved_latency(fns, x, warmup=warmup)
+    return interleaved_latency(fns, x, warmup=warmup, chunks=chunks)
 
 
 @dataclass
@@ -245,7 +252,7 @@ class Selection:
 def select_fastest(pipelines: Mapping[str, nn.Module], calib: Split, min_accuracy: float, *,
                    samples: int = 2000, threads: int = 1,
                    directory: str | Path | None = None, reference: torch.Tensor | None = None,
-                   z: float = 1.645) -> Selection:
+                   z: float = 1.645, chunks: int | None = None) -> Selection:
     """The fastest pipeline on ONNX Runtime (batch 1) among those whose calibration accuracy
     is at least ``min_accuracy``.
 
@@ -266,6 +273,12 @@ def select_fastest(pipelines: Mapping[str, nn.Module], calib: Split, min_accurac
         directory: where the ONNX files go (a temporary directory when ``None``).
         reference: the reference's predicted class per calibration image (optional).
         z: normal quantile of the confidence bound.
+        chunks: the timed images cut into this many consecutive groups, each candidate running
+            a whole group warm before the next one (:func:`splitexit.measure.interleaved_seconds`;
+            ``None``: one image per group, so every call starts with the other candidates'
+            weights in the caches). Time the candidates as the test timing does: a model with a
+            larger weight matrix (e.g. a folded one) ranks behind when every call runs cold,
+            ahead when it runs warm, as a deployed model serving a stream does.
 
     Raises:
         InputError: no pipelines, ``min_accuracy`` outside [0, 1], a reference that is not
@@ -290,7 +303,8 @@ def select_fastest(pipelines: Mapping[str, nn.Module], calib: Split, min_accurac
             drop, _, high = paired_drop_ci(reference == calib.y, pred == calib.y, z)
             gain[name] = (-drop, -high)
     with tempfile.TemporaryDirectory(prefix="splitexit-search-") as tmp:
-        latency = onnx_latency(pipelines, calib.x[:samples], directory or tmp, threads)
+        latency = onnx_latency(pipelines, calib.x[:samples], directory or tmp, threads,
+                               chunks=chunks)
     table = [{"candidate": n, "calib_accuracy": accuracy[n],
               "onnx_latency_ms": latency[n]["mean_ms"],
               "onnx_latency_p50_ms": latency[n]["median_ms"],
