@@ -143,23 +143,10 @@ def _to_dense_split(x: np.ndarray, y: np.ndarray) -> DenseSplit:
 
 @functools.lru_cache(maxsize=4)
 def _canvases(source: str, calib_fraction: float, seed: int, root) -> tuple:
-    from .sources import (
-        POOLED_TEST_FRACTION,
-        POOLED_TEST_SEED,
-        _fashion_dir,
-        _fashion_files,
-        _fashion_pair,
-        _mnist5k_source,
-    )
+    from .sources import _fashion_dir, _fashion_items, _mnist5k_items
 
-    if source == "fashion":
-        files = _fashion_files(*_fashion_dir(root))
-        train_x, train_y = _fashion_pair(files["train_images"], files["train_labels"])
-        test_x, test_y = _fashion_pair(files["test_images"], files["test_labels"])
-    else:
-        pool_x, pool_y = _mnist5k_source()
-        rest, test = stratified_split(pool_y, POOLED_TEST_FRACTION, POOLED_TEST_SEED)
-        train_x, train_y, test_x, test_y = pool_x[rest], pool_y[rest], pool_x[test], pool_y[test]
+    items = _fashion_items(*_fashion_dir(root)) if source == "fashion" else _mnist5k_items()
+    (train_x, train_y), (test_x, test_y) = items
     # calibration canvases use items no training canvas shows
     keep, held = stratified_split(train_y, calib_fraction, seed)
     n_calib = int(round(calib_fraction * CANVAS_POOL))

@@ -32,12 +32,9 @@ from splitexit.errors import InputError
 from .sources import (
     DIGITS_CLASS_NAMES,
     FASHION_MNIST_CLASS_NAMES,
-    POOLED_TEST_FRACTION,
-    POOLED_TEST_SEED,
     _fashion_dir,
-    _fashion_files,
-    _fashion_pair,
-    _mnist5k_source,
+    _fashion_items,
+    _mnist5k_items,
 )
 from .splits import Dataset, dataset_from_indices, stratified_split
 
@@ -158,9 +155,7 @@ def _dataset(name: str, train: ClutteredImages, test: ClutteredImages, class_nam
 def _fashion_canvases(directory: str, source: str) -> tuple[ClutteredImages, ClutteredImages]:
     from pathlib import Path
 
-    files = _fashion_files(Path(directory), source)
-    train_x, train_y = _fashion_pair(files["train_images"], files["train_labels"])
-    test_x, test_y = _fashion_pair(files["test_images"], files["test_labels"])
+    (train_x, train_y), (test_x, test_y) = _fashion_items(Path(directory), source)
     return (make_cluttered(train_x, train_y, CLUTTERED_TRAIN, CLUTTERED_CANVAS,
                            seed=_TRAIN_SEED),
             make_cluttered(test_x, test_y, CLUTTERED_TEST, CLUTTERED_CANVAS, seed=_TEST_SEED))
@@ -178,10 +173,9 @@ def cluttered_fashion_dataset(calib_fraction: float, seed: int,
 
 @functools.lru_cache(maxsize=1)
 def _mnist_canvases() -> tuple[ClutteredImages, ClutteredImages]:
-    x, y = _mnist5k_source()
-    rest, test = stratified_split(y, POOLED_TEST_FRACTION, POOLED_TEST_SEED)
-    return (make_cluttered(x[rest], y[rest], len(rest), CLUTTERED_CANVAS, seed=_TRAIN_SEED),
-            make_cluttered(x[test], y[test], len(test), CLUTTERED_CANVAS, seed=_TEST_SEED))
+    (train_x, train_y), (test_x, test_y) = _mnist5k_items()
+    return (make_cluttered(train_x, train_y, len(train_y), CLUTTERED_CANVAS, seed=_TRAIN_SEED),
+            make_cluttered(test_x, test_y, len(test_y), CLUTTERED_CANVAS, seed=_TEST_SEED))
 
 
 def cluttered_mnist_dataset(calib_fraction: float, seed: int, root: object) -> Dataset:

@@ -199,15 +199,27 @@ def _fashion_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.
     return images.reshape(-1, 1, 28, 28), labels
 
 
+def _fashion_items(directory: Path, source: str) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Fashion-MNIST's own ``(train, test)`` (images, labels) pairs, read from ``directory``."""
+    files = _fashion_files(directory, source)
+    return (_fashion_pair(files["train_images"], files["train_labels"]),
+            _fashion_pair(files["test_images"], files["test_labels"]))
+
+
+def _mnist5k_items() -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """MNIST-5k's ``(train, test)`` (images, labels) pairs: the pooled test split every
+    MNIST-5k data set uses (the item sources of the canvas data sets)."""
+    x, y = _mnist5k_source()
+    rest, test = stratified_split(y, POOLED_TEST_FRACTION, POOLED_TEST_SEED)
+    return (x[rest], y[rest]), (x[test], y[test])
+
+
 def fashion_mnist_dataset(
     calib_fraction: float, seed: int, root: str | os.PathLike | None
 ) -> Dataset:
     """``fashion-mnist``: the official train and test files found in ``root``, else in
     ``$SPLITEXIT_FASHION_MNIST_DIR``, else in the Debian package's directory."""
-    directory, source = _fashion_dir(root)
-    files = _fashion_files(directory, source)
-    train = _fashion_pair(files["train_images"], files["train_labels"])
-    test = _fashion_pair(files["test_images"], files["test_labels"])
+    train, test = _fashion_items(*_fashion_dir(root))
     return _own_test_set(
         "fashion-mnist", train, test, 255.0, FASHION_MNIST_CLASS_NAMES, calib_fraction, seed
     )
