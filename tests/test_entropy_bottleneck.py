@@ -121,6 +121,21 @@ def test_round_trip_one_sample_and_batch(codec):
     assert ideal + 4 <= np.mean(sizes) <= ideal + 4 + 4
 
 
+def test_the_one_sample_decode_path_equals_the_checked_path(codec):
+    y = _latents(32, scale=2.0)
+    for i in range(32):
+        msg = codec.encode(y[i: i + 1])
+        short = codec.decode_arrays(msg)  # bytes: the one-sample path
+        checked = codec.decode_arrays(bytearray(msg))  # any other buffer: the checked path
+        np.testing.assert_array_equal(short, checked)
+        assert torch.equal(codec.decode(msg), torch.from_numpy(checked))
+        # the byte limit holds on the short path too
+        with pytest.raises(PayloadError, match="max_bytes"):
+            codec.decode_arrays(msg, max_bytes=len(msg) - 1)
+        with pytest.raises(PayloadError, match="max_bytes"):
+            codec.decode_arrays(msg, max_bytes=4 * codec.tables.numel - 1)
+
+
 def test_torch_tensors_and_arrays_give_the_same_bytes(codec):
     y = _latents(4)
     assert codec.encode(torch.from_numpy(y)) == codec.encode(y)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ...errors import InputError, PayloadError
 from ..codec import DEFAULT_MAX_BYTES, Codec, _require_torch
-from .message import check_byte, check_key, frame, read_frame
+from .message import TAG_ONE, check_byte, check_key, frame, read_frame
 from .tables import EntropyTables
 
 __all__ = ["EntropyCodec"]
@@ -30,6 +30,9 @@ _LITTLE = sys.byteorder == "little"
 _SMALL = 1024
 """Latents with at most this many values are range-checked in Python (a one-sample latent)."""
 _NOT_FINITE = "the latent holds NaN/inf; the entropy codec sends finite values"
+_WORDS = np.dtype("<u4")
+_BYTE = tuple(bytes((i,)) for i in range(256))
+"""``_BYTE[i] == bytes((i,))``, built once (the check byte of every message)."""
 
 
 def _constriction() -> Any:
@@ -70,7 +73,11 @@ class EntropyCodec(Codec):
                   "_decoder": c.stream.queue.RangeDecoder, "_id": tables.codec_id,
                   "_lo": tables.lo, "_hi": tables.hi, "_numel": tables.numel,
                   "_shape": tables.shape, "_one": (1, *tables.shape), "_lo_int": np.int32(tables.lo),
-                  "_values": np.arange(tables.lo, tables.hi + 1, dtype=np.float32)}
+                  "_lo_row": np.full(tables.numel, tables.lo, np.int32),
+                  "_values": np.arange(tables.lo, tables.hi + 1, dtype=np.float32),
+                  # the 3-byte headers of one-sample messages, by bitstream length (< 128)
+                  "_heads": tuple(bytes((TAG_ONE, tables.codec_id, n)) for n in range(128)),
+                  "_one_bytes": 4 * tables.numel}
         for name, value in fields.items():
             object.__setattr__(self, name, value)
 
@@ -129,11 +136,11 @@ class EntropyCodec(Codec):
         """
         if (type(payload) is np.ndarray and payload.shape == self._one
                 and payload.dtype == np.float32):  # one sample, as the edge sends it
-            stream = self._bitstream_of_one(payload)
-            if stream is not None:
+            message = self._encode_one(payload)
+            if message is not None:
                 if self.last_clamped:
                     object.__setattr__(self, "last_clamped", 0)
-                return frame(self._id, 1, stream, self._key)
+                return message
         sym, clamped = self.quantize(payload)
         if clamped or self.last_clamped:
             with self._lock:
@@ -146,25 +153,31 @@ class EntropyCodec(Codec):
         stream = (words if _LITTLE else words.astype("<u4")).tobytes()
         return frame(self._id, len(sym), stream, self._key)
 
-    def _bitstream_of_one(self, y: np.ndarray) -> bytes | None:
-        """The bitstream of one float32 sample whose values are finite and round into the
+    def _encode_one(self, y: np.ndarray) -> bytes | None:
+        """The message of one float32 sample whose values are finite and round into the
         tables' range, else None (:meth:`encode`'s checked path then clamps and counts, or
         refuses). The range check is constriction's own: it refuses a symbol outside the
-        tables, and the wrapped-around casts of out-of-range values all fall outside them."""
+        tables, and the wrapped-around casts of out-of-range values all fall outside them.
+        Same bytes as the checked path (tested); each step is the cheapest numpy call for a
+        few values (an array operand, not a scalar; a prebuilt header)."""
         q = np.rint(y.reshape(-1))
         # NaN or inf anywhere, or values beyond int32 (unless they cancel: their casts fall
         # outside the tables and constriction refuses them below)
         if not abs(sum(q.tolist())) < 2.0**31:
             return None
         sym = q.astype(np.int32)
-        sym -= self._lo_int
+        np.subtract(sym, self._lo_row, out=sym)
         enc = self._encoder()
         try:
             enc.encode(sym, self._model, self._probs)
         except Exception:  # noqa: BLE001 - constriction refuses a symbol outside the tables
             return None  # (KeyError today); the checked path clamps, or raises what is wrong
         words = enc.get_compressed()
-        return (words if _LITTLE else words.astype("<u4")).tobytes()
+        stream = (words if _LITTLE else words.astype("<u4")).tobytes()
+        if len(stream) >= 0x80:
+            return frame(self._id, 1, stream, self._key)
+        body = self._heads[len(stream)] + stream
+        return body + _BYTE[check_byte(body, self._key)]
 
     def _check(self, body: bytes | memoryview) -> int:
         """The check byte of a message body for these tables."""
@@ -194,6 +207,10 @@ class EntropyCodec(Codec):
             PayloadError: malformed, truncated, forged or corrupt message, a message for other
                 tables, or one that decodes to more than ``max_bytes``.
         """
+        if type(data) is bytes and type(max_bytes) is int:
+            out = self._decode_one(data, max_bytes)
+            if out is not None:
+                return out
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
             raise InputError(f"max_bytes must be a positive int, got {max_bytes!r}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -210,9 +227,30 @@ class EntropyCodec(Codec):
         # symbol -> value through a float32 table (exact: |lo| <= 2**20, S <= 4096)
         return self._values.take(sym).reshape(n, *self._shape)
 
+    def _decode_one(self, data: bytes, max_bytes: int) -> np.ndarray | None:
+        """The latent of a well-formed one-sample message whose bitstream is under 128 bytes
+        (what the edge sends), else None: anything else, or anything wrong, takes
+        :meth:`decode_arrays`' checked path, which says what is wrong. Same checks in the
+        same order for this one case: size limits, tag, id, length, check byte."""
+        size = len(data)
+        if (not 4 <= size <= max_bytes or self._one_bytes > max_bytes or data[0] != TAG_ONE
+                or data[1] != self._id or data[2] + 4 != size or data[2] & 3
+                or check_byte(data[:-1], self._key) != data[-1]):
+            return None
+        try:
+            sym = self._decoder(np.frombuffer(data, _WORDS, data[2] >> 2, 3)).decode(
+                self._model, self._probs)
+        except Exception:  # noqa: BLE001 - the checked path raises the PayloadError
+            return None
+        return self._values.take(sym).reshape(self._one)
+
     def decode(self, data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Any:
         """:meth:`decode_arrays` as a torch tensor (needs PyTorch)."""
         torch = sys.modules.get("torch") or _require_torch("EntropyCodec.decode")
+        if type(data) is bytes and type(max_bytes) is int:  # one sample: no detour
+            out = self._decode_one(data, max_bytes)
+            if out is not None:
+                return torch.from_numpy(out)
         return torch.from_numpy(self.decode_arrays(data, max_bytes=max_bytes))
 
     def bytes_per_sample(self, payload: Any) -> float:
