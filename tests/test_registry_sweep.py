@@ -92,3 +92,18 @@ def test_registry_helper():
         shapes.add("", square)
     with pytest.raises(InputError, match="unknown shape"):
         shapes.create(["square"])  # an unhashable name is just unknown
+
+
+def test_register_can_stamp_the_name_on_the_entry():
+    kinds = Registry("widget")
+
+    @kinds.register("round", stamp="kind")
+    class Round:
+        pass
+
+    assert Round.kind == "round" and kinds.get("round") is Round
+    with pytest.raises(InputError, match="registered twice"):
+        kinds.register("round", stamp="kind")(type("Other", (), {}))
+    # the built-in head types carry the name they are registered under
+    from splitexit.heads import HEADS
+    assert all(HEADS.get(name).kind == name for name in HEADS.list())

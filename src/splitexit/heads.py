@@ -26,14 +26,9 @@ HEADS: Registry[Callable[..., ExitHead]] = Registry("head type")
 
 
 def register_head(name: str):
-    """Class decorator adding a head type to the registry used by :func:`create_head`."""
-
-    def deco(cls):
-        HEADS.add(name, cls)
-        cls.kind = name
-        return cls
-
-    return deco
+    """Class decorator adding a head type to the registry used by :func:`create_head` (and
+    setting the class's ``kind`` to ``name``)."""
+    return HEADS.register(name, stamp="kind")
 
 
 def list_heads() -> list[str]:

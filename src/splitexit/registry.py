@@ -35,8 +35,14 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
+    def register(self, name: str | None = None, *, stamp: str | None = None
+                 ) -> Callable[[T], T]:
         """Decorator adding a builder under ``name`` (default: its ``name`` attribute).
+
+        Args:
+            name: The name (default: the entry's ``name`` attribute).
+            stamp: Also set this attribute of the entry to the name, e.g. ``"kind"`` for a
+                class whose instances report the name they were registered under.
 
         Raises:
             InputError: the name is already registered (a second builder never silently
@@ -44,7 +50,10 @@ class Registry(Generic[T]):
         """
 
         def deco(entry: T) -> T:
-            self.add(name if name is not None else entry.name, entry)  # type: ignore[attr-defined]
+            key = name if name is not None else entry.name  # type: ignore[attr-defined]
+            self.add(key, entry)
+            if stamp is not None:
+                setattr(entry, stamp, key)
             return entry
 
         return deco
