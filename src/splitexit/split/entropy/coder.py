@@ -157,13 +157,15 @@ class EntropyCodec(Codec):
         """The message of one float32 sample whose values are finite and round into the
         tables' range, else None (:meth:`encode`'s checked path then clamps and counts, or
         refuses). The range check is constriction's own: it refuses a symbol outside the
-        tables, and the wrapped-around casts of out-of-range values all fall outside them.
-        Same bytes as the checked path (tested); each step is the cheapest numpy call for a
-        few values (an array operand, not a scalar; a prebuilt header)."""
-        q = np.rint(y.reshape(-1))
-        # NaN or inf anywhere, or values beyond int32 (unless they cancel: their casts fall
-        # outside the tables and constriction refuses them below)
-        if not abs(sum(q.tolist())) < 2.0**31:
+        tables. Same bytes as the checked path (tested); each step is the cheapest numpy call
+        for a few values (one dot product checks them all; an array operand, not a scalar; a
+        prebuilt header). A latent with NaN/inf or values over 1.8e19 also gets numpy's
+        "overflow encountered in dot" warning before the checked path deals with it."""
+        q = np.rint(y).ravel()
+        # False for NaN or inf anywhere, and for any |value| >= 2**31 (its square alone is
+        # over 2**62 > 4e18), so the cast below is always defined; values that cast but lie
+        # outside the tables are refused by constriction
+        if not q.dot(q) < 4e18:
             return None
         sym = q.astype(np.int32)
         np.subtract(sym, self._lo_row, out=sym)
