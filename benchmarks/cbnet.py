@@ -401,7 +401,9 @@ def run_cbnet_bench(out_dir: str | Path, settings: CBNetBenchSettings | None = N
         "processes shared the cores and every latency is inflated); throughput: batches of "
         "throughput_batch.",
         "Converter search ('converter search' table): every candidate (narrow fc, small conv, "
-        "a conv encoder with an fc decoder (convfc), distilled from the published converter; "
+        "a conv encoder with an fc decoder (convfc: two 3x3 stride-2 convs; patchfc: one conv "
+        "over 4x4 patches; stridefc: one 7x7 stride-4 conv), distilled from the published "
+        "converter; "
         "linear output; with the light classifier fine-tuned on its converted images, or "
         "converter and classifier jointly fine-tuned on the labels, some also distilling the "
         "published CBNet's or the equal-training BranchyNet control's logits, as each row's "

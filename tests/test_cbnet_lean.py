@@ -146,3 +146,30 @@ def test_conv_encoder_fc_decoder_converter_folds_and_runs_lean(images, tmp_path)
         cbnet.ConvertingAutoencoder((1, 30, 30), "convfc")
     with pytest.raises(InputError, match="two positive sizes"):
         cbnet.ConvertingAutoencoder(SHAPE, "convfc", channels=(4,))
+
+
+@pytest.mark.parametrize("kind, kernel", [("patchfc", 4), ("stridefc", 7)])
+def test_one_conv_encoder_converter_folds_and_runs_lean(images, tmp_path, kind, kernel):
+    """The patchfc / stridefc converters (one stride-4 conv, fc decoder, linear output) fold
+    and run lean with the pipeline's logits, in PyTorch and on ONNX Runtime."""
+    torch.manual_seed(0)
+    conv = cbnet.ConvertingAutoencoder(SHAPE, kind, (24,), channels=(16,), output="linear")
+    first = conv.net[0]
+    assert isinstance(first, nn.Conv2d) and (first.kernel_size, first.stride) == (
+        (kernel, kernel), (4, 4))
+    assert conv.net[3].in_features == 16 * 7 * 7 and conv(images).shape == images.shape
+    pipe = cbnet.CBNetPipeline(conv, cbnet.light_classifier(
+        create_multiexit("b-lenet", 10, SHAPE, head="published")), 10).eval()
+    lean = cbnet.lean_pipeline(cbnet.fold_pipeline(pipe))
+    with torch.inference_mode():
+        ref, got = pipe(images), lean(images)
+    assert torch.allclose(ref, got, atol=1e-4, rtol=1e-4)
+    path = cbnet.export_onnx(lean, tmp_path / f"{kind}.onnx", SHAPE)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 2  # the patch conv and the classifier's; conv1 folded
+    out = OrtSession(path, 1).run_arrays([images.numpy()])[0]
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(InputError, match="one positive channel count"):
+        cbnet.ConvertingAutoencoder(SHAPE, kind, channels=(4, 8))
+    with pytest.raises(InputError, match="divisible by 4"):
+        cbnet.ConvertingAutoencoder((1, 30, 30), kind, channels=(4,))

@@ -279,6 +279,8 @@ def test_joint_distillation_pulls_the_pipeline_towards_the_teacher(setup):
     short = ConverterSpec("short", kind="convfc", hidden=(24,), channels=(8, 16),
                           converter_epochs=5, joint_epochs=10, joint_teacher="control")
     assert short.key() == "convfc_h24_linear_c8-16_e5_j10_kd-control"
+    one = ConverterSpec("one conv", kind="stridefc", hidden=(24,), channels=(16,))
+    assert one.key() == "stridefc_h24_linear_c16"  # channels keyed for every conv encoder
     with pytest.raises(InputError, match="temperature"):
         finetune_joint(copy.deepcopy(pipe), data, epochs=1, teacher=lenet, temperature=0.0)
     with pytest.raises(InputError, match="alpha"):

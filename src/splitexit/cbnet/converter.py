@@ -17,8 +17,11 @@ from ..training import Baseline, train
 from ..training.base import Strategy, TrainHistory
 from .core import CBNetTargets
 
-
 # 4. Converter -----------------------------------------------------------------------------
+#: one-convolution encoders: kind -> (kernel, stride, padding); both map H x W to H/4 x W/4
+_ONE_CONV = {"patchfc": (4, 4, 0), "stridefc": (7, 4, 2)}
+
+
 class ConvertingAutoencoder(nn.Module):
     """Maps an image to an easy image of the same class.
 
@@ -30,10 +33,16 @@ class ConvertingAutoencoder(nn.Module):
             units, two stride-2 transposed convolutions; H and W must be divisible by 4), or
             ``"convfc"``, a convolutional encoder with a fully connected decoder (the two
             stride-2 convolutions, ``hidden`` layers with ReLU, a linear layer back to the
-            input size), whose linear output folds into the classifier like ``"fc"``'s.
+            input size), whose linear output folds into the classifier like ``"fc"``'s, or
+            ``"patchfc"``, the cheapest encoder: one convolution over non-overlapping 4x4
+            patches (kernel 4, stride 4) with ReLU, then ``"convfc"``'s fully connected
+            layers and linear output, or ``"stridefc"``, the same with one overlapping
+            convolution (kernel 7, stride 4, padding 2: the receptive field of ``"convfc"``'s
+            two convolutions at the cost of one).
         hidden: hidden sizes of the fc encoder (published: 512, 384, 256, 64); the conv
             variant uses only the last one (the bottleneck).
-        channels: channels of the conv variant's two encoder convolutions.
+        channels: channels of the conv variant's two encoder convolutions (``"patchfc"``,
+            ``"stridefc"``: one size, the channels of their one convolution).
         output: ``"sigmoid"`` (published: values in ``[0, 1]``, trained with binary
             cross-entropy) or ``"linear"`` (no output non-linearity, trained with mean squared
             error): the last layer is then linear and folds into the classifier's first
@@ -60,9 +69,9 @@ class ConvertingAutoencoder(nn.Module):
             raise InputError(f"hidden sizes and input shape must be positive, got hidden "
                              f"{self.hidden}, input shape {self.input_shape}")
         size = math.prod(self.input_shape)
-        if kind not in ("fc", "conv", "convfc"):
-            raise InputError(f"unknown converter kind {kind!r}; use 'fc' (published), 'conv' "
-                             "or 'convfc'")
+        if kind not in ("fc", "conv", "convfc", *_ONE_CONV):
+            raise InputError(f"unknown converter kind {kind!r}; use 'fc' (published), 'conv', "
+                             "'convfc', 'patchfc' or 'stridefc'")
         if kind == "fc":
             layers: list[nn.Module] = [nn.Flatten()]
             for a, b in zip((size, *self.hidden), self.hidden):
@@ -74,19 +83,28 @@ class ConvertingAutoencoder(nn.Module):
         if len(self.input_shape) != 3 or self.input_shape[1] % 4 or self.input_shape[2] % 4:
             raise InputError(f"the {kind} converter needs (C, H, W) images with H and W "
                              f"divisible by 4, got {self.input_shape}; use kind='fc'")
-        if len(self.channels) != 2 or min(self.channels) < 1:
-            raise InputError(f"channels must be two positive sizes, got {self.channels}")
         c, h, w = self.input_shape
-        c1, c2 = self.channels
-        inner = (c2, h // 4, w // 4)
-        layers = [nn.Conv2d(c, c1, 3, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 3, 2, 1), nn.ReLU(),
-                  nn.Flatten()]
+        if kind in _ONE_CONV:
+            if len(self.channels) != 1 or min(self.channels) < 1:
+                raise InputError(f"the {kind} converter takes one positive channel count, "
+                                 f"got channels={self.channels}")
+            inner = (self.channels[0], h // 4, w // 4)
+            kernel, stride, padding = _ONE_CONV[kind]
+            layers = [nn.Conv2d(c, self.channels[0], kernel, stride, padding), nn.ReLU(),
+                      nn.Flatten()]
+        else:
+            if len(self.channels) != 2 or min(self.channels) < 1:
+                raise InputError(f"channels must be two positive sizes, got {self.channels}")
+            c1, c2 = self.channels
+            inner = (c2, h // 4, w // 4)
+            layers = [nn.Conv2d(c, c1, 3, 2, 1), nn.ReLU(), nn.Conv2d(c1, c2, 3, 2, 1),
+                      nn.ReLU(), nn.Flatten()]
         if kind == "conv":
             layers += [nn.Linear(math.prod(inner), self.hidden[-1]), nn.ReLU(),
                        nn.Linear(self.hidden[-1], math.prod(inner)), nn.ReLU(),
                        nn.Unflatten(1, inner), nn.ConvTranspose2d(c2, c1, 4, 2, 1), nn.ReLU(),
                        nn.ConvTranspose2d(c1, c, 4, 2, 1), *self._squash()]
-        else:  # convfc: a fully connected decoder with a linear output, as fc's
+        else:  # convfc, patchfc, stridefc: an fc decoder with a linear output, as fc's
             for a, b in zip((math.prod(inner), *self.hidden), self.hidden):
                 layers += [nn.Linear(a, b), nn.ReLU()]
             layers += [nn.Linear(self.hidden[-1], size), *self._squash(),
