@@ -133,7 +133,7 @@ def test_wrong_image_size_is_refused():
 
 # -- exits --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", ["learned", "random", "centre"])
+@pytest.mark.parametrize("policy", ["learned", "localiser", "random", "centre"])
 def test_real_exits_equal_offline_replay(policy):
     net = _net()
     model = net.multiexit(policy)
@@ -172,13 +172,16 @@ def test_random_policy_depends_on_the_sample_not_the_batch():
 
 
 @pytest.mark.slow
-def test_bundle_on_onnx_runtime_exits_as_pytorch(tmp_path):
+@pytest.mark.parametrize("policy", ["learned", "localiser", "centre"])
+def test_bundle_on_onnx_runtime_exits_as_pytorch(tmp_path, policy):
     """The steps export to ONNX (the crop is a gather with computed indices) and bundle like
-    any model; ONNX Runtime makes the same per-sample exits at batch > 1 and batch 1."""
+    any model; ONNX Runtime makes the same per-sample exits at batch > 1 and batch 1. Every
+    payload layout (with and without the glance image and the glance map) exports with every
+    tensor read."""
     from splitexit import bundle, load_bundle
 
     net = _net()
-    model = net.multiexit("learned")
+    model = net.multiexit(policy)
     x = _images(11)
     with torch.no_grad():
         logits = model(x)
@@ -314,7 +317,7 @@ def test_warm_start_fits_only_the_localiser_to_the_lookahead():
     x = _images(32, seed=4)
     split = Split(x, torch.randint(0, 4, (32,), generator=torch.Generator().manual_seed(0)))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    log = warm_start_policy(net, split, 20, lr=3e-2)
+    log = warm_start_policy(net, split, 20, lr=5e-2)
     after = net.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("policy.localiser") for k in moved)
@@ -355,3 +358,84 @@ def test_bad_schedule_values_are_refused():
         warm_start_policy(net, split, 1, temperature=0.0)
     with pytest.raises(InputError, match="rounds"):
         fit_gfnet(net, split, GFNetSchedule(rounds=0))
+
+
+# -- the cheaper localiser, its distillation, and the step graphs on ONNX Runtime ---------------
+
+def _strided(seed=0) -> GFNet:
+    from dataclasses import replace
+
+    torch.manual_seed(seed)
+    return GFNet(replace(TINY, localiser_stride=2)).eval()
+
+
+def test_localiser_at_stride_two_scores_each_location_over_its_footprint():
+    net = _strided()
+    policy = net.policy
+    assert policy.whole_map and policy.map_footprint == 2  # 16-pixel patches, 8-pixel cells
+    x = _images(5)
+    with torch.no_grad():
+        scores = policy.prior(x)
+        cells = policy.localiser(policy.downsample(x))  # (5, 1, 4, 4): stride 2 on 8x8
+        assert cells.shape == (5, 1, 4, 4) and scores.shape == (5, net.grid.locations)
+        for g, (r, c) in enumerate((net.grid.corners() // 8).tolist()):
+            torch.testing.assert_close(scores[:, g], cells[:, 0, r: r + 2, c: c + 2].mean((1, 2)))
+    assert GFNetConfig.from_json(net.config.to_json()) == net.config
+    assert "localiser_stride" not in TINY.to_json()  # older configurations hash alike
+    for bad in (0, 5, 1.5):
+        with pytest.raises(InputError, match="localiser stride"):
+            GFNetConfig(image=32, glance=8, patch=16, stride=8, localiser_stride=bad)
+
+
+def test_distilled_localiser_takes_over_the_teachers_location_scores():
+    from dataclasses import replace
+
+    from splitexit.data.splits import Split
+    from splitexit.glance import distil_localiser
+
+    teacher, student = _net(), _strided(seed=3)
+    split = Split(_images(48, seed=5), torch.zeros(48, dtype=torch.int64))
+    log = distil_localiser(student, teacher, split, 12, lr=2e-2)
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert log[-1]["argmax_agreement"] > max(log[0]["argmax_agreement"], 0.5)
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs
+               if not k.startswith("policy.localiser."))
+    with pytest.raises(InputError, match="but for the localiser stride"):
+        distil_localiser(GFNet(replace(TINY, hidden=8, localiser_stride=2)), teacher, split, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["learned", "centre"])
+def test_step_graphs_exit_as_pytorch(tmp_path, policy):
+    """One ONNX graph per step with the exit test inside: the same exits and predictions as
+    the PyTorch model, sample by sample; the flat every-step graph the same logits."""
+    from splitexit import FixedExit
+    from splitexit.glance import GFNetSteps
+
+    net = _strided()
+    with torch.no_grad():
+        net.classifier.weight.mul_(20)
+    model = net.multiexit(policy)
+    x = _images(17)
+    with torch.no_grad():
+        logits = model(x)
+    exit_policy = MaxProb(_between(logits))
+    steps = GFNetSteps(net, policy, exit_policy, tmp_path)
+    ref = model.infer(x, exit_policy)
+    got = [steps.infer(x[i: i + 1].numpy()) for i in range(len(x))]
+    assert [e for _, e in got] == ref.exit_index.tolist()
+    assert len(set(ref.exit_index.tolist())) > 1
+    assert [int(lg.argmax(1)[0]) for lg, _ in got] == ref.predictions.tolist()
+    every = model.infer(x, FixedExit(TINY.steps)).logits
+    flat = np.concatenate([steps.infer_all(x[i: i + 1].numpy()) for i in range(len(x))])
+    np.testing.assert_allclose(flat, every.numpy(), rtol=1e-4, atol=1e-4)
+    assert len(steps.step_calls(x[:1].numpy())) == TINY.steps + 1
+    with pytest.raises(InputError, match="float32"):
+        steps.infer(x[:1].double().numpy())
+    with pytest.raises(InputError, match="one sample at a time"):
+        steps.infer(x[:2].numpy())
+    with pytest.raises(InputError, match="max-prob, entropy or margin"):
+        GFNetSteps(net, policy, FixedExit(1), tmp_path / "fixed")
+    with pytest.raises(InputError, match="without an exit policy"):
+        GFNetSteps(net, policy, None, tmp_path / "none").infer(x[:1].numpy())

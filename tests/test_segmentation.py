@@ -340,6 +340,45 @@ def test_onnx_runtime_gives_the_same_exits(model, split, tmp_path):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("policy_cls", [MeanConfidence, PixelShare])
+def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, tmp_path):
+    """The pieces in DenseSteps' lean batch-1 loop: the same exits and class maps as
+    PyTorch, sample by sample, at every exit; the test and class map as graph nodes agree."""
+    from splitexit.runtime.ort import OrtSession
+    from splitexit.segmentation import DenseSteps
+    from splitexit.segmentation.onnx_steps import exit_test_graph
+
+    with torch.no_grad():
+        logits = model(split.x)
+    # PixelShare's pixel threshold between the two middle pixel confidences (shares spread)
+    confidence = logits[0].softmax(1).amax(1).flatten().unique()
+    pixel = float(confidence[len(confidence) // 2 - 1: len(confidence) // 2 + 1].mean())
+    kwargs = {"pixel_threshold": pixel} if policy_cls is PixelShare else {}
+    base = policy_cls(0.5, **kwargs)
+    stats = sorted(set(base.statistic(logits[0]).tolist()))
+    middle = len(stats) // 2  # halfway between two samples' statistics at the first exit
+    policy = base.with_threshold((stats[middle - 1] + stats[middle]) / 2)
+    steps = DenseSteps(model, policy, tmp_path, example=split.x[:2])
+    ref = model.infer(split.x, policy)
+    got = [steps.infer(split.x[i: i + 1].numpy()) for i in range(len(split.x))]
+    assert [e for _, e in got] == ref.exit_index.tolist()
+    assert len(set(ref.exit_index.tolist())) >= 2
+    same = [bool((torch.from_numpy(c[0]) == ref.predictions[i]).all())
+            for i, (c, _) in enumerate(got)]
+    assert sum(same) >= len(same) - 1  # float rounding may move one pixel's tie at most
+    assert got[0][0].shape == (1, 16, 16) and got[0][0].dtype == np.int64
+    graph = OrtSession(exit_test_graph(policy, 0, logits[0][:1].shape, tmp_path / "t.onnx"))
+    for i in range(len(split.x)):
+        z = logits[0][i: i + 1].numpy()
+        classes, fire = graph.run_arrays([z])
+        assert bool(fire[0]) == bool(policy.statistic(z)[0] >= policy.threshold)
+        np.testing.assert_array_equal(classes, z.argmax(1))
+    with pytest.raises(InputError, match="one float32 numpy sample"):
+        steps.infer(split.x[:2].numpy())
+    with pytest.raises(InputError, match="meanconf and pixelshare policies"):
+        DenseSteps(model, create_policy("maxprob", threshold=0.5), tmp_path / "other")
+
+
 def test_dense_predictions_are_the_first_maximum_like_argmax():
     from splitexit.runtime.arrays import NUMPY, TORCH
 

@@ -20,16 +20,19 @@ from .model import (
     conv_encoder,
     full_resolution_backbone,
 )
+from .onnx_steps import GFNetSteps
 from .patch_policies import (
     PATCH_POLICIES,
     CentrePatchPolicy,
     LearnedPatchPolicy,
+    LocaliserPolicy,
     PatchPolicy,
     RandomPatchPolicy,
 )
 from .ppo import PPOConfig, gae, ppo_update
 from .train import (
     GFNetSchedule,
+    distil_localiser,
     fit_gfnet,
     ink_scores,
     one_step_lookahead,
@@ -42,7 +45,7 @@ from .train import (
 
 __all__ = ["PatchGrid", "crop_patches", "GFNet", "GFNetConfig", "GlanceStage", "FocusStage",
            "FusionCell", "conv_encoder", "full_resolution_backbone", "PatchPolicy",
-           "LearnedPatchPolicy", "RandomPatchPolicy", "CentrePatchPolicy", "PATCH_POLICIES",
+           "LearnedPatchPolicy", "LocaliserPolicy", "RandomPatchPolicy", "CentrePatchPolicy", "PATCH_POLICIES",
            "PPOConfig", "gae", "ppo_update", "GFNetSchedule", "fit_gfnet", "train_classifier_stages",
            "train_policy", "train_backbone", "step_accuracies", "one_step_lookahead",
-           "warm_start_policy", "ink_scores"]
+           "warm_start_policy", "ink_scores", "GFNetSteps", "distil_localiser"]

@@ -6,9 +6,11 @@ patch policy picks an unused location of the grid, the full-resolution patch the
 goes through a second CNN, and a GRU-style cell fuses its features into ``h``. One linear
 classifier reads ``h`` after every step; those are the exits. The payload between stages is
 the step's state: ``(image, h, glance feature map, used locations, the policy's image-only
-scores)``; the last step ends in
-the logits. So :class:`~splitexit.multiexit.MultiExitModel`'s ``infer`` (real per-sample
-exits), ``simulate``, calibration, lowering, ONNX export and measurement all apply unchanged.
+scores)``, carrying only what the patch policy reads (the glance image to the first focus
+step for a learned localiser, no glance map for a policy without a state term: see
+:class:`GlanceStage`); the last step ends in the logits. So
+:class:`~splitexit.multiexit.MultiExitModel`'s ``infer`` (real per-sample exits),
+``simulate``, calibration, lowering, ONNX export and measurement all apply unchanged.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from .patch_policies import (
     PATCH_POLICIES,
     CentrePatchPolicy,
     LearnedPatchPolicy,
+    LocaliserPolicy,
     PatchPolicy,
     RandomPatchPolicy,
 )
 
 __all__ = ["GFNetConfig", "GFNet", "conv_encoder", "FusionCell", "full_resolution_backbone",
-           "GlanceStage", "FocusStage", "GlanceNet", "FocusNet", "mark_used"]
+           "GlanceStage", "FocusStage", "FirstFocusStage", "MaplessFocusStage",
+           "MaplessFirstFocusStage", "GlanceNet", "FocusNet", "mark_used"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class GFNetConfig:
         num_classes, in_channels: classes and image channels.
         localiser: width of the learned patch policy's localiser (its convolutions on the
             glance image).
+        localiser_stride: stride of the localiser's first convolution (1: at the glance's
+            resolution; 2: its second convolution on a quarter of the pixels).
     """
 
     image: int = 160
@@ -65,6 +71,7 @@ class GFNetConfig:
     in_channels: int = 1
     strides: tuple[int, ...] = field(default=(2, 2, 2, 1))
     localiser: int = 8
+    localiser_stride: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -79,6 +86,12 @@ class GFNetConfig:
                 self.localiser < 1:
             raise InputError(f"the localiser width must be an integer >= 1, got "
                              f"{self.localiser!r}")
+        s = self.localiser_stride
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1 or \
+                grid.patch // (grid.factor * s) < 1:
+            raise InputError(f"the localiser stride must be an integer >= 1 whose map cell "
+                             f"({grid.factor} x stride pixels) fits in a patch of {grid.patch}, "
+                             f"got {s!r}")
         if len(self.channels) != len(self.strides) or not self.channels:
             raise InputError(f"channels {self.channels} and strides {self.strides} must have "
                              "the same non-zero length")
@@ -88,7 +101,10 @@ class GFNetConfig:
         return PatchGrid(self.image, self.patch, self.stride, self.glance)
 
     def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if d["localiser_stride"] == 1:  # configurations saved before the field existed
+            del d["localiser_stride"]    # read back (and hash) the same
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> GFNetConfig:
@@ -108,11 +124,13 @@ def conv_encoder(in_channels: int, channels, strides) -> nn.Sequential:
 class FusionCell(nn.Module):
     """A GRU cell written with linear layers (it exports to ONNX as plain MatMul/Sigmoid/Tanh).
 
-    ``h' = (1 - z) * n + z * h`` with ``z, r = sigmoid(W [f, h])``, ``n = tanh(W_f f + r * W_h h)``.
+    ``h' = (1 - z) * n + z * h`` with ``z, r = sigmoid(W [f, h])``, ``n = tanh(W_f f + r * W_h h)``,
+    computed as ``n + z * (h - n)`` (one node fewer at batch 1, where every node costs).
     """
 
     def __init__(self, features: int, hidden: int):
         super().__init__()
+        self.features = features
         self.gates = nn.Linear(features + hidden, 2 * hidden)
         self.new_f = nn.Linear(features, hidden)
         self.new_h = nn.Linear(hidden, hidden)
@@ -120,7 +138,15 @@ class FusionCell(nn.Module):
     def forward(self, f: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         z, r = torch.sigmoid(self.gates(torch.cat([f, h], 1))).chunk(2, 1)
         n = torch.tanh(self.new_f(f) + r * self.new_h(h))
-        return (1 - z) * n + z * h
+        return n + z * (h - n)
+
+    def from_zero(self, f: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from the zero state, without the terms that are zero there (the
+        glance's cell: four graph nodes fewer; the weight slice folds into a constant)."""
+        gates = F.linear(f, self.gates.weight[:, : self.features], self.gates.bias)
+        z, r = torch.sigmoid(gates).chunk(2, 1)
+        n = torch.tanh(self.new_f(f) + r * self.new_h.bias)
+        return n - z * n
 
 
 class GlanceNet(nn.Module):
@@ -131,11 +157,17 @@ class GlanceNet(nn.Module):
         super().__init__()
         self.encoder, self.cell, self.factor, self.hidden = encoder, cell, factor, hidden
 
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The glance image: ``x`` average-pooled by the factor."""
+        return F.avg_pool2d(x, self.factor) if self.factor > 1 else x
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        small = F.avg_pool2d(x, self.factor) if self.factor > 1 else x
+        return self.look(self.downsample(x))
+
+    def look(self, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The glance on the downsampled image (:meth:`downsample`)."""
         glance_map = self.encoder(small)
-        f = glance_map.mean((2, 3))
-        return self.cell(f, f.new_zeros((f.shape[0], self.hidden))), glance_map
+        return self.cell.from_zero(glance_map.mean((2, 3))), glance_map
 
 
 class FocusNet(nn.Module):
@@ -173,15 +205,18 @@ class GFNet(nn.Module):
                                                     config.glance))
         self.map_shape = tuple(int(d) for d in probe.shape[1:])
         self.policy = LearnedPatchPolicy(grid, self.map_shape, config.hidden,
-                                         config.in_channels, localiser=config.localiser)
+                                         config.in_channels, localiser=config.localiser,
+                                         localiser_stride=config.localiser_stride)
 
     def patch_policy(self, name: str | PatchPolicy, seed: int = 0) -> PatchPolicy:
-        """The patch policy called ``name`` (``learned``, ``random``, ``centre``), or the
-        policy object given."""
+        """The patch policy called ``name`` (``learned``, ``localiser``: the learned one's
+        localiser alone, ``random``, ``centre``), or the policy object given."""
         if isinstance(name, PatchPolicy):
             return name
         if name == "learned":
             return self.policy
+        if name == "localiser":
+            return LocaliserPolicy(self.policy)
         if name == "random":
             return RandomPatchPolicy(self.grid, self.config.in_channels, seed).to(
                 self.classifier.weight.device)
@@ -223,13 +258,19 @@ class GFNet(nn.Module):
             raise InputError(f"a patch budget of {steps} exceeds the {self.grid.locations} "
                              "patch locations")
         chosen = self.patch_policy(policy)
-        stages = [Stage(GlanceStage(self.glance, self.grid.locations), "glance")] + [
-            Stage(FocusStage(self.focus, chosen, self.classifier if t == steps else None,
-                             first=t == 1), f"focus{t}", 5) for t in range(1, steps + 1)]
+        small = chosen.uses_glance_image  # the glance image travels to the first focus step
+        glance_map = chosen.uses_glance_map  # the glance map travels to every focus step
+        stages = [Stage(GlanceStage(self.glance, self.grid.locations, small, glance_map),
+                        "glance")] + [
+            Stage(_focus_stage(small, glance_map, t == 1)(
+                self.focus, chosen, self.classifier if t == steps else None, first=t == 1),
+                f"focus{t}", 4 + glance_map + (small and t == 1))
+            for t in range(1, steps + 1)]
         cuts = ["glance"] + [f"focus{t}" for t in range(1, steps)]
         c = self.config
-        model = MultiExitModel(StagedModel(stages, cuts),
-                               {f"{cut}@1": self.classifier for cut in cuts},
+        heads = {f"{cut}@{2 if small and cut == 'glance' else 1}": self.classifier
+                 for cut in cuts}  # the payload's h
+        model = MultiExitModel(StagedModel(stages, cuts), heads,
                                (c.in_channels, c.image, c.image))
         return model.train(self.training)
 
@@ -257,21 +298,31 @@ class GFNet(nn.Module):
 
 class GlanceStage(nn.Module):
     """Stage 0: image -> ``(image, h, glance map, used, prior)``; the prior (the patch
-    policy's image-only scores) is computed by the first focus step, zeros until then."""
+    policy's image-only scores) is computed by the first focus step, zeros until then.
 
-    def __init__(self, glance: GlanceNet, locations: int):
+    The payload carries what the patch policy reads: the glance image right after the image
+    when ``small`` (so the first focus step does not average-pool the full-resolution image
+    again), the glance map only when ``glance_map`` (a policy with a state term). Every
+    exported step then reads every tensor it is given."""
+
+    def __init__(self, glance: GlanceNet, locations: int, small: bool = False,
+                 glance_map: bool = True):
         super().__init__()
         self.glance, self.locations = glance, locations
+        self.small, self.glance_map = small, glance_map
 
     def forward(self, x: torch.Tensor):
-        h, glance_map = self.glance(x)
+        small = self.glance.downsample(x)
+        h, glance_map = self.glance.look(small)
         zeros = h.new_zeros((h.shape[0], self.locations))
-        return x, h, glance_map, zeros, zeros
+        return ((x, small) if self.small else (x,)) + (h,) + (
+            (glance_map,) if self.glance_map else ()) + (zeros, zeros)
 
 
 class FocusStage(nn.Module):
     """Focus step: ``(image, h, glance map, used, prior)`` -> the same after one patch, or
-    the logits (``classifier``) when it is the last. The first step computes the prior."""
+    the logits (``classifier``) when it is the last. The first step computes the prior.
+    Subclasses take the other payload layouts of :class:`GlanceStage`."""
 
     def __init__(self, focus: FocusNet, policy: PatchPolicy, classifier: nn.Module | None,
                  first: bool):
@@ -280,13 +331,47 @@ class FocusStage(nn.Module):
         self.first = first
 
     def forward(self, x, h, glance_map, used, prior):
+        return self.step(x, None, h, glance_map, used, prior)
+
+    def step(self, x, small, h, glance_map, used, prior):
         if self.first:  # + the zeros the glance sent: keeps the input in an exported graph
-            prior = self.patch_policy.prior(x) + prior
+            prior = self.patch_policy.prior(x, small) + prior
         location = self.patch_policy.choose(prior, h, glance_map, used)
         h = self.focus(x, h, location)
         if self.classifier is not None:
             return self.classifier(h)
-        return x, h, glance_map, mark_used(used, location), prior
+        used = mark_used(used, location)
+        return (x, h, used, prior) if glance_map is None else (x, h, glance_map, used, prior)
+
+
+class FirstFocusStage(FocusStage):
+    """The first focus step of a policy that reads the glance image: ``(image, glance image,
+    h, glance map, used, prior)`` in (see :class:`GlanceStage`), then as :class:`FocusStage`."""
+
+    def forward(self, x, small, h, glance_map, used, prior):
+        return self.step(x, small, h, glance_map, used, prior)
+
+
+class MaplessFocusStage(FocusStage):
+    """A focus step of a policy without a state term: ``(image, h, used, prior)``."""
+
+    def forward(self, x, h, used, prior):
+        return self.step(x, None, h, None, used, prior)
+
+
+class MaplessFirstFocusStage(FocusStage):
+    """The first focus step of a policy that reads the glance image but not the glance map:
+    ``(image, glance image, h, used, prior)``."""
+
+    def forward(self, x, small, h, used, prior):
+        return self.step(x, small, h, None, used, prior)
+
+
+def _focus_stage(small: bool, glance_map: bool, first: bool) -> type[FocusStage]:
+    """The focus stage class for a payload layout (see :class:`GlanceStage`)."""
+    if first and small:
+        return FirstFocusStage if glance_map else MaplessFirstFocusStage
+    return FocusStage if glance_map else MaplessFocusStage
 
 
 def mark_used(used: torch.Tensor, location: torch.Tensor) -> torch.Tensor:

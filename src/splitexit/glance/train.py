@@ -32,7 +32,7 @@ from .ppo import PPOConfig, gae, ppo_update
 
 __all__ = ["GFNetSchedule", "train_classifier_stages", "train_policy", "train_backbone",
            "fit_gfnet", "step_accuracies", "one_step_lookahead", "warm_start_policy",
-           "ink_scores"]
+           "ink_scores", "distil_localiser"]
 
 
 @dataclass(frozen=True)
@@ -345,6 +345,76 @@ def warm_start_policy(net: GFNet, data, epochs: int, *, temperature: float = 0.3
     for p in net.parameters():
         p.requires_grad_(True)
     net.eval()
+    return log
+
+
+def distil_localiser(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: float = 5e-3,
+                     batch_size: int = 128, seed: int = 0, log: list | None = None) -> list:
+    """Give ``student`` every weight of a trained ``teacher`` and fit its localiser (e.g. a
+    cheaper one, ``localiser_stride=2``) to the teacher's image-only location scores.
+
+    The target is ``softmax`` of the teacher's :meth:`~LearnedPatchPolicy.prior` on ``data``
+    (no labels); the loss its cross-entropy with the student's, which matches the scores up
+    to a per-image constant, the freedom the policy's choice ``argmax(prior + actor)`` has.
+    Adam with a one-cycle schedule; everything but the student's localiser frozen. The
+    localiser starts from the teacher's weights (its convolutions have the same shapes
+    whatever the stride).
+
+    Raises:
+        InputError: nets whose configurations differ in more than the localiser's stride.
+    """
+    _check_epochs("epochs", epochs)
+    a, b = teacher.config.to_json(), student.config.to_json()
+    a.pop("localiser_stride", None)
+    b.pop("localiser_stride", None)
+    if a != b:
+        raise InputError(f"the student's configuration must be the teacher's but for the "
+                         f"localiser stride; they differ in "
+                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
+    log = [] if log is None else log
+    student.load_state_dict(teacher.state_dict())
+    student.eval()
+    teacher.eval()
+    if epochs == 0:
+        return log
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        small = teacher.policy.downsample(data.x)
+        scores = torch.cat([teacher.policy.spatial(small[i: i + 500])
+                            for i in range(0, len(small), 500)])
+        target = F.softmax(scores, 1)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    params = list(student.policy.localiser.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    per_epoch = -(-len(data) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                   total_steps=epochs * per_epoch)
+    gen = torch.Generator().manual_seed(seed)
+    best = scores.argmax(1)
+    for epoch in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total, hits = 0.0, 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i: i + batch_size]
+            logits = student.policy.spatial(small[idx])
+            loss = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            hits += float((logits.argmax(1) == best[idx]).sum())
+        log.append({"stage": "distil-localiser", "epoch": epoch, "loss": total / len(data),
+                    "argmax_agreement": hits / len(data),
+                    "seconds": time.perf_counter() - t0})
+        print(f"[distil-localiser] epoch {epoch + 1}/{epochs} loss {total / len(data):.4f} "
+              f"best-location agreement {hits / len(data):.3f}", flush=True)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.eval()
     return log
 
 

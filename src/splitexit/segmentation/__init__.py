@@ -17,6 +17,7 @@ from .metrics import (
     segmentation_metrics,
 )
 from .model import create_segmenter, head_macs, segmenter_config
+from .onnx_steps import DenseSteps
 from ..policies.dense import MeanConfidence, PixelShare
 from .search import (
     DEFAULT_CANDIDATES,
@@ -45,7 +46,7 @@ __all__ = ["DENSE_HEADS", "DenseHead", "create_dense_head", "list_dense_heads",
            "CandidateBank", "SearchResult", "assemble", "fit_candidates", "search_heads",
            "summarize_candidates", "train_candidates", "ExitSummary", "dense_oracle",
            "dense_sweep", "first_exits", "stack_summaries", "summarize_exits",
-           "summarize_logits", "train_two_stage", "train_joint"]
+           "summarize_logits", "train_two_stage", "train_joint", "DenseSteps"]
 
 
 def train_two_stage(model, data, backbone_epochs: int, head_epochs: int, config=None,
