@@ -120,14 +120,9 @@ class DenseHead(ExitHead):
 
 
 def register_dense_head(name: str):
-    """Class decorator adding a dense head type to :data:`DENSE_HEADS`."""
-
-    def deco(cls):
-        DENSE_HEADS.add(name, cls)
-        cls.kind = name
-        return cls
-
-    return deco
+    """Class decorator adding a dense head type to :data:`DENSE_HEADS` (and setting the class's
+    ``kind`` to ``name``)."""
+    return DENSE_HEADS.register(name, stamp="kind")
 
 
 def create_dense_head(kind: str, in_shape, num_classes: int, out_size: Sequence[int] | None = None,
