@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..policies import ThresholdPolicy, is_plain_threshold
+from ..runtime.arrays import one_float32_sample
 from .model import GFNet, mark_used
 from .patch_policies import PatchPolicy
 
@@ -178,15 +179,7 @@ class GFNetSteps:
                       for s, carried in zip(self._sessions, self._carried)]
 
     def _check(self, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or \
-                x.shape != (1, *self.input_shape):
-            got = (f"{type(x).__name__} {getattr(x, 'dtype', '')} "
-                   f"{tuple(getattr(x, 'shape', ()))}")
-            raise InputError(f"GFNetSteps takes one float32 numpy sample of shape "
-                             f"(1, {', '.join(map(str, self.input_shape))}), got {got}; "
-                             "convert with x.astype(np.float32) and run batches one sample "
-                             "at a time")
-        return x
+        return one_float32_sample(x, self.input_shape, "GFNetSteps")
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """One sample through the steps until the policy's test fires (or the last step):

@@ -22,7 +22,10 @@ import sys
 
 import numpy as np
 
-__all__ = ["NumpyOps", "TorchOps", "ops_of", "NUMPY", "TORCH", "is_torch", "to_numpy"]
+from ..errors import InputError
+
+__all__ = ["NumpyOps", "TorchOps", "ops_of", "NUMPY", "TORCH", "is_torch", "to_numpy",
+           "one_float32_sample"]
 
 
 def is_torch(a: object) -> bool:
@@ -35,6 +38,22 @@ def to_numpy(a) -> np.ndarray:
     if is_torch(a):
         return a.detach().cpu().numpy()
     return np.asarray(a)
+
+
+def one_float32_sample(x, input_shape: tuple[int, ...], who: str) -> np.ndarray:
+    """``x`` if it is one float32 numpy sample ``(1, *input_shape)``, as a batch-1 runner
+    (``who``) takes it.
+
+    Raises:
+        InputError: anything else; the message says what came and how to convert it.
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or \
+            x.shape != (1, *input_shape):
+        got = f"{type(x).__name__} {getattr(x, 'dtype', '')} {tuple(getattr(x, 'shape', ()))}"
+        raise InputError(f"{who} takes one float32 numpy sample of shape "
+                         f"(1, {', '.join(map(str, input_shape))}), got {got}; convert with "
+                         "x.astype(np.float32) and run batches one sample at a time")
+    return x
 
 
 class _Arithmetic:

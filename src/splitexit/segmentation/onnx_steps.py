@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import InputError
 from ..policies.base import _per_exit
 from ..policies.dense import MeanConfidence, PixelShare
+from ..runtime.arrays import one_float32_sample
 
 __all__ = ["DenseSteps", "exit_test_graph"]
 
@@ -144,15 +145,7 @@ class DenseSteps:
         return calls
 
     def _check(self, x) -> np.ndarray:
-        if not isinstance(x, np.ndarray) or x.dtype != np.float32 or \
-                x.shape != (1, *self.input_shape):
-            got = (f"{type(x).__name__} {getattr(x, 'dtype', '')} "
-                   f"{tuple(getattr(x, 'shape', ()))}")
-            raise InputError(f"DenseSteps takes one float32 numpy sample of shape "
-                             f"(1, {', '.join(map(str, self.input_shape))}), got {got}; "
-                             "convert with x.astype(np.float32) and run batches one sample "
-                             "at a time")
-        return x
+        return one_float32_sample(x, self.input_shape, "DenseSteps")
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """One sample through the pieces until an exit's test fires (or the final exit):
