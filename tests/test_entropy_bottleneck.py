@@ -31,6 +31,7 @@ from splitexit.split.entropy import (
     tables_from_pmf,
     unregister,
 )
+from splitexit.split.entropy.message import check_byte, check_key
 from splitexit.split.halves import split_model
 
 HYP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -134,6 +135,14 @@ def test_the_one_sample_decode_path_equals_the_checked_path(codec):
             codec.decode_arrays(msg, max_bytes=len(msg) - 1)
         with pytest.raises(PayloadError, match="max_bytes"):
             codec.decode_arrays(msg, max_bytes=4 * codec.tables.numel - 1)
+    # a length byte with its continuation bit set is a varint, never the one-byte form: a
+    # forged body whose first byte 0x84 + 4 equals its size, with a valid check byte, is
+    # refused as the checked path refuses it
+    body = bytes((TAG_ONE, codec.tables.codec_id, 0x84)) + bytes(132)
+    forged = body + bytes((check_byte(body, check_key(codec.tables.sha256)),))
+    assert len(forged) == 0x84 + 4
+    with pytest.raises(PayloadError):
+        codec.decode_arrays(forged)
 
 
 def test_torch_tensors_and_arrays_give_the_same_bytes(codec):

@@ -236,7 +236,7 @@ class EntropyCodec(Codec):
         same order for this one case: size limits, tag, id, length, check byte."""
         size = len(data)
         if (not 4 <= size <= max_bytes or self._one_bytes > max_bytes or data[0] != TAG_ONE
-                or data[1] != self._id or data[2] + 4 != size or data[2] & 3
+                or data[1] != self._id or data[2] >= 0x80 or data[2] + 4 != size or data[2] & 3
                 or check_byte(data[:-1], self._key) != data[-1]):
             return None
         try:
