@@ -318,33 +318,8 @@ def warm_start_policy(net: GFNet, data, epochs: int, *, temperature: float = 0.3
     target = F.softmax(z / temperature, 1)
     print(f"[stage2-lookahead] {len(data)} images x {net.grid.locations} locations "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    params = list(net.policy.localiser.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=gen)
-        total, hits = 0.0, 0.0
-        for i in range(0, len(order), batch_size):
-            idx = order[i: i + batch_size]
-            logits = net.policy.spatial(small[idx])
-            loss = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            hits += float((logits.argmax(1) == scores[idx].argmax(1)).sum())
-        log.append({"stage": "stage2-lookahead", "epoch": epoch, "loss": total / len(data),
-                    "argmax_agreement": hits / len(data),
-                    "seconds": time.perf_counter() - t0})
-        print(f"[stage2-lookahead] epoch {epoch + 1}/{epochs} loss {total / len(data):.4f} "
-              f"best-location agreement {hits / len(data):.3f}", flush=True)
-    for p in net.parameters():
-        p.requires_grad_(True)
-    net.eval()
+    _fit_localiser(net, small, target, scores.argmax(1), stage="stage2-lookahead",
+                   epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, log=log, t0=t0)
     return log
 
 
@@ -383,39 +358,52 @@ def distil_localiser(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: f
         scores = torch.cat([teacher.policy.spatial(small[i: i + 500])
                             for i in range(0, len(small), 500)])
         target = F.softmax(scores, 1)
-    for p in student.parameters():
+    _fit_localiser(student, small, target, scores.argmax(1), stage="distil-localiser",
+                   epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, log=log, t0=t0,
+                   one_cycle=True)
+    return log
+
+
+def _fit_localiser(net, small: torch.Tensor, target: torch.Tensor, best: torch.Tensor, *,
+                   stage: str, epochs: int, lr: float, batch_size: int, seed: int,
+                   log: list, t0: float, one_cycle: bool = False) -> None:
+    """Fit only ``net``'s localiser to soft location targets on the glance images ``small``
+    (cross-entropy, Adam, optionally a one-cycle schedule), logging the agreement of its best
+    location with ``best``; everything else stays frozen, and ``net`` ends in eval mode."""
+    for p in net.parameters():
         p.requires_grad_(False)
-    params = list(student.policy.localiser.parameters())
+    params = list(net.policy.localiser.parameters())
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(params, lr=lr)
-    per_epoch = -(-len(data) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
-                                                   total_steps=epochs * per_epoch)
+    schedule = None
+    if one_cycle:
+        per_epoch = -(-len(small) // batch_size)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
+                                                       total_steps=epochs * per_epoch)
     gen = torch.Generator().manual_seed(seed)
-    best = scores.argmax(1)
     for epoch in range(epochs):
-        order = torch.randperm(len(data), generator=gen)
+        order = torch.randperm(len(small), generator=gen)
         total, hits = 0.0, 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
-            logits = student.policy.spatial(small[idx])
+            logits = net.policy.spatial(small[idx])
             loss = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            schedule.step()
+            if schedule is not None:
+                schedule.step()
             total += loss.item() * len(idx)
             hits += float((logits.argmax(1) == best[idx]).sum())
-        log.append({"stage": "distil-localiser", "epoch": epoch, "loss": total / len(data),
-                    "argmax_agreement": hits / len(data),
+        log.append({"stage": stage, "epoch": epoch, "loss": total / len(small),
+                    "argmax_agreement": hits / len(small),
                     "seconds": time.perf_counter() - t0})
-        print(f"[distil-localiser] epoch {epoch + 1}/{epochs} loss {total / len(data):.4f} "
-              f"best-location agreement {hits / len(data):.3f}", flush=True)
-    for p in student.parameters():
+        print(f"[{stage}] epoch {epoch + 1}/{epochs} loss {total / len(small):.4f} "
+              f"best-location agreement {hits / len(small):.3f}", flush=True)
+    for p in net.parameters():
         p.requires_grad_(True)
-    student.eval()
-    return log
+    net.eval()
 
 
 def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,
