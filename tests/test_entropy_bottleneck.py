@@ -153,6 +153,44 @@ def test_torch_tensors_and_arrays_give_the_same_bytes(codec):
         assert codec.encode(y[i: i + 1]) == codec.encode(y[i: i + 1].astype(np.float64))
 
 
+@pytest.mark.parametrize("lo,symbols", [(-7, 15), (0, 2), (-2**20, 4096), (2**20 - 4096, 4096)])
+def test_the_one_sample_encode_path_equals_the_checked_path_on_edge_values(lo, symbols):
+    """The short path rounds by adding 1.5 * 2**23 and reads the symbol off the bits: on
+    ties, the range's edges, +-2**22, subnormals, -0, huge values, NaN and inf it must give
+    the checked path's bytes and clamp count, or its error."""
+    c = EntropyCodec(_tables(lo=lo, symbols=symbols))
+    hi = lo + symbols - 1
+    edges = [lo - 0.5, lo - 0.5000001, hi + 0.5, hi + 0.4999999, lo + 0.5, hi - 0.5, 0.5, -0.5,
+             1.5, 2.5, -2.5, 2.0**22, -2.0**22, 2.0**22 - 0.5, -(2.0**22 - 0.5), 2.0**22 + 1,
+             2.0**23, -2.0**23, 2.0**24 + 2, 1e-45, -0.0, 3e38, -3e38, 2.0**31, -2.0**31,
+             np.nan, np.inf, -np.inf]
+    rng = np.random.default_rng(3)
+    for v in np.array(edges, np.float32):
+        for _ in range(3):
+            y = rng.integers(lo, hi + 1, (1, *SHAPE)).astype(np.float32)
+            y.flat[rng.integers(y.size)] = v
+            checked = y.astype(">f4")  # not native float32: the checked path
+            try:
+                want, want_clamped = c.encode(checked), c.last_clamped
+            except InputError:
+                with pytest.raises(InputError, match="NaN/inf"):
+                    c.encode(y)
+                continue
+            assert c.encode(y) == want, v
+            assert c.last_clamped == want_clamped, v
+    # and every sample that rounds into the range, ties and negatives included, takes the
+    # short path (the checked one is not called)
+    short = EntropyCodec(_tables(lo=lo, symbols=symbols))
+    object.__setattr__(short, "quantize", None)
+    for _ in range(20):
+        y = rng.integers(lo, hi + 1, (1, *SHAPE)).astype(np.float32)
+        y += rng.choice([-0.5, -0.25, 0.0, 0.25, 0.5], y.shape).astype(np.float32)
+        y = np.clip(y, lo - 0.5, hi + 0.5)  # rint of a tie at an edge rounds to even
+        y[np.rint(y) < lo] = lo
+        y[np.rint(y) > hi] = hi
+        assert short.encode(y) == c.encode(y.astype(">f4"))
+
+
 def test_out_of_range_latents_are_clamped_and_counted(codec):
     y = np.zeros((1, *SHAPE), np.float32)
     y[0, 0, 0, 0] = 1e6

@@ -31,6 +31,11 @@ _SMALL = 1024
 """Latents with at most this many values are range-checked in Python (a one-sample latent)."""
 _NOT_FINITE = "the latent holds NaN/inf; the entropy codec sends finite values"
 _WORDS = np.dtype("<u4")
+_F32 = np.dtype(np.float32)
+_MAGIC = 1.5 * 2**23
+"""Added in float32, it rounds any ``|y| < 2**22`` half to even (the sum's unit is 1)."""
+_MAGIC_BITS = 0x4B400000
+"""The float32 bits of ``_MAGIC``."""
 _BYTE = tuple(bytes((i,)) for i in range(256))
 """``_BYTE[i] == bytes((i,))``, built once (the check byte of every message)."""
 
@@ -73,7 +78,11 @@ class EntropyCodec(Codec):
                   "_decoder": c.stream.queue.RangeDecoder, "_id": tables.codec_id,
                   "_lo": tables.lo, "_hi": tables.hi, "_numel": tables.numel,
                   "_shape": tables.shape, "_one": (1, *tables.shape), "_lo_int": np.int32(tables.lo),
-                  "_lo_row": np.full(tables.numel, tables.lo, np.int32),
+                  # the one-sample path rounds by adding 1.5 * 2**23 in float32 and reads the
+                  # symbol off the sum's bits (see _encode_one)
+                  "_magic": np.full((1, *tables.shape), _MAGIC, np.float32),
+                  "_bits_lo": np.full(tables.numel, (_MAGIC_BITS + tables.lo) & 0xFFFFFFFF,
+                                      np.uint32),
                   "_values": np.arange(tables.lo, tables.hi + 1, dtype=np.float32),
                   # the 3-byte headers of one-sample messages, by bitstream length (< 128)
                   "_heads": tuple(bytes((TAG_ONE, tables.codec_id, n)) for n in range(128)),
@@ -135,7 +144,7 @@ class EntropyCodec(Codec):
         counted (:attr:`clamped`).
         """
         if (type(payload) is np.ndarray and payload.shape == self._one
-                and payload.dtype == np.float32):  # one sample, as the edge sends it
+                and payload.dtype is _F32):  # one native float32 sample, as the edge sends it
             message = self._encode_one(payload)
             if message is not None:
                 if self.last_clamped:
@@ -154,24 +163,26 @@ class EntropyCodec(Codec):
         return frame(self._id, len(sym), stream, self._key)
 
     def _encode_one(self, y: np.ndarray) -> bytes | None:
-        """The message of one float32 sample whose values are finite and round into the
-        tables' range, else None (:meth:`encode`'s checked path then clamps and counts, or
-        refuses). The range check is constriction's own: it refuses a symbol outside the
-        tables. Same bytes as the checked path (tested); each step is the cheapest numpy call
-        for a few values (one dot product checks them all; an array operand, not a scalar; a
-        prebuilt header). A latent with NaN/inf or values over 1.8e19 also gets numpy's
-        "overflow encountered in dot" warning before the checked path deals with it."""
-        q = np.rint(y).ravel()
-        # False for NaN or inf anywhere, and for any |value| >= 2**31 (its square alone is
-        # over 2**62 > 4e18), so the cast below is always defined; values that cast but lie
-        # outside the tables are refused by constriction
-        if not q.dot(q) < 4e18:
-            return None
-        sym = q.astype(np.int32)
-        np.subtract(sym, self._lo_row, out=sym)
+        """The message of one float32 sample whose values all round into the tables' range,
+        else None (:meth:`encode`'s checked path then clamps and counts, or refuses NaN/inf).
+        Same bytes as the checked path (tested, NaN, inf, ties and huge values included).
+
+        Rounding and the offset take two numpy calls on a few values: ``t = y + 1.5 * 2**23``
+        in float32 rounds ``y`` half to even exactly as ``np.rint`` when ``|y| < 2**22``, and
+        then ``t``'s bits are ``bits(1.5 * 2**23) + rint(y)``; so ``bits(t) - bits(1.5 *
+        2**23) - lo``, in uint32, is the symbol. Every other input lands outside ``[0, S)``
+        with ``S <= 4096`` and ``|lo| <= 2**20`` (:class:`EntropyTables` enforces both):
+        ``y >= 2**22`` or +inf gives a sum ``>= 2**24``, whose bits are at least ``2**22``
+        above; ``y <= -2**22`` gives a sum below ``2**23`` (bits at least ``2**22`` below,
+        wrapping to over ``2**31``) or a negative float (sign bit set); a NaN keeps NaN bits,
+        far from ``bits(1.5 * 2**23)``. No cast of a non-finite float, so nothing depends on
+        the platform. constriction refuses a symbol outside the tables, which sends the
+        sample to the checked path."""
+        sym = np.add(y, self._magic).view(np.uint32).reshape(-1)
+        sym -= self._bits_lo
         enc = self._encoder()
         try:
-            enc.encode(sym, self._model, self._probs)
+            enc.encode(sym.view(np.int32), self._model, self._probs)
         except Exception:  # noqa: BLE001 - constriction refuses a symbol outside the tables
             return None  # (KeyError today); the checked path clamps, or raises what is wrong
         words = enc.get_compressed()
