@@ -65,6 +65,7 @@ from .split_rate import (
     _ort_identical,
     _ort_session,
     _plot_curves,
+    _rounded_session,
     _time_entropy,
 )
 
@@ -515,8 +516,9 @@ def run_split_bench(out: str | Path, settings: SplitBenchSettings | None = None,
                                for i in range(0, len(x), 256)]).numpy()
             row["ideal_bytes_per_sample"] = float(tables.bits(q).mean() / 8)
             session = _ort_session(split, x, Path(out))
+            rounded = _rounded_session(split, x, Path(out))
             with torch_threads(1):
-                row.update(_time_entropy(split, x, settings.latency_samples, session))
+                row.update(_time_entropy(split, x, settings.latency_samples, session, rounded))
             if not any(c["curve"] == curve.name for c in ort_checks):
                 ort_checks.append({"curve": curve.name, "method": method,
                                    **_ort_identical(split, x, session)})

@@ -437,6 +437,15 @@ def test_onnx_runtime_and_pytorch_encoders_give_identical_bitstreams(student, di
                for i in range(len(x)))
     assert same == len(x)
     assert codec.encode(z_torch) == codec.encode(z_ort)
+    # the benchmark's alternative with rounding lowered into the device graph gives the same
+    # messages, and its timings are reported beside the deployed form's
+    from benchmarks import split_rate
+
+    timed = split_rate._time_entropy(split, x[:40], 20, session,
+                                     split_rate._rounded_session(split, x, tmp_path))
+    assert timed["rounded_same_messages"] == timed["rounded_samples"] == 25
+    assert timed["rounded_device_time_ratio_median"] > 0
+    assert 0 < timed["codec_share_of_ort_device_half_median"] < 10
 
 
 def test_rate_term_and_tables_follow_beta(teacher, digits):
