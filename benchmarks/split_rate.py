@@ -125,6 +125,10 @@ class _RoundedDeviceHalf(torch.nn.Module):
         return (r.clamp(self.lo, self.hi) - self.lo).to(torch.int32), ok
 
 
+_BLOCK = 55
+"""Samples per block when two forms take turns (the first 5 of each warm up, untimed)."""
+
+
 def _rounded_session(split: SplitModel, x: torch.Tensor, out: Path):
     from splitexit.export.onnx import export_piece
     from splitexit.runtime.ort import OrtSession
@@ -144,10 +148,10 @@ def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session,
     inside the loop would evict the codec's and ONNX Runtime's caches, which a device that
     runs only ONNX Runtime never does).
 
-    With ``rounded`` (:func:`_rounded_session`), the same samples then run, in a pass of their
-    own, the alternative with rounding in the graph: that graph, then only constriction and
-    the framing on its symbols (``rounded_*`` fields; the first 200 messages are compared with
-    the deployed form's, outside the timing)."""
+    With ``rounded`` (:func:`_rounded_session`), the alternative with rounding in the graph
+    (that graph, then only constriction and the framing on its symbols; ``rounded_*`` fields)
+    takes turns with the deployed form in blocks; 200 of its messages are compared with the
+    deployed form's, outside the timing."""
     import constriction
 
     from splitexit.split.entropy.message import check_key, frame
@@ -160,7 +164,8 @@ def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session,
     # same symbols and tables (constriction's range coder, one categorical per element)
     model = constriction.stream.model.Categorical(perfect=False)
     probs = codec.tables.probabilities()
-    for i in range(n + 5):
+
+    def deployed(i: int, keep: bool) -> None:
         xa = x[i % len(x): i % len(x) + 1].numpy()
         t0 = time.perf_counter()
         z = session.run_arrays([xa])[0]
@@ -175,14 +180,13 @@ def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session,
         enc.encode(sym, model, probs)
         constriction.stream.queue.RangeDecoder(enc.get_compressed()).decode(model, probs)
         t5 = time.perf_counter()
-        if i >= 5:
+        if keep:
             times["ort"].append(t1 - t0)
             times["encode"].append(t2 - t1)
             times["decode"].append(t3 - t2)
             times["coder"].append(t5 - t4)
-    # the alternative in a pass of its own (a second session inside the loop would evict the
-    # deployed path's caches), with the messages compared sample by sample
-    for i in range(n + 5 if rounded is not None else 0):
+
+    def in_graph(i: int, keep: bool) -> None:
         xa = x[i % len(x): i % len(x) + 1].numpy()
         t0 = time.perf_counter()
         symbols, ok = rounded.run_arrays([xa])
@@ -190,11 +194,20 @@ def _time_entropy(split: SplitModel, x: torch.Tensor, n: int, session,
         if ok:
             enc = constriction.stream.queue.RangeEncoder()
             enc.encode(symbols[0], model, probs)
-            alt = frame(codec_id, 1, enc.get_compressed().tobytes(), key)
+            frame(codec_id, 1, enc.get_compressed().tobytes(), key)
         t2 = time.perf_counter()
-        if i >= 5:
+        if keep:
             times["rounded_ort"].append(t1 - t0)
             times["rounded_encode"].append(t2 - t1)
+
+    # without the alternative: one pass, 5 warm-up samples. With it: blocks of BLOCK samples
+    # taking turns (interleaved in time, so host drift cancels), 5 warm-up samples after each
+    # switch (alternating per sample would evict each path's caches for the other)
+    block = n + 5 if rounded is None else _BLOCK
+    for b in range(-(-(n + 5) // (block - 5)) if rounded is not None else 1):
+        for path in (deployed,) if rounded is None else (deployed, in_graph):
+            for i in range(block):
+                path(b * block + i, i >= 5)
     for i in range(min(n + 5, 200) if rounded is not None else 0):
         xa = x[i % len(x): i % len(x) + 1].numpy()
         symbols, ok = rounded.run_arrays([xa])
@@ -369,7 +382,8 @@ def _entropy_targets(rows: list[dict], unsplit_acc: float, control_acc: float | 
             f"{timed['encode_ms_median']:.4f} ms; the share would read "
             f"{timed['rounded_codec_share_of_ort_device_half_median']:.1%}, but the device's "
             f"time per message (graph + encode) is {timed['rounded_device_time_ratio_median']:.3f}"
-            "x the deployed form's: the work moves into the graph rather than going away "
+            "x the deployed form's (a pass of its own, not interleaved: a few percent either "
+            "way is noise): the rounding moves into the graph, it does not go away "
             f"({timed['rounded_same_messages']} of {timed['rounded_samples']} messages "
             "identical)."]),
         *(f"ONNX Runtime vs PyTorch device half ({c['method']}): identical messages for "
