@@ -18,12 +18,14 @@ from splitexit.segmentation import (
     MeanConfidence,
     PixelShare,
     assemble,
+    choose_policy,
     create_dense_head,
     create_segmenter,
     dense_oracle,
     dense_sweep,
     list_dense_heads,
     miou,
+    policy_score,
     sample_confusions,
     search_heads,
     segmentation_metrics,
@@ -232,8 +234,8 @@ def test_guided_model_learns_boundaries_and_runs_on_onnx_runtime(split, tmp_path
 
 
 @pytest.mark.parametrize("policy_cls", [PixelShare, MeanConfidence])
-@pytest.mark.parametrize("batch", [1, 7, 48])
-def test_real_exits_equal_the_offline_replay(model, split, policy_cls, batch):
+@pytest.mark.parametrize(("batch", "stride"), [(1, 1), (7, 1), (48, 1), (1, 4), (48, 4)])
+def test_real_exits_equal_the_offline_replay(model, split, policy_cls, batch, stride):
     x = split.x[:batch]
     with torch.no_grad():
         logits = model(split.x)
@@ -242,7 +244,8 @@ def test_real_exits_equal_the_offline_replay(model, split, policy_cls, batch):
     confidence = logits[0].softmax(1).amax(1).flatten().unique()
     middle = len(confidence) // 2
     pixel = float(confidence[middle - 1: middle + 1].double().mean())
-    base = policy_cls(0.5, **({"pixel_threshold": pixel} if policy_cls is PixelShare else {}))
+    base = policy_cls(0.5, stride=stride,
+                      **({"pixel_threshold": pixel} if policy_cls is PixelShare else {}))
     stats = sorted(set(base.statistic(logits[0]).tolist()))
     # halfway between two samples' statistics: no sample sits on the threshold
     k = max(1, len(stats) // 2)
@@ -271,6 +274,22 @@ def test_policies_are_registered_and_checked():
     logits[0, 0] = 10.0  # sample 0 sure everywhere, sample 1 uniform
     assert PixelShare(0.5, pixel_threshold=0.9).statistic(logits).tolist() == [1.0, 0.0]
     assert MeanConfidence().statistic(logits)[1] == pytest.approx(1 / 3)
+    # stride s reads rows and columns s // 2, s // 2 + s, ...: one pixel per s x s block
+    strided = MeanConfidence(0.5, stride=2)
+    assert create_policy(strided.config()) == strided and MeanConfidence().stride == 1
+    z = torch.randn(3, 5, 8, 8)
+    assert torch.allclose(strided.statistic(z), MeanConfidence().statistic(z[:, :, 1::2, 1::2]))
+    np.testing.assert_allclose(strided.statistic(z.numpy()), strided.statistic(z).numpy(),
+                               atol=1e-6)
+    share = PixelShare(0.5, pixel_threshold=0.4, stride=4)
+    assert torch.equal(share.statistic(z), PixelShare(0.5, pixel_threshold=0.4).statistic(
+        z[:, :, 2::4, 2::4]))
+    assert not torch.equal(strided.statistic(z), MeanConfidence().statistic(z))
+    for bad in (0, 2.0, True):
+        with pytest.raises(InputError, match="stride"):
+            MeanConfidence(0.5, stride=bad)
+    with pytest.raises(InputError, match="use a smaller stride"):
+        MeanConfidence(0.5, stride=8).statistic(torch.zeros(1, 3, 4, 4))
 
 
 def test_sweep_replays_the_policy_and_the_oracle_bounds_it(model, split):
@@ -326,6 +345,28 @@ def test_head_search_and_joint_training(model, split):
     assert sorted(list_dense_heads()) == ["conv", "depthwise", "pointwise"]
 
 
+def test_each_models_policy_is_chosen_on_calibration_by_the_search_rule(model, split):
+    policies = [MeanConfidence(0.5), MeanConfidence(0.5, stride=4),
+                PixelShare(0.5, pixel_threshold=0.6), PixelShare(0.5, pixel_threshold=0.6,
+                                                                 stride=4)]
+    summary = summarize_exits(model, split.x, split.y, CLASSES, policies)
+    macs = cost_table(model, split.x[:2], measure=False).exit_macs
+    reference = summary.exit_miou()[-1]
+    scores = [policy_score(dense_sweep(summary, macs, p), reference, 0.01)[0] for p in policies]
+    point = choose_policy(summary, macs, policies, reference, max_drop=0.01)
+    assert policy_score(dense_sweep(summary, macs, point.policy), reference, 0.01)[0] == min(
+        scores)
+    assert point.policy.threshold != 0.5  # its threshold comes from the sweep
+    # any point meets a drop of 0.99: every policy's cheapest sends all samples to the first
+    # exit (the same exits, MACs and mIoU), and the statistic reading fewer pixels wins the tie
+    point = choose_policy(summary, macs, policies[:2], reference, max_drop=0.99)
+    assert point.exit_fractions[0] == 1.0 and point.policy.stride == 4
+    point = choose_policy(summary, macs, policies[:1], reference, max_drop=0.99)
+    assert point.policy.stride == 1
+    with pytest.raises(InputError, match="at least one policy"):
+        choose_policy(summary, macs, [], reference)
+
+
 def test_onnx_runtime_gives_the_same_exits(model, split, tmp_path):
     with torch.no_grad():
         logits = model(split.x)
@@ -340,8 +381,11 @@ def test_onnx_runtime_gives_the_same_exits(model, split, tmp_path):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
 
 
-@pytest.mark.parametrize("policy_cls", [MeanConfidence, PixelShare])
-def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, tmp_path):
+@pytest.mark.parametrize(("policy_cls", "stride", "class_map"), [
+    (MeanConfidence, 1, "graph"), (PixelShare, 1, "numpy"), (MeanConfidence, 4, "numpy"),
+    (PixelShare, 4, "graph")])
+def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, stride, class_map,
+                                                     tmp_path):
     """The pieces in DenseSteps' lean batch-1 loop: the same exits and class maps as
     PyTorch, sample by sample, at every exit; the test and class map as graph nodes agree."""
     from splitexit.runtime.ort import OrtSession
@@ -354,11 +398,11 @@ def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, t
     confidence = logits[0].softmax(1).amax(1).flatten().unique()
     pixel = float(confidence[len(confidence) // 2 - 1: len(confidence) // 2 + 1].mean())
     kwargs = {"pixel_threshold": pixel} if policy_cls is PixelShare else {}
-    base = policy_cls(0.5, **kwargs)
+    base = policy_cls(0.5, stride=stride, **kwargs)
     stats = sorted(set(base.statistic(logits[0]).tolist()))
     middle = len(stats) // 2  # halfway between two samples' statistics at the first exit
     policy = base.with_threshold((stats[middle - 1] + stats[middle]) / 2)
-    steps = DenseSteps(model, policy, tmp_path, example=split.x[:2])
+    steps = DenseSteps(model, policy, tmp_path, example=split.x[:2], class_map=class_map)
     ref = model.infer(split.x, policy)
     got = [steps.infer(split.x[i: i + 1].numpy()) for i in range(len(split.x))]
     assert [e for _, e in got] == ref.exit_index.tolist()
@@ -366,7 +410,8 @@ def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, t
     same = [bool((torch.from_numpy(c[0]) == ref.predictions[i]).all())
             for i, (c, _) in enumerate(got)]
     assert sum(same) >= len(same) - 1  # float rounding may move one pixel's tie at most
-    assert got[0][0].shape == (1, 16, 16) and got[0][0].dtype == np.int64
+    assert got[0][0].shape == (1, 16, 16)
+    assert got[0][0].dtype == (np.uint8 if class_map == "graph" else np.int64)
     graph = OrtSession(exit_test_graph(policy, 0, logits[0][:1].shape, tmp_path / "t.onnx"))
     for i in range(len(split.x)):
         z = logits[0][i: i + 1].numpy()
@@ -377,6 +422,8 @@ def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, t
         steps.infer(split.x[:2].numpy())
     with pytest.raises(InputError, match="meanconf and pixelshare policies"):
         DenseSteps(model, create_policy("maxprob", threshold=0.5), tmp_path / "other")
+    with pytest.raises(InputError, match="class_map is one of"):
+        DenseSteps(model, policy, tmp_path / "other", class_map="torch")
 
 
 def test_dense_predictions_are_the_first_maximum_like_argmax():

@@ -4,10 +4,12 @@
 batch bookkeeping (masks, payload selection, per-exit result assembly, input checks) costs,
 on MESS's canvases at batch 1, about 0.2 ms: two thirds of the first piece itself.
 :class:`DenseSteps` runs the same exported pieces for one sample at a time with only what a
-single sample needs: the policy's statistic after each exit (numpy, the shared definition)
-and the class map of the exit that answers. :func:`exit_test_graph` is the test and class map
-as ONNX nodes (ArgMax: the first maximum, as :meth:`NumpyOps.classes` picks), for timing that
-alternative.
+single sample needs. Each piece's graph carries its exit's test (the policy's statistic and
+threshold, :func:`exit_test_nodes`) and the class map of its logit map (ArgMax: the first
+maximum, as :meth:`NumpyOps.classes` picks, cast to ``uint8``): one call answers the exit
+boolean, the class map and the payload for the next piece, and the loop reads only the
+boolean.
+:func:`exit_test_graph` is the test and class map alone, for timing them.
 """
 
 from __future__ import annotations
@@ -22,15 +24,28 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import InputError
 from ..policies.base import _per_exit
 from ..policies.dense import MeanConfidence, PixelShare
-from ..runtime.arrays import one_float32_sample
+from ..runtime.arrays import NUMPY, one_float32_sample
 
-__all__ = ["DenseSteps", "exit_test_graph"]
+__all__ = ["DenseSteps", "exit_test_graph", "exit_test_nodes", "class_map_dtype"]
+
+CLASS_MAPS = ("graph", "numpy")
 
 
-def _test_nodes(policy, e: int, logits: str) -> tuple[list, list, str]:
-    """Nodes computing ``policy``'s test at exit ``e`` on a ``(1, C, H, W)`` logit map: the
-    pixel confidence ``1 / sum_k exp(z_k - max_k z)``, then its mean (meanconf) or the share
-    of pixels at or above ``pixel_threshold`` (pixelshare), at or above the threshold."""
+def class_map_dtype(num_classes: int) -> type:
+    """The dtype of a graph's class map: ``uint8`` up to 256 classes, else ``int64``."""
+    return np.uint8 if num_classes <= 256 else np.int64
+
+
+def exit_test_nodes(policy, e: int, logits: str, shape, out: str | None = None
+                    ) -> tuple[list, list, str]:
+    """Nodes computing ``policy``'s test at exit ``e`` on a logit map ``logits`` of ``shape``
+    ``(1, C, H, W)``, the lowering of :class:`MeanConfidence` / :class:`PixelShare`'s
+    statistic: the pixels of its grid (``stride``: a strided Slice, as
+    :func:`~splitexit.policies.dense.grid_pixels`), each one's confidence
+    ``1 / sum_k exp(z_k - max_k z)``, then its mean (meanconf) or the share at or above
+    ``pixel_threshold`` (pixelshare), at or above the threshold (compared in float32, as
+    numpy and torch compare a float32 statistic with a Python float). Returns the nodes,
+    their initializers and the name of the boolean ``(1,)`` output (``out`` when given)."""
     nodes, inits = [], []
 
     def const(name: str, value, dtype=np.float32) -> str:
@@ -43,66 +58,125 @@ def _test_nodes(policy, e: int, logits: str) -> tuple[list, list, str]:
         return out
 
     z = logits
+    stride = getattr(policy, "stride", 1)
+    if stride > 1:
+        first = stride // 2
+        if min(shape[2:]) <= first:
+            raise InputError(f"a {policy.name} test with stride={stride} needs a logit map "
+                             f"larger than {first} pixels, got {tuple(shape[2:])}")
+        z = node("Slice", [z, const("starts", [first, first], np.int64),
+                           const("ends", list(shape[2:]), np.int64),
+                           const("axes", [2, 3], np.int64),
+                           const("steps", [stride, stride], np.int64)], "grid")
     t = _per_exit(policy.temperature, e)
     if t != 1.0:
         z = node("Div", [z, const("temperature", t)], "scaled")
     top = node("ReduceMax", [z], "top", axes=[1], keepdims=1)
     total = node("ReduceSum", [node("Exp", [node("Sub", [z, top], "shifted")], "exp"),
-                               const("axes", [1], np.int64)], "sum", keepdims=0)
-    confidence = node("Reciprocal", [total], "confidence")  # (1, H, W)
+                               const("axes1", [1], np.int64)], "sum", keepdims=0)
+    confidence = node("Reciprocal", [total], "confidence")  # (1, h, w)
     if isinstance(policy, PixelShare):
         confident = node("GreaterOrEqual", [confidence, const("pixel", policy.pixel_threshold)],
                          "confident")
         confidence = node("Cast", [confident], "share", to=TensorProto.FLOAT)
-    stat = node("ReduceMean", [node("Flatten", [confidence], "flat", axis=1)], "stat",
-                axes=[1], keepdims=0)
-    fire = node("GreaterOrEqual", [stat, const("threshold", _per_exit(policy.threshold, e))],
-                "fire")
-    return nodes, inits, fire
+    stat = node("ReduceMean", [confidence], "stat", axes=[1, 2], keepdims=0)  # (1,)
+    threshold = const("threshold", _per_exit(policy.threshold, e))
+    if out is not None:
+        nodes.append(helper.make_node("GreaterOrEqual", [stat, threshold], [out]))
+        return nodes, inits, out
+    return nodes, inits, node("GreaterOrEqual", [stat, threshold], "fire")
+
+
+def _class_map_nodes(logits: str, num_classes: int, out: str) -> list:
+    """ArgMax over the classes (the first maximum), cast to :func:`class_map_dtype`."""
+    argmax = out + "_int64"
+    nodes = [helper.make_node("ArgMax", [logits], [argmax], axis=1, keepdims=0)]
+    if class_map_dtype(num_classes) is np.uint8:
+        return [*nodes, helper.make_node("Cast", [argmax], [out], to=TensorProto.UINT8)]
+    return [*nodes, helper.make_node("Identity", [argmax], [out])]
+
+
+def _map_info(name: str, shape) -> onnx.ValueInfoProto:
+    dtype = class_map_dtype(shape[1])
+    return helper.make_tensor_value_info(
+        name, TensorProto.UINT8 if dtype is np.uint8 else TensorProto.INT64,
+        [shape[0], *shape[2:]])
 
 
 def exit_test_graph(policy, e: int, shape, path: str | Path) -> Path:
     """The exit test of ``policy`` at exit ``e`` and the class map, alone: a graph from a
     logit map of ``shape`` ``(1, C, H, W)`` to ``classes`` and ``exit`` (for timing them)."""
-    nodes, inits, fire = _test_nodes(policy, e, "logits")
+    nodes, inits, _ = exit_test_nodes(policy, e, "logits", shape, "exit")
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
-        [*nodes, helper.make_node("Identity", [fire], ["exit"]),
-         helper.make_node("ArgMax", ["logits"], ["classes"], axis=1, keepdims=0)],
+        [*nodes, *_class_map_nodes("logits", shape[1], "classes")],
         "dense_exit_test", [info("logits", TensorProto.FLOAT, list(shape))],
-        [info("classes", TensorProto.INT64, [1, *shape[2:]]), info("exit", TensorProto.BOOL, [1])],
-        initializer=inits)
+        [_map_info("classes", shape), info("exit", TensorProto.BOOL, [1])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return Path(path)
 
 
+def _answering(path: Path, policy, e: int | None, final: bool, class_map: str) -> Path:
+    """Rewrite piece graph ``path`` to answer, in this order: ``exit`` (the test at exit
+    ``e``; not at the final exit), the class map ``classes`` (``class_map="graph"``) or the
+    ``logits``, then the payload ``out0, ...``. A piece without an exit is left alone."""
+    if e is None:
+        return path
+    model = onnx.load(str(path))
+    g = model.graph
+    outputs = {o.name: o for o in g.output}
+    shape = [d.dim_value for d in outputs["logits"].type.tensor_type.shape.dim]
+    if len(shape) != 4 or not all(shape):
+        raise InputError(f"DenseSteps needs each exit's logit map of a static shape "
+                         f"(1, C, H, W), got {shape} in {path.name}")
+    answer = [outputs["logits"]]
+    if class_map == "graph":
+        g.node.extend(_class_map_nodes("logits", shape[1], "classes"))
+        answer = [_map_info("classes", shape)]
+    test = []
+    if not final:
+        nodes, inits, _ = exit_test_nodes(policy, e, "logits", shape, "exit")
+        g.node.extend(nodes)
+        g.initializer.extend(inits)
+        test = [helper.make_tensor_value_info("exit", TensorProto.BOOL, [1])]
+    payload = [o for o in g.output if o.name != "logits"]
+    del g.output[:]
+    g.output.extend([*test, *answer, *payload])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
 class DenseSteps:
     """A dense multi-exit model's exit program on ONNX Runtime at batch 1, with the lean loop
     of the module docstring.
 
-    Each piece's graph answers the payload for the next piece and its exit's logit map; the
-    policy's own statistic (numpy, the definition every runtime shares) decides, and only the
-    exit that answers computes its class map (:meth:`NumpyOps.classes`). Measured on MESS's
-    canvases, the statistic and the class map cost less in numpy than as graph nodes
-    (:func:`exit_test_graph` builds those, for comparison).
+    Each piece with an exit answers its exit test, its class map and the payload for the next
+    piece in one call; the loop reads the boolean and returns the class map of the exit that
+    fires (the final exit's when none does). With ``class_map="numpy"`` the graphs answer the
+    logit map instead and only the exit that answers computes its class map
+    (:meth:`NumpyOps.classes`, int64), for comparison.
 
     Args:
         model: a dense :class:`~splitexit.multiexit.MultiExitModel` (heads must not take the
             previous exit's logits).
         policy: a :class:`MeanConfidence` or :class:`PixelShare` policy (per-exit thresholds
-            and temperatures are honoured).
+            and temperatures and the pixel grid's ``stride`` are honoured).
         directory: where the graphs are written.
         example: one input batch (zeros of the model's input shape when ``None``).
         threads: ONNX Runtime intra-op threads.
+        class_map: ``"graph"`` (ArgMax in the graph, ``uint8`` up to 256 classes) or
+            ``"numpy"``.
 
     Raises:
-        InputError: another policy, a model that is not dense, or cascading heads.
+        InputError: another policy, a model that is not dense, cascading heads, or an unknown
+            ``class_map``.
     """
 
     def __init__(self, model, policy, directory: str | Path, example: torch.Tensor | None = None,
-                 threads: int | None = 1):
+                 threads: int | None = 1, class_map: str = "graph"):
         from ..program import export_pieces, lower
         from ..runtime.ort import OrtSession
 
@@ -113,35 +187,38 @@ class DenseSteps:
         if not getattr(model, "dense", False):
             raise InputError("DenseSteps runs dense (segmentation) models; use the exit graph "
                              "(splitexit.export.export_exit_graph) for classifiers")
+        if class_map not in CLASS_MAPS:
+            raise InputError(f"class_map is one of {', '.join(CLASS_MAPS)}, got {class_map!r}")
         program = lower(model, policy, example=example)
         if program.has_server or any(p.takes_previous for p in program.pieces):
             raise InputError("DenseSteps needs a whole model on one side without cascading "
                              "heads; use splitexit.runtime.OrtProgram")
         policy.check_exits(program.num_exits)
-        self.policy = policy
+        self.policy, self.class_map = policy, class_map
         self.input_shape = tuple(program.input_shape)
         files = export_pieces(program, Path(directory), dynamic_batch=False)
         exit_of = {k: e for e, k in enumerate(program.exit_stages)}
         last = len(files) - 1
+        self._numpy = class_map == "numpy"
         self._runs = []
         for k, path in enumerate(files):
-            session = OrtSession(path, threads=threads)
             e = exit_of.get(k)
-            # the test's temperature and threshold at this exit, resolved once
-            test = None if e is None or k == last else (
-                _per_exit(policy.temperature, e), _per_exit(policy.threshold, e))
+            session = OrtSession(_answering(path, policy, e, k == last, class_map),
+                                 threads=threads)
+            # what the loop does after the call: 0 pass the payload on, 1 test, 2 answer
+            kind = 0 if e is None else (2 if k == last else 1)
             self._runs.append((session._sess_run, list(session.output_names),
-                               list(session.input_names), e, k == last, test))
+                               list(session.input_names), e, kind))
 
     def step_calls(self, x: np.ndarray) -> list:
         """Zero-argument calls running each piece's graph alone on sample ``x``'s payload (as
         :meth:`infer` would reach it, every piece taken): for timing the pieces one by one."""
         payload, calls = [self._check(x)], []
-        for run, outputs, inputs, e, _final, _test in self._runs:
+        for run, outputs, inputs, _e, kind in self._runs:
             feed = {name: payload[int(name[2:])] for name in inputs}
             calls.append(lambda run=run, outputs=outputs, feed=feed: run(outputs, feed, None))
             outs = run(outputs, feed, None)
-            payload = outs if e is None else outs[:-1]
+            payload = outs[2:] if kind == 1 else outs
         return calls
 
     def _check(self, x) -> np.ndarray:
@@ -149,22 +226,20 @@ class DenseSteps:
 
     def infer(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """One sample through the pieces until an exit's test fires (or the final exit):
-        ``(class map (1, H, W) int64, exit index)``."""
-        from ..runtime.arrays import NUMPY
-
+        ``(class map (1, H, W), exit index)``; the map is ``uint8`` (int64 beyond 256
+        classes) from the graph, int64 with ``class_map="numpy"``."""
         payload = [self._check(x)]
-        statistic = self.policy.statistic
-        for run, outputs, inputs, e, final, test in self._runs:
+        for run, outputs, inputs, e, kind in self._runs:
             outs = run(outputs, {name: payload[int(name[2:])] for name in inputs}, None)
-            if e is None:
+            if kind == 0:
                 payload = outs
                 continue
-            logits = outs[-1]
-            if final:
-                return NUMPY.classes(logits), e
-            temperature, threshold = test
-            z = logits if temperature == 1.0 else logits / np.float32(temperature)
-            if statistic(z)[0] >= threshold:
-                return NUMPY.classes(logits), e
-            payload = outs[:-1]
+            if kind == 1:
+                if not outs[0][0]:  # the test did not fire: on to the next piece
+                    payload = outs[2:]
+                    continue
+                answer = outs[1]
+            else:
+                answer = outs[0]
+            return (NUMPY.classes(answer) if self._numpy else answer), e
         raise AssertionError("unreachable: the final exit always answers")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import choose_operating_point
+from ..calibration import OperatingPoint, choose_operating_point
 from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..policies import ThresholdPolicy
@@ -23,8 +23,8 @@ from .model import create_segmenter, head_macs
 from .sweep import ExitSummary, dense_sweep, stack_summaries, summarize_logits
 
 __all__ = ["DEFAULT_CANDIDATES", "CandidateBank", "train_candidates", "fit_candidates",
-           "summarize_candidates",
-           "search_heads", "SearchResult", "assemble"]
+           "summarize_candidates", "search_heads", "SearchResult", "assemble", "choose_policy",
+           "policy_score"]
 
 #: head architectures tried at every cut (kind and keyword arguments)
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
@@ -139,6 +139,38 @@ def summarize_candidates(bank: CandidateBank, model: MultiExitModel, x: torch.Te
     return [join(p) for p in per], join(final)
 
 
+def policy_score(points: Sequence[OperatingPoint], reference_miou: float, max_drop: float
+                 ) -> tuple[tuple, OperatingPoint]:
+    """The search's score of one policy's sweep (lower is better) and its point: the cheapest
+    mean MACs within ``max_drop`` of ``reference_miou`` (then the higher mIoU), or, when no
+    point is within the drop, the highest mIoU; ties go to the policy whose statistic reads
+    fewer pixels (a ``stride`` grid: the same exits at less work)."""
+    pixels = 1.0 / getattr(points[0].policy, "stride", 1) ** 2
+    try:
+        point = choose_operating_point(points, reference_accuracy=reference_miou,
+                                       max_drop=max_drop)
+        return (0, point.mean_macs, -point.accuracy, pixels), point
+    except InputError:
+        point = max(points, key=lambda p: (p.accuracy, -p.mean_macs))
+        return (1, -point.accuracy, point.mean_macs, pixels), point
+
+
+def choose_policy(summary: ExitSummary, exit_macs: Sequence[float],
+                  policies: Sequence[ThresholdPolicy], reference_miou: float,
+                  max_drop: float = 0.01, num_thresholds: int = 60) -> OperatingPoint:
+    """The policy and threshold of a model's exits chosen on ``summary`` (calibration) by the
+    rule :func:`search_heads` applies to every head configuration (:func:`policy_score`).
+
+    Raises:
+        InputError: no policies, or one the summary has no statistic for.
+    """
+    if not policies:
+        raise InputError("choose_policy needs at least one policy")
+    scored = [policy_score(dense_sweep(summary, exit_macs, p, num=num_thresholds),
+                           reference_miou, max_drop) for p in policies]
+    return min(scored, key=lambda sp: sp[0])[1]
+
+
 @dataclass
 class SearchResult:
     """The chosen exits and what every configuration tried gave on calibration."""
@@ -161,7 +193,7 @@ def search_heads(bank: CandidateBank, summaries: Sequence[ExitSummary], final: E
     Every configuration (at most one candidate per cut, at least one head, total head MACs
     within ``head_budget``) is swept; its score is the cheapest mean MACs whose calibration
     mIoU is within ``max_drop`` of ``reference_miou`` (when none is, the smallest drop). The
-    configuration with the best score wins.
+    configuration with the best score wins (:func:`policy_score`).
 
     Args:
         stage_macs: MACs of every backbone stage (the cost table's).
@@ -187,13 +219,7 @@ def search_heads(bank: CandidateBank, summaries: Sequence[ExitSummary], final: E
         summary = stack_summaries([summaries[i] for i in chosen], final)
         for policy in policies:
             points = dense_sweep(summary, exit_macs, policy, num=num_thresholds)
-            try:
-                point = choose_operating_point(points, reference_accuracy=reference_miou,
-                                               max_drop=max_drop)
-                score = (0, point.mean_macs, -point.accuracy)
-            except InputError:
-                point = max(points, key=lambda p: (p.accuracy, -p.mean_macs))
-                score = (1, -point.accuracy, point.mean_macs)
+            score, point = policy_score(points, reference_miou, max_drop)
             row = {"heads": [bank.candidates[i] for i in chosen], "policy": point.policy.config(),
                    "calib_miou": point.accuracy, "calib_mean_macs": point.mean_macs,
                    "head_macs": total_head, "meets_drop": score[0] == 0}
