@@ -35,7 +35,9 @@ from splitexit.glance import (
     GFNetConfig,
     GFNetSchedule,
     PPOConfig,
+    distil_encoders,
     distil_localiser,
+    finetune_student,
     fit_gfnet,
     full_resolution_backbone,
     train_backbone,
@@ -91,6 +93,30 @@ def _teacher_settings(s: dict) -> dict:
         s["config"] | {"localiser_stride": 1}).to_json()}
 
 
+def student_settings(args, s: dict) -> dict | None:
+    """The settings of the distilled GFNet (None with ``--student-channels none``): the
+    trained GFNet's (``s``) with cheaper glance and focus CNNs fitted to its own, without
+    labels (splitexit.glance.distil_encoders, then finetune_student with alpha 1)."""
+    if args.student_channels == "none":
+        return None
+    channels = [int(c) for c in args.student_channels.split(",")]
+    strides = [int(c) for c in args.student_strides.split(",")]
+    config = GFNetConfig.from_json(s["config"] | {"encoder_channels": channels,
+                                                   "encoder_strides": strides})
+    return s | {"config": config.to_json(), "encoder_distil": {
+        "teacher": _key(s), "epochs": 2 if args.quick else args.student_epochs,
+        "kd_epochs": 2 if args.quick else args.student_kd_epochs, "lr": 3e-3, "kd_lr": 1e-3,
+        "alpha": 1.0, "temperature": 2.0, "init": "seeded"}}
+
+
+def _encoder_teacher_settings(s: dict) -> dict:
+    """The settings of the GFNet a distilled student learns from (:func:`student_settings`'s
+    input)."""
+    config = {k: v for k, v in s["config"].items()
+              if k not in ("encoder_channels", "encoder_strides")}
+    return {k: v for k, v in s.items() if k != "encoder_distil"} | {"config": config}
+
+
 #: the configuration fields :func:`full_resolution_backbone` depends on
 BACKBONE_FIELDS = ("image", "channels", "strides", "num_classes", "in_channels")
 
@@ -109,6 +135,19 @@ def _key(s: dict) -> str:
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _save_distilled(net: GFNet, g_dir: Path, s: dict, distil: dict, teacher_log: dict,
+                    gfnet_log: list, t0: float) -> None:
+    """Cache a model distilled from a teacher: its training seconds are the teacher's plus the
+    distillation's (counted since ``t0``), its log the teacher's followed by its own."""
+    seconds = time.perf_counter() - t0
+    net.save(g_dir)
+    (g_dir / "settings.json").write_text(json.dumps(s, indent=1))
+    (g_dir / "train_log.json").write_text(json.dumps(
+        {"seconds": teacher_log["gfnet"]["seconds"] + seconds, "distil_seconds": seconds,
+         "teacher": distil["teacher"], "log": teacher_log["gfnet"]["log"] + gfnet_log},
+        indent=1))
+
+
 def train_or_load(args, ds, s: dict, part: str = "both") -> tuple[GFNet, torch.nn.Module, dict]:
     """The trained GFNet and full-resolution backbone for settings ``s``, each cached under
     ``<out>/models/{gfnet,backbone}-<key>`` (``part`` trains only one of them)."""
@@ -124,6 +163,18 @@ def train_or_load(args, ds, s: dict, part: str = "both") -> tuple[GFNet, torch.n
     if part in ("both", "gfnet"):
         if (g_dir / "train_log.json").is_file():
             net = GFNet.load(g_dir)
+        elif "encoder_distil" in s:  # the teacher's weights, cheaper CNNs fitted to its own
+            distil = s["encoder_distil"]
+            teacher, _, teacher_log = train_or_load(args, ds, _encoder_teacher_settings(s),
+                                                    "gfnet")
+            t0 = time.perf_counter()
+            net = GFNet(config)
+            gfnet_log = distil_encoders(net, teacher, train, distil["epochs"], lr=distil["lr"],
+                                        seed=schedule.seed)
+            finetune_student(net, teacher, train, distil["kd_epochs"], lr=distil["kd_lr"],
+                             alpha=distil["alpha"], temperature=distil["temperature"],
+                             seed=schedule.seed, log=gfnet_log)
+            _save_distilled(net, g_dir, s, distil, teacher_log, gfnet_log, t0)
         elif "localiser_distil" in s:  # the teacher's weights, a cheaper localiser fitted
             distil = s["localiser_distil"]
             teacher, _, teacher_log = train_or_load(args, ds, _teacher_settings(s), "gfnet")
@@ -131,13 +182,7 @@ def train_or_load(args, ds, s: dict, part: str = "both") -> tuple[GFNet, torch.n
             net = GFNet(config)
             gfnet_log = distil_localiser(net, teacher, train, distil["epochs"],
                                          lr=distil["lr"], seed=schedule.seed)
-            seconds = time.perf_counter() - t0
-            net.save(g_dir)
-            (g_dir / "settings.json").write_text(json.dumps(s, indent=1))
-            (g_dir / "train_log.json").write_text(json.dumps(
-                {"seconds": teacher_log["gfnet"]["seconds"] + seconds,
-                 "distil_seconds": seconds, "teacher": distil["teacher"],
-                 "log": teacher_log["gfnet"]["log"] + gfnet_log}, indent=1))
+            _save_distilled(net, g_dir, s, distil, teacher_log, gfnet_log, t0)
         else:
             t0 = time.perf_counter()
             net = GFNet(config)
@@ -221,8 +266,9 @@ def _timing(args, ds, backbone, models: dict, policies: dict, net: GFNet, all_st
     """Batch-1 latency (interleaved) and batch-256 throughput of the backbone and GFNet at each
     operating point (``policies``: name -> (patch policy, exit policy)), eager and compiled to
     TorchScript (both sides alike), one thread, all in the same run. Also whether the
-    TorchScript exits equal the eager ones. ``all_steps`` (name -> patch policy) are the
-    every-step points (no exit test): eager, and on ONNX Runtime as one flat graph."""
+    TorchScript exits equal the eager ones. ``all_steps`` (name -> (GFNet, its multi-exit
+    model, patch policy)) are the every-step points (no exit test): eager, and on ONNX
+    Runtime as one flat graph; for each of their GFNets, the CNN work alone (zero glue)."""
     from splitexit.export.onnx import export_piece
     from splitexit.glance.onnx_steps import GFNetSteps
     from splitexit.optimize import trace_for_inference
@@ -262,9 +308,17 @@ def _timing(args, ds, backbone, models: dict, policies: dict, net: GFNet, all_st
                         float((a.exit_index[: len(one)] == one).double().mean()),
                         float((a.exit_index == by_steps).double().mean()))
     # every step, no exit test: eager through the chain of stages, ONNX Runtime as one graph
-    for name, patch in all_steps.items():
-        flat = GFNetSteps(net, patch, None, Path(tmp.name) / f"all-{patch}", threads=1)
-        chain = models[patch].backbone
+    floors = {}
+    for j, (name, (owner, model, patch)) in enumerate(all_steps.items()):
+        flat = GFNetSteps(owner, patch, None, Path(tmp.name) / f"all-{j}", threads=1)
+        chain = model.backbone
+        if id(owner) not in floors:
+            floor = floors[id(owner)] = _cnn_floor_call(owner, xs[:1],
+                                                        Path(tmp.name) / f"floor{j}")
+            encoder = owner.config.encoder
+            fns[f"component: zero glue: the glance CNN and the focus CNN on "
+                f"{owner.config.steps} patches alone, one graph (CNN channels "
+                f"{list(encoder[0])}, strides {list(encoder[1])})"] = lambda s, c=floor: c()
         fns[name] = lambda s, c=chain: c(s)
         fns[name + " [onnx]"] = lambda s, f=flat: f.infer_all(s.numpy())
         with torch.no_grad():
@@ -272,6 +326,8 @@ def _timing(args, ds, backbone, models: dict, policies: dict, net: GFNet, all_st
         flat_all = torch.as_tensor([int(flat.infer_all(xs[i: i + 1].numpy()).argmax(1)[0])
                                     for i in range(len(xs))])
         parity[name] = float((eager_all == flat_all).double().mean())
+    for part, call in _flat_form_calls(net, xs, Path(tmp.name) / "forms").items():
+        fns[f"component: {part} (timed as the rows: each sample's own input)"] = call
     first = {"learned": "", "localiser": "localiser-only policy: "}
     for patch, calls in components.items():
         if patch == "localiser":  # its parts differ from the learned policy's in the steps
@@ -292,6 +348,94 @@ def _timing(args, ds, backbone, models: dict, policies: dict, net: GFNet, all_st
         torch.set_num_threads(old)
         tmp.cleanup()
     return latency, rates, parity
+
+
+def _cnn_floor_call(net: GFNet, x: torch.Tensor, directory: Path):
+    """A zero-argument ONNX Runtime call of ``net``'s CNN work alone at batch 1 on sample
+    ``x``: the glance CNN on the glance image and the focus CNN on the learned policy's
+    patches (one batch), in one graph with no policy, crop, cell or classifier: the floor of
+    the every-step point for this CNN design, whatever the glue."""
+    from splitexit.export.onnx import export_piece
+    from splitexit.glance import crop_patches
+    from splitexit.runtime.ort import OrtSession
+
+    class Cnns(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.glance, self.focus = net.glance.encoder, net.focus.encoder
+
+        def forward(self, small, patches):
+            return self.glance(small).mean((2, 3)) + self.focus(patches).mean((2, 3)).sum(0)
+
+    with torch.no_grad():
+        _, chosen = net.rollout(x, "learned")
+        patches = torch.cat([crop_patches(x, net.focus.pixel_index, chosen[:, t], net.grid.patch)
+                             for t in range(chosen.shape[1])])
+        example = (net.glance.downsample(x), patches)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = export_piece(Cnns().eval(), example, directory / "cnns.onnx", dynamic_batch=False,
+                        as_payload=False)
+    session = OrtSession(path, threads=1)
+    feed = dict(zip(session.input_names, (t.numpy() for t in example)))
+    return lambda r=session._sess_run, o=session.output_names: r(o, feed, None)
+
+
+def _flat_form_calls(net: GFNet, xs: torch.Tensor, directory: Path) -> dict:
+    """Batch-1 ONNX Runtime calls (one sample in, its logits out, the input checked and
+    converted as GFNetSteps.infer_all does, so they time alike) of two other forms of the
+    every-step flat graph, the same functions as GFNetSteps.infer_all's: the learned policy's
+    rollout as traced (the state term not split), and the localiser policy with its patches
+    cropped after the glance and the focus CNN run once on both as a batch. Each gives the
+    eager model's predictions on ``xs``, sample by sample, or an error is raised."""
+    from splitexit.export.onnx import export_piece
+    from splitexit.runtime.arrays import one_float32_sample
+    from splitexit.runtime.ort import OrtSession
+
+    class Rollout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.rollout(x, "learned")[0][-1]
+
+    class Batched(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            n, steps, p = self.net, self.net.config.steps, self.net.grid.patch
+            small = n.glance.downsample(x)
+            h, _ = n.glance.look(small)
+            locations = n.policy.prior(x, small).topk(steps, 1).indices[0]
+            pixels = n.focus.pixel_index[locations].reshape(-1)
+            patches = x.reshape(x.shape[1], -1)[:, pixels].reshape(
+                x.shape[1], steps, p, p).transpose(0, 1)
+            features = n.focus.encoder(patches).mean((2, 3))
+            for t in range(steps):
+                h = n.focus.cell(features[t: t + 1], h)
+            return n.classifier(h)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    calls, shape = {}, tuple(xs.shape[1:])
+    for j, (part, module, policy) in enumerate((
+            ("learned policy, every step, one flat graph: the rollout as traced (state term "
+             "not split)", Rollout(), "learned"),
+            (f"localiser policy, every step, one flat graph: the {net.config.steps} patches "
+             "through the focus CNN as one batch", Batched(), "localiser"))):
+        path = export_piece(module.eval(), xs[:1], directory / f"form{j}.onnx",
+                            dynamic_batch=False, input_names=["x"], as_payload=False)
+        session = OrtSession(path, threads=1)
+        with torch.no_grad():
+            want = net.multiexit(policy).backbone(xs).argmax(1)
+        got = [int(session.run_arrays([xs[i: i + 1].numpy()])[0].argmax(1)[0])
+               for i in range(len(xs))]
+        if got != want.tolist():
+            raise AssertionError(f"the flat form '{part}' disagrees with the eager model")
+        calls[part] = lambda s, r=session._sess_run, o=session.output_names: r(
+            o, {"x": one_float32_sample(s.numpy(), shape, "flat form")}, None)
+    return calls
 
 
 def _component_calls(net: GFNet, steps, x: torch.Tensor, directory: Path) -> dict:
@@ -395,8 +539,10 @@ def _timing_fields(name: str, latency: dict, rates: dict) -> dict:
     return out
 
 
-def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
-    """Every row, section and figure input of the report."""
+def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict, student: GFNet | None = None,
+             s_student: dict | None = None) -> dict:
+    """Every row, section and figure input of the report (``student``: the distilled GFNet,
+    whose every-step points are added, and the variant chosen on calibration)."""
     net.eval()
     backbone.eval()
     models = {p: net.multiexit(p) for p in POLICIES}
@@ -423,7 +569,21 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
         rows.append(_row(f"gfnet-{p}, all {last} steps (no exits; control)", learned,
                          test_logits[p], y, exit_macs[p],
                          FixedExit(last), full_macs, bb_test))
-    all_steps = {f"gfnet-{p}, all {last} steps (no exits; control)": p for p in TIMED}
+    all_steps = {f"gfnet-{p}, all {last} steps (no exits; control)": (net, models[p], p)
+                 for p in TIMED}
+    variants = [(f"gfnet-{p}, all {last} steps (no exits; control)", net, calib_logits[p])
+                for p in TIMED]
+    if student is not None:
+        student.eval()
+        smodels = {p: student.multiexit(p) for p in TIMED}
+        for p in TIMED:
+            macs = cost_table(smodels[p], example, measure=False).exit_macs
+            name = f"gfnet-distilled-{p}, all {last} steps (no exits; control)"
+            rows.append(_row(name, smodels[p], smodels[p].collect_logits(ds.test.x, 500), y,
+                             macs, FixedExit(last), full_macs, bb_test))
+            all_steps[name] = (student, smodels[p], p)
+            variants.append((name, student, smodels[p].collect_logits(ds.calib.x, 500)))
+    choice = _choose_variant(variants, rows, ds.calib.y, bb_calib)
     chosen = {}
     for patch in TIMED:
         for drop in (0.005, 0.01):
@@ -482,6 +642,8 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
     glance_acc = float((test_logits["learned"][0].argmax(1) == y).double().mean())
     rows.append({"method": floor, "accuracy": glance_acc, "mean_macs": exit_macs["learned"][0],
                  "macs_ratio": exit_macs["learned"][0] / full_macs})
+    for entry in choice:
+        entry.update(_timing_fields(entry["method"], latency, rates))
     for entry in parity:
         (entry["same_exits_traced_vs_eager"], entry["same_exits_onnx_vs_eager"],
          entry["same_exits_onnx_exit_graph_batch1_vs_eager"],
@@ -512,7 +674,7 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
     with torch.no_grad():
         _, locations = net.rollout(example_x, "learned")
     ppo = [e for e in log["gfnet"]["log"] if e.get("stage") == "stage2-ppo"]
-    targets = _targets(rows)
+    targets = _targets(rows, choice)
     report = write_report(
         args.out, SUITE, rows, dataset=f"{args.dataset} (test: {len(y)} canvases, calib: "
         f"{len(ds.calib)})", model=f"GFNet {json.dumps(s['config'])}",
@@ -521,6 +683,8 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
                   "the latency samples, batch of all of them)": parity,
                   "ONNX Runtime batch-1 cost of GFNet's parts (same run, one thread; ratios "
                   "to the backbone on ONNX Runtime)": parts,
+                  "every-step variants on the calibration split (the one judged is chosen "
+                  "here; timing fields from the test latency samples)": choice,
                   "targets": targets},
         notes=[
             "Operating points are chosen on the calibration split, then evaluated once on the "
@@ -557,6 +721,26 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
                f"GFNet's localiser (model {s['localiser_distil']['teacher']}), whose every "
                "other weight this GFNet shares (splitexit.glance.distil_localiser; no labels)."]
               if "localiser_distil" in s else []),
+            *([f"gfnet-distilled: the same GFNet with cheaper glance and focus CNNs (channels "
+               f"{s_student['config']['encoder_channels']}, strides "
+               f"{s_student['config']['encoder_strides']}; the backbone keeps its own), every "
+               "other weight the trained GFNet's; the CNNs fitted to the trained GFNet's "
+               f"glance feature map and pooled patch features "
+               f"({s_student['encoder_distil']['epochs']} epochs, splitexit.glance."
+               "distil_encoders), then the CNNs, fusion cell and classifier to its step "
+               f"logits ({s_student['encoder_distil']['kd_epochs']} epochs, splitexit.glance."
+               "finetune_student with alpha 1): no label is read, so it is a compression of "
+               "the trained GFNet, not more training on labels than the backbone had. The "
+               "every-step variant judged against the targets is chosen on the calibration "
+               "split by the 95% guard's statistic (the paired upper bound of the drop against "
+               "the backbone; the fewest MACs among those at most 0.5 pt, or the lowest bound "
+               "when none is), before the test split is read."] if s_student else []),
+            "The learned policy's every-step flat graph (GFNetSteps.infer_all) is the same "
+            "function in a batch-1 form: the state term's first layer split by input (the "
+            "glance map's part computed once, a used location's column gathered). The parts "
+            "table's 'zero glue' rows time the CNN work alone: the glance CNN and the focus "
+            f"CNN on the {last} patches in one graph, without policy, crops, cell or "
+            "classifier.",
             "GFNet training (class labels only; the item's place is never used): stage 1 "
             "with half of the patches drawn where the glance has most ink, half at random; "
             "then rounds of (the localiser fitted to a one-step lookahead: the classifier's "
@@ -566,6 +750,8 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
         ],
         command="python benchmarks/gfnet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         settings=s, models_key=_key(s), curves=curves,
+        **({"student_settings": s_student, "student_models_key": _key(s_student)}
+           if s_student else {}),
         example={"images_hex_rows": [[bytes(row).hex() for row in image] for image in
                                      torch.round(example_x.squeeze(1) * 255).to(torch.uint8)
                                      .numpy()],
@@ -574,6 +760,8 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
                  "corners": net.grid.corners().tolist(), "patch": net.grid.patch},
         training={"backbone_seconds": log["backbone"]["seconds"],
                   "gfnet_seconds": log["gfnet"]["seconds"],
+                  **({"distilled_gfnet_extra_seconds": log["student"]["distil_seconds"]}
+                     if "student" in log else {}),
                   "note": "each trained in its own process, 1 thread",
                   "ppo_return_first10": statistics.fmean(e["mean_return"] for e in ppo[:10])
                   if ppo else None,
@@ -587,6 +775,30 @@ def evaluate(args, ds, s: dict, net: GFNet, backbone, log: dict) -> dict:
 FORMS = (("", "eager"), ("traced_", "TorchScript"),
          ("onnx_", "ONNX Runtime: the bundle's exit graph, or one flat graph with no exits"),
          ("onnx_steps_", "ONNX Runtime: one graph per step, exit test inside"))
+
+
+def _choose_variant(variants, rows: list[dict], y: torch.Tensor, ref_correct) -> list[dict]:
+    """The every-step variant judged against the targets, chosen on the calibration split
+    with the 95% guard's statistic: a variant whose paired 95% upper bound of the drop against
+    the backbone is at most 0.5 pt qualifies, and the fewest mean MACs among those wins; when
+    none does, the lowest upper bound (ties: fewer MACs). One entry per variant."""
+    macs = {r["method"]: r["mean_macs"] for r in rows}
+    out = []
+    for name, owner, logits in variants:
+        correct = logits[-1].argmax(1) == y
+        drop, low, high = paired_drop_ci(ref_correct, correct)
+        encoder = owner.config.encoder
+        out.append({"method": name, "cnn_channels": list(encoder[0]),
+                    "cnn_strides": list(encoder[1]),
+                    "calib_accuracy": float(correct.double().mean()), "calib_drop_pt": drop,
+                    "calib_drop_ci95_pt": [low, high], "guard_met": high <= 0.5 + 1e-9,
+                    "mean_macs": macs[name]})
+    passing = [e for e in out if e["guard_met"]]
+    best = (min(passing, key=lambda e: e["mean_macs"]) if passing else
+            min(out, key=lambda e: (round(e["calib_drop_ci95_pt"][1], 9), e["mean_macs"])))
+    for e in out:
+        e["chosen"] = e is best
+    return out
 
 
 def _point_targets(row: dict, judged: str) -> list[dict]:
@@ -605,13 +817,18 @@ def _point_targets(row: dict, judged: str) -> list[dict]:
     return out
 
 
-def _targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets, met or missed, from the rows: for each timed patch policy, at the
-    point chosen with the 95% guard for 0.5 pt, and at the every-step point (no threshold,
-    nothing to calibrate)."""
+def _targets(rows: list[dict], choice: list[dict]) -> list[dict]:
+    """The issue's targets, met or missed, from the rows: first at the every-step variant
+    chosen on calibration (:func:`_choose_variant`), then for each timed patch policy at the
+    point chosen with the 95% guard for 0.5 pt and at each every-step point (no threshold)."""
     out = []
+    for entry in choice:
+        if entry["chosen"]:
+            row = next(r for r in rows if r["method"] == entry["method"])
+            out += _point_targets(row, f"variant chosen on calibration: {row['method']}")
     for patch in TIMED:
-        for start in (f"gfnet-{patch} <= 0.5 pt (95%", f"gfnet-{patch}, all"):
+        for start in (f"gfnet-{patch} <= 0.5 pt (95%", f"gfnet-{patch}, all",
+                      f"gfnet-distilled-{patch}, all"):
             row = next((r for r in rows if r["method"].startswith(start)), None)
             if row:
                 out += _point_targets(row, row["method"])
@@ -697,6 +914,15 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                              "GFNet's) or train the whole GFNet with it (train)")
     parser.add_argument("--distil-epochs", type=int, default=20)
     parser.add_argument("--distil-lr", type=float, default=5e-3)
+    parser.add_argument("--student-channels", default="8,16,32,64",
+                        help="channels of the distilled GFNet's glance and focus CNNs "
+                             "(comma-separated; 'none': no distilled GFNet)")
+    parser.add_argument("--student-strides", default="2,2,2,1",
+                        help="their strides (the glance feature map must keep its shape)")
+    parser.add_argument("--student-epochs", type=int, default=15,
+                        help="epochs fitting the CNNs to the trained GFNet's features")
+    parser.add_argument("--student-kd-epochs", type=int, default=8,
+                        help="epochs distilling the trained GFNet's step logits (no labels)")
     parser.add_argument("--train-samples", type=int, default=8000,
                         help="canvases of the train split used for training (stratified)")
     parser.add_argument("--latency-samples", type=int, default=300)
@@ -720,9 +946,14 @@ def run(args) -> int:
         args.latency_samples = min(args.latency_samples, 40)
     s = settings(args)
     net, backbone, log = train_or_load(args, ds, s, args.train_only or "both")
+    s_student = student_settings(args, s)
+    student = None
+    if s_student is not None and args.train_only in (None, "both", "gfnet"):
+        student, _, student_log = train_or_load(args, ds, s_student, "gfnet")
+        log["student"] = student_log["gfnet"]
     if args.train_only:
         return 0
-    report = evaluate(args, ds, s, net, backbone, log)
+    report = evaluate(args, ds, s, net, backbone, log, student, s_student)
     plots(Path(args.out), report)
     return 0
 

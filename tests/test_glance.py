@@ -406,7 +406,7 @@ def test_distilled_localiser_takes_over_the_teachers_location_scores():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["learned", "centre"])
+@pytest.mark.parametrize("policy", ["learned", "localiser", "centre"])
 def test_step_graphs_exit_as_pytorch(tmp_path, policy):
     """One ONNX graph per step with the exit test inside: the same exits and predictions as
     the PyTorch model, sample by sample; the flat every-step graph the same logits."""
@@ -439,3 +439,79 @@ def test_step_graphs_exit_as_pytorch(tmp_path, policy):
         GFNetSteps(net, policy, FixedExit(1), tmp_path / "fixed")
     with pytest.raises(InputError, match="without an exit policy"):
         GFNetSteps(net, policy, None, tmp_path / "none").infer(x[:1].numpy())
+
+
+# -- cheaper glance and focus CNNs distilled from a trained GFNet ------------------------------
+
+SMALL = dict(encoder_channels=(2, 8), encoder_strides=(2, 2))  # the same 8 x 2 x 2 glance map
+
+
+def test_encoder_design_is_its_own_and_hashes_as_before():
+    from dataclasses import replace
+
+    from splitexit.glance import full_resolution_backbone
+
+    config = replace(TINY, **SMALL)
+    net = GFNet(config)
+    assert net.glance.encoder[0].out_channels == 2 and net.focus.encoder[0].out_channels == 2
+    assert net.map_shape == GFNet(TINY).map_shape
+    assert GFNetConfig.from_json(config.to_json()) == config
+    assert "encoder_channels" not in TINY.to_json()  # older configurations hash alike
+    backbone = full_resolution_backbone(config)  # the backbone keeps its own design
+    assert backbone[0][0].out_channels == TINY.channels[0]
+    with pytest.raises(InputError, match="same non-zero length"):
+        replace(TINY, encoder_channels=(2, 8), encoder_strides=(2,))
+
+
+def test_distilled_encoders_start_from_their_seed():
+    from dataclasses import replace
+
+    from splitexit.data.splits import Split
+    from splitexit.glance import distil_encoders
+
+    teacher, split = _net(), Split(_images(4), torch.zeros(4, dtype=torch.int64))
+    students = []
+    for draws in (0, 5):
+        torch.manual_seed(draws)  # whatever ran before
+        student = GFNet(replace(TINY, **SMALL))
+        distil_encoders(student, teacher, split, 0, seed=3)
+        students.append(student.state_dict())
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+@pytest.mark.slow
+def test_distilled_encoders_keep_the_other_weights_and_learn_the_teachers_features():
+    from dataclasses import replace
+
+    from splitexit.data.splits import Split
+    from splitexit.glance import distil_encoders, finetune_student
+
+    teacher = _net()
+    torch.manual_seed(4)
+    student = GFNet(replace(TINY, **SMALL))
+    x = _images(64, seed=6)
+    log = distil_encoders(student, teacher, Split(x, torch.zeros(64, dtype=torch.int64)), 10,
+                          lr=2e-2)
+    for part in ("glance", "focus"):
+        errors = [e["relative_mse"] for e in log if e["stage"] == f"distil-{part}-cnn"]
+        assert len(errors) == 10 and errors[-1] < 0.7 * errors[0]
+    mine, theirs = student.state_dict(), teacher.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs
+               if not k.startswith(("glance.encoder.", "focus.encoder.")))
+
+    def gap():
+        with torch.no_grad():
+            a, b = student.rollout(x, "learned")[0][-1], teacher.rollout(x, "learned")[0][-1]
+            return float((torch.softmax(a, 1) - torch.softmax(b, 1)).abs().sum(1).mean())
+
+    before = gap()
+    # alpha 1: no label is read (these would fail any cross-entropy)
+    finetune_student(student, teacher, Split(x, torch.full((64,), 99)), 8, lr=3e-3, alpha=1.0,
+                     batch_size=8)
+    assert gap() < before
+    with pytest.raises(InputError, match="but for the glance and focus CNNs"):
+        distil_encoders(GFNet(replace(TINY, hidden=8, **SMALL)), teacher, Split(x, torch.zeros(64, dtype=torch.int64)),
+                        1)
+    with pytest.raises(InputError, match="feature map"):
+        distil_encoders(GFNet(replace(TINY, encoder_channels=(2, 8), encoder_strides=(2, 1))),
+                        teacher, Split(x, torch.zeros(64, dtype=torch.int64)), 1)

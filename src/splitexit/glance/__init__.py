@@ -10,6 +10,7 @@ Example:
     >>> result = model.infer(x, MaxProb(0.9))  # real per-sample exits
 """
 
+from .distil import distil_encoders, finetune_student
 from .grid import PatchGrid, crop_patches
 from .model import (
     FocusStage,
@@ -48,4 +49,5 @@ __all__ = ["PatchGrid", "crop_patches", "GFNet", "GFNetConfig", "GlanceStage", "
            "LearnedPatchPolicy", "LocaliserPolicy", "RandomPatchPolicy", "CentrePatchPolicy", "PATCH_POLICIES",
            "PPOConfig", "gae", "ppo_update", "GFNetSchedule", "fit_gfnet", "train_classifier_stages",
            "train_policy", "train_backbone", "step_accuracies", "one_step_lookahead",
-           "warm_start_policy", "ink_scores", "GFNetSteps", "distil_localiser"]
+           "warm_start_policy", "ink_scores", "GFNetSteps", "distil_localiser", "distil_encoders",
+           "finetune_student"]

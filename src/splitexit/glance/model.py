@@ -58,6 +58,9 @@ class GFNetConfig:
             glance image).
         localiser_stride: stride of the localiser's first convolution (1: at the glance's
             resolution; 2: its second convolution on a quarter of the pixels).
+        encoder_channels, encoder_strides: the glance and focus CNNs' own design when it
+            differs from the backbone's (``None``: ``channels`` and ``strides``); it must end
+            in the same feature map shape on a glance.
     """
 
     image: int = 160
@@ -72,6 +75,8 @@ class GFNetConfig:
     strides: tuple[int, ...] = field(default=(2, 2, 2, 1))
     localiser: int = 8
     localiser_stride: int = 1
+    encoder_channels: tuple[int, ...] | None = None
+    encoder_strides: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -92,9 +97,16 @@ class GFNetConfig:
             raise InputError(f"the localiser stride must be an integer >= 1 whose map cell "
                              f"({grid.factor} x stride pixels) fits in a patch of {grid.patch}, "
                              f"got {s!r}")
-        if len(self.channels) != len(self.strides) or not self.channels:
-            raise InputError(f"channels {self.channels} and strides {self.strides} must have "
-                             "the same non-zero length")
+        for c, st in ((self.channels, self.strides), self.encoder):
+            if len(c) != len(st) or not c:
+                raise InputError(f"channels {c} and strides {st} must have the same non-zero "
+                                 "length")
+
+    @property
+    def encoder(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(channels, strides)`` of the glance and focus CNNs."""
+        return (self.channels if self.encoder_channels is None else self.encoder_channels,
+                self.strides if self.encoder_strides is None else self.encoder_strides)
 
     @property
     def grid(self) -> PatchGrid:
@@ -104,6 +116,9 @@ class GFNetConfig:
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if d["localiser_stride"] == 1:  # configurations saved before the field existed
             del d["localiser_stride"]    # read back (and hash) the same
+        for k in ("encoder_channels", "encoder_strides"):
+            if d[k] is None:
+                del d[k]
         return d
 
     @classmethod
@@ -194,11 +209,11 @@ class GFNet(nn.Module):
         super().__init__()
         self.config = config = config or GFNetConfig()
         self.grid = grid = config.grid
-        cell = FusionCell(config.channels[-1], config.hidden)
-        self.glance = GlanceNet(conv_encoder(config.in_channels, config.channels,
-                                             config.strides), cell, grid.factor, config.hidden)
-        self.focus = FocusNet(conv_encoder(config.in_channels, config.channels, config.strides),
-                              cell, grid)
+        channels, strides = config.encoder
+        cell = FusionCell(channels[-1], config.hidden)
+        self.glance = GlanceNet(conv_encoder(config.in_channels, channels, strides), cell,
+                                grid.factor, config.hidden)
+        self.focus = FocusNet(conv_encoder(config.in_channels, channels, strides), cell, grid)
         self.classifier = nn.Linear(config.hidden, config.num_classes)
         with torch.no_grad():
             probe = self.glance.encoder(torch.zeros(1, config.in_channels, config.glance,
