@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..policies import ThresholdPolicy, _per_exit, is_plain_threshold
 from .onnx import DEFAULT_OPSET
 
-__all__ = ["export_exit_graph", "OnnxOps"]
+__all__ = ["export_exit_graph", "decision_nodes", "OnnxOps"]
 
 
 def _renamed(model: onnx.ModelProto, prefix: str, inputs: dict[str, str]
@@ -123,8 +123,8 @@ class OnnxOps:
         return (self._node("Squeeze", [first, axes]), self._node("Squeeze", [second, axes]))
 
 
-def _decision(policy: ThresholdPolicy, e: int, logits: str, prefix: str
-              ) -> tuple[list, list, str]:
+def decision_nodes(policy: ThresholdPolicy, e: int, logits: str, prefix: str
+                   ) -> tuple[list, list, str]:
     """Nodes computing the boolean "exit now" for ``logits``: the policy's own statistic
     (``policy.statistic_fn``) lowered to ONNX, then its threshold test."""
     if not is_plain_threshold(policy):
@@ -231,7 +231,7 @@ def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
             nodes += [helper.make_node("Identity", [outs[-1]], [logits_out]),
                       _exit_constant(exit_out, e)]
             return nodes, inits, logits_out, exit_out
-        dec_nodes, dec_inits, fire = _decision(policy, e, outs[-1], prefix + "d_")
+        dec_nodes, dec_inits, fire = decision_nodes(policy, e, outs[-1], prefix + "d_")
         then_logits, then_exit = f"then_logits_{e}", f"then_exit_{e}"
         then_graph = helper.make_graph(
             [helper.make_node("Identity", [outs[-1]], [then_logits]),

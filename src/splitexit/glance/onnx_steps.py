@@ -131,10 +131,10 @@ def _flat_chain(net: GFNet, policy: PatchPolicy, steps: int) -> nn.Module:
 
 def _with_exit_test(path: Path, policy: ThresholdPolicy, e: int) -> None:
     """Append the policy's exit test on the graph's ``logits`` as a bool output ``exit``."""
-    from ..export.exit_graph import _decision
+    from ..export.exit_graph import decision_nodes
 
     model = onnx.load(str(path))
-    nodes, inits, fire = _decision(policy, e, "logits", "exit_test_")
+    nodes, inits, fire = decision_nodes(policy, e, "logits", "exit_test_")
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(inits)
     model.graph.node.append(helper.make_node("Identity", [fire], ["exit"]))
