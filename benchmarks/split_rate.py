@@ -382,8 +382,8 @@ def _entropy_targets(rows: list[dict], unsplit_acc: float, control_acc: float | 
             f"{timed['encode_ms_median']:.4f} ms; the share would read "
             f"{timed['rounded_codec_share_of_ort_device_half_median']:.1%}, but the device's "
             f"time per message (graph + encode) is {timed['rounded_device_time_ratio_median']:.3f}"
-            "x the deployed form's (a pass of its own, not interleaved: a few percent either "
-            "way is noise): the rounding moves into the graph, it does not go away "
+            "x the deployed form's (the two take turns in blocks of 55 samples, so the ratio "
+            "is interleaved in time): the rounding moves into the graph, it does not go away "
             f"({timed['rounded_same_messages']} of {timed['rounded_samples']} messages "
             "identical)."]),
         *(f"ONNX Runtime vs PyTorch device half ({c['method']}): identical messages for "
