@@ -18,11 +18,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InputError
+from ..training.bottlefit import softened_kl
 from .grid import crop_patches
 from .model import GFNet, mark_used
 from .patch_policies import masked_scores
+from .train import _check_epochs, minibatch_epochs, same_config_but
 
 __all__ = ["distil_encoders", "finetune_student"]
+
 
 def distil_encoders(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: float = 3e-3,
                     batch_size: int = 128, seed: int = 0, log: list | None = None) -> list:
@@ -36,16 +39,9 @@ def distil_encoders(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: fl
         InputError: a bad epoch count, or nets that differ in more than the CNNs' design, or a
             student whose glance feature map has another shape than the teacher's.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InputError(f"epochs must be an integer >= 0, got {epochs!r}")
-    a, b = teacher.config.to_json(), student.config.to_json()
-    for d in (a, b):
-        for k in ("encoder_channels", "encoder_strides"):
-            d.pop(k, None)
-    if a != b:
-        raise InputError(f"the student's configuration must be the teacher's but for the glance "
-                         f"and focus CNNs; they differ in "
-                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
+    _check_epochs("epochs", epochs)
+    same_config_but(teacher, student, ("encoder_channels", "encoder_strides"),
+                    "the glance and focus CNNs")
     if student.map_shape != teacher.map_shape:
         raise InputError(f"the student's glance feature map {student.map_shape} must have the "
                          f"teacher's shape {teacher.map_shape} (the patch policy reads it); "
@@ -101,8 +97,7 @@ def finetune_student(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: f
     term (``temperature``-softened KL divergence) to the teacher's logits after the same step
     of its own rollout; with ``alpha=1`` no label is read (a compression of the teacher, not
     more training on labels). Adam with a one-cycle schedule."""
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise InputError(f"epochs must be an integer >= 0, got {epochs!r}")
+    _check_epochs("epochs", epochs)
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise InputError(f"alpha is a share in [0, 1] and the temperature > 0, got {alpha!r} "
                          f"and {temperature!r}")
@@ -120,43 +115,35 @@ def finetune_student(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: f
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
-    per_epoch = -(-len(data.x) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
-                                                   total_steps=epochs * per_epoch)
-    gen = torch.Generator().manual_seed(seed)
     policy = student.policy
-    for epoch in range(epochs):
+
+    def train_modes():
         student.eval()
         for m in trained:
             m.train()
-        order = torch.randperm(len(data.x), generator=gen)
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            idx = order[i: i + batch_size]
-            x, target = data.x[idx], soft[idx]
-            y = data.y[idx] if alpha < 1 else None  # pure distillation reads no label
-            h, glance_map = student.glance(x)
+
+    def loss_fn(idx):
+        x, target = data.x[idx], soft[idx]
+        y = data.y[idx] if alpha < 1 else None  # pure distillation reads no label
+        h, glance_map = student.glance(x)
+        with torch.no_grad():
+            prior = policy.prior(x)
+        used = h.new_zeros(len(idx), student.grid.locations)
+        loss = _kd(student.classifier(h), y, target[:, 0], alpha, temperature)
+        for t in range(student.config.steps):
             with torch.no_grad():
-                prior = policy.prior(x)
-            used = h.new_zeros(len(idx), student.grid.locations)
-            loss = _kd(student.classifier(h), y, target[:, 0], alpha, temperature)
-            for t in range(student.config.steps):
-                with torch.no_grad():
-                    location = policy.choose(prior, h, glance_map, used)
-                h = student.focus(x, h, location)
-                used = mark_used(used, location)
-                loss = loss + _kd(student.classifier(h), y, target[:, t + 1], alpha,
-                                  temperature)
-            loss = loss / (student.config.steps + 1)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-        log.append({"stage": "student-finetune", "epoch": epoch, "loss": total / len(order),
+                location = policy.choose(prior, h, glance_map, used)
+            h = student.focus(x, h, location)
+            used = mark_used(used, location)
+            loss = loss + _kd(student.classifier(h), y, target[:, t + 1], alpha, temperature)
+        return loss / (student.config.steps + 1)
+
+    for epoch, loss in minibatch_epochs(params, len(data.x), loss_fn, epochs=epochs, lr=lr,
+                                        batch_size=batch_size, seed=seed,
+                                        before_epoch=train_modes):
+        log.append({"stage": "student-finetune", "epoch": epoch, "loss": loss,
                     "seconds": time.perf_counter() - t0})
-        print(f"[student-finetune] epoch {epoch + 1}/{epochs} loss {total / len(order):.4f} "
+        print(f"[student-finetune] epoch {epoch + 1}/{epochs} loss {loss:.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     for p in student.parameters():
         p.requires_grad_(True)
@@ -169,9 +156,7 @@ def _kd(logits, y, teacher_logits, alpha: float, temperature: float) -> torch.Te
     the teacher's logits (``y`` is not read when ``alpha == 1``)."""
     if alpha == 0:
         return F.cross_entropy(logits, y)
-    kl = F.kl_div(F.log_softmax(logits / temperature, 1),
-                  F.log_softmax(teacher_logits / temperature, 1), log_target=True,
-                  reduction="batchmean") * temperature ** 2
+    kl = softened_kl(logits, teacher_logits, temperature)
     return kl if alpha == 1 else (1 - alpha) * F.cross_entropy(logits, y) + alpha * kl
 
 
@@ -181,27 +166,16 @@ def _fit(encoder: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, pooled
     """Fit ``encoder`` (its feature map, or its global average when ``pooled``) to
     ``targets`` by mean squared error; it ends in eval mode."""
     scale = float(targets.var()) + 1e-12
-    params = list(encoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=lr)
-    per_epoch = -(-len(inputs) // batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
-                                                   total_steps=epochs * per_epoch)
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        encoder.train()
-        order = torch.randperm(len(inputs), generator=gen)
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            idx = order[i: i + batch_size]
-            out = encoder(inputs[idx])
-            loss = F.mse_loss(out.mean((2, 3)) if pooled else out, targets[idx]) / scale
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(idx)
-        log.append({"stage": f"distil-{what}-cnn", "epoch": epoch,
-                    "relative_mse": total / len(inputs), "seconds": time.perf_counter() - t0})
-        print(f"[distil-{what}-cnn] epoch {epoch + 1}/{epochs} relative mse "
-              f"{total / len(inputs):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def loss_fn(idx):
+        out = encoder(inputs[idx])
+        return F.mse_loss(out.mean((2, 3)) if pooled else out, targets[idx]) / scale
+
+    for epoch, mse in minibatch_epochs(list(encoder.parameters()), len(inputs), loss_fn,
+                                       epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                       before_epoch=encoder.train):
+        log.append({"stage": f"distil-{what}-cnn", "epoch": epoch, "relative_mse": mse,
+                    "seconds": time.perf_counter() - t0})
+        print(f"[distil-{what}-cnn] epoch {epoch + 1}/{epochs} relative mse {mse:.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     encoder.eval()

@@ -339,13 +339,7 @@ def distil_localiser(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: f
         InputError: nets whose configurations differ in more than the localiser's stride.
     """
     _check_epochs("epochs", epochs)
-    a, b = teacher.config.to_json(), student.config.to_json()
-    a.pop("localiser_stride", None)
-    b.pop("localiser_stride", None)
-    if a != b:
-        raise InputError(f"the student's configuration must be the teacher's but for the "
-                         f"localiser stride; they differ in "
-                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
+    same_config_but(teacher, student, ("localiser_stride",), "the localiser stride")
     log = [] if log is None else log
     student.load_state_dict(teacher.state_dict())
     student.eval()
@@ -375,35 +369,68 @@ def _fit_localiser(net, small: torch.Tensor, target: torch.Tensor, best: torch.T
     params = list(net.policy.localiser.parameters())
     for p in params:
         p.requires_grad_(True)
+    hits = [0.0]
+
+    def loss_fn(idx):
+        logits = net.policy.spatial(small[idx])
+        hits[0] += float((logits.argmax(1) == best[idx]).sum())
+        return -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+
+    for epoch, loss in minibatch_epochs(params, len(small), loss_fn, epochs=epochs, lr=lr,
+                                        batch_size=batch_size, seed=seed,
+                                        one_cycle=one_cycle):
+        log.append({"stage": stage, "epoch": epoch, "loss": loss,
+                    "argmax_agreement": hits[0] / len(small),
+                    "seconds": time.perf_counter() - t0})
+        print(f"[{stage}] epoch {epoch + 1}/{epochs} loss {loss:.4f} "
+              f"best-location agreement {hits[0] / len(small):.3f}", flush=True)
+        hits[0] = 0.0
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+
+
+def minibatch_epochs(params, n: int, loss_fn, *, epochs: int, lr: float, batch_size: int,
+                     seed: int, one_cycle: bool = True, before_epoch=None):
+    """The fitting loop of the glance module's fine-tuning and distillation steps: Adam on
+    ``params`` (optionally with a one-cycle schedule), each epoch over a permutation of
+    ``range(n)`` drawn from one generator seeded with ``seed``, in minibatches ``idx`` whose
+    loss is ``loss_fn(idx)``. Yields ``(epoch, mean loss)`` after every epoch (the caller
+    logs); ``before_epoch()`` runs before each (to set train modes)."""
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = None
     if one_cycle:
-        per_epoch = -(-len(small) // batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr,
-                                                       total_steps=epochs * per_epoch)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=lr, total_steps=epochs * -(-n // batch_size))
     gen = torch.Generator().manual_seed(seed)
     for epoch in range(epochs):
-        order = torch.randperm(len(small), generator=gen)
-        total, hits = 0.0, 0.0
-        for i in range(0, len(order), batch_size):
+        if before_epoch is not None:
+            before_epoch()
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch_size):
             idx = order[i: i + batch_size]
-            logits = net.policy.spatial(small[idx])
-            loss = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+            loss = loss_fn(idx)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if schedule is not None:
                 schedule.step()
             total += loss.item() * len(idx)
-            hits += float((logits.argmax(1) == best[idx]).sum())
-        log.append({"stage": stage, "epoch": epoch, "loss": total / len(small),
-                    "argmax_agreement": hits / len(small),
-                    "seconds": time.perf_counter() - t0})
-        print(f"[{stage}] epoch {epoch + 1}/{epochs} loss {total / len(small):.4f} "
-              f"best-location agreement {hits / len(small):.3f}", flush=True)
-    for p in net.parameters():
-        p.requires_grad_(True)
-    net.eval()
+        yield epoch, total / n
+
+
+def same_config_but(teacher: GFNet, student: GFNet, keys: tuple[str, ...], what: str) -> None:
+    """Raise unless the two nets' configurations agree in everything but ``keys`` (``what``
+    names them in the error)."""
+    a, b = teacher.config.to_json(), student.config.to_json()
+    for d in (a, b):
+        for k in keys:
+            d.pop(k, None)
+    if a != b:
+        raise InputError(f"the student's configuration must be the teacher's but for {what}; "
+                         f"they differ in "
+                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
 
 
 def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,

@@ -201,10 +201,17 @@ def kd_loss(logits: torch.Tensor, y: torch.Tensor, teacher: StagedModel | None,
     if teacher is None or alpha == 0:
         return loss
     with torch.no_grad():
-        target = F.softmax(teacher(x) / temperature, dim=1)
-    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), target,
-                  reduction="batchmean") * temperature ** 2
-    return alpha * kd + (1 - alpha) * loss
+        teacher_logits = teacher(x)
+    return alpha * softened_kl(logits, teacher_logits, temperature) + (1 - alpha) * loss
+
+
+def softened_kl(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: the KL divergence from the teacher's temperature-softened
+    distribution to the student's, times ``temperature ** 2`` (batch mean)."""
+    target = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1), target,
+                    reduction="batchmean") * temperature ** 2
 
 
 def _mse(a: Payload, b: Payload) -> torch.Tensor:
