@@ -18,7 +18,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
-from ..policies import ThresholdPolicy, _per_exit, is_plain_threshold
+from ..policies import ThresholdPolicy, _per_exit, has_graph_statistic, is_plain_threshold
+from ..runtime.arrays import check_grid
 from .onnx import DEFAULT_OPSET
 
 __all__ = ["export_exit_graph", "decision_nodes", "OnnxOps"]
@@ -65,10 +66,14 @@ class OnnxOps:
     becomes a graph. Rows are samples, axis 1 classes, as everywhere else.
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, shape=None):
         self.prefix = prefix
+        #: the logits' shape when known (``(1, C, H, W)`` for a dense map): the pixel grid's
+        #: slice and the pixel mean's axes need it
+        self.shape = None if shape is None else tuple(int(d) for d in shape)
         self.nodes: list = []
         self.inits: list = []
+        self._bool: set[str] = set()  # outputs of comparisons, cast by float32
         self._n = 0
 
     def _name(self, what: str) -> str:
@@ -91,8 +96,8 @@ class OnnxOps:
     def log_softmax(self, z):
         return self._node("LogSoftmax", [z], axis=1)
 
-    def amax(self, z):
-        return self._node("ReduceMax", [z], axes=[1], keepdims=0)
+    def amax(self, z, keepdims: bool = False):
+        return self._node("ReduceMax", [z], axes=[1], keepdims=int(keepdims))
 
     def sum(self, z):
         return self._node("ReduceSum", [z, self.const([1], np.int64)], keepdims=0)
@@ -109,8 +114,42 @@ class OnnxOps:
     def sub(self, a, b):
         return self._node("Sub", [a, b])
 
+    def reciprocal(self, a):
+        return self._node("Reciprocal", [a])
+
+    def at_least(self, a, value: float):
+        out = self._node("GreaterOrEqual", [a, self.const(value)])
+        self._bool.add(out)
+        return out
+
     def float32(self, z):
-        return z
+        """Logits are float32 already; a comparison's booleans are cast."""
+        return self._node("Cast", [z], to=TensorProto.FLOAT) if z in self._bool else z
+
+    def _dense(self, what: str) -> bool:
+        """Whether the logits are a dense map (rank 4); the shape must be known."""
+        if self.shape is None:
+            raise InputError(f"lowering {what} needs the logit map's shape: build "
+                             "OnnxOps(prefix, shape=(1, C, H, W))")
+        return len(self.shape) == 4
+
+    def grid(self, z, stride: int):
+        """The strided pixel grid of :meth:`NumpyOps.grid`, as a Slice."""
+        if stride == 1 or not self._dense(f"a pixel grid of stride {stride}"):
+            return z
+        check_grid(self.shape, stride)
+        first = stride // 2
+        return self._node("Slice", [z, self.const([first, first], np.int64),
+                                    self.const(list(self.shape[2:]), np.int64),
+                                    self.const([2, 3], np.int64),
+                                    self.const([stride, stride], np.int64)])
+
+    def pixel_mean(self, a):
+        """The mean over the pixels of a per-pixel map ``(N, H, W)``; a per-sample ``(N,)``
+        value (from ``(N, C)`` logits) is its own mean."""
+        if not self._dense("a mean over pixels"):
+            return a
+        return self._node("ReduceMean", [a], axes=[1, 2], keepdims=0)
 
     def top2(self, z):
         top, idx = self._name("top"), self._name("topi")
@@ -123,19 +162,27 @@ class OnnxOps:
         return (self._node("Squeeze", [first, axes]), self._node("Squeeze", [second, axes]))
 
 
-def decision_nodes(policy: ThresholdPolicy, e: int, logits: str, prefix: str
-                   ) -> tuple[list, list, str]:
-    """Nodes computing the boolean "exit now" for ``logits``: the policy's own statistic
-    (``policy.statistic_fn``) lowered to ONNX, then its threshold test."""
-    if not is_plain_threshold(policy):
-        raise InputError(f"no graph form of the {policy.name!r} policy (max-prob, entropy and "
-                         "margin have one)")
-    ops = OnnxOps(prefix)
+def decision_nodes(policy: ThresholdPolicy, e: int, logits: str, prefix: str, shape=None,
+                   out: str | None = None) -> tuple[list, list, str]:
+    """Nodes computing the boolean "exit now" at exit ``e`` for ``logits``: the policy's own
+    statistic (``policy.statistic_over``, the definition numpy and torch run) lowered to ONNX,
+    then its threshold test, compared in float32 as the runtimes compare a float32 statistic
+    with a Python float. ``shape``: the logits' shape, needed by the dense policies (a
+    ``(1, C, H, W)`` map). Returns the nodes, their initializers and the name of the boolean
+    output (``out`` when given, else ``prefix + "fire"``).
+
+    Raises:
+        InputError: a policy without a graph form, or a dense one without ``shape``.
+    """
+    if not has_graph_statistic(policy):
+        raise InputError(f"no graph form of the {policy.name!r} policy (max-prob, entropy, "
+                         "margin, meanconf and pixelshare have one)")
+    ops = OnnxOps(prefix, shape)
     t = _per_exit(policy.temperature, e)
     scaled = logits if t == 1.0 else ops._node("Div", [logits, ops.const(t)])
-    stat = type(policy).statistic_fn(ops, scaled)
+    stat = policy.statistic_over(ops, scaled)
     compare = "GreaterOrEqual" if policy.higher_is_confident else "LessOrEqual"
-    fire = prefix + "fire"
+    fire = out or prefix + "fire"
     ops.nodes.append(helper.make_node(compare, [stat, ops.const(_per_exit(policy.threshold, e))],
                                       [fire]))
     return ops.nodes, ops.inits, fire

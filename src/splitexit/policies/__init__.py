@@ -30,7 +30,7 @@ from .base import (
     margin_statistic,
     maxprob_statistic,
 )
-from .dense import MeanConfidence, PixelShare
+from .dense import DENSE_POLICIES, MeanConfidence, PixelShare
 from .ensembles import (
     AdditiveEnsemble,
     GeometricEnsemble,
@@ -45,7 +45,7 @@ __all__ = ["POLICIES", "ExitPolicy", "ThresholdPolicy", "MaxProb", "Entropy", "M
            "fit_temperature", "GeometricEnsemble", "AdditiveEnsemble", "GatedMaxProb",
            "fit_ensemble_weights", "ensemble_logits", "leave_at", "is_plain_threshold",
            "maxprob_statistic", "entropy_statistic", "margin_statistic", "Gated",
-           "PixelShare", "MeanConfidence"]
+           "PixelShare", "MeanConfidence", "has_graph_statistic"]
 
 _ = _per_exit  # re-exported for the TorchScript exits (splitexit.optimize)
 
@@ -55,6 +55,13 @@ POLICIES: Registry[type[ExitPolicy]] = Registry("policy")
 for _cls in (MaxProb, Entropy, Margin, Patience, NeverExit, FixedExit, GeometricEnsemble,
              AdditiveEnsemble, GatedMaxProb, Gated, PixelShare, MeanConfidence):
     POLICIES.add(_cls.name, _cls)
+
+
+def has_graph_statistic(policy: ExitPolicy) -> bool:
+    """Whether ``policy``'s exit test lowers to ONNX nodes
+    (:func:`splitexit.export.exit_graph.decision_nodes`): a plain threshold policy
+    (:func:`is_plain_threshold`) or a dense one (meanconf, pixelshare)."""
+    return is_plain_threshold(policy) or type(policy) in DENSE_POLICIES
 
 
 def register_policy(cls: type[ExitPolicy]) -> type[ExitPolicy]:

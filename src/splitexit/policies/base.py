@@ -153,12 +153,19 @@ class ThresholdPolicy(ExitPolicy):
         super().check_exits(num_exits)
         _check_length(self.name, "threshold", self.threshold, num_exits)
 
-    def statistic(self, logits):
-        """The per-sample statistic compared with the threshold (float32)."""
+    def statistic_over(self, F, z):
+        """The per-sample statistic of float32 logits ``z``, in the array primitives ``F``
+        (numpy, torch, or ONNX nodes: :class:`~splitexit.export.exit_graph.OnnxOps`): the
+        one definition every runtime and the graph form share. Stateless statistics set
+        ``statistic_fn``; those with parameters override this method."""
         if type(self).statistic_fn is None:
             raise NotImplementedError(f"{type(self).__name__} defines no statistic_fn")
+        return type(self).statistic_fn(F, z)
+
+    def statistic(self, logits):
+        """The per-sample statistic compared with the threshold (float32)."""
         ops = ops_of(logits)
-        return type(self).statistic_fn(ops, ops.float32(logits))
+        return self.statistic_over(ops, ops.float32(logits))
 
     def decide(self, exit_index, logits, state):
         stat = self.statistic(self.scaled(exit_index, logits))

@@ -7,8 +7,10 @@ one confidence per sample, compared with a threshold by the one exit loop.
 resolution of a head that upsamples by ``s``: the same decision rule at ``1 / s**2`` of the
 work, calibrated like any other threshold (see :func:`grid_pixels`). Both are plain
 threshold policies (stateless), so the shared loop, the offline replay and the sweeps treat them
-like max-prob; on ``(N, C)`` logits they reduce to a one-pixel map. Torch-free, like every
-policy: they run on numpy arrays on the edge.
+like max-prob; on ``(N, C)`` logits they reduce to a one-pixel map. Each statistic is written
+once over the array primitives (:mod:`splitexit.runtime.arrays`), so numpy, torch and the
+ONNX lowering (:class:`~splitexit.export.exit_graph.OnnxOps`) share it. Torch-free, like
+every policy: they run on numpy arrays on the edge.
 """
 
 from __future__ import annotations
@@ -19,39 +21,31 @@ from ..errors import InputError
 from ..runtime.arrays import ops_of
 from .base import ThresholdPolicy
 
-__all__ = ["PixelShare", "MeanConfidence", "pixel_confidence", "per_sample_mean",
-           "grid_pixels"]
+__all__ = ["PixelShare", "MeanConfidence", "DENSE_POLICIES", "pixel_confidence",
+           "per_sample_mean", "grid_pixels"]
 
 
 def pixel_confidence(F, z):
-    """Top softmax probability of every pixel, ``(N, H, W)`` (``(N,)`` for ``(N, C)``):
-    ``1 / sum_k exp(z_k - max_k z)``, the softmax's largest entry without the division of
-    every entry and the second reduction (about a third less work on a dense map)."""
-    top = F.amax(z)
-    return 1.0 / F.sum(F.exp(z - top[:, None]))
+    """Top softmax probability of every pixel, ``(N, H, W)`` (``(N,)`` for ``(N, C)``), in the
+    primitives ``F`` (numpy, torch or ONNX): ``1 / sum_k exp(z_k - max_k z)``, the softmax's
+    largest entry without the division of every entry and the second reduction (about a third
+    less work on a dense map)."""
+    return F.reciprocal(F.sum(F.exp(F.sub(z, F.amax(z, keepdims=True)))))
 
 
 def per_sample_mean(a):
     """Mean over every axis but the first (a torch tensor or a numpy array)."""
-    return a.reshape(a.shape[0], -1).mean(1)
+    return ops_of(a).pixel_mean(a)
 
 
 def grid_pixels(z, stride: int):
-    """The pixels a dense statistic with ``stride`` reads: rows and columns ``stride // 2``,
-    ``stride // 2 + stride``, ... of a ``(N, C, H, W)`` map (a view, numpy or torch); the map
-    itself for ``stride=1`` or ``(N, C)`` logits.
+    """The pixels a dense statistic with ``stride`` reads (numpy or torch; see
+    :meth:`NumpyOps.grid <splitexit.runtime.arrays.NumpyOps.grid>`).
 
     Raises:
         InputError: a map too small to hold one pixel of the grid.
     """
-    if stride == 1 or z.ndim != 4:
-        return z
-    first = stride // 2
-    if z.shape[2] <= first or z.shape[3] <= first:
-        raise InputError(f"a dense policy with stride={stride} reads pixels from row and "
-                         f"column {first} on, but the logit map is {tuple(z.shape[2:])}; "
-                         "use a smaller stride")
-    return z[:, :, first::stride, first::stride]
+    return ops_of(z).grid(z, stride)
 
 
 def _check_stride(policy: str, stride) -> None:
@@ -74,10 +68,8 @@ class MeanConfidence(ThresholdPolicy):
         super().__post_init__()
         _check_stride(self.name, self.stride)
 
-    def statistic(self, logits):
-        ops = ops_of(logits)
-        z = ops.float32(grid_pixels(logits, self.stride))
-        return per_sample_mean(pixel_confidence(ops, z))
+    def statistic_over(self, F, z):
+        return F.pixel_mean(pixel_confidence(F, F.grid(z, self.stride)))
 
 
 @dataclass(frozen=True)
@@ -98,8 +90,11 @@ class PixelShare(ThresholdPolicy):
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise InputError(f"pixelshare pixel_threshold is a probability in [0, 1], got {p!r}")
 
-    def statistic(self, logits):
-        ops = ops_of(logits)
-        z = ops.float32(grid_pixels(logits, self.stride))
-        confident = pixel_confidence(ops, z) >= self.pixel_threshold
-        return per_sample_mean(ops.float32(confident))
+    def statistic_over(self, F, z):
+        confident = F.at_least(pixel_confidence(F, F.grid(z, self.stride)),
+                               self.pixel_threshold)
+        return F.pixel_mean(F.float32(confident))
+
+
+#: the dense policies (their statistics reduce a logit map to one value per sample)
+DENSE_POLICIES = (MeanConfidence, PixelShare)

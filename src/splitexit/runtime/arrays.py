@@ -6,10 +6,12 @@ themselves. Nothing here imports torch: the torch operations are tensor methods,
 torch module is looked up only when a torch tensor is already in hand. So an edge device runs
 the same loop and the same policy code on numpy with ONNX Runtime, and no PyTorch installed.
 
-A threshold statistic (max-prob, entropy, margin) is written once in :mod:`splitexit.policies`
-over the primitives ``softmax``, ``log_softmax``, ``amax``, ``sum``, ``exp``, ``mul``,
-``neg``, ``top2``, ``sub``; :class:`~splitexit.export.exit_graph.OnnxOps` gives the same
-primitives as ONNX nodes, so the graph form of a statistic comes from the same definition.
+A threshold statistic (max-prob, entropy, margin, and the dense mean confidence and pixel
+share) is written once in :mod:`splitexit.policies` over the primitives ``softmax``,
+``log_softmax``, ``amax``, ``sum``, ``exp``, ``mul``, ``neg``, ``top2``, ``sub``,
+``reciprocal``, ``at_least``, ``float32``, ``grid`` and ``pixel_mean``;
+:class:`~splitexit.export.exit_graph.OnnxOps` gives the same primitives as ONNX nodes, so the
+graph form of a statistic comes from the same definition.
 
 Logits are ``(N, C)`` per exit, or ``(N, C, H, W)`` for dense (per-pixel) outputs such as a
 segmentation map: ``empty_like_rows`` and ``predictions_like`` (one class per sample, or per
@@ -25,7 +27,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = ["NumpyOps", "TorchOps", "ops_of", "NUMPY", "TORCH", "is_torch", "to_numpy",
-           "one_float32_sample"]
+           "one_float32_sample", "check_grid"]
 
 
 def is_torch(a: object) -> bool:
@@ -56,12 +58,51 @@ def one_float32_sample(x, input_shape: tuple[int, ...], who: str) -> np.ndarray:
     return x
 
 
+def check_grid(shape, stride: int) -> None:
+    """Raise :class:`InputError` unless a ``(N, C, H, W)`` map of ``shape`` holds at least one
+    pixel of the ``stride`` grid (see :meth:`_Arithmetic.grid`)."""
+    first = stride // 2
+    if len(shape) == 4 and stride > 1 and (shape[2] <= first or shape[3] <= first):
+        raise InputError(f"a dense policy with stride={stride} reads pixels from row and "
+                         f"column {first} on, but the logit map is {tuple(shape[2:])}; "
+                         "use a smaller stride")
+
+
 class _Arithmetic:
     """The operations both array kinds spell alike."""
 
     @staticmethod
     def mul(a, b):
         return a * b
+
+    @staticmethod
+    def reciprocal(a):
+        return 1.0 / a
+
+    @staticmethod
+    def at_least(a, value: float):
+        """``a >= value`` (a boolean array; a float32 ``a`` is compared in float32)."""
+        return a >= value
+
+    @staticmethod
+    def grid(z, stride: int):
+        """The pixels a dense statistic with ``stride`` reads: rows and columns
+        ``stride // 2``, ``stride // 2 + stride``, ... of a ``(N, C, H, W)`` map (a view);
+        the map itself for ``stride=1`` or ``(N, C)`` logits.
+
+        Raises:
+            InputError: a map too small to hold one pixel of the grid.
+        """
+        if stride == 1 or z.ndim != 4:
+            return z
+        check_grid(z.shape, stride)
+        first = stride // 2
+        return z[:, :, first::stride, first::stride]
+
+    @staticmethod
+    def pixel_mean(a):
+        """The mean over every axis but the first (samples)."""
+        return a.reshape(a.shape[0], -1).mean(1)
 
     @staticmethod
     def neg(a):
@@ -94,8 +135,8 @@ class NumpyOps(_Arithmetic):
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
     @staticmethod
-    def amax(z):
-        return z.max(axis=1)
+    def amax(z, keepdims: bool = False):
+        return z.max(axis=1, keepdims=keepdims)
 
     @staticmethod
     def sum(z):
@@ -223,8 +264,8 @@ class TorchOps(_Arithmetic):
         return z.log_softmax(1)
 
     @staticmethod
-    def amax(z):
-        return z.amax(1)
+    def amax(z, keepdims: bool = False):
+        return z.amax(1, keepdim=keepdims)
 
     @staticmethod
     def sum(z):

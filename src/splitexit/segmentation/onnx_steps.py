@@ -5,7 +5,8 @@ batch bookkeeping (masks, payload selection, per-exit result assembly, input che
 on MESS's canvases at batch 1, about 0.2 ms: two thirds of the first piece itself.
 :class:`DenseSteps` runs the same exported pieces for one sample at a time with only what a
 single sample needs. Each piece's graph carries its exit's test (the policy's statistic and
-threshold, :func:`exit_test_nodes`) and the class map of its logit map (ArgMax: the first
+threshold, lowered from the policy's one definition by
+:func:`~splitexit.export.exit_graph.decision_nodes`) and the class map of its logit map (ArgMax: the first
 maximum, as :meth:`NumpyOps.classes` picks, cast to ``uint8``): one call answers the exit
 boolean, the class map and the payload for the next piece, and the loop reads only the
 boolean.
@@ -19,14 +20,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..errors import InputError
-from ..policies.base import _per_exit
-from ..policies.dense import MeanConfidence, PixelShare
+from ..export.exit_graph import decision_nodes
+from ..policies.dense import DENSE_POLICIES
 from ..runtime.arrays import NUMPY, one_float32_sample
 
-__all__ = ["DenseSteps", "exit_test_graph", "exit_test_nodes", "class_map_dtype"]
+__all__ = ["DenseSteps", "exit_test_graph", "class_map_dtype"]
 
 CLASS_MAPS = ("graph", "numpy")
 
@@ -34,57 +35,6 @@ CLASS_MAPS = ("graph", "numpy")
 def class_map_dtype(num_classes: int) -> type:
     """The dtype of a graph's class map: ``uint8`` up to 256 classes, else ``int64``."""
     return np.uint8 if num_classes <= 256 else np.int64
-
-
-def exit_test_nodes(policy, e: int, logits: str, shape, out: str | None = None
-                    ) -> tuple[list, list, str]:
-    """Nodes computing ``policy``'s test at exit ``e`` on a logit map ``logits`` of ``shape``
-    ``(1, C, H, W)``, the lowering of :class:`MeanConfidence` / :class:`PixelShare`'s
-    statistic: the pixels of its grid (``stride``: a strided Slice, as
-    :func:`~splitexit.policies.dense.grid_pixels`), each one's confidence
-    ``1 / sum_k exp(z_k - max_k z)``, then its mean (meanconf) or the share at or above
-    ``pixel_threshold`` (pixelshare), at or above the threshold (compared in float32, as
-    numpy and torch compare a float32 statistic with a Python float). Returns the nodes,
-    their initializers and the name of the boolean ``(1,)`` output (``out`` when given)."""
-    nodes, inits = [], []
-
-    def const(name: str, value, dtype=np.float32) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), f"t{e}_{name}"))
-        return f"t{e}_{name}"
-
-    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
-        out = f"t{e}_{name}"
-        nodes.append(helper.make_node(op, inputs, [out], **attrs))
-        return out
-
-    z = logits
-    stride = getattr(policy, "stride", 1)
-    if stride > 1:
-        first = stride // 2
-        if min(shape[2:]) <= first:
-            raise InputError(f"a {policy.name} test with stride={stride} needs a logit map "
-                             f"larger than {first} pixels, got {tuple(shape[2:])}")
-        z = node("Slice", [z, const("starts", [first, first], np.int64),
-                           const("ends", list(shape[2:]), np.int64),
-                           const("axes", [2, 3], np.int64),
-                           const("steps", [stride, stride], np.int64)], "grid")
-    t = _per_exit(policy.temperature, e)
-    if t != 1.0:
-        z = node("Div", [z, const("temperature", t)], "scaled")
-    top = node("ReduceMax", [z], "top", axes=[1], keepdims=1)
-    total = node("ReduceSum", [node("Exp", [node("Sub", [z, top], "shifted")], "exp"),
-                               const("axes1", [1], np.int64)], "sum", keepdims=0)
-    confidence = node("Reciprocal", [total], "confidence")  # (1, h, w)
-    if isinstance(policy, PixelShare):
-        confident = node("GreaterOrEqual", [confidence, const("pixel", policy.pixel_threshold)],
-                         "confident")
-        confidence = node("Cast", [confident], "share", to=TensorProto.FLOAT)
-    stat = node("ReduceMean", [confidence], "stat", axes=[1, 2], keepdims=0)  # (1,)
-    threshold = const("threshold", _per_exit(policy.threshold, e))
-    if out is not None:
-        nodes.append(helper.make_node("GreaterOrEqual", [stat, threshold], [out]))
-        return nodes, inits, out
-    return nodes, inits, node("GreaterOrEqual", [stat, threshold], "fire")
 
 
 def _class_map_nodes(logits: str, num_classes: int, out: str) -> list:
@@ -106,7 +56,7 @@ def _map_info(name: str, shape) -> onnx.ValueInfoProto:
 def exit_test_graph(policy, e: int, shape, path: str | Path) -> Path:
     """The exit test of ``policy`` at exit ``e`` and the class map, alone: a graph from a
     logit map of ``shape`` ``(1, C, H, W)`` to ``classes`` and ``exit`` (for timing them)."""
-    nodes, inits, _ = exit_test_nodes(policy, e, "logits", shape, "exit")
+    nodes, inits, _ = decision_nodes(policy, e, "logits", f"t{e}_", shape, "exit")
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
         [*nodes, *_class_map_nodes("logits", shape[1], "classes")],
@@ -137,7 +87,7 @@ def _answering(path: Path, policy, e: int | None, final: bool, class_map: str) -
         answer = [_map_info("classes", shape)]
     test = []
     if not final:
-        nodes, inits, _ = exit_test_nodes(policy, e, "logits", shape, "exit")
+        nodes, inits, _ = decision_nodes(policy, e, "logits", f"t{e}_", shape, "exit")
         g.node.extend(nodes)
         g.initializer.extend(inits)
         test = [helper.make_tensor_value_info("exit", TensorProto.BOOL, [1])]
@@ -180,7 +130,7 @@ class DenseSteps:
         from ..program import export_pieces, lower
         from ..runtime.ort import OrtSession
 
-        if type(policy) not in (MeanConfidence, PixelShare):
+        if type(policy) not in DENSE_POLICIES:
             raise InputError(f"DenseSteps tests meanconf and pixelshare policies, got "
                              f"{getattr(policy, 'name', policy)!r}; use "
                              "splitexit.runtime.OrtProgram for others")
