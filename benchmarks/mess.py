@@ -12,7 +12,12 @@ The suite (public splitexit API only):
    jointly trained model with the searched heads (``E + H`` epochs);
 2. searches the number, placement and type of heads and the policy (pixel share at several
    pixel thresholds, mean confidence; each reading every pixel or one per 8x8 block) on the
-   calibration split within a head MAC budget;
+   calibration split within a head MAC budget (the fewest mean MACs: MESS's rule) and,
+   latency-aware, on a one-shot joint bank (a fresh backbone trained with every
+   candidate at the early cuts, ``E + H`` epochs): the configuration and policy of the lowest
+   expected batch-1 latency (a table of every piece's ONNX Runtime time in DenseSteps' form,
+   measured once and cached in ``OUT/models``) within 1 pt of the control on calibration,
+   the head MAC budget and 50% mean MACs; the chosen heads are also trained jointly alone;
 3. chooses each model's policy on the calibration split by the search's rule, picks operating
    points there at <= 0.5 and <= 1 pt mIoU below the control's calibration mIoU, and applies
    them once on the test split;
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from splitexit.calibration import choose_operating_point, pareto_front
+from splitexit.calibration import pareto_front
 from splitexit.cost import cost_table
 from splitexit.data import load_dataset
 from splitexit.errors import InputError
@@ -46,14 +51,18 @@ from splitexit.report import load_report, plot_pareto, write_report
 from splitexit.runtime.arrays import NUMPY, TORCH
 from splitexit.segmentation import (
     CandidateBank,
+    LatencyTable,
     MeanConfidence,
     PixelShare,
     assemble,
+    choose_point,
     choose_policy,
     create_segmenter,
     dense_oracle,
     dense_sweep,
     fit_candidates,
+    head_label,
+    measure_latency_table,
     search_heads,
     summarize_candidates,
     summarize_exits,
@@ -91,7 +100,23 @@ class MessSettings:
         {"kind": "conv", "depth": 2, "dilation": 2, "channels": 32},
         {"kind": "depthwise", "depth": 2, "dilation": 2},
     )
+    # the latency-aware search's candidates, judged as jointly trained heads: a one-shot bank
+    # (backbone and every candidate trained together, E + H epochs) at the cuts whose exit
+    # piece can answer in a fraction of the backbone's batch-1 time (a piece reaching block2
+    # already costs ~0.75x; see the parts table); not part of the older models' cache keys
+    joint_candidates: tuple[dict, ...] = (
+        {"cut": "down", "kind": "pointwise"},
+        {"cut": "down", "kind": "conv", "depth": 1, "channels": 32},
+        {"cut": "down", "kind": "conv", "depth": 2, "dilation": 2, "channels": 32},
+        {"cut": "down", "kind": "conv", "depth": 2, "dilation": 2, "channels": 64},
+        {"cut": "down", "kind": "conv", "depth": 3, "dilation": 2, "channels": 32},
+        {"cut": "down", "kind": "depthwise", "depth": 2, "dilation": 2},
+        {"cut": "block1", "kind": "pointwise"},
+        {"cut": "block1", "kind": "conv", "depth": 1, "channels": 32},
+        {"cut": "block1", "kind": "conv", "depth": 2, "dilation": 2, "channels": 32},
+    )
     head_budget_share: float = 0.25
+    macs_budget_share: float = 0.5  # the latency-aware search's mean MACs budget
     pixel_thresholds: tuple[float, ...] = (0.8, 0.9, 0.95, 0.99)
     # every policy at these pixel grid steps: 1 reads every pixel, 8 one per 8x8 block (the
     # resolution of a head at 1/8); the search and the calibration choose among them
@@ -100,6 +125,8 @@ class MessSettings:
     seed: int = 0
     train_threads: int = 1
     latency_samples: int = 200
+    latency_table_samples: int = 1000  # calibration canvases the search's latency table uses
+    profile_runs: int = 500  # runs of each graph under ONNX Runtime's profiler
     throughput_samples: int = 256
     throughput_batch: int = 64
     parity_samples: int = 256
@@ -136,6 +163,21 @@ def _cached(models: Path, key: str, module: torch.nn.Module, fit) -> float | Non
               str(file))
     module.eval()
     return seconds
+
+
+def _joint_bank(s: MessSettings, models: Path, segmenter, trainset, config
+                ) -> tuple[torch.nn.Module, CandidateBank, float | None]:
+    """The one-shot joint bank (a fresh backbone and every joint candidate trained together,
+    ``E + H`` epochs, as the control), trained or loaded from ``models``: the backbone, the
+    bank and the training seconds (``None`` when cached)."""
+    model = segmenter()
+    bank = CandidateBank(model, s.joint_candidates, joint=True)
+    key = {**s.training_key(), "joint_candidates": list(s.joint_candidates)}
+    seconds = _cached(models, _digest("jointbank", key), bank, lambda b: fit_candidates(
+        b, trainset, config, epochs=s.backbone_epochs + s.head_epochs))
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
+    return model, bank, seconds
 
 
 def _policies(s: MessSettings) -> list:
@@ -234,6 +276,33 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
             models, _digest("joint", {**key, "heads": found.heads}), joint,
             lambda m: train_joint(m, trainset, s.backbone_epochs + s.head_epochs, config=config))
 
+        # the latency-aware search: candidates judged as jointly trained heads (the one-shot
+        # joint bank) and scored by the measured batch-1 latency of the pieces they run (a
+        # table measured once per settings, cached beside the models: every run searches the
+        # same figures), against the control's calibration mIoU, within the head MAC budget
+        # and at <= macs_budget_share mean MACs
+        jmodel, jbank, seconds["joint candidate bank"] = _joint_bank(s, models, segmenter,
+                                                                      trainset, config)
+        table, table_info = _latency_table(s, models, jbank, jmodel, policies, ds.calib.x)
+        macs_budget = s.macs_budget_share * backbone_macs
+        t0 = time.perf_counter()
+        joint_sums, joint_final = summarize_candidates(jbank, jmodel, ds.calib.x, ds.calib.y,
+                                                       classes, policies)
+        fast_found = search_heads(jbank, joint_sums, joint_final, stage_macs, policies,
+                                  reference, max_drop=max(s.max_drops),
+                                  head_budget=s.head_budget_share * backbone_macs,
+                                  latency=table, macs_budget=macs_budget)
+        seconds["latency-aware search"] = time.perf_counter() - t0
+        oneshot = assemble(jbank, jmodel, fast_found.heads)
+        fast_joint = segmenter(fast_found.heads)
+        if fast_found.heads != found.heads:
+            seconds["joint, latency-searched heads"] = _cached(
+                models, _digest("joint", {**key, "heads": fast_found.heads}), fast_joint,
+                lambda m: train_joint(m, trainset, s.backbone_epochs + s.head_epochs,
+                                      config=config))
+        else:
+            fast_joint = joint
+
     test_control = _evaluate(control, ds.test, classes, [])
     test_backbone = _evaluate(backbone, ds.test, classes, [])
     control_miou = test_control.exit_miou()[-1]
@@ -245,11 +314,20 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
          "pixel_accuracy": test_control.exit_pixel_accuracy()[-1], "mean_macs": backbone_macs,
          "epochs": s.backbone_epochs + s.head_epochs},
     ]
-    variants = {"MESS two-stage, searched heads": mess,
-                "two-stage, default conv heads": default,
-                "joint, searched heads": joint}
+    def latency(heads):  # the table's expected batch-1 latency of a point of these heads
+        return lambda p: table.expected(heads, p.policy, p.exit_fractions)
+
+    # name: (model, the cost its points minimise (None: mean MACs), its mean MACs budget)
+    variants = {"MESS two-stage, searched heads": (mess, None, None),
+                "two-stage, default conv heads": (default, None, None),
+                "joint, searched heads": (joint, None, None),
+                "joint one-shot bank, latency-searched heads": (
+                    oneshot, latency(fast_found.heads), macs_budget)}
+    if fast_joint is not joint:
+        variants["joint, latency-searched heads"] = (fast_joint, latency(fast_found.heads),
+                                                     macs_budget)
     curves, anytime, chosen, notes_extra, families = {}, [], {}, [], []
-    for name, model in variants.items():
+    for name, (model, cost, budget) in variants.items():
         exit_macs = cost_table(model, ds.calib.x[:2], measure=False).exit_macs
         calib = _evaluate(model, ds.calib, classes, policies)
         own_final = calib.exit_miou()[-1]
@@ -257,7 +335,7 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
         # search's rule against the same reference (the control's, or its own final exit's
         # when that is lower); its thresholds are then chosen per target below
         family = choose_policy(calib, exit_macs, policies, min(reference, own_final),
-                               max(s.max_drops)).policy
+                               max(s.max_drops), cost=cost, macs_budget=budget).policy
         families.append({"method": name, "policy": json.dumps(
             {k: v for k, v in family.config().items() if k != "threshold"})})
         test = _evaluate(model, ds.test, classes, [family])
@@ -270,7 +348,7 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
                         own_final, max(s.max_drops)))
         for label, ref, drop in targets:
             try:
-                point = choose_operating_point(points, reference_accuracy=ref, max_drop=drop)
+                point = choose_point(points, ref, drop, cost, budget)
             except InputError:
                 rows.append({"method": label, "note": "no threshold meets the drop on "
                              "calibration"})
@@ -280,6 +358,8 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
             rows.append({"method": label, **got, "threshold": point.policy.threshold,
                          "calib_reference_miou": ref, "calib_miou": point.accuracy,
                          "calib_mean_macs": point.mean_macs})
+            if cost is not None:  # what the search expects of it, from the latency table
+                rows[-1]["calib_latency_ratio_expected"] = cost(point)
         if name.startswith("MESS"):
             rows.append({"method": f"{name}: oracle bound", **{
                 k: v for k, v in dense_oracle(test, exit_macs).items()}})
@@ -291,6 +371,7 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
     parity = _parity(chosen, ds.test, s)
     timing = _timing(backbone, chosen, ds.test.x, s)
     parts = timing.pop("_parts")
+    profile = timing.pop("_profile")
     for row in rows:
         if row["method"] in timing:
             row.update(timing[row["method"]])
@@ -298,7 +379,9 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
     # within 1 pt of the control on calibration or, when there is none, within 1 pt of the
     # model's own final exit (then the mIoU target shows the gap)
     targets = []
-    for name in ("MESS two-stage, searched heads", "joint, searched heads"):
+    for name in ("MESS two-stage, searched heads", "joint, searched heads",
+                 "joint one-shot bank, latency-searched heads",
+                 *(["joint, latency-searched heads"] if fast_joint is not joint else [])):
         main = f"{name} @ <= {100 * max(s.max_drops):g} pt"
         target = next((r for r in rows if r["method"] == main and "miou" in r), None) or next(
             (r for r in rows if r["method"].startswith(main) and "miou" in r), None)
@@ -312,14 +395,15 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
     }
     sections = {
         "targets": targets,
-        "search (best 10 of the configurations tried on calibration)": [
-            {"heads": " + ".join(f"{h['cut']}:{h['kind']}" + "".join(
-                f",{k}={v}" for k, v in h.items() if k not in ("cut", "kind")) for h in r["heads"]),
-             "policy": json.dumps(r["policy"]), "calib_miou": r["calib_miou"],
-             "calib_mean_macs": r["calib_mean_macs"], "head_macs": r["head_macs"],
-             "meets_drop": r["meets_drop"]}
-            for r in sorted(found.tried, key=lambda r: (not r["meets_drop"],
-                                                        r["calib_mean_macs"]))[:10]],
+        "search (best 10 of the configurations tried on calibration)": _tried(
+            found.tried, "calib_mean_macs"),
+        "latency-aware search on the one-shot joint bank (best 10 by expected batch-1 "
+        "latency on calibration)": _tried(fast_found.tried, "calib_latency_ratio"),
+        "latency table of the latency-aware search (batch-1 ONNX Runtime time of each piece "
+        "in DenseSteps' form, ratio to the backbone's batch-1 graph with its class map; the "
+        "search uses the medians)": [
+            {"piece": k, "median_ratio": v, "mean_ratio": table.mean_segments.get(k)}
+            for k, v in sorted(table.segments.items(), key=lambda kv: kv[1])],
         "policy of each model (chosen on calibration; thresholds per operating point)":
             families,
         "anytime (every sample stops at one exit, test mIoU)": anytime,
@@ -327,6 +411,8 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
         "ONNX Runtime batch-1 cost of an exit at the first piece, by part (same run, one "
         "thread; ratios to the backbone's batch-1 graph with its class map in the graph, "
         "DenseSteps' reference)": parts,
+        "ONNX Runtime profile of the first piece, by part (median microseconds per run, one "
+        "thread, batch 1; share of the reference's whole run)": profile,
         "training": [{"part": k, "seconds": v if v is not None else "cached"}
                      for k, v in seconds.items()],
     }
@@ -340,6 +426,31 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
             "DenseSteps' pieces are batch-1 graphs too, so their onnx_steps_latency_ratio and "
             "the DenseSteps target are against that form; onnx_steps_dynamic_ref_* keep the "
             "comparison with the onnx_* reference.")
+    notes_extra.append(
+        "Latency-aware search: the candidates at "
+        f"{', '.join(dict.fromkeys(c['cut'] for c in s.joint_candidates))} are trained at once "
+        f"with a fresh backbone ({s.backbone_epochs + s.head_epochs} epochs, as the control: "
+        "the one-shot joint bank; per batch the final exit's loss and each cut's mean "
+        "candidate loss, averaged), so each is judged as a jointly trained head; every "
+        "configuration and policy is scored on calibration by its expected batch-1 latency "
+        "(each exit's fraction times the median time of the pieces up to it, from the latency "
+        "table, plus each policy's exit test over the one the pieces were built with), within "
+        "1 pt "
+        "of the control's calibration mIoU, the head MAC budget and "
+        f"{s.macs_budget_share:.0%} mean MACs. Chosen: "
+        f"{' + '.join(head_label(h) for h in fast_found.heads)}, "
+        f"{json.dumps(fast_found.policy.config())}, expected "
+        f"{fast_found.calib_latency_ratio:.3f}x at {100 * fast_found.calib_miou:.2f} % "
+        f"calibration mIoU and {fast_found.calib_mean_macs / backbone_macs:.1%} MACs. The "
+        f"table was measured once ({table_info['utc']} UTC, "
+        f"{table.samples} calibration canvases interleaved, one thread) and is cached in "
+        f"{Path(table_info['file']).name}, so every run searches the same figures. "
+        "'joint one-shot bank, latency-searched heads' is the bank's own backbone with the "
+        "chosen heads; 'joint, latency-searched heads' trains them alone with a fresh "
+        "backbone (as 'joint, searched heads')"
+        + (" (the same heads as 'joint, searched heads': not trained again)."
+           if fast_joint is joint else "."))
+    notes_extra += _profile_notes(profile)
     for a in anytime:
         if a["exit_miou"][0] > a["exit_miou"][-1]:
             notes_extra.append(
@@ -391,6 +502,56 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
     return written
 
 
+def _profile_notes(profile: list[dict]) -> list[str]:
+    """One sentence per profiled graph: its whole run, its fixed kernels and ONNX Runtime's
+    overhead as shares of the reference's run (from the profile section)."""
+    graphs: dict[str, dict[str, float]] = {}
+    for r in profile:
+        graphs.setdefault(r["graph"], {})[r["part"]] = r["share_of_reference"]
+    return [f"Profile of {graph}: the run takes {parts['whole run']:.3f} of the reference's; "
+            f"{parts.get(_FIXED_LABEL, 0.0):.3f} is the fixed work any exit repeats (stem and "
+            f"down {parts.get(_FIXED[0], 0.0):.3f}, full resolution "
+            f"{parts.get(_FIXED[1], 0.0):.3f}, class map {parts.get(_FIXED[2], 0.0):.3f}), "
+            f"{parts.get(_OVERHEAD, 0.0):.3f} ONNX Runtime's per-run and per-node overhead"
+            + (f", {parts[_PARTS[2][0]]:.3f} the exit test" if _PARTS[2][0] in parts else "")
+            + " (ONNX Runtime's profiler, medians; every part in the profile section)."
+            for graph, parts in graphs.items()]
+
+
+def _tried(tried: list[dict], by: str) -> list[dict]:
+    """The 10 best configurations a search tried (those within the drop first, then by
+    ``by``), one row each."""
+    return [{"heads": " + ".join(head_label(h) for h in r["heads"]),
+             "policy": json.dumps(r["policy"]), "calib_miou": r["calib_miou"],
+             "calib_mean_macs": r["calib_mean_macs"], "head_macs": r["head_macs"],
+             **({"calib_latency_ratio": r[by]} if by == "calib_latency_ratio" else {}),
+             "meets_drop": r["meets_drop"]}
+            for r in sorted(tried, key=lambda r: (not r["meets_drop"], r[by]))[:10]]
+
+
+def _latency_table(s: MessSettings, models: Path, bank: CandidateBank, model, policies,
+                   x: torch.Tensor) -> tuple[LatencyTable, dict]:
+    """The latency-aware search's table for ``bank``'s candidates: loaded from
+    ``models/latency-*.json`` (keyed by the settings), or measured over the first
+    ``latency_table_samples`` calibration canvases and saved there, with when and where it
+    was measured, so every later run searches the same figures."""
+    key = {**s.training_key(), "joint_candidates": list(s.joint_candidates),
+           "policies": [p.config() for p in policies], "samples": s.latency_table_samples}
+    file = models / f"{_digest('latency', key)}.json"
+    if file.is_file():
+        saved = json.loads(file.read_text())
+        return LatencyTable.from_dict(saved["table"]), saved["measured"]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        table = measure_latency_table(bank, model, policies, x[: s.latency_table_samples],
+                                      tmp, threads=1, chunks=20)
+    measured = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                "seconds": time.perf_counter() - t0, "file": str(file)}
+    models.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"table": table.to_dict(), "measured": measured}, indent=1))
+    return table, measured
+
+
 def _parity(chosen: dict, test, s: MessSettings) -> list[dict]:
     """Real exits (``infer``, the batch shrinking) against the offline replay of the same
     policy over ``forward``'s logits, at batch 1 and batched."""
@@ -431,10 +592,17 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
     fused = fuse_for_inference(backbone)
     # the backbone answers with its class map, as every exit does
     fns = {base: lambda b: TORCH.classes(fused.backbone(b))}
-    parity = {}
-    # the point whose parts are timed: joint training's within 1 pt (else the first)
-    parts_of = next((n for n in chosen if n.startswith("joint") and n.endswith("<= 1 pt")),
-                    next(iter(chosen), None))
+    parity, aliases, seen, profiled = {}, {}, {}, {}
+    # points of the same model and threshold (e.g. within 0.5 and 1 pt) are timed once,
+    # under the first name
+    canonical = {name: seen.setdefault((id(model), json.dumps(policy.config(), sort_keys=True)),
+                                       name) for name, (model, policy) in chosen.items()}
+    # the point whose parts are timed: the latency-searched heads' within 1 pt, jointly
+    # trained alone, else from the one-shot bank, else joint training's (else the first)
+    within = [n for n in chosen if n.endswith("<= 1 pt")]
+    parts_of = next((n for prefix in ("joint, latency", "joint one-shot", "joint")
+                     for n in within if n.startswith(prefix)), next(iter(chosen), None))
+    parts_of = canonical.get(parts_of, parts_of)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_piece(fused.backbone, x[:2], Path(tmp) / "backbone.onnx")
         session = OrtSession(path, threads=1)
@@ -453,7 +621,12 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
             threads=1)
         fns[base + STEPS] = (lambda b, r=batch1._sess_run, i=batch1.input_names[0]:
                              r(["classes"], {i: b.numpy()}, None))
+        profiled["the backbone's batch-1 graph with its uint8 class map (the reference)"] = (
+            Path(tmp) / "backbone_batch1_classes.onnx")
         for j, (name, (model, policy)) in enumerate(chosen.items()):
+            if canonical[name] != name:  # the same model and threshold as a timed point
+                aliases[name] = canonical[name]
+                continue
             fast = fuse_for_inference(model)
             fns[name] = lambda b, m=fast, p=policy: m.infer(b, p)
             program = lower(fast, policy, example=x[:2]).on_onnx_runtime(
@@ -461,6 +634,11 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
             fns[name + ONNX] = lambda b, g=program, p=policy: g.infer(b.numpy(), p)
             steps = DenseSteps(fast, policy, Path(tmp) / f"steps{j}", example=x[:2])
             fns[name + STEPS] = lambda b, g=steps: g.infer(b.numpy())
+            label = next((a for a, c in canonical.items() if c == name
+                          and a.startswith("joint") and a.endswith("<= 1 pt")), None)
+            if label:  # the first piece of a jointly trained point within 1 pt
+                profiled[f"{label}: its first piece in DenseSteps' form"] = (
+                    Path(tmp) / f"steps{j}" / "piece0.onnx")
             xs = x[: s.latency_samples]
             ref = fast.infer(xs, policy)
             got = [steps.infer(xs[i: i + 1].numpy()) for i in range(len(xs))]
@@ -508,7 +686,9 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
                                            if not k.endswith(STEPS)
                                            and not k.startswith("part: ")},
                                           x[: s.throughput_samples], s.throughput_batch)
-    out: dict[str, dict] = {}
+        # where each graph's time goes, node by node (ONNX Runtime's profiler, one thread)
+        profile = _profile_parts(profiled, x[:1].numpy(), s.profile_runs)
+    out: dict[str, dict] = {"_profile": profile}
     reference = lat[base + STEPS]
     parts = {**{k.removeprefix("part: "): v for k, v in lat.items() if k.startswith("part: ")},
              "the backbone's graph (dynamic batch) and its numpy class map (the onnx_* "
@@ -544,7 +724,106 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
                             / tput[base + suffix]})
         if name in parity:
             row["onnx_steps_same_exits"], row["onnx_steps_same_class_maps"] = parity[name]
+    for name, same in aliases.items():  # measured once, under the first name
+        out[name] = {**out[same], "timed_as": same}
     return out
+
+
+#: ONNX Runtime's nodes grouped by what they do (the first rule that matches); unnamed
+#: layout reorders go with the node before them unless they reorder a full-resolution map
+_PARTS = (
+    ("class map: ArgMax over the classes, cast to uint8",
+     lambda op, name, full, out: op == "ArgMax" or (op == "Cast" and "uint8" in out)),
+    ("full resolution: bilinear Resize of the class scores, the guide's DepthToSpace, "
+     "gain (Mul) and 1x1 refine, and their layout reorder",
+     lambda op, name, full, out: op in ("Upsample", "Resize", "DepthToSpace") or "refine" in name
+     or (full and (op == "Mul" or op.startswith("Reorder")))),
+    ("exit test (the policy's statistic and threshold)",
+     lambda op, name, full, out: not name.startswith("/") and not op.startswith("Reorder")),
+    ("the guide image carried through the cuts (space-to-depth, Concat, Split)",
+     lambda op, name, full, out: op in ("Reshape", "Transpose", "Concat", "Split")),
+    ("stem and down: five convolutions to 1/8 resolution",
+     lambda op, name, full, out: "/stages.0/" in name),
+    ("exit head or final classifier at 1/8 resolution",
+     lambda op, name, full, out: "/head/" in name or "/body/" in name),
+    ("residual blocks at 1/8 resolution (convolutions, Add, Relu)",
+     lambda op, name, full, out: "/stages." in name),
+)
+_OVERHEAD = "ONNX Runtime's per-run and per-node overhead (the run's time in no kernel)"
+#: the kernels any exit's piece runs, whatever its cut and head: the convolutions to 1/8
+#: resolution, the full-resolution work of the guided head and the class map
+_FIXED = (_PARTS[4][0], _PARTS[1][0], _PARTS[0][0])
+_FIXED_LABEL = ("the fixed kernels of any exit (stem and down, full resolution, class map; "
+                "the median of their sum)")
+
+
+def _profile_parts(graphs: dict[str, Path], x, runs: int) -> list[dict]:
+    """Per graph, the median microseconds per run of each part (:data:`_PARTS`) at batch 1,
+    one thread, from ONNX Runtime's profiler, and each part's share of the reference graph's
+    whole run (the first graph). The graphs run in turns of a tenth of the runs each (a
+    shuffled order per round, as the interleaved timings run), so a shared machine's slow
+    phases hit them alike and each runs warm; the first fifth of the runs are warm-up."""
+    import bisect
+    import random
+    import statistics
+
+    import onnxruntime as ort
+
+    sessions = {}
+    for label, path in graphs.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(path.with_suffix("")) + "-profile"
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        sessions[label] = (session, {session.get_inputs()[0].name: x},
+                           [o.name for o in session.get_outputs()])
+    order, shuffle, turn = list(sessions), random.Random(0).shuffle, max(1, runs // 10)
+    for _ in range(0, runs, turn):
+        shuffle(order)
+        for label in order:
+            session, feed, names = sessions[label]
+            for _ in range(turn):
+                session.run(names, feed)
+    rows, whole = [], None
+    for label, (session, _, _) in sessions.items():
+        events = json.loads(Path(session.end_profiling()).read_text())
+        spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                       if e.get("cat") == "Session" and e["name"] == "model_run")
+        starts = [a for a, _ in spans]
+        per_run: list[dict[str, float]] = [{} for _ in spans]
+        last = _OVERHEAD
+        for e in sorted((e for e in events if e.get("cat") == "Node"
+                         and e["name"].endswith("_kernel_time")), key=lambda e: e["ts"]):
+            i = bisect.bisect_right(starts, e["ts"]) - 1
+            if i < 0 or e["ts"] > spans[i][1]:
+                continue
+            args = e["args"]
+            op, name = args.get("op_name", ""), e["name"].removesuffix("_kernel_time")
+            out = args.get("output_type_shape") or [{}]
+            shape = next(iter(out[0].values()), [])
+            full = list(shape[-2:]) == list(x.shape[-2:])
+            part = last if op.startswith("Reorder") and not full else next(
+                (p for p, rule in _PARTS if rule(op, name, full, str(out[0]))), "other")
+            last = part
+            per_run[i][part] = per_run[i].get(part, 0.0) + e["dur"]
+        warm = per_run[len(spans) // 5:]
+        durations = [b - a for a, b in spans][len(spans) // 5:]
+        for run, d in zip(warm, durations):
+            run[_OVERHEAD] = d - sum(run.values())
+        total = statistics.median(durations)
+        whole = whole or total
+        parts = sorted({k for run in warm for k in run}, key=lambda k: [p for p, _ in _PARTS]
+                       .index(k) if k in dict(_PARTS) else len(_PARTS))
+        fixed = statistics.median(sum(run.get(p, 0.0) for p in _FIXED) for run in warm)
+        for part in [*parts, "whole run", _FIXED_LABEL]:
+            median = {"whole run": total, _FIXED_LABEL: fixed}.get(part) or statistics.median(
+                run.get(part, 0.0) for run in warm)
+            rows.append({"graph": label, "part": part, "median_us": median,
+                         "share_of_reference": median / whole})
+    return rows
 
 
 def _with_class_map(path: Path, to: Path) -> Path:
