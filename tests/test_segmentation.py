@@ -367,6 +367,24 @@ def test_each_models_policy_is_chosen_on_calibration_by_the_search_rule(model, s
         choose_policy(summary, macs, [], reference)
 
 
+def test_the_sweep_compares_thresholds_in_float32_like_the_runtimes(model, split):
+    """A threshold above a sample's statistic in float64 but equal to it in float32 lets the
+    sample leave in every runtime (float32 comparisons); the sweep's replay agrees."""
+    policy = MeanConfidence(0.5)
+    summary = summarize_exits(model, split.x, split.y, CLASSES, [policy])
+    macs = cost_table(model, split.x[:2], measure=False).exit_macs
+    with torch.no_grad():
+        stat = policy.statistic(model(split.x)[0])
+    s = float(stat.max())  # the most confident sample at the first exit
+    t = s + float(np.spacing(np.float32(s))) / 4  # rounds to s in float32
+    assert t > s and np.float32(t) == np.float32(s)
+    chosen = policy.with_threshold(t)
+    real = model.infer(split.x, chosen).exit_index
+    assert int((real == 0).sum()) >= 1  # the float32 comparison lets it leave
+    point = dense_sweep(summary, macs, chosen, thresholds=[t])[0]
+    assert point.exit_fractions[0] == pytest.approx(float((real == 0).double().mean()))
+
+
 def test_onnx_runtime_gives_the_same_exits(model, split, tmp_path):
     with torch.no_grad():
         logits = model(split.x)

@@ -87,7 +87,9 @@ def summarize_exits(model, x: torch.Tensor, labels: torch.Tensor, num_classes: i
 def first_exits(stats: torch.Tensor, thresholds: torch.Tensor,
                 higher_is_confident: bool = True) -> torch.Tensor:
     """``(T, N)``: the exit each sample leaves at for each threshold (the first whose statistic
-    reaches it; the final exit, ``len(stats)``, when none does)."""
+    reaches it; the final exit, ``len(stats)``, when none does). The thresholds are compared
+    in the statistics' dtype: float32 statistics in float32, as every runtime compares a
+    float32 statistic with a Python float threshold (numpy, torch and the ONNX graphs)."""
     exits, n = stats.shape
     if exits == 0:
         return torch.zeros(len(thresholds), n, dtype=torch.long)
@@ -135,7 +137,7 @@ def dense_sweep(summary: ExitSummary, exit_macs: Sequence[float], policy: Thresh
             flat) else torch.zeros(1, dtype=torch.float64)
         thresholds = sorted({*grid.tolist(), 1.0})
     t = torch.tensor(list(thresholds), dtype=torch.float64)
-    first = first_exits(stats.double(), t, policy.higher_is_confident)
+    first = first_exits(stats, t, policy.higher_is_confident)  # in float32, as the runtimes
     scores, accs, macs, fractions = _points(summary.confusions, first,
                                             torch.tensor(list(exit_macs), dtype=torch.float64))
     points = []
