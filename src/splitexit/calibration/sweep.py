@@ -4,7 +4,7 @@ operating point for a drop target or a MACs budget, and the paired interval of a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -192,9 +192,14 @@ def oracle(logits: Sequence[torch.Tensor], labels: torch.Tensor, exit_macs: Sequ
 def choose_operating_point(points: Sequence[OperatingPoint], *,
                            reference_accuracy: float | None = None,
                            max_drop: float | None = None,
-                           macs_budget: float | None = None) -> OperatingPoint:
+                           macs_budget: float | None = None,
+                           cost: Callable[[OperatingPoint], float] | None = None
+                           ) -> OperatingPoint:
     """Pick the cheapest point within ``max_drop`` of ``reference_accuracy``, or the most
     accurate point within ``macs_budget`` mean MACs.
+
+    Cheapest means the fewest mean MACs or, given ``cost`` (e.g. an expected batch-1 latency
+    per point), the lowest cost, then the fewest MACs; ties go to the more accurate point.
 
     Raises:
         InputError: neither or both targets given, or no point meets the target.
@@ -212,7 +217,7 @@ def choose_operating_point(points: Sequence[OperatingPoint], *,
         if not ok:
             raise InputError(f"no threshold keeps accuracy within {max_drop:.4f} of "
                              f"{reference_accuracy:.4f}; relax max_drop or train better exits")
-        return min(ok, key=lambda p: (p.mean_macs, -p.accuracy))
+        return min(ok, key=lambda p: (*((cost(p),) if cost else ()), p.mean_macs, -p.accuracy))
     ok = [p for p in points if p.mean_macs <= macs_budget]
     if not ok:
         cheapest = min(p.mean_macs for p in points)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..training.bottlefit import softened_kl
 from .grid import crop_patches
-from .model import GFNet, mark_used
+from .model import GFNet, global_pool, mark_used
 from .patch_policies import masked_scores
 from .train import _check_epochs, minibatch_epochs, same_config_but
 
@@ -79,7 +79,7 @@ def distil_encoders(student: GFNet, teacher: GFNet, data, epochs: int, *, lr: fl
             for location in [*chosen.unbind(1), extra]:
                 p = crop_patches(x, teacher.focus.pixel_index, location, teacher.grid.patch)
                 patches.append(p)
-                features.append(teacher.focus.encoder(p).mean((2, 3)))
+                features.append(global_pool(teacher.focus.encoder(p)))
     _fit(student.glance.encoder, torch.cat(small), torch.cat(glance_maps), False, "glance",
          epochs, lr, batch_size, seed, log, t0)
     _fit(student.focus.encoder, torch.cat(patches), torch.cat(features), True, "focus",

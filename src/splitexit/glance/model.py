@@ -36,7 +36,7 @@ from .patch_policies import (
     RandomPatchPolicy,
 )
 
-__all__ = ["GFNetConfig", "GFNet", "conv_encoder", "FusionCell", "full_resolution_backbone",
+__all__ = ["GFNetConfig", "GFNet", "conv_encoder", "global_pool", "FusionCell", "full_resolution_backbone",
            "GlanceStage", "FocusStage", "FirstFocusStage", "MaplessFocusStage",
            "MaplessFirstFocusStage", "GlanceNet", "FocusNet", "mark_used"]
 
@@ -136,6 +136,14 @@ def conv_encoder(in_channels: int, channels, strides) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def global_pool(features: torch.Tensor) -> torch.Tensor:
+    """Global average pooling to ``(N, C)``: the mean over the pixels (bit-identical to
+    ``features.mean((2, 3))`` in PyTorch), written so that it exports as one
+    GlobalAveragePool, which ONNX Runtime runs on the CNN's blocked layout instead of first
+    reordering the whole feature map for a ReduceMean."""
+    return F.adaptive_avg_pool2d(features, 1).flatten(1)
+
+
 class FusionCell(nn.Module):
     """A GRU cell written with linear layers (it exports to ONNX as plain MatMul/Sigmoid/Tanh).
 
@@ -182,7 +190,7 @@ class GlanceNet(nn.Module):
     def look(self, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The glance on the downsampled image (:meth:`downsample`)."""
         glance_map = self.encoder(small)
-        return self.cell.from_zero(glance_map.mean((2, 3))), glance_map
+        return self.cell.from_zero(global_pool(glance_map)), glance_map
 
 
 class FocusNet(nn.Module):
@@ -196,7 +204,7 @@ class FocusNet(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
         patch = crop_patches(x, self.pixel_index, location, self.patch)
-        return self.cell(self.encoder(patch).mean((2, 3)), h)
+        return self.cell(global_pool(self.encoder(patch)), h)
 
 
 class GFNet(nn.Module):

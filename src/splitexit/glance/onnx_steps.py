@@ -29,7 +29,6 @@ from torch.nn import functional as F
 from ..errors import InputError
 from ..policies import ThresholdPolicy, is_plain_threshold
 from ..runtime.arrays import one_float32_sample
-from .grid import crop_patches
 from .model import GFNet, mark_used
 from .patch_policies import LearnedPatchPolicy, LocaliserPolicy, PatchPolicy
 
@@ -101,24 +100,6 @@ def _glance_image(net: GFNet, x: torch.Tensor, pool: torch.Tensor) -> torch.Tens
     return F.conv2d(x, pool, stride=f) if f > 1 else x
 
 
-def _pooled(features: torch.Tensor) -> torch.Tensor:
-    """Global average pooling as a GlobalAveragePool (ONNX Runtime runs it on the CNN's
-    blocked layout, so the whole feature map is not reordered first, as for a ReduceMean)."""
-    return F.adaptive_avg_pool2d(features, 1).flatten(1)
-
-
-def _look(net: GFNet, small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`GlanceNet.look` with :func:`_pooled`: ``(h, glance map)``."""
-    glance_map = net.glance.encoder(small)
-    return net.glance.cell.from_zero(_pooled(glance_map)), glance_map
-
-
-def _focus(net: GFNet, x: torch.Tensor, h: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
-    """:class:`FocusNet` with :func:`_pooled`: the new ``h``."""
-    patch = crop_patches(x, net.focus.pixel_index, location, net.focus.patch)
-    return net.focus.cell(_pooled(net.focus.encoder(patch)), h)
-
-
 def _choose(scores: torch.Tensor, chosen: list[torch.Tensor]) -> torch.Tensor:
     """The best location not yet ``chosen``: the used ones' scores set to -inf by one scatter
     (what :func:`~splitexit.glance.patch_policies.masked_scores` does with a used mask, in
@@ -131,13 +112,12 @@ def _choose(scores: torch.Tensor, chosen: list[torch.Tensor]) -> torch.Tensor:
 
 class _LearnedChain(nn.Module):
     """:class:`_Chain` at batch 1 for the learned policy, in fewer graph operations: the glance
-    image as a convolution (:func:`_glance_image`); global pooling as :func:`_pooled`; the
-    state term's first layer split by input (``W [m, h, used] = W_m m + W_h h + W_used
-    used``): the glance map's part (with the bias) computed once, and each used location
-    adding its column of ``W_used`` (a gather) instead of a product with the used mask; the
-    actor's bias added to the image-only scores once (the actor's Gemm takes them as its C
-    input); used locations masked by a scatter (:func:`_choose`). The same function, up to
-    float rounding."""
+    image as a convolution (:func:`_glance_image`); the state term's first layer split by
+    input (``W [m, h, used] = W_m m + W_h h + W_used used``): the glance map's part (with the
+    bias) computed once, and each used location adding its column of ``W_used`` (a gather)
+    instead of a product with the used mask; the actor's bias added to the image-only scores
+    once (the actor's Gemm takes them as its C input); used locations masked by a scatter
+    (:func:`_choose`). The same function, up to float rounding."""
 
     def __init__(self, net: GFNet, policy: LearnedPatchPolicy, steps: int):
         super().__init__()
@@ -155,14 +135,14 @@ class _LearnedChain(nn.Module):
     def forward(self, x):
         net, policy = self.net, self.patch_policy
         small = _glance_image(net, x, self.pool)
-        h, glance_map = _look(net, small)
+        h, glance_map = net.glance.look(small)
         prior = policy.spatial(small) + policy.actor.bias
         base = F.linear(torch.relu(policy.reduce(glance_map)).flatten(1), self.w_map, self.bias)
         chosen: list[torch.Tensor] = []
         for t in range(self.steps):
             z = policy.trunk[1:](base + F.linear(h, self.w_h))  # ReLU, Linear, ReLU
             location = _choose(torch.addmm(prior, z, policy.actor.weight.t()), chosen)
-            h = _focus(net, x, h, location)
+            h = net.focus(x, h, location)
             if t + 1 < self.steps:
                 base = base + self.w_used[location]
                 chosen.append(location)
@@ -172,8 +152,7 @@ class _LearnedChain(nn.Module):
 class _LocaliserChain(nn.Module):
     """:class:`_Chain` at batch 1 for the localiser policy, in fewer graph operations: the
     glance image as a convolution (:func:`_glance_image`), read by the glance CNN and the
-    localiser alike; global pooling as :func:`_pooled`; used locations masked by a scatter
-    (:func:`_choose`). The same function, up to float rounding."""
+    localiser alike; used locations masked by a scatter (:func:`_choose`). The same function, up to float rounding."""
 
     def __init__(self, net: GFNet, policy: LocaliserPolicy, steps: int):
         super().__init__()
@@ -183,12 +162,12 @@ class _LocaliserChain(nn.Module):
     def forward(self, x):
         net = self.net
         small = _glance_image(net, x, self.pool)
-        h, _ = _look(net, small)
+        h, _ = net.glance.look(small)
         prior = self.patch_policy.prior(x, small)
         chosen: list[torch.Tensor] = []
         for _ in range(self.steps):
             location = _choose(prior, chosen)
-            h = _focus(net, x, h, location)
+            h = net.focus(x, h, location)
             chosen.append(location)
         return net.classifier(h)
 

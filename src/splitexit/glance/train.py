@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..training.base import seed_everything
-from .model import GFNet, mark_used
+from .model import GFNet, global_pool, mark_used
 from .patch_policies import masked_scores
 from .ppo import PPOConfig, gae, ppo_update
 
@@ -284,7 +284,7 @@ def one_step_lookahead(net: GFNet, x: torch.Tensor, y: torch.Tensor,
         patches = xb.reshape(n, c, -1)[:, :, index]  # (n, c, locations, P*P)
         patches = patches.permute(0, 2, 1, 3).reshape(n * grid.locations, c, grid.patch,
                                                       grid.patch)
-        f = net.focus.encoder(patches).mean((2, 3))
+        f = global_pool(net.focus.encoder(patches))
         h1 = net.focus.cell(f, h.repeat_interleave(grid.locations, 0))
         logp = F.log_softmax(net.classifier(h1), 1)
         out.append(logp.gather(1, yb.repeat_interleave(grid.locations)[:, None])

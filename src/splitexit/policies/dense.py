@@ -5,9 +5,9 @@ one confidence per sample, compared with a threshold by the one exit loop.
 ``pixel_threshold``; ``meanconf`` is the mean top probability over the pixels. With
 ``stride=s`` either reads one pixel per ``s x s`` block (the block's middle one), e.g. the
 resolution of a head that upsamples by ``s``: the same decision rule at ``1 / s**2`` of the
-work, calibrated like any other threshold (see :func:`grid_pixels`). Both are plain
-threshold policies (stateless), so the shared loop, the offline replay and the sweeps treat them
-like max-prob; on ``(N, C)`` logits they reduce to a one-pixel map. Each statistic is written
+work, calibrated like any other threshold (the ``grid`` primitive). Both are plain threshold
+policies (stateless), so the shared loop, the offline replay and the sweeps treat them like
+max-prob; on ``(N, C)`` logits they reduce to a one-pixel map. Each statistic is written
 once over the array primitives (:mod:`splitexit.runtime.arrays`), so numpy, torch and the
 ONNX lowering (:class:`~splitexit.export.exit_graph.OnnxOps`) share it. Torch-free, like
 every policy: they run on numpy arrays on the edge.
@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import InputError
-from ..runtime.arrays import ops_of
 from .base import ThresholdPolicy
 
-__all__ = ["PixelShare", "MeanConfidence", "DENSE_POLICIES", "pixel_confidence",
-           "per_sample_mean", "grid_pixels"]
+__all__ = ["PixelShare", "MeanConfidence", "DENSE_POLICIES", "pixel_confidence"]
 
 
 def pixel_confidence(F, z):
@@ -31,21 +29,6 @@ def pixel_confidence(F, z):
     largest entry without the division of every entry and the second reduction (about a third
     less work on a dense map)."""
     return F.reciprocal(F.sum(F.exp(F.sub(z, F.amax(z, keepdims=True)))))
-
-
-def per_sample_mean(a):
-    """Mean over every axis but the first (a torch tensor or a numpy array)."""
-    return ops_of(a).pixel_mean(a)
-
-
-def grid_pixels(z, stride: int):
-    """The pixels a dense statistic with ``stride`` reads (numpy or torch; see
-    :meth:`NumpyOps.grid <splitexit.runtime.arrays.NumpyOps.grid>`).
-
-    Raises:
-        InputError: a map too small to hold one pixel of the grid.
-    """
-    return ops_of(z).grid(z, stride)
 
 
 def _check_stride(policy: str, stride) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibration import OperatingPoint
+from ..calibration import OperatingPoint, choose_operating_point
 from ..errors import InputError
 from ..multiexit import MultiExitModel
 from ..policies import ThresholdPolicy
@@ -175,21 +175,20 @@ def summarize_candidates(bank: CandidateBank, model: MultiExitModel, x: torch.Te
 def choose_point(points: Sequence[OperatingPoint], reference_miou: float, max_drop: float,
                  cost: Callable[[OperatingPoint], float] | None = None,
                  macs_budget: float | None = None) -> OperatingPoint:
-    """The point of ``points`` within ``max_drop`` of ``reference_miou`` (and within
-    ``macs_budget`` mean MACs when given) of the lowest ``cost`` (default: mean MACs), then the
-    fewest MACs, then the highest mIoU.
+    """The point of ``points`` within ``max_drop`` of ``reference_miou`` of the lowest
+    ``cost`` (default: mean MACs), then the fewest MACs, then the highest mIoU
+    (:func:`~splitexit.calibration.choose_operating_point`), among those within
+    ``macs_budget`` mean MACs when given.
 
     Raises:
         InputError: no point meets the drop and the budget.
     """
-    ok = [p for p in points if p.accuracy >= reference_miou - max_drop - 1e-12
-          and (macs_budget is None or p.mean_macs <= macs_budget)]
-    if not ok:
-        raise InputError(f"no threshold keeps mIoU within {max_drop:.4f} of "
-                         f"{reference_miou:.4f}" + (f" at <= {macs_budget:.0f} mean MACs"
-                                                    if macs_budget is not None else ""))
-    cost = cost or (lambda p: p.mean_macs)
-    return min(ok, key=lambda p: (cost(p), p.mean_macs, -p.accuracy))
+    within = [p for p in points if macs_budget is None or p.mean_macs <= macs_budget]
+    if not within:
+        raise InputError(f"no threshold gives at most {macs_budget:.0f} mean MACs; raise the "
+                         "MAC budget")
+    return choose_operating_point(within, reference_accuracy=reference_miou,
+                                  max_drop=max_drop, cost=cost)
 
 
 def policy_score(points: Sequence[OperatingPoint], reference_miou: float, max_drop: float,
