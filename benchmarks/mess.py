@@ -475,9 +475,13 @@ def run(s: MessSettings, out: Path, command: str, other_run: Path | None = None)
         "counted, alike for every model. Latency: batch 1, 1 thread, interleaved, mean over "
         f"{s.latency_samples} test samples, BatchNorm folded into convolutions for every model; "
         f"throughput: batches of {s.throughput_batch}. Eager PyTorch (infer) and ONNX Runtime "
-        "(onnx_* fields: the backbone as one graph, a MESS model as its exit program's pieces "
-        "with the policy on numpy between them through the shared exit loop, as a bundle "
-        "runs; onnx_steps_* fields: splitexit.segmentation.DenseSteps, the same pieces in a "
+        "(onnx_* fields: the backbone as one dynamic-batch graph with a numpy class map; a "
+        "MESS model as a bundle runs it: at batch 1 its exit graph (the pieces, the "
+        "policy's pixel statistic and threshold in If nodes, and its int64 class map, one "
+        "ONNX Runtime call per sample), for batches its pieces with the policy on numpy "
+        "between them through the shared exit loop; onnx_batch1_ref_*: the exit graph "
+        "against the backbone in the same form, its batch-1 graph with its class map in the "
+        "graph; onnx_steps_* fields: splitexit.segmentation.DenseSteps, the same pieces in a "
         "lean batch-1 loop, each piece's graph answering its exit test, its uint8 class map "
         "and the payload in one call, against the backbone in the same form: its graph "
         "exported for batch 1 (static shapes, as DenseSteps' pieces are) with its uint8 class "
@@ -630,7 +634,7 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
             fast = fuse_for_inference(model)
             fns[name] = lambda b, m=fast, p=policy: m.infer(b, p)
             program = lower(fast, policy, example=x[:2]).on_onnx_runtime(
-                Path(tmp) / f"mess{j}", threads=1)
+                Path(tmp) / f"mess{j}", exit_graph=True, threads=1)  # as a bundle runs
             fns[name + ONNX] = lambda b, g=program, p=policy: g.infer(b.numpy(), p)
             steps = DenseSteps(fast, policy, Path(tmp) / f"steps{j}", example=x[:2])
             fns[name + STEPS] = lambda b, g=steps: g.infer(b.numpy())
@@ -712,6 +716,12 @@ def _timing(backbone, chosen: dict, x: torch.Tensor, s: MessSettings) -> dict:
                         f"{prefix}latency_median_ms": v["median_ms"],
                         f"{prefix}latency_ratio": v["mean_ms"] / ref["mean_ms"],
                         f"{prefix}latency_median_ratio": v["median_ms"] / ref["median_ms"]})
+            if suffix == ONNX:  # the exit graph against the backbone in the same form
+                same_form = lat[base + STEPS]
+                row.update({"onnx_batch1_ref_latency_ratio": v["mean_ms"]
+                            / same_form["mean_ms"],
+                            "onnx_batch1_ref_latency_median_ratio": v["median_ms"]
+                            / same_form["median_ms"]})
             if suffix == STEPS:  # also against the onnx_* reference (dynamic batch, numpy map)
                 other = lat[base + ONNX]
                 row.update({"onnx_steps_dynamic_ref_latency_ratio": v["mean_ms"]
@@ -877,17 +887,19 @@ def _targets(row: dict | None, name: str, other: dict | None = None) -> list[dic
          "met": row["macs_ratio"] <= 0.5},
         {**judged, "target": "<= 0.6x batch-1 latency (mean, eager PyTorch)",
          **_latency(row, "latency_ratio", other)},
-        {**judged, "target": "<= 0.6x batch-1 latency (mean, ONNX Runtime)",
+        {**judged, "target": "<= 0.6x batch-1 latency (mean, ONNX Runtime as a bundle runs: "
+                             "the exit graph, one call per sample; against the backbone in "
+                             "the same form: its batch-1 graph with its class map in the "
+                             "graph)",
+         **_latency(row, "onnx_batch1_ref_latency_ratio", other)},
+        {**judged, "target": "<= 0.6x batch-1 latency (mean, ONNX Runtime as a bundle runs; "
+                             "against the onnx_* reference: the backbone's dynamic-batch "
+                             "graph with a numpy class map, slower than its batch-1 graph)",
          **_latency(row, "onnx_latency_ratio", other)},
         {**judged, "target": "<= 0.6x batch-1 latency (mean, ONNX Runtime, the pieces in a lean "
                              "batch-1 loop, each answering its exit test and class map: "
-                             "DenseSteps; against the backbone in the same form: its batch-1 "
-                             "graph with its class map in the graph)",
+                             "DenseSteps; against the backbone in the same form)",
          **_latency(row, "onnx_steps_latency_ratio", other)},
-        {**judged, "target": "<= 0.6x batch-1 latency (mean, ONNX Runtime, DenseSteps; against "
-                             "the onnx_* reference: the backbone's dynamic-batch graph with a "
-                             "numpy class map, slower than its batch-1 graph)",
-         **_latency(row, "onnx_steps_dynamic_ref_latency_ratio", other)},
     ]
 
 

@@ -399,6 +399,55 @@ def test_onnx_runtime_gives_the_same_exits(model, split, tmp_path):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
 
 
+def _splitting_policy(model, split, policy_cls, stride: int):
+    """Every exit's logits, and a ``policy_cls`` policy whose threshold at the first exit
+    lies halfway between two samples' statistics (some samples leave there, some go on)."""
+    with torch.no_grad():
+        logits = model(split.x)
+    # PixelShare's pixel threshold between the two middle pixel confidences (shares spread)
+    confidence = logits[0].softmax(1).amax(1).flatten().unique()
+    pixel = float(confidence[len(confidence) // 2 - 1: len(confidence) // 2 + 1].mean())
+    kwargs = {"pixel_threshold": pixel} if policy_cls is PixelShare else {}
+    base = policy_cls(0.5, stride=stride, **kwargs)
+    stats = sorted(set(base.statistic(logits[0]).tolist()))
+    middle = len(stats) // 2
+    return logits, base.with_threshold((stats[middle - 1] + stats[middle]) / 2)
+
+
+@pytest.mark.parametrize(("policy_cls", "stride"), [(MeanConfidence, 1), (PixelShare, 4)])
+def test_the_batch1_exit_graph_decides_dense_exits_and_answers_the_class_map(
+        model, split, policy_cls, stride, tmp_path):
+    """The exit graph of a dense model (one ONNX Runtime call per sample, the pixel statistic
+    in the graph): the same exits and class maps as PyTorch, sample by sample; its forced
+    forms leave where they are forced to."""
+    from splitexit.export import export_exit_graph
+    from splitexit.policies import leave_at
+    from splitexit.runtime.ort import OrtSession
+
+    _, policy = _splitting_policy(model, split, policy_cls, stride)
+    program = lower(model, policy, example=split.x[:2]).on_onnx_runtime(tmp_path,
+                                                                       exit_graph=True)
+    assert program.exit_graph.output_names == ["logits", "exit_index", "classes"]
+    ref = model.infer(split.x, policy)
+    got = [program.infer(split.x[i: i + 1].numpy(), policy) for i in range(len(split.x))]
+    assert [int(r.exit_index[0]) for r in got] == ref.exit_index.tolist()
+    assert len(set(ref.exit_index.tolist())) >= 2
+    same = [np.array_equal(r.predictions[0], ref.predictions[i].numpy())
+            for i, r in enumerate(got)]
+    assert sum(same) >= len(same) - 1  # float rounding may move one pixel's tie at most
+    assert got[0].predictions.shape == (1, 16, 16) and got[0].predictions.dtype == np.int64
+    np.testing.assert_array_equal(got[0].predictions, got[0].logits.argmax(1))
+    torch_in = program.infer(split.x[:1], policy)  # torch in, torch out, the same answer
+    assert torch.equal(torch_in.predictions, torch.from_numpy(got[0].predictions))
+    for k in range(model.num_exits):
+        forced = leave_at(policy, k, model.num_exits)
+        session = OrtSession(export_exit_graph(model, forced, tmp_path / f"leave{k}.onnx",
+                                               example=split.x[:2]))
+        exits = {int(session.run_arrays([split.x[i: i + 1].numpy()])[1][0])
+                 for i in range(0, len(split.x), 6)}
+        assert exits == {k}
+
+
 @pytest.mark.parametrize(("policy_cls", "stride", "class_map"), [
     (MeanConfidence, 1, "graph"), (PixelShare, 1, "numpy"), (MeanConfidence, 4, "numpy"),
     (PixelShare, 4, "graph")])
@@ -410,16 +459,7 @@ def test_dense_steps_decide_and_answer_in_the_graphs(model, split, policy_cls, s
     from splitexit.segmentation import DenseSteps
     from splitexit.segmentation.onnx_steps import exit_test_graph
 
-    with torch.no_grad():
-        logits = model(split.x)
-    # PixelShare's pixel threshold between the two middle pixel confidences (shares spread)
-    confidence = logits[0].softmax(1).amax(1).flatten().unique()
-    pixel = float(confidence[len(confidence) // 2 - 1: len(confidence) // 2 + 1].mean())
-    kwargs = {"pixel_threshold": pixel} if policy_cls is PixelShare else {}
-    base = policy_cls(0.5, stride=stride, **kwargs)
-    stats = sorted(set(base.statistic(logits[0]).tolist()))
-    middle = len(stats) // 2  # halfway between two samples' statistics at the first exit
-    policy = base.with_threshold((stats[middle - 1] + stats[middle]) / 2)
+    logits, policy = _splitting_policy(model, split, policy_cls, stride)
     steps = DenseSteps(model, policy, tmp_path, example=split.x[:2], class_map=class_map)
     ref = model.infer(split.x, policy)
     got = [steps.infer(split.x[i: i + 1].numpy()) for i in range(len(split.x))]
@@ -463,8 +503,15 @@ def test_bundle_of_a_segmentation_model(model, split, tmp_path):
     bundle(model, tmp_path / "b", policy=policy, example=split.x)
     loaded = load_bundle(tmp_path / "b")
     assert loaded.policy == policy  # rebuilt by name from the manifest, no code imported
-    got = loaded.program().infer(split.x.numpy(), loaded.policy)
-    np.testing.assert_array_equal(got.exit_index, model.infer(split.x, policy).exit_index.numpy())
+    program = loaded.program()
+    ref = model.infer(split.x, policy).exit_index.numpy()
+    got = program.infer(split.x.numpy(), loaded.policy)
+    np.testing.assert_array_equal(got.exit_index, ref)
+    # single samples take the bundle's exit graph (the pixel statistic in the graph)
+    assert loaded.manifest["device"]["exit_graph"] == "device/exits.onnx"
+    one = [int(program.infer(split.x[i: i + 1].numpy(), loaded.policy).exit_index[0])
+           for i in range(len(split.x))]
+    assert one == ref.tolist() and program._graph_matches
 
 
 def test_a_segmenter_with_mixed_heads_round_trips_through_a_checkpoint(model, split, tmp_path):

@@ -33,7 +33,7 @@ from .errors import InputError
 from .export.exit_graph import export_exit_graph
 from .export.onnx import DEFAULT_OPSET, export_piece
 from .multiexit import MultiExitModel
-from .policies import ExitPolicy, NeverExit, is_plain_threshold, leave_at
+from .policies import ExitPolicy, NeverExit, has_graph_statistic, is_plain_threshold, leave_at
 from .program import ExitProgram, as_multiexit, export_pieces, lower, policy_for_exits
 from .runtime.bundle import FORMAT, MANIFEST, VERSION, Bundle, load_bundle, sha256_of
 from .runtime.ort import OrtSession
@@ -43,7 +43,7 @@ __all__ = ["bundle", "load_bundle", "Bundle"]
 
 def _has_exit_graph(program: ExitProgram) -> bool:
     """Whether the program and its policy have a batch-1 exit graph."""
-    return not (program.has_server or not is_plain_threshold(program.policy)
+    return not (program.has_server or not has_graph_statistic(program.policy)
                 or len(program.pieces) < 2 or any(p.takes_previous for p in program.pieces))
 
 

@@ -18,7 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import InputError
-from ..policies import ThresholdPolicy, _per_exit, has_graph_statistic, is_plain_threshold
+from ..policies import ThresholdPolicy, _per_exit, has_graph_statistic
 from ..runtime.arrays import check_grid
 from .onnx import DEFAULT_OPSET
 
@@ -193,24 +193,24 @@ def _exit_constant(name: str, e: int) -> onnx.NodeProto:
         np.array([e], dtype=np.int64), f"value_{name}"))
 
 
-def _outputs(logits: str, exit_index: str, num_classes: int) -> list:
-    return [helper.make_tensor_value_info(logits, TensorProto.FLOAT, [1, num_classes]),
+def _outputs(logits: str, exit_index: str, shape: list[int]) -> list:
+    return [helper.make_tensor_value_info(logits, TensorProto.FLOAT, shape),
             helper.make_tensor_value_info(exit_index, TensorProto.INT64, [1])]
 
 
 def _program(model, policy, example, what: str):
     """The device-only exit program of ``model`` (lowered when needed), checked for a graph
-    form: a plain threshold policy and no cascading heads."""
+    form: a policy whose test lowers to ONNX nodes and no cascading heads."""
     from ..program import ExitProgram, lower
 
     program = model if isinstance(model, ExitProgram) else lower(model, policy, None, example)
     policy = policy or program.policy
     if program.has_server:
         raise InputError(f"the {what} covers a whole model on one side; lower it without a cut")
-    if not is_plain_threshold(policy):
-        raise InputError(f"the {what} supports max-prob, entropy and margin policies, got "
-                         f"{policy.name!r}; run the pieces (splitexit.runtime.OrtProgram) for "
-                         "the others")
+    if not has_graph_statistic(policy):
+        raise InputError(f"the {what} supports max-prob, entropy, margin, meanconf and "
+                         f"pixelshare policies, got {policy.name!r}; run the pieces "
+                         "(splitexit.runtime.OrtProgram) for the others")
     if any(p.takes_previous for p in program.pieces) or any(
             getattr(h, "uses_previous", False) for h in program.model.heads):
         raise InputError("cascading heads need the previous logits; run the pieces "
@@ -218,9 +218,10 @@ def _program(model, policy, example, what: str):
     return program, policy
 
 
-def _export_segments(program, path: Path, opset: int) -> tuple[list[onnx.ModelProto], int]:
+def _export_segments(program, path: Path, opset: int) -> tuple[list[onnx.ModelProto], list[int]]:
     """Every piece as a batch-1 ONNX model with outputs ``(*payload, logits)`` (the last: the
-    final logits); and the class count."""
+    final logits); and the logits' shape, ``(1, C)`` or a dense ``(1, C, H, W)``, the same at
+    every exit."""
     from ..program import export_pieces
 
     tmp = path.with_name(f"{path.stem}.pieces.tmp")
@@ -231,7 +232,12 @@ def _export_segments(program, path: Path, opset: int) -> tuple[list[onnx.ModelPr
         for f in files:
             f.unlink()
         tmp.rmdir()
-    return segments, program.num_classes
+    shapes = {tuple(d.dim_value for d in seg.graph.output[-1].type.tensor_type.shape.dim)
+              for seg in segments}
+    if len(shapes) != 1 or not all(all(s) for s in shapes):
+        raise InputError(f"the exits' logits have shapes {sorted(shapes)}; the single exit "
+                         "graph needs one static shape at every exit")
+    return segments, list(shapes.pop())
 
 
 def _input_position(name: str, count: int) -> int:
@@ -250,10 +256,14 @@ def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
     Args:
         model: a multi-exit model (heads must not use the previous exit's logits) or an
             :class:`~splitexit.program.ExitProgram` without a cut.
-        policy: a max-prob, entropy or margin policy (per-exit thresholds and temperatures
-            are honoured); ``None`` takes the program's.
+        policy: a max-prob, entropy or margin policy, or for a dense model a meanconf or
+            pixelshare one (per-exit thresholds and temperatures, and the pixel grid's
+            ``stride``, are honoured); ``None`` takes the program's.
         path: the ``.onnx`` file; input ``x`` (1, ...), outputs ``logits`` (1, C) and
-            ``exit_index`` (1,).
+            ``exit_index`` (1,); a dense model's logits are its map (1, C, H, W), and a third
+            output ``classes`` (1, H, W) is its class map (ArgMax over the classes, int64, the
+            first maximum as numpy's), so a device reads the answer without a pass over the
+            map.
         example: one input sample batch; zeros of the model's input shape if ``None``.
         opset: ONNX opset version.
 
@@ -262,50 +272,51 @@ def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
     """
     program, policy = _program(model, policy, example, "single-graph export")
     path = Path(path)
-    segments, num_classes = _export_segments(program, path, opset)
+    segments, shape = _export_segments(program, path, opset)
     last = len(segments) - 1
 
-    def build(e: int, inputs: list[str]) -> tuple[list, list, str, str]:
-        """Nodes and initializers running segments ``e..last`` on ``inputs``."""
+    def build(e: int, inputs: list[str], logits_out: str, exit_out: str) -> tuple[list, list]:
+        """Nodes and initializers running segments ``e..last`` on ``inputs``, answering
+        ``logits_out`` and ``exit_out`` (named by the caller: no copy between the levels)."""
         prefix = f"e{e}_"
         seg = segments[e]
         # by name (in0, in1 ...: payload tensor k), not position: the exporter drops an
         # input the piece never reads, which shifts the ones after it
         mapping = {i.name: inputs[_input_position(i.name, len(inputs))] for i in seg.graph.input}
         nodes, inits, outs = _renamed(seg, prefix, mapping)
-        logits_out, exit_out = f"logits_{e}", f"exit_{e}"
         if e == last:
             nodes += [helper.make_node("Identity", [outs[-1]], [logits_out]),
                       _exit_constant(exit_out, e)]
-            return nodes, inits, logits_out, exit_out
-        dec_nodes, dec_inits, fire = decision_nodes(policy, e, outs[-1], prefix + "d_")
+            return nodes, inits
+        dec_nodes, dec_inits, fire = decision_nodes(policy, e, outs[-1], prefix + "d_", shape)
         then_logits, then_exit = f"then_logits_{e}", f"then_exit_{e}"
         then_graph = helper.make_graph(
             [helper.make_node("Identity", [outs[-1]], [then_logits]),
              _exit_constant(then_exit, e)],
-            f"exit{e}", [], _outputs(then_logits, then_exit, num_classes))
-        rest, rest_inits, rest_logits, rest_exit = build(e + 1, outs[:-1])
+            f"exit{e}", [], _outputs(then_logits, then_exit, shape))
         else_logits, else_exit = f"else_logits_{e}", f"else_exit_{e}"
-        rest += [helper.make_node("Identity", [rest_logits], [else_logits]),
-                 helper.make_node("Identity", [rest_exit], [else_exit])]
+        rest, rest_inits = build(e + 1, outs[:-1], else_logits, else_exit)
         # A segment's weights live in the branch that runs it: ONNX Runtime only folds and
         # re-lays-out (NCHWc) weights that are initializers of the graph using them.
         else_graph = helper.make_graph(rest, f"continue{e}", [],
-                                       _outputs(else_logits, else_exit, num_classes),
+                                       _outputs(else_logits, else_exit, shape),
                                        initializer=rest_inits)
         nodes += dec_nodes
         nodes.append(helper.make_node("If", [fire], [logits_out, exit_out],
                                       then_branch=then_graph, else_branch=else_graph))
-        return nodes, inits + dec_inits, logits_out, exit_out
+        return nodes, inits + dec_inits
 
     x_info = segments[0].graph.input[0]
-    nodes, inits, logits_name, exit_name = build(0, ["x"])
-    nodes += [helper.make_node("Identity", [logits_name], ["logits"]),
-              helper.make_node("Identity", [exit_name], ["exit_index"])]
-    shape = [d.dim_value for d in x_info.type.tensor_type.shape.dim]
+    nodes, inits = build(0, ["x"], "logits", "exit_index")
+    outputs = _outputs("logits", "exit_index", shape)
+    if len(shape) == 4:  # a dense map: its class map too
+        nodes.append(helper.make_node("ArgMax", ["logits"], ["classes"], axis=1, keepdims=0))
+        outputs.append(helper.make_tensor_value_info("classes", TensorProto.INT64,
+                                                     [1, *shape[2:]]))
+    x_shape = [d.dim_value for d in x_info.type.tensor_type.shape.dim]
     graph = helper.make_graph(
-        nodes, "early_exit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        _outputs("logits", "exit_index", num_classes), initializer=inits)
+        nodes, "early_exit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        outputs, initializer=inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                    producer_name="splitexit")
     onnx_model.ir_version = segments[0].ir_version

@@ -273,15 +273,19 @@ class FixedExit(ExitPolicy):
 def leave_at(policy: ExitPolicy, exit_index: int, num_exits: int) -> ExitPolicy:
     """``policy`` with every decision still computed, forced to leave at ``exit_index``.
 
-    What a sample that leaves there costs under ``policy`` on any runtime: a plain threshold
-    policy gets thresholds it cannot reach before that exit (and a temperature that flattens
-    the softmax to uniform there, so a maximum probability of exactly 1 cannot fire) and one
-    it always reaches at it; ``exit_index = num_exits - 1`` never fires (the no-exit overhead).
-    Any other policy becomes :class:`FixedExit`, which skips the decisions.
+    What a sample that leaves there costs under ``policy`` on any runtime: a threshold policy
+    with a graph form (max-prob, entropy, margin, and the dense meanconf and pixelshare) gets
+    thresholds it cannot reach before that exit (and a temperature that flattens the softmax
+    to uniform there, so a maximum probability of exactly 1 cannot fire, nor can a pixel
+    reach a pixelshare ``pixel_threshold`` above ``1 / classes``) and one it always reaches
+    at it; ``exit_index = num_exits - 1`` never fires (the no-exit overhead). Any other policy
+    becomes :class:`FixedExit`, which skips the decisions.
     """
     if not 0 <= exit_index < num_exits:
         raise InputError(f"exit_index must lie in 0..{num_exits - 1}, got {exit_index}")
-    if not is_plain_threshold(policy):
+    from . import has_graph_statistic  # the dense policies' module imports this one
+
+    if not has_graph_statistic(policy):
         return FixedExit(exit_index)
     lo, hi = policy.valid_range
     never, always = (hi, lo) if policy.higher_is_confident else (lo, hi)

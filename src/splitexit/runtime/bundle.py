@@ -7,7 +7,8 @@ A bundle (written by :func:`splitexit.deploy.bundle`)::
                          payload spec, pieces (file, stages, exit, inputs, outputs, MACs,
                          parameters), latencies measured at bundling, SHA-256 of every file
       device/piece*.onnx the device pieces (a stage run and the exit head at its end)
-      device/exits.onnx  the batch-1 exit graph (device-only bundles, threshold policies)
+      device/exits.onnx  the batch-1 exit graph (device-only bundles, policies with a graph
+                         form: max-prob, entropy, margin, meanconf, pixelshare)
       server.onnx        the server half (split bundles)
       weights/           safetensors weights and their JSON description, for PyTorch
 

@@ -132,6 +132,13 @@ class OrtSession:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+def _graph_answer(outputs: list[np.ndarray]) -> ExitResult:
+    """The exit graph's answer: ``logits, exit_index`` and, for a dense map, its ``classes``
+    (computed in the graph; else the argmax here)."""
+    logits, exits = outputs[0], outputs[1]
+    return ExitResult(outputs[2] if len(outputs) == 3 else logits.argmax(1), exits, logits)
+
+
 class OrtProgram:
     """An exit program on ONNX Runtime: one graph per piece, the shared exit loop between them.
 
@@ -146,7 +153,8 @@ class OrtProgram:
         exit_names: names of the exits (the last is ``"final"``).
         takes_previous: per piece, whether it takes the previous exit's logits.
         input_shape: per-sample input shape, checked on every call.
-        exit_graph: the batch-1 exit graph (outputs ``logits``, ``exit_index``), or ``None``.
+        exit_graph: the batch-1 exit graph (outputs ``logits``, ``exit_index`` and, for a
+            dense model, ``classes``), or ``None``.
         graph_policy: the policy config the exit graph was exported with.
     """
 
@@ -220,18 +228,17 @@ class OrtProgram:
             # the common case of a device answering one sample at a time, checked in a
             # microsecond: a float32 numpy sample of the right shape, all finite, and the
             # policy the exit graph was exported with (as last time)
-            logits, exits = self._graph_fast(self._graph_outputs, {self._graph_input: x}, None)
-            return ExitResult(logits.argmax(1), exits, logits)
+            return _graph_answer(self._graph_fast(self._graph_outputs, {self._graph_input: x},
+                                                  None))
         check_batch(x, self.input_shape, self.input_dtype)
         if self._uses_graph(x, policy):
             if is_torch(x):
                 import torch
 
-                logits, exits = self._graph_run(None, {"x": x.detach().numpy()})
-                return ExitResult(torch.from_numpy(logits.argmax(1)), torch.from_numpy(exits),
-                                  torch.from_numpy(logits))
-            logits, exits = self._graph_run(None, {"x": x})
-            return ExitResult(logits.argmax(1), exits, logits)
+                r = _graph_answer(self._graph_run(None, {"x": x.detach().numpy()}))
+                return ExitResult(*(torch.from_numpy(a) for a in
+                                    (r.predictions, r.exit_index, r.logits)))
+            return _graph_answer(self._graph_run(None, {"x": x}))
         return infer_exits(self.step, self.exit_stages, policy, len(self.pieces), x)
 
     def forward(self, x) -> list:
