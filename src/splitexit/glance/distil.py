@@ -19,10 +19,10 @@ from torch.nn import functional as F
 
 from ..errors import InputError
 from ..training.bottlefit import softened_kl
+from .fitting import _check_epochs, minibatch_epochs, same_config_but
 from .grid import crop_patches
 from .model import GFNet, global_pool, mark_used
 from .patch_policies import masked_scores
-from .train import _check_epochs, minibatch_epochs, same_config_but
 
 __all__ = ["distil_encoders", "finetune_student"]
 

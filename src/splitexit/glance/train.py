@@ -11,6 +11,10 @@
 3. the focus CNN, fusion cell and classifier fine-tuned with the learned policy's patches (on images
    where the item now tends to be inside the patch: the "well-placed" patches).
 
+Optionally stages 1 and 3 distil a teacher (e.g. the full-resolution backbone): every step's
+loss is its cross-entropy plus ``kd_alpha`` times the softened KL divergence to the teacher's
+logits (:func:`~splitexit.training.bottlefit.softened_kl`), computed once per training image.
+
 Plus :func:`train_backbone`, the same optimiser and data for the full-resolution backbone
 without exits (the equally trained control).
 """
@@ -24,8 +28,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..data.splits import Split
 from ..errors import InputError
 from ..training.base import seed_everything
+from ..training.bottlefit import softened_kl
+from .fitting import _check_epochs, batched_logits, check_kd, minibatch_epochs, same_config_but
 from .model import GFNet, global_pool, mark_used
 from .patch_policies import masked_scores
 from .ppo import PPOConfig, gae, ppo_update
@@ -129,24 +136,31 @@ def _epochs(net_params, data, epochs: int, lr: float, batch_size: int, seed: int
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def _check_epochs(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
 def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "random",
                             lr: float = 2e-3, batch_size: int = 128, seed: int = 0,
-                            inked: float = 0.0, log: list | None = None) -> list:
+                            inked: float = 0.0, teacher_logits: torch.Tensor | None = None,
+                            kd_alpha: float = 0.0, kd_temperature: float = 2.0,
+                            log: list | None = None) -> list:
     """Stage 1 (``policy="random"``: every module but the patch policy, patches at random
     locations) or stage 3 (``policy="learned"``: the focus CNN, the fusion cell and the
-    classifier, patches where the frozen learned policy looks). The loss is the mean cross-entropy of all steps.
+    classifier, patches where the frozen learned policy looks). The loss is the mean over the
+    steps of each step's cross-entropy, plus ``kd_alpha`` times its ``kd_temperature``-softened
+    KL divergence to ``teacher_logits`` (one row per image of ``data``) when ``kd_alpha > 0``.
 
     ``inked`` (stage 1 only): the share of patches drawn where the glance has most ink
     (:func:`ink_scores`, sampled at temperature 0.5) instead of uniformly, so that the
     classifier sees the item early when it is small on a large canvas.
     """
     _check_epochs("epochs", epochs)
+    kd = check_kd(kd_alpha, kd_temperature)
+    if kd and (teacher_logits is None or tuple(teacher_logits.shape) != (
+            len(data), net.config.num_classes)):
+        raise InputError(f"kd_alpha > 0 needs the teacher's logits on the {len(data)} training "
+                         f"images, shape ({len(data)}, {net.config.num_classes}) (fit_gfnet: "
+                         f"a teacher), got "
+                         f"{None if teacher_logits is None else tuple(teacher_logits.shape)}")
+    if kd:  # the loader yields each image's index, which picks its label and teacher logits
+        labels, data = data.y, Split(data.x, torch.arange(len(data)))
     if not 0.0 <= inked <= 1.0:
         raise InputError(f"inked is a share in [0, 1], got {inked!r}")
     if policy not in ("random", "learned"):
@@ -166,13 +180,20 @@ def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "ran
         p.requires_grad_(True)
     net.eval()
 
-    def loss_fn(x, y):
+    def loss_fn(x, key):
+        y, target = (labels[key], teacher_logits[key]) if kd else (key, None)
+
+        def step_loss(logits):
+            ce = F.cross_entropy(logits, y)
+            return ce if target is None else ce + kd_alpha * softened_kl(logits, target,
+                                                                         kd_temperature)
+
         h, glance_map = net.glance(x)
         used = h.new_zeros(x.shape[0], net.grid.locations)
         if policy == "learned":
             with torch.no_grad():
                 prior = net.policy.prior(x)
-        loss = F.cross_entropy(net.classifier(h), y)
+        loss = step_loss(net.classifier(h))
         ink = ink_scores(net, x) if policy == "random" and inked > 0 else None
         for _ in range(steps):
             if ink is not None:
@@ -184,7 +205,7 @@ def train_classifier_stages(net: GFNet, data, epochs: int, *, policy: str = "ran
                     location = net.policy.choose(prior, h, glance_map, used)
             h = net.focus(x, h, location)
             used = mark_used(used, location)
-            loss = loss + F.cross_entropy(net.classifier(h), y)
+            loss = loss + step_loss(net.classifier(h))
         return loss / (steps + 1)
 
     _epochs(params, data, epochs, lr, batch_size, seed, loss_fn, log,
@@ -390,49 +411,6 @@ def _fit_localiser(net, small: torch.Tensor, target: torch.Tensor, best: torch.T
     net.eval()
 
 
-def minibatch_epochs(params, n: int, loss_fn, *, epochs: int, lr: float, batch_size: int,
-                     seed: int, one_cycle: bool = True, before_epoch=None):
-    """The fitting loop of the glance module's fine-tuning and distillation steps: Adam on
-    ``params`` (optionally with a one-cycle schedule), each epoch over a permutation of
-    ``range(n)`` drawn from one generator seeded with ``seed``, in minibatches ``idx`` whose
-    loss is ``loss_fn(idx)``. Yields ``(epoch, mean loss)`` after every epoch (the caller
-    logs); ``before_epoch()`` runs before each (to set train modes)."""
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = None
-    if one_cycle:
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=lr, total_steps=epochs * -(-n // batch_size))
-    gen = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
-        if before_epoch is not None:
-            before_epoch()
-        order = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, batch_size):
-            idx = order[i: i + batch_size]
-            loss = loss_fn(idx)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
-            total += loss.item() * len(idx)
-        yield epoch, total / n
-
-
-def same_config_but(teacher: GFNet, student: GFNet, keys: tuple[str, ...], what: str) -> None:
-    """Raise unless the two nets' configurations agree in everything but ``keys`` (``what``
-    names them in the error)."""
-    a, b = teacher.config.to_json(), student.config.to_json()
-    for d in (a, b):
-        for k in keys:
-            d.pop(k, None)
-    if a != b:
-        raise InputError(f"the student's configuration must be the teacher's but for {what}; "
-                         f"they differ in "
-                         f"{sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))}")
-
-
 def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,
                    batch_size: int = 128, seed: int = 0, log: list | None = None) -> list:
     """The full-resolution backbone, with the classifier stages' optimiser, schedule and data."""
@@ -444,8 +422,14 @@ def train_backbone(backbone: nn.Module, data, epochs: int, *, lr: float = 2e-3,
     return log
 
 
-def fit_gfnet(net: GFNet, data, schedule: GFNetSchedule | None = None) -> list:
+def fit_gfnet(net: GFNet, data, schedule: GFNetSchedule | None = None, *,
+              teacher: nn.Module | None = None, kd_alpha: float = 0.0,
+              kd_temperature: float = 2.0) -> list:
     """All three stages on ``data`` (a train :class:`~splitexit.data.Split`); returns the log.
+
+    With ``kd_alpha > 0``, stages 1 and 3 also distil ``teacher`` (a classifier of the whole
+    image, e.g. the full-resolution backbone; see :func:`train_classifier_stages`), whose
+    logits on ``data`` are computed once, in eval mode; PPO's reward is unchanged.
 
     With ``schedule.rounds > 1``, stages 2 and 3 alternate: each round warm-starts the policy
     on the lookahead of the classifier as it is then, runs its share of the PPO iterations and
@@ -456,11 +440,14 @@ def fit_gfnet(net: GFNet, data, schedule: GFNetSchedule | None = None) -> list:
     rounds = schedule.rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise InputError(f"rounds must be an integer >= 1, got {rounds!r}")
+    soft = (batched_logits(teacher, data.x)  # once; a missing teacher is refused below
+            if check_kd(kd_alpha, kd_temperature) and teacher is not None else None)
+    kd = {"teacher_logits": soft, "kd_alpha": kd_alpha, "kd_temperature": kd_temperature}
     seed_everything(schedule.seed)
     log: list = []
     train_classifier_stages(net, data, schedule.classifier_epochs, policy="random",
                             lr=schedule.lr, batch_size=schedule.batch_size, seed=schedule.seed,
-                            inked=schedule.inked, log=log)
+                            inked=schedule.inked, log=log, **kd)
     for r in range(rounds):
         share = (schedule.finetune_epochs * (r + 1)) // rounds - (
             schedule.finetune_epochs * r) // rounds
@@ -475,7 +462,7 @@ def fit_gfnet(net: GFNet, data, schedule: GFNetSchedule | None = None) -> list:
         train_classifier_stages(net, data, share, policy="learned",
                                 lr=schedule.lr * schedule.finetune_lr_scale,
                                 batch_size=schedule.batch_size,
-                                seed=schedule.seed + 1000 + 100 * r, log=log)
+                                seed=schedule.seed + 1000 + 100 * r, log=log, **kd)
     return log
 
 
