@@ -843,11 +843,11 @@ def _with_class_map(path: Path, to: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper
 
+    from splitexit.export.exit_graph import class_map_nodes
+
     graph = onnx.load(str(path))
     logits = graph.graph.output[0].name
-    graph.graph.node.extend([
-        helper.make_node("ArgMax", [logits], ["classes_int64"], axis=1, keepdims=0),
-        helper.make_node("Cast", ["classes_int64"], ["classes"], to=TensorProto.UINT8)])
+    graph.graph.node.extend(class_map_nodes(logits, "classes", "uint8"))
     graph.graph.output.append(helper.make_tensor_value_info("classes", TensorProto.UINT8,
                                                             ["N", "H", "W"]))
     onnx.save(graph, str(to))

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 from splitexit.errors import InputError
-from splitexit.export.exit_graph import OnnxOps, decision_nodes
+from splitexit.export.exit_graph import OnnxOps, class_map_nodes, decision_nodes
 from splitexit.policies import Entropy, Margin, MaxProb, MeanConfidence, Patience, PixelShare
 from splitexit.runtime.ort import OrtSession
 
@@ -82,3 +82,5 @@ def test_lowering_errors_say_what_to_do():
         decision_nodes(MeanConfidence(0.5, stride=8), 0, "z", "d_", (1, 3, 4, 4))
     with pytest.raises(InputError, match="no graph form"):
         decision_nodes(Patience(), 0, "z", "d_", (1, 3))
+    with pytest.raises(InputError, match="int64 or uint8"):
+        class_map_nodes("z", "classes", np.float32)

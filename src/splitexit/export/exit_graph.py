@@ -22,7 +22,7 @@ from ..policies import ThresholdPolicy, _per_exit, has_graph_statistic
 from ..runtime.arrays import check_grid
 from .onnx import DEFAULT_OPSET
 
-__all__ = ["export_exit_graph", "decision_nodes", "OnnxOps"]
+__all__ = ["export_exit_graph", "decision_nodes", "class_map_nodes", "OnnxOps"]
 
 
 def _renamed(model: onnx.ModelProto, prefix: str, inputs: dict[str, str]
@@ -188,6 +188,23 @@ def decision_nodes(policy: ThresholdPolicy, e: int, logits: str, prefix: str, sh
     return ops.nodes, ops.inits, fire
 
 
+def class_map_nodes(logits: str, out: str, dtype=np.int64) -> list:
+    """Nodes answering ``out``, the class map of ``logits``: ArgMax over the classes (axis 1,
+    the first maximum, as numpy's ``argmax``), ``int64`` or cast to ``uint8`` (a smaller
+    answer, for up to 256 classes).
+
+    Raises:
+        InputError: another dtype.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.int64:
+        return [helper.make_node("ArgMax", [logits], [out], axis=1, keepdims=0)]
+    if dtype != np.uint8:
+        raise InputError(f"a class map is int64 or uint8, got {dtype.name}")
+    return [helper.make_node("ArgMax", [logits], [out + "_int64"], axis=1, keepdims=0),
+            helper.make_node("Cast", [out + "_int64"], [out], to=TensorProto.UINT8)]
+
+
 def _exit_constant(name: str, e: int) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
         np.array([e], dtype=np.int64), f"value_{name}"))
@@ -310,7 +327,7 @@ def export_exit_graph(model, policy: ThresholdPolicy | None, path: str | Path,
     nodes, inits = build(0, ["x"], "logits", "exit_index")
     outputs = _outputs("logits", "exit_index", shape)
     if len(shape) == 4:  # a dense map: its class map too
-        nodes.append(helper.make_node("ArgMax", ["logits"], ["classes"], axis=1, keepdims=0))
+        nodes += class_map_nodes("logits", "classes")
         outputs.append(helper.make_tensor_value_info("classes", TensorProto.INT64,
                                                      [1, *shape[2:]]))
     x_shape = [d.dim_value for d in x_info.type.tensor_type.shape.dim]

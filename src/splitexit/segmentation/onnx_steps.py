@@ -23,7 +23,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..errors import InputError
-from ..export.exit_graph import decision_nodes
+from ..export.exit_graph import class_map_nodes, decision_nodes
 from ..policies.dense import DENSE_POLICIES
 from ..runtime.arrays import NUMPY, one_float32_sample
 
@@ -35,15 +35,6 @@ CLASS_MAPS = ("graph", "numpy")
 def class_map_dtype(num_classes: int) -> type:
     """The dtype of a graph's class map: ``uint8`` up to 256 classes, else ``int64``."""
     return np.uint8 if num_classes <= 256 else np.int64
-
-
-def _class_map_nodes(logits: str, num_classes: int, out: str) -> list:
-    """ArgMax over the classes (the first maximum), cast to :func:`class_map_dtype`."""
-    argmax = out + "_int64"
-    nodes = [helper.make_node("ArgMax", [logits], [argmax], axis=1, keepdims=0)]
-    if class_map_dtype(num_classes) is np.uint8:
-        return [*nodes, helper.make_node("Cast", [argmax], [out], to=TensorProto.UINT8)]
-    return [*nodes, helper.make_node("Identity", [argmax], [out])]
 
 
 def _map_info(name: str, shape) -> onnx.ValueInfoProto:
@@ -59,7 +50,7 @@ def exit_test_graph(policy, e: int, shape, path: str | Path) -> Path:
     nodes, inits, _ = decision_nodes(policy, e, "logits", f"t{e}_", shape, "exit")
     info = helper.make_tensor_value_info
     graph = helper.make_graph(
-        [*nodes, *_class_map_nodes("logits", shape[1], "classes")],
+        [*nodes, *class_map_nodes("logits", "classes", class_map_dtype(shape[1]))],
         "dense_exit_test", [info("logits", TensorProto.FLOAT, list(shape))],
         [_map_info("classes", shape), info("exit", TensorProto.BOOL, [1])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -83,7 +74,7 @@ def _answering(path: Path, policy, e: int | None, final: bool, class_map: str) -
                          f"(1, C, H, W), got {shape} in {path.name}")
     answer = [outputs["logits"]]
     if class_map == "graph":
-        g.node.extend(_class_map_nodes("logits", shape[1], "classes"))
+        g.node.extend(class_map_nodes("logits", "classes", class_map_dtype(shape[1])))
         answer = [_map_info("classes", shape)]
     test = []
     if not final:
